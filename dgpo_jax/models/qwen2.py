@@ -129,9 +129,9 @@ class Attention(nn.Module):
     q = _matmul("btd,dnh->btnh", x, wq) + bq.astype(x.dtype)
     k = _matmul("btd,dnh->btnh", x, wk) + bk.astype(x.dtype)
     v = _matmul("btd,dnh->btnh", x, wv) + bv.astype(x.dtype)
-    q = _constrain(self.plan, apply_rope(q, cos, sin), ("batch", "seq", "q_heads", "head_dim"))
-    k = _constrain(self.plan, apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
-    v = _constrain(self.plan, v, ("batch", "seq", "kv_heads", "head_dim"))
+    q = _constrain(self.plan, apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"))
+    k = _constrain(self.plan, apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"))
+    v = _constrain(self.plan, v, ("batch", "seq", "act_kv_heads", "head_dim"))
 
     if layer_cache is None:
       keys, values, new_cache = k, v, None  # [B, S=T, K, Dh]
@@ -166,7 +166,7 @@ class MLP(nn.Module):
     wu = _param(self, "up_kernel", _dense_init, (d, f), ("embed", "mlp"), pd)
     wd = _param(self, "down_kernel", _dense_init, (f, d), ("mlp", "embed"), pd)
     hidden = jax.nn.silu(_matmul("btd,df->btf", x, wg)) * _matmul("btd,df->btf", x, wu)
-    hidden = _constrain(self.plan, hidden, ("batch", "seq", "mlp"))
+    hidden = _constrain(self.plan, hidden, ("batch", "seq", "act_mlp"))
     return _matmul("btf,fd->btd", hidden, wd)
 
 
@@ -193,9 +193,9 @@ class DecoderLayer(nn.Module):
       attn, (lk, lv) = attention(x, cos, sin, mask, layer_kv, write_at)
       cache = (jax.lax.dynamic_update_index_in_dim(ck, lk, layer, 0),
                jax.lax.dynamic_update_index_in_dim(cv, lv, layer, 0))
-    h = _constrain(self.plan, h + attn, ("batch", "seq", "embed"))
+    h = _constrain(self.plan, h + attn, ("batch", "seq", "act_embed"))
     h = h + MLP(c, pd, self.plan, name="mlp")(rms_norm(h, ln2, c.rms_norm_eps))
-    h = _constrain(self.plan, h, ("batch", "seq", "embed"))
+    h = _constrain(self.plan, h, ("batch", "seq", "act_embed"))
     return (h, cache, layer + 1), None
 
 
@@ -236,7 +236,7 @@ class Qwen2(nn.Module):
     """Final-norm hidden states ``[B, T, D]`` (and the new cache k/v, or None)."""
     c = self.config
     h = jnp.take(self.embedding, input_ids, axis=0)
-    h = _constrain(self.plan, h, ("batch", "seq", "embed"))
+    h = _constrain(self.plan, h, ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(positions, c.dim_per_head, c.rope_theta)
     (h, cache_kv, _), _ = self.layers((h, cache_kv, jnp.int32(0)), cos, sin, mask, write_at)
     return rms_norm(h, self.final_norm, c.rms_norm_eps), cache_kv
