@@ -1,7 +1,37 @@
-"""dgpo_jax: teacher-guided RL (DGPO and friends) for compact search agents, in JAX."""
+"""dgpo_jax: teacher-guided RL (DGPO and friends) for compact search agents, in JAX.
+
+The public API is re-exported here. Modules with heavy imports (orbax, transformers,
+retrieval back ends) load on first attribute access.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
 from dgpo_jax.models import (PRESETS, KVCache, Qwen2Config, forward, forward_hidden,
                              forward_with_cache, get_preset, greedy_generate, init_cache,
                              init_params, lm_logits, load_hf, save_hf)
+from dgpo_jax.sharding import ShardingPlan, make_mesh, plan_from_config
+
+_LAZY = {
+    "load_tokenizer": "dgpo_jax.tokenizer",
+    "Checkpointer": "dgpo_jax.checkpoint",
+    "TrainState": "dgpo_jax.train_state",
+    "create_train_state": "dgpo_jax.train_state",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'dgpo_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted([n for n in globals() if not n.startswith("_") and n != "importlib"]
+                 + list(_LAZY))

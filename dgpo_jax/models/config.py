@@ -44,6 +44,8 @@ class Qwen2Config:
       raise ValueError(
           f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
           f"({self.num_attention_heads}); give head_dim explicitly")
+    if self.head_dim is None:  # normalise, so configs compare equal after an HF round trip
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
 
