@@ -8,9 +8,21 @@ import importlib
 
 __version__ = "0.1.0"
 
-from dgpo_jax.models import (PRESETS, KVCache, Qwen2Config, forward, forward_hidden,
-                             forward_with_cache, get_preset, greedy_generate, init_cache,
-                             init_params, lm_logits, load_hf, save_hf)
+from dgpo_jax.models import (
+    PRESETS,
+    KVCache,
+    Qwen2Config,
+    forward,
+    forward_hidden,
+    forward_with_cache,
+    get_preset,
+    greedy_generate,
+    init_cache,
+    init_params,
+    lm_logits,
+    load_hf,
+    save_hf,
+)
 from dgpo_jax.sharding import ShardingPlan, make_mesh, plan_from_config
 
 _LAZY = {
@@ -22,16 +34,15 @@ _LAZY = {
 
 
 def __getattr__(name):
-  if name in _LAZY:
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'dgpo_jax' has no attribute {name!r}")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dgpo_jax' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = sorted([n for n in globals() if not n.startswith("_") and n != "importlib"]
-                 + list(_LAZY))
+__all__ = sorted([n for n in globals() if not n.startswith("_") and n != "importlib"] + list(_LAZY))

@@ -50,134 +50,162 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int] = None,
-              axis_names: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
-  """A named mesh. ``shape`` maps axis name -> size; one size may be -1 (all the rest).
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int] = None,
+    axis_names: Sequence[str] = MESH_AXES,
+    devices=None,
+) -> Mesh:
+    """A named mesh. ``shape`` maps axis name -> size; one size may be -1 (all the rest).
 
-  ``make_mesh({"data": 2, "fsdp": -1})`` on 8 devices is a 2x4 mesh. Default: everything on
-  ``fsdp``.
-  """
-  devices = list(devices if devices is not None else jax.devices())
-  if shape is None:
-    shape = {"fsdp": -1}
-  if isinstance(shape, Mapping):
-    axis_names, sizes = tuple(shape.keys()), [int(v) for v in shape.values()]
-  else:
-    sizes = [int(v) for v in shape]
-    axis_names = tuple(axis_names)[:len(sizes)]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh shape {dict(zip(axis_names, sizes))}: at most one axis may be -1")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh shape {dict(zip(axis_names, sizes))} does not divide "
-                       f"{len(devices)} devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh shape {dict(zip(axis_names, sizes))} needs {math.prod(sizes)} "
-                     f"devices, but {len(devices)} are available")
-  return jax.make_mesh(tuple(sizes), axis_names,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices)
+    ``make_mesh({"data": 2, "fsdp": -1})`` on 8 devices is a 2x4 mesh. Default: everything on
+    ``fsdp``.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    if shape is None:
+        shape = {"fsdp": -1}
+    if isinstance(shape, Mapping):
+        axis_names, sizes = tuple(shape.keys()), [int(v) for v in shape.values()]
+    else:
+        sizes = [int(v) for v in shape]
+        axis_names = tuple(axis_names)[: len(sizes)]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh shape {dict(zip(axis_names, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh shape {dict(zip(axis_names, sizes))} does not divide "
+                f"{len(devices)} devices"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh shape {dict(zip(axis_names, sizes))} needs {math.prod(sizes)} "
+            f"devices, but {len(devices)} are available"
+        )
+    return jax.make_mesh(
+        tuple(sizes),
+        axis_names,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
+        devices=devices,
+    )
 
 
 def _as_tuple(axes) -> tuple[str, ...]:
-  if axes is None:
-    return ()
-  return (axes,) if isinstance(axes, str) else tuple(axes)
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingPlan:
-  """A mesh plus logical-axis rules. Hashable, so it can be a static jit argument."""
-  mesh: Mesh
-  rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+    """A mesh plus logical-axis rules. Hashable, so it can be a static jit argument."""
 
-  def __post_init__(self):
-    normalised = []
-    seen = set()
-    for item in self.rules:
-      if len(item) != 2:
-        raise ValueError(f"sharding rule {item!r} must be a (logical_name, mesh_axes) pair")
-      name, axes = item
-      if name in seen:
-        raise ValueError(f"logical axis {name!r} has more than one sharding rule")
-      seen.add(name)
-      normalised.append((name, _as_tuple(axes)))
-    object.__setattr__(self, "rules", tuple(normalised))
+    mesh: Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
 
-  @property
-  def rule_map(self) -> dict[str, tuple[str, ...]]:
-    return dict(self.rules)
+    def __post_init__(self):
+        normalised = []
+        seen = set()
+        for item in self.rules:
+            if len(item) != 2:
+                raise ValueError(f"sharding rule {item!r} must be a (logical_name, mesh_axes) pair")
+            name, axes = item
+            if name in seen:
+                raise ValueError(f"logical axis {name!r} has more than one sharding rule")
+            seen.add(name)
+            normalised.append((name, _as_tuple(axes)))
+        object.__setattr__(self, "rules", tuple(normalised))
 
-  def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None
-           ) -> PartitionSpec:
-    """Logical names (one per dimension) -> ``PartitionSpec`` on this mesh."""
-    rules, mesh_shape = self.rule_map, dict(self.mesh.shape)
-    used: dict[str, str] = {}
-    out = []
-    for dim, name in enumerate(names):
-      if name is None:
-        out.append(None)
-        continue
-      if name not in rules:
-        raise KeyError(f"no sharding rule for logical axis {name!r} (axes {tuple(names)}); "
-                       f"known: {sorted(rules)}")
-      axes = []
-      size = 1
-      for ax in rules[name]:
-        if ax not in mesh_shape or mesh_shape[ax] == 1:
-          continue
-        if ax in used:
-          raise ValueError(
-              f"sharding rules collide: mesh axis {ax!r} is used by logical axes "
-              f"{used[ax]!r} and {name!r} in the same array (axes {tuple(names)})")
-        if shape is not None and shape[dim] % (size * mesh_shape[ax]):
-          log.debug("axis %s (size %d) not divisible by mesh axis %s: replicated", name,
-                    shape[dim], ax)
-          continue
-        used[ax] = name
-        axes.append(ax)
-        size *= mesh_shape[ax]
-      out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    return PartitionSpec(*out)
+    @property
+    def rule_map(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.rules)
 
-  def sharding(self, names, shape=None) -> NamedSharding:
-    return NamedSharding(self.mesh, self.spec(names, shape))
+    def spec(
+        self, names: Sequence[str | None], shape: Sequence[int] | None = None
+    ) -> PartitionSpec:
+        """Logical names (one per dimension) -> ``PartitionSpec`` on this mesh."""
+        rules, mesh_shape = self.rule_map, dict(self.mesh.shape)
+        used: dict[str, str] = {}
+        out = []
+        for dim, name in enumerate(names):
+            if name is None:
+                out.append(None)
+                continue
+            if name not in rules:
+                raise KeyError(
+                    f"no sharding rule for logical axis {name!r} (axes {tuple(names)}); "
+                    f"known: {sorted(rules)}"
+                )
+            axes = []
+            size = 1
+            for ax in rules[name]:
+                if ax not in mesh_shape or mesh_shape[ax] == 1:
+                    continue
+                if ax in used:
+                    raise ValueError(
+                        f"sharding rules collide: mesh axis {ax!r} is used by logical axes "
+                        f"{used[ax]!r} and {name!r} in the same array (axes {tuple(names)})"
+                    )
+                if shape is not None and shape[dim] % (size * mesh_shape[ax]):
+                    log.debug(
+                        "axis %s (size %d) not divisible by mesh axis %s: replicated",
+                        name,
+                        shape[dim],
+                        ax,
+                    )
+                    continue
+                used[ax] = name
+                axes.append(ax)
+                size *= mesh_shape[ax]
+            out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+        return PartitionSpec(*out)
 
-  def constrain(self, x: jax.Array, names) -> jax.Array:
-    """``with_sharding_constraint`` by logical names (used inside the model)."""
-    return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+    def sharding(self, names, shape=None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, shape))
 
-  # --- trees ------------------------------------------------------------------------------
-  def tree_shardings(self, logical_tree, shapes_tree):
-    """Map a tree of logical ``PartitionSpec`` leaves + matching shapes to ``NamedSharding``."""
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    return jax.tree.map(lambda names, s: self.sharding(tuple(names), s.shape), logical_tree,
-                        shapes_tree, is_leaf=is_spec)
+    def constrain(self, x: jax.Array, names) -> jax.Array:
+        """``with_sharding_constraint`` by logical names (used inside the model)."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
 
-  def param_shardings(self, config) -> Any:
-    from dgpo_jax.models import qwen2
-    return self.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config))
+    # --- trees ------------------------------------------------------------------------------
+    def tree_shardings(self, logical_tree, shapes_tree):
+        """Map a tree of logical ``PartitionSpec`` leaves + matching shapes to ``NamedSharding``."""
+        is_spec = lambda x: isinstance(x, PartitionSpec)
+        return jax.tree.map(
+            lambda names, s: self.sharding(tuple(names), s.shape),
+            logical_tree,
+            shapes_tree,
+            is_leaf=is_spec,
+        )
 
-  def shard_params(self, config, params) -> Any:
-    return jax.device_put(params, self.param_shardings(config))
+    def param_shardings(self, config) -> Any:
+        from dgpo_jax.models import qwen2
 
-  def batch_sharding(self, ndim: int, shape=None) -> NamedSharding:
-    """Leading dimension over the batch axes, the rest replicated."""
-    return self.sharding(("batch",) + (None,) * (ndim - 1), shape)
+        return self.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config))
 
-  def shard_batch(self, batch):
-    """Place every array of a batch pytree with its leading dimension over the batch axes."""
-    return jax.tree.map(lambda x: jax.device_put(x, self.batch_sharding(np.ndim(x),
-                                                                        np.shape(x))), batch)
+    def shard_params(self, config, params) -> Any:
+        return jax.device_put(params, self.param_shardings(config))
+
+    def batch_sharding(self, ndim: int, shape=None) -> NamedSharding:
+        """Leading dimension over the batch axes, the rest replicated."""
+        return self.sharding(("batch",) + (None,) * (ndim - 1), shape)
+
+    def shard_batch(self, batch):
+        """Place every array of a batch pytree with its leading dimension over the batch axes."""
+        return jax.tree.map(
+            lambda x: jax.device_put(x, self.batch_sharding(np.ndim(x), np.shape(x))), batch
+        )
 
 
-def plan_from_config(mesh_shape: Mapping[str, int] | None = None,
-                     rules: Sequence[tuple[str, Any]] | None = None, devices=None
-                     ) -> ShardingPlan:
-  """Builds the plan from config data: ``mesh_shape`` like ``{"data": 1, "fsdp": -1}`` and
-  optional rule overrides (merged over ``DEFAULT_RULES``)."""
-  merged = dict(DEFAULT_RULES)
-  for name, axes in (rules or ()):
-    merged[name] = axes
-  return ShardingPlan(make_mesh(mesh_shape, devices=devices), tuple(merged.items()))
+def plan_from_config(
+    mesh_shape: Mapping[str, int] | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    devices=None,
+) -> ShardingPlan:
+    """Builds the plan from config data: ``mesh_shape`` like ``{"data": 1, "fsdp": -1}`` and
+    optional rule overrides (merged over ``DEFAULT_RULES``)."""
+    merged = dict(DEFAULT_RULES)
+    for name, axes in rules or ():
+        merged[name] = axes
+    return ShardingPlan(make_mesh(mesh_shape, devices=devices), tuple(merged.items()))

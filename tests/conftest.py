@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,32 +12,55 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
-def make_hf_model(path, *, tied=False, theta=1e6, vocab=256, hidden=64, layers=2, heads=4,
-                  kv_heads=2, ffn=96, std=0.1, seed=0, max_shard_size=None):
-  """A tiny random transformers Qwen2 model saved to ``path``; returns the torch model."""
-  import torch
-  import transformers
-  cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-                                 num_hidden_layers=layers, num_attention_heads=heads,
-                                 num_key_value_heads=kv_heads, tie_word_embeddings=tied,
-                                 rope_theta=theta, max_position_embeddings=1024,
-                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
-  torch.manual_seed(seed)
-  model = transformers.Qwen2ForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, std)
-  kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-  model.save_pretrained(str(path), **kwargs)
-  return model
+def make_hf_model(
+    path,
+    *,
+    tied=False,
+    theta=1e6,
+    vocab=256,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    ffn=96,
+    std=0.1,
+    seed=0,
+    max_shard_size=None,
+):
+    """A tiny random transformers Qwen2 model saved to ``path``; returns the torch model."""
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+        rope_theta=theta,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), **kwargs)
+    return model
 
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
-  """Four tiny HF checkpoints: tied/untied x theta 1e4/1e6 -> (path, torch model)."""
-  out = {}
-  for tied in (False, True):
-    for theta in (1e4, 1e6):
-      path = tmp_path_factory.mktemp(f"hf_tied{int(tied)}_theta{int(theta)}")
-      out[(tied, theta)] = (str(path), make_hf_model(path, tied=tied, theta=theta))
-  return out
+    """Four tiny HF checkpoints: tied/untied x theta 1e4/1e6 -> (path, torch model)."""
+    out = {}
+    for tied in (False, True):
+        for theta in (1e4, 1e6):
+            path = tmp_path_factory.mktemp(f"hf_tied{int(tied)}_theta{int(theta)}")
+            out[(tied, theta)] = (str(path), make_hf_model(path, tied=tied, theta=theta))
+    return out

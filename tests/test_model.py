@@ -15,131 +15,158 @@ from tests.conftest import make_hf_model
 
 
 def _batch(vocab=256, b=3, t=12, seed=0):
-  rng = np.random.RandomState(seed)
-  ids = rng.randint(0, vocab, (b, t))
-  mask = np.ones((b, t), np.int64)
-  mask[1, :4] = 0  # left padding of different lengths
-  mask[2, :7] = 0
-  return ids, mask
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (b, t))
+    mask = np.ones((b, t), np.int64)
+    mask[1, :4] = 0  # left padding of different lengths
+    mask[2, :7] = 0
+    return ids, mask
 
 
 def _hf_logits(model, ids, mask=None):
-  with torch.no_grad():
-    if mask is None:
-      return model(input_ids=torch.tensor(ids)).logits.float().numpy()
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos)).logits.float().numpy()
+    with torch.no_grad():
+        if mask is None:
+            return model(input_ids=torch.tensor(ids)).logits.float().numpy()
+        pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+        return (
+            model(
+                input_ids=torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos),
+            )
+            .logits.float()
+            .numpy()
+        )
 
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("theta", [1e4, 1e6])
 def test_logits_parity_float32_left_padded(hf_models, tied, theta):
-  path, hf = hf_models[(tied, theta)]
-  config, params = dgpo_jax.load_hf(path, dtype="float32")
-  assert config.tie_word_embeddings == tied and config.rope_theta == theta
-  ids, mask = _batch()
-  ours = np.asarray(dgpo_jax.forward(config, params, ids, mask))
-  assert ours.shape == (3, 12, 256) and ours.dtype == np.float32
-  # 1) Same padded batch through transformers (positions counted over real tokens).
-  ref = _hf_logits(hf, ids, mask)
-  np.testing.assert_array_less(np.abs(ours - ref)[mask.astype(bool)], 1e-4)
-  # 2) Each row alone, unpadded: padding must not change a row's logits.
-  for b in range(3):
-    real = mask[b].astype(bool)
-    alone = _hf_logits(hf, ids[b:b + 1, real])[0]
-    assert np.abs(ours[b, real] - alone).max() <= 1e-4
+    path, hf = hf_models[(tied, theta)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    assert config.tie_word_embeddings == tied and config.rope_theta == theta
+    ids, mask = _batch()
+    ours = np.asarray(dgpo_jax.forward(config, params, ids, mask))
+    assert ours.shape == (3, 12, 256) and ours.dtype == np.float32
+    # 1) Same padded batch through transformers (positions counted over real tokens).
+    ref = _hf_logits(hf, ids, mask)
+    np.testing.assert_array_less(np.abs(ours - ref)[mask.astype(bool)], 1e-4)
+    # 2) Each row alone, unpadded: padding must not change a row's logits.
+    for b in range(3):
+        real = mask[b].astype(bool)
+        alone = _hf_logits(hf, ids[b : b + 1, real])[0]
+        assert np.abs(ours[b, real] - alone).max() <= 1e-4
 
 
 def test_bfloat16_within_reference_rounding(hf_models):
-  """bf16 error vs the float32 reference is bounded by transformers' own bf16 error.
+    """bf16 error vs the float32 reference is bounded by transformers' own bf16 error.
 
-  Justification: our bf16 path keeps the reference's bf16 storage and float32 softmax/RMSNorm
-  statistics, so its rounding error should be of the same order as transformers run in bf16.
-  We allow 2x that error (measured on the same inputs) and a small per-token KL.
-  """
-  path, hf = hf_models[(False, 1e6)]
-  config, params = dgpo_jax.load_hf(path, dtype="bfloat16")
-  assert params["layers"]["mlp"]["up_kernel"].dtype == jnp.bfloat16
-  ids, mask = _batch()
-  ref32 = _hf_logits(hf, ids, mask)
-  hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-  ref16 = _hf_logits(hf16, ids, mask)
-  ours = np.asarray(dgpo_jax.forward(config, params, ids, mask))
-  sel = mask.astype(bool)
-  ours_err = np.abs(ours - ref32)[sel].max()
-  hf_err = np.abs(ref16 - ref32)[sel].max()
-  assert ours_err <= 2 * hf_err + 1e-3, (ours_err, hf_err)
-  logp = jax.nn.log_softmax(ref32[sel], -1)
-  logq = jax.nn.log_softmax(ours[sel], -1)
-  kl = np.asarray(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
-  assert kl.mean() < 1e-3 and kl.max() < 1.5e-2  # the 0.015 bound used by other JAX ports
+    Justification: our bf16 path keeps the reference's bf16 storage and float32 softmax/RMSNorm
+    statistics, so its rounding error should be of the same order as transformers run in bf16.
+    We allow 2x that error (measured on the same inputs) and a small per-token KL.
+    """
+    path, hf = hf_models[(False, 1e6)]
+    config, params = dgpo_jax.load_hf(path, dtype="bfloat16")
+    assert params["layers"]["mlp"]["up_kernel"].dtype == jnp.bfloat16
+    ids, mask = _batch()
+    ref32 = _hf_logits(hf, ids, mask)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ref16 = _hf_logits(hf16, ids, mask)
+    ours = np.asarray(dgpo_jax.forward(config, params, ids, mask))
+    sel = mask.astype(bool)
+    ours_err = np.abs(ours - ref32)[sel].max()
+    hf_err = np.abs(ref16 - ref32)[sel].max()
+    assert ours_err <= 2 * hf_err + 1e-3, (ours_err, hf_err)
+    logp = jax.nn.log_softmax(ref32[sel], -1)
+    logq = jax.nn.log_softmax(ours[sel], -1)
+    kl = np.asarray(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+    assert kl.mean() < 1e-3 and kl.max() < 1.5e-2  # the 0.015 bound used by other JAX ports
 
 
 def test_greedy_kv_cache_decode_matches_generate(tmp_path):
-  hf = make_hf_model(tmp_path, std=0.3, seed=3)  # sharp logits: a varied greedy path
-  config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
-  ids, mask = _batch(t=8, seed=1)
-  ours = np.asarray(dgpo_jax.greedy_generate(config, params, ids, mask, max_new_tokens=32))
-  with torch.no_grad():
-    ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                      max_new_tokens=32, do_sample=False, pad_token_id=0)[:, 8:].numpy()
-  assert ref.shape == (3, 32)
-  assert len(np.unique(ref)) > 8  # the path is not a trivial repetition
-  np.testing.assert_array_equal(ours, ref)
+    hf = make_hf_model(tmp_path, std=0.3, seed=3)  # sharp logits: a varied greedy path
+    config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
+    ids, mask = _batch(t=8, seed=1)
+    ours = np.asarray(dgpo_jax.greedy_generate(config, params, ids, mask, max_new_tokens=32))
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, 8:].numpy()
+    assert ref.shape == (3, 32)
+    assert len(np.unique(ref)) > 8  # the path is not a trivial repetition
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_cache_prefill_then_ragged_chunks_equal_full_forward(hf_models):
-  """Rows append chunks of different lengths (right-padded chunks): the logits of every real
-  token equal transformers on the row's whole real sequence."""
-  path, hf = hf_models[(True, 1e6)]
-  config, params = dgpo_jax.load_hf(path, dtype="float32")
-  rng = np.random.RandomState(2)
-  prompt, pmask = _batch(t=6, seed=2)
-  chunk1 = rng.randint(0, 256, (3, 5))
-  c1mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
-  chunk2 = rng.randint(0, 256, (3, 1))
-  c2mask = np.ones((3, 1), np.int64)
-  cache = init_cache(config, 3, 32)
-  step = jax.jit(forward_with_cache, static_argnames=("config",))
-  l0, cache = step(config, params, prompt, cache, pmask)
-  l1, cache = step(config, params, chunk1, cache, c1mask)
-  l2, cache = step(config, params, chunk2, cache, c2mask)
-  np.testing.assert_array_equal(np.asarray(cache.next_pos), pmask.sum(1) + c1mask.sum(1) + 1)
-  for b in range(3):
-    seq = np.concatenate([prompt[b][pmask[b] == 1], chunk1[b][c1mask[b] == 1], chunk2[b]])
-    ref = _hf_logits(hf, seq[None])[0]
-    ours = np.concatenate([np.asarray(l0)[b][pmask[b] == 1], np.asarray(l1)[b][c1mask[b] == 1],
-                           np.asarray(l2)[b]])
-    assert np.abs(ours - ref).max() <= 1e-4
+    """Rows append chunks of different lengths (right-padded chunks): the logits of every real
+    token equal transformers on the row's whole real sequence."""
+    path, hf = hf_models[(True, 1e6)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    rng = np.random.RandomState(2)
+    prompt, pmask = _batch(t=6, seed=2)
+    chunk1 = rng.randint(0, 256, (3, 5))
+    c1mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    chunk2 = rng.randint(0, 256, (3, 1))
+    c2mask = np.ones((3, 1), np.int64)
+    cache = init_cache(config, 3, 32)
+    step = jax.jit(forward_with_cache, static_argnames=("config",))
+    l0, cache = step(config, params, prompt, cache, pmask)
+    l1, cache = step(config, params, chunk1, cache, c1mask)
+    l2, cache = step(config, params, chunk2, cache, c2mask)
+    np.testing.assert_array_equal(np.asarray(cache.next_pos), pmask.sum(1) + c1mask.sum(1) + 1)
+    for b in range(3):
+        seq = np.concatenate([prompt[b][pmask[b] == 1], chunk1[b][c1mask[b] == 1], chunk2[b]])
+        ref = _hf_logits(hf, seq[None])[0]
+        ours = np.concatenate(
+            [np.asarray(l0)[b][pmask[b] == 1], np.asarray(l1)[b][c1mask[b] == 1], np.asarray(l2)[b]]
+        )
+        assert np.abs(ours - ref).max() <= 1e-4
 
 
 def test_config_old_and_transformers5_formats(hf_models):
-  base = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 100,
-          "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-          "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 4096,
-          "max_window_layers": 21}
-  old = dict(base, rope_theta=10000.0)
-  new = dict(base, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-             layer_types=["full_attention"] * 2, sliding_window=None)
-  assert Qwen2Config.from_hf_dict(old) == Qwen2Config.from_hf_dict(new)
-  assert Qwen2Config.from_hf_dict(old).rope_theta == 10000.0
-  # What this transformers writes, read back.
-  path, _ = hf_models[(False, 1e4)]
-  with open(f"{path}/config.json") as f:
-    written = json.load(f)
-  assert Qwen2Config.from_hf_dict(written).rope_theta == 1e4
+    base = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": 21,
+    }
+    old = dict(base, rope_theta=10000.0)
+    new = dict(
+        base,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        layer_types=["full_attention"] * 2,
+        sliding_window=None,
+    )
+    assert Qwen2Config.from_hf_dict(old) == Qwen2Config.from_hf_dict(new)
+    assert Qwen2Config.from_hf_dict(old).rope_theta == 10000.0
+    # What this transformers writes, read back.
+    path, _ = hf_models[(False, 1e4)]
+    with open(f"{path}/config.json") as f:
+        written = json.load(f)
+    assert Qwen2Config.from_hf_dict(written).rope_theta == 1e4
 
 
 def test_presets_param_counts():
-  # Qwen2.5-0.5B has 494,032,768 parameters (tied head), as published.
-  cfg = get_preset("qwen2.5-0.5b")
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
-  assert n == cfg.num_params() == 494_032_768
-  # Every preset agrees with transformers' own module count (no weights allocated).
-  for name in ("qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "tiny"):
-    cfg = get_preset(name)
-    with torch.device("meta"):
-      hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg.to_hf_dict()))
-    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()), name
+    # Qwen2.5-0.5B has 494,032,768 parameters (tied head), as published.
+    cfg = get_preset("qwen2.5-0.5b")
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
+    assert n == cfg.num_params() == 494_032_768
+    # Every preset agrees with transformers' own module count (no weights allocated).
+    for name in ("qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "tiny"):
+        cfg = get_preset(name)
+        with torch.device("meta"):
+            hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg.to_hf_dict()))
+        assert cfg.num_params() == sum(p.numel() for p in hf.parameters()), name

@@ -2,7 +2,17 @@
 
 from dgpo_jax.models.config import PRESETS, Qwen2Config, get_preset, parse_dtype
 from dgpo_jax.models.hf_io import load_hf, save_hf
-from dgpo_jax.models.qwen2 import (KVCache, causal_mask, forward, forward_hidden,
-                                   forward_with_cache, greedy_generate, init_cache, init_params,
-                                   lm_logits, param_logical_axes, param_shapes,
-                                   positions_from_mask)
+from dgpo_jax.models.qwen2 import (
+    KVCache,
+    causal_mask,
+    forward,
+    forward_hidden,
+    forward_with_cache,
+    greedy_generate,
+    init_cache,
+    init_params,
+    lm_logits,
+    param_logical_axes,
+    param_shapes,
+    positions_from_mask,
+)

@@ -14,179 +14,211 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-  """Architecture of a Qwen2-family decoder (every field mirrors HF ``Qwen2Config``).
+    """Architecture of a Qwen2-family decoder (every field mirrors HF ``Qwen2Config``).
 
-  Frozen and hashable, so it can be a static argument of ``jax.jit``.
-  """
+    Frozen and hashable, so it can be a static argument of ``jax.jit``.
+    """
 
-  vocab_size: int = 151936
-  hidden_size: int = 896
-  intermediate_size: int = 4864
-  num_hidden_layers: int = 24
-  num_attention_heads: int = 14
-  num_key_value_heads: int = 2
-  head_dim: int | None = None  # hidden_size // num_attention_heads when None
-  max_position_embeddings: int = 32768
-  rope_theta: float = 1_000_000.0
-  rms_norm_eps: float = 1e-6
-  tie_word_embeddings: bool = True
-  bos_token_id: int | None = 151643
-  eos_token_id: int | None = 151643
-  # Compute-graph knobs (not part of the HF architecture).
-  remat: str = "none"  # "none" | "full" | "dots": rematerialisation policy per layer.
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # hidden_size // num_attention_heads when None
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151643
+    # Compute-graph knobs (not part of the HF architecture).
+    remat: str = "none"  # "none" | "full" | "dots": rematerialisation policy per layer.
 
-  def __post_init__(self):
-    if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(
-          f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-          f"num_key_value_heads ({self.num_key_value_heads})")
-    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-      raise ValueError(
-          f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-          f"({self.num_attention_heads}); give head_dim explicitly")
-    if self.head_dim is None:  # normalise, so configs compare equal after an HF round trip
-      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); give head_dim explicitly"
+            )
+        if self.head_dim is None:  # normalise, so configs compare equal after an HF round trip
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
 
-  @property
-  def dim_per_head(self) -> int:
-    return self.head_dim or self.hidden_size // self.num_attention_heads
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
-  @property
-  def num_groups(self) -> int:
-    """Query heads per KV head (grouped-query attention)."""
-    return self.num_attention_heads // self.num_key_value_heads
+    @property
+    def num_groups(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
 
-  def replace(self, **kw) -> "Qwen2Config":
-    return dataclasses.replace(self, **kw)
+    def replace(self, **kw) -> "Qwen2Config":
+        return dataclasses.replace(self, **kw)
 
-  def num_params(self) -> int:
-    d, f, l = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-    hd, h, kv = self.dim_per_head, self.num_attention_heads, self.num_key_value_heads
-    attn = d * h * hd + h * hd + 2 * (d * kv * hd + kv * hd) + h * hd * d
-    per_layer = attn + 3 * d * f + 2 * d
-    head = 0 if self.tie_word_embeddings else self.vocab_size * d
-    return self.vocab_size * d + l * per_layer + d + head
+    def num_params(self) -> int:
+        d, f, l = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        hd, h, kv = self.dim_per_head, self.num_attention_heads, self.num_key_value_heads
+        attn = d * h * hd + h * hd + 2 * (d * kv * hd + kv * hd) + h * hd * d
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + l * per_layer + d + head
 
-  # --- Hugging Face interop -------------------------------------------------------------
-  def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
-    """A ``config.json`` dict that transformers (4.x and 5.x) loads as Qwen2."""
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.dim_per_head,
-        "hidden_act": "silu",
-        "max_position_embeddings": self.max_position_embeddings,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": self.num_hidden_layers,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
-        "torch_dtype": torch_dtype,
-        "dtype": torch_dtype,
-    }
+    # --- Hugging Face interop -------------------------------------------------------------
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A ``config.json`` dict that transformers (4.x and 5.x) loads as Qwen2."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.dim_per_head,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
+        }
 
-  @classmethod
-  def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "Qwen2Config":
-    """Reads both the old (top-level ``rope_theta``) and transformers-5 formats."""
-    archs = d.get("architectures") or []
-    model_type = d.get("model_type")
-    if model_type not in (None, "qwen2") or (archs and not any("Qwen2" in a for a in archs)):
-      raise ValueError(
-          f"{source}: unsupported architecture (model_type={model_type!r}, "
-          f"architectures={archs}); dgpo_jax supports Qwen2/Qwen2.5 (model_type 'qwen2')")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in d]
-    if missing:
-      raise ValueError(f"{source}: missing required keys {missing}")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-      raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
-    if d.get("use_sliding_window", False):
-      raise ValueError(f"{source}: use_sliding_window=true is not supported")
-    if d.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-    eos = d.get("eos_token_id")
-    if isinstance(eos, list):
-      eos = eos[0] if eos else None
-    heads = d["num_attention_heads"]
-    return cls(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim"),
-        max_position_embeddings=d.get("max_position_embeddings", 32768),
-        rope_theta=float(theta),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=d.get("tie_word_embeddings", False),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=eos,
-    )
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "Qwen2Config":
+        """Reads both the old (top-level ``rope_theta``) and transformers-5 formats."""
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if model_type not in (None, "qwen2") or (archs and not any("Qwen2" in a for a in archs)):
+            raise ValueError(
+                f"{source}: unsupported architecture (model_type={model_type!r}, "
+                f"architectures={archs}); dgpo_jax supports Qwen2/Qwen2.5 (model_type 'qwen2')"
+            )
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if k not in d
+        ]
+        if missing:
+            raise ValueError(f"{source}: missing required keys {missing}")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        if d.get("use_sliding_window", False):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')"
+            )
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim"),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            rope_theta=float(theta),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+        )
 
-  @classmethod
-  def from_hf_dir(cls, path: str) -> "Qwen2Config":
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face model directory)")
-    if not os.path.isfile(cfg_path):
-      raise FileNotFoundError(f"{path}: no config.json in this directory")
-    with open(cfg_path) as f:
-      try:
-        d = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    return cls.from_hf_dict(d, source=cfg_path)
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "Qwen2Config":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{path}: not a directory (expected a Hugging Face model directory)"
+            )
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json in this directory")
+        with open(cfg_path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=cfg_path)
 
 
 PRESETS: dict[str, Qwen2Config] = {
     "qwen2.5-0.5b": Qwen2Config(151936, 896, 4864, 24, 14, 2, tie_word_embeddings=True),
     "qwen2.5-1.5b": Qwen2Config(151936, 1536, 8960, 28, 12, 2, tie_word_embeddings=True),
     "qwen2.5-3b": Qwen2Config(151936, 2048, 11008, 36, 16, 2, tie_word_embeddings=True),
-    "qwen2.5-7b": Qwen2Config(152064, 3584, 18944, 28, 28, 4, tie_word_embeddings=False,
-                              eos_token_id=151643),
+    "qwen2.5-7b": Qwen2Config(
+        152064, 3584, 18944, 28, 28, 4, tie_word_embeddings=False, eos_token_id=151643
+    ),
     # Tiny sizes for tests and the CPU quickstart (vocab is set by the tokenizer in use).
-    "tiny": Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=2048, bos_token_id=None, eos_token_id=None),
-    "tiny-teacher": Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=2048, bos_token_id=None,
-                                eos_token_id=None),
+    "tiny": Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=None,
+    ),
+    "tiny-teacher": Qwen2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=None,
+    ),
 }
 
 
 def get_preset(name: str, **overrides) -> Qwen2Config:
-  if name not in PRESETS:
-    raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-  return PRESETS[name].replace(**overrides)
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
 
 
 def parse_dtype(dtype: Any) -> jnp.dtype:
-  """'float32' | 'bfloat16' | a jnp dtype -> jnp dtype, with a clear error otherwise."""
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise ValueError(f"unsupported dtype {dtype!r}; supported: {sorted(_DTYPES)}")
-    return jnp.dtype(_DTYPES[dtype])
-  dt = jnp.dtype(dtype)
-  if dt not in {jnp.dtype(v) for v in _DTYPES.values()}:
-    raise ValueError(f"unsupported dtype {dt}; supported: {sorted(_DTYPES)}")
-  return dt
+    """'float32' | 'bfloat16' | a jnp dtype -> jnp dtype, with a clear error otherwise."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; supported: {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[dtype])
+    dt = jnp.dtype(dtype)
+    if dt not in {jnp.dtype(v) for v in _DTYPES.values()}:
+        raise ValueError(f"unsupported dtype {dt}; supported: {sorted(_DTYPES)}")
+    return dt

@@ -35,286 +35,351 @@ _FILE_DTYPES = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16}
 # ----------------------------------------------------------------------------------------------
 class _Leaf:
 
-  def __init__(self, path: tuple[str, ...], hf: str, to_ours: Callable, to_hf: Callable,
-               per_layer: bool):
-    self.path, self.hf, self.to_ours, self.to_hf, self.per_layer = (path, hf, to_ours, to_hf,
-                                                                    per_layer)
+    def __init__(
+        self, path: tuple[str, ...], hf: str, to_ours: Callable, to_hf: Callable, per_layer: bool
+    ):
+        self.path, self.hf, self.to_ours, self.to_hf, self.per_layer = (
+            path,
+            hf,
+            to_ours,
+            to_hf,
+            per_layer,
+        )
 
 
 def _layout(c: Qwen2Config) -> list[_Leaf]:
-  d, hd = c.hidden_size, c.dim_per_head
-  h, kv = c.num_attention_heads, c.num_key_value_heads
-  ident = lambda x: x
-  p = "model.layers.{i}."
+    d, hd = c.hidden_size, c.dim_per_head
+    h, kv = c.num_attention_heads, c.num_key_value_heads
+    ident = lambda x: x
+    p = "model.layers.{i}."
 
-  def proj(n):  # HF [n*hd, d] <-> ours [d, n, hd]
-    return (lambda w: w.T.reshape(d, n, hd), lambda w: w.reshape(d, n * hd).T)
+    def proj(n):  # HF [n*hd, d] <-> ours [d, n, hd]
+        return (lambda w: w.T.reshape(d, n, hd), lambda w: w.reshape(d, n * hd).T)
 
-  def bias(n):  # HF [n*hd] <-> ours [n, hd]
-    return (lambda b: b.reshape(n, hd), lambda b: b.reshape(n * hd))
+    def bias(n):  # HF [n*hd] <-> ours [n, hd]
+        return (lambda b: b.reshape(n, hd), lambda b: b.reshape(n * hd))
 
-  leaves = [
-      _Leaf(("embed_tokens",), "model.embed_tokens.weight", ident, ident, False),
-      _Leaf(("final_norm",), "model.norm.weight", ident, ident, False),
-      _Leaf(("layers", "input_norm"), p + "input_layernorm.weight", ident, ident, True),
-      _Leaf(("layers", "post_attention_norm"), p + "post_attention_layernorm.weight", ident,
-            ident, True),
-      _Leaf(("layers", "attn", "q_kernel"), p + "self_attn.q_proj.weight", *proj(h), True),
-      _Leaf(("layers", "attn", "q_bias"), p + "self_attn.q_proj.bias", *bias(h), True),
-      _Leaf(("layers", "attn", "k_kernel"), p + "self_attn.k_proj.weight", *proj(kv), True),
-      _Leaf(("layers", "attn", "k_bias"), p + "self_attn.k_proj.bias", *bias(kv), True),
-      _Leaf(("layers", "attn", "v_kernel"), p + "self_attn.v_proj.weight", *proj(kv), True),
-      _Leaf(("layers", "attn", "v_bias"), p + "self_attn.v_proj.bias", *bias(kv), True),
-      _Leaf(("layers", "attn", "o_kernel"), p + "self_attn.o_proj.weight",
-            lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T, True),
-      _Leaf(("layers", "mlp", "gate_kernel"), p + "mlp.gate_proj.weight", np.transpose,
-            np.transpose, True),
-      _Leaf(("layers", "mlp", "up_kernel"), p + "mlp.up_proj.weight", np.transpose,
-            np.transpose, True),
-      _Leaf(("layers", "mlp", "down_kernel"), p + "mlp.down_proj.weight", np.transpose,
-            np.transpose, True),
-  ]
-  if not c.tie_word_embeddings:
-    leaves.append(_Leaf(("lm_head",), "lm_head.weight", np.transpose, np.transpose, False))
-  return leaves
+    leaves = [
+        _Leaf(("embed_tokens",), "model.embed_tokens.weight", ident, ident, False),
+        _Leaf(("final_norm",), "model.norm.weight", ident, ident, False),
+        _Leaf(("layers", "input_norm"), p + "input_layernorm.weight", ident, ident, True),
+        _Leaf(
+            ("layers", "post_attention_norm"),
+            p + "post_attention_layernorm.weight",
+            ident,
+            ident,
+            True,
+        ),
+        _Leaf(("layers", "attn", "q_kernel"), p + "self_attn.q_proj.weight", *proj(h), True),
+        _Leaf(("layers", "attn", "q_bias"), p + "self_attn.q_proj.bias", *bias(h), True),
+        _Leaf(("layers", "attn", "k_kernel"), p + "self_attn.k_proj.weight", *proj(kv), True),
+        _Leaf(("layers", "attn", "k_bias"), p + "self_attn.k_proj.bias", *bias(kv), True),
+        _Leaf(("layers", "attn", "v_kernel"), p + "self_attn.v_proj.weight", *proj(kv), True),
+        _Leaf(("layers", "attn", "v_bias"), p + "self_attn.v_proj.bias", *bias(kv), True),
+        _Leaf(
+            ("layers", "attn", "o_kernel"),
+            p + "self_attn.o_proj.weight",
+            lambda w: w.T.reshape(h, hd, d),
+            lambda w: w.reshape(h * hd, d).T,
+            True,
+        ),
+        _Leaf(
+            ("layers", "mlp", "gate_kernel"),
+            p + "mlp.gate_proj.weight",
+            np.transpose,
+            np.transpose,
+            True,
+        ),
+        _Leaf(
+            ("layers", "mlp", "up_kernel"),
+            p + "mlp.up_proj.weight",
+            np.transpose,
+            np.transpose,
+            True,
+        ),
+        _Leaf(
+            ("layers", "mlp", "down_kernel"),
+            p + "mlp.down_proj.weight",
+            np.transpose,
+            np.transpose,
+            True,
+        ),
+    ]
+    if not c.tie_word_embeddings:
+        leaves.append(_Leaf(("lm_head",), "lm_head.weight", np.transpose, np.transpose, False))
+    return leaves
 
 
 def _hf_shape(leaf: _Leaf, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-  shape = our_shape[1:] if leaf.per_layer else our_shape
-  return tuple(leaf.to_hf(np.empty(shape, np.int8)).shape)
+    shape = our_shape[1:] if leaf.per_layer else our_shape
+    return tuple(leaf.to_hf(np.empty(shape, np.int8)).shape)
 
 
 def _get(tree: dict, path: tuple[str, ...]):
-  for k in path:
-    tree = tree[k]
-  return tree
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
 class _SafetensorsDir:
-  """Lazy view of the tensors of a (single or sharded) safetensors checkpoint."""
+    """Lazy view of the tensors of a (single or sharded) safetensors checkpoint."""
 
-  def __init__(self, path: str):
-    self.path = path
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-      with open(index) as f:
-        try:
-          weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-          raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
-      self.key_to_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
-      for fname in sorted(set(self.key_to_file.values())):
-        if not os.path.isfile(fname):
-          raise FileNotFoundError(f"{index} names {os.path.basename(fname)}, which is missing")
-    elif os.path.isfile(single):
-      with safe_open(single, framework="numpy") as f:
-        self.key_to_file = {k: single for k in f.keys()}
-    else:
-      found = sorted(os.listdir(path))
-      hint = (" (PyTorch .bin checkpoints are not read: they are pickles; re-save with "
-              "safe_serialization=True)") if any(x.endswith(".bin") for x in found) else ""
-      raise FileNotFoundError(
-          f"{path}: no model.safetensors or model.safetensors.index.json{hint}; found {found}")
-    self._handles: dict[str, Any] = {}
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+            self.key_to_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
+            for fname in sorted(set(self.key_to_file.values())):
+                if not os.path.isfile(fname):
+                    raise FileNotFoundError(
+                        f"{index} names {os.path.basename(fname)}, which is missing"
+                    )
+        elif os.path.isfile(single):
+            with safe_open(single, framework="numpy") as f:
+                self.key_to_file = {k: single for k in f.keys()}
+        else:
+            found = sorted(os.listdir(path))
+            hint = (
+                (
+                    " (PyTorch .bin checkpoints are not read: they are pickles; re-save with "
+                    "safe_serialization=True)"
+                )
+                if any(x.endswith(".bin") for x in found)
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json{hint}; found {found}"
+            )
+        self._handles: dict[str, Any] = {}
 
-  def _handle(self, key: str):
-    fname = self.key_to_file[key]
-    if fname not in self._handles:
-      self._handles[fname] = safe_open(fname, framework="numpy")
-    return self._handles[fname]
+    def _handle(self, key: str):
+        fname = self.key_to_file[key]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(fname, framework="numpy")
+        return self._handles[fname]
 
-  def __contains__(self, key: str) -> bool:
-    return key in self.key_to_file
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
 
-  def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
-    s = self._handle(key).get_slice(key)
-    return tuple(s.get_shape()), s.get_dtype()
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
+        s = self._handle(key).get_slice(key)
+        return tuple(s.get_shape()), s.get_dtype()
 
-  def get(self, key: str) -> np.ndarray:
-    return self._handle(key).get_tensor(key)
+    def get(self, key: str) -> np.ndarray:
+        return self._handle(key).get_tensor(key)
 
-  def close(self):
-    self._handles.clear()
+    def close(self):
+        self._handles.clear()
 
 
 def _default_sharding_tree(shapes):
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda _: dev, shapes)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: dev, shapes)
 
 
-def load_hf(path: str, dtype: Any = "bfloat16", shardings: Any = None, plan: Any = None
-            ) -> tuple[Qwen2Config, dict]:
-  """Load a local Hugging Face Qwen2 directory into a parameter tree.
+def load_hf(
+    path: str, dtype: Any = "bfloat16", shardings: Any = None, plan: Any = None
+) -> tuple[Qwen2Config, dict]:
+    """Load a local Hugging Face Qwen2 directory into a parameter tree.
 
-  Args:
-    path: directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
-    dtype: parameter dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-    shardings: optional tree of ``jax.sharding.Sharding`` matching the parameter tree.
-    plan: optional ``dgpo_jax.sharding.ShardingPlan``; its parameter shardings are used.
-  Returns:
-    ``(config, params)``; every leaf is created directly in its sharding.
-  """
-  dtype = parse_dtype(dtype)
-  config = Qwen2Config.from_hf_dir(path)
-  files = _SafetensorsDir(path)
-  shapes = qwen2.param_shapes(config, dtype)
-  if shardings is None:
-    shardings = plan.param_shardings(config) if plan is not None else _default_sharding_tree(
-        shapes)
-  layout = _layout(config)
-  _validate(files, layout, shapes, config)
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+      dtype: parameter dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+      shardings: optional tree of ``jax.sharding.Sharding`` matching the parameter tree.
+      plan: optional ``dgpo_jax.sharding.ShardingPlan``; its parameter shardings are used.
+    Returns:
+      ``(config, params)``; every leaf is created directly in its sharding.
+    """
+    dtype = parse_dtype(dtype)
+    config = Qwen2Config.from_hf_dir(path)
+    files = _SafetensorsDir(path)
+    shapes = qwen2.param_shapes(config, dtype)
+    if shardings is None:
+        shardings = (
+            plan.param_shardings(config) if plan is not None else _default_sharding_tree(shapes)
+        )
+    layout = _layout(config)
+    _validate(files, layout, shapes, config)
 
-  params: dict = {}
-  for leaf in layout:
-    shape = _get(shapes, leaf.path).shape
-    sharding = _get(shardings, leaf.path)
+    params: dict = {}
+    for leaf in layout:
+        shape = _get(shapes, leaf.path).shape
+        sharding = _get(shardings, leaf.path)
 
-    def read(index, leaf=leaf, shape=shape):
-      if leaf.per_layer:
-        layers = range(config.num_hidden_layers)[index[0]]
-        blocks = [np.asarray(leaf.to_ours(files.get(leaf.hf.format(i=i))))[index[1:]]
-                  for i in layers]
-        return np.stack(blocks).astype(dtype)
-      return np.asarray(leaf.to_ours(files.get(leaf.hf)))[index].astype(dtype)
+        def read(index, leaf=leaf, shape=shape):
+            if leaf.per_layer:
+                layers = range(config.num_hidden_layers)[index[0]]
+                blocks = [
+                    np.asarray(leaf.to_ours(files.get(leaf.hf.format(i=i))))[index[1:]]
+                    for i in layers
+                ]
+                return np.stack(blocks).astype(dtype)
+            return np.asarray(leaf.to_ours(files.get(leaf.hf)))[index].astype(dtype)
 
-    _set(params, leaf.path, jax.make_array_from_callback(shape, sharding, read))
-  files.close()
-  return config, params
+        _set(params, leaf.path, jax.make_array_from_callback(shape, sharding, read))
+    files.close()
+    return config, params
 
 
 def _validate(files: _SafetensorsDir, layout, shapes, config: Qwen2Config) -> None:
-  """Every expected tensor exists with the right shape and a supported dtype."""
-  expected = {}
-  for leaf in layout:
-    hf_shape = _hf_shape(leaf, _get(shapes, leaf.path).shape)
-    keys = ([leaf.hf.format(i=i) for i in range(config.num_hidden_layers)]
-            if leaf.per_layer else [leaf.hf])
-    for k in keys:
-      expected[k] = hf_shape
-  missing = [k for k in expected if k not in files]
-  if missing:
-    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-    raise KeyError(f"{files.path}: missing tensors {missing[:5]}{more}")
-  for k, want in expected.items():
-    got, dt = files.shape_dtype(k)
-    if got != want:
-      raise ValueError(f"{files.path}: tensor {k} has shape {got}, expected {want} "
-                       f"for this config.json")
-    if dt not in _FILE_DTYPES:
-      raise ValueError(f"{files.path}: tensor {k} has unsupported dtype {dt}; "
-                       f"supported: {sorted(_FILE_DTYPES)}")
-  extra = [k for k in files.key_to_file if k not in expected and not k.endswith("inv_freq")
-           and k != "lm_head.weight"]
-  if extra:
-    log.warning("%s: ignoring %d unexpected tensors, e.g. %s", files.path, len(extra), extra[:3])
+    """Every expected tensor exists with the right shape and a supported dtype."""
+    expected = {}
+    for leaf in layout:
+        hf_shape = _hf_shape(leaf, _get(shapes, leaf.path).shape)
+        keys = (
+            [leaf.hf.format(i=i) for i in range(config.num_hidden_layers)]
+            if leaf.per_layer
+            else [leaf.hf]
+        )
+        for k in keys:
+            expected[k] = hf_shape
+    missing = [k for k in expected if k not in files]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise KeyError(f"{files.path}: missing tensors {missing[:5]}{more}")
+    for k, want in expected.items():
+        got, dt = files.shape_dtype(k)
+        if got != want:
+            raise ValueError(
+                f"{files.path}: tensor {k} has shape {got}, expected {want} "
+                f"for this config.json"
+            )
+        if dt not in _FILE_DTYPES:
+            raise ValueError(
+                f"{files.path}: tensor {k} has unsupported dtype {dt}; "
+                f"supported: {sorted(_FILE_DTYPES)}"
+            )
+    extra = [
+        k
+        for k in files.key_to_file
+        if k not in expected and not k.endswith("inv_freq") and k != "lm_head.weight"
+    ]
+    if extra:
+        log.warning(
+            "%s: ignoring %d unexpected tensors, e.g. %s", files.path, len(extra), extra[:3]
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
 def _hf_tensors(config: Qwen2Config, params: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF key, host array) one tensor at a time (a layer slice is fetched alone)."""
-  for leaf in _layout(config):
-    value = _get(params, leaf.path)
-    if leaf.per_layer:
-      for i in range(config.num_hidden_layers):
-        arr = np.asarray(jax.device_get(value[i])).astype(dtype)
-        yield leaf.hf.format(i=i), np.ascontiguousarray(leaf.to_hf(arr))
-    else:
-      arr = np.asarray(jax.device_get(value)).astype(dtype)
-      yield leaf.hf, np.ascontiguousarray(leaf.to_hf(arr))
+    """Yields (HF key, host array) one tensor at a time (a layer slice is fetched alone)."""
+    for leaf in _layout(config):
+        value = _get(params, leaf.path)
+        if leaf.per_layer:
+            for i in range(config.num_hidden_layers):
+                arr = np.asarray(jax.device_get(value[i])).astype(dtype)
+                yield leaf.hf.format(i=i), np.ascontiguousarray(leaf.to_hf(arr))
+        else:
+            arr = np.asarray(jax.device_get(value)).astype(dtype)
+            yield leaf.hf, np.ascontiguousarray(leaf.to_hf(arr))
 
 
 def _check_params(config: Qwen2Config, params: dict) -> None:
-  shapes = qwen2.param_shapes(config)
-  for leaf in _layout(config):
+    shapes = qwen2.param_shapes(config)
+    for leaf in _layout(config):
+        try:
+            got = tuple(_get(params, leaf.path).shape)
+        except (KeyError, TypeError):
+            raise KeyError(f"params has no leaf {'/'.join(leaf.path)}") from None
+        want = _get(shapes, leaf.path).shape
+        if got != want:
+            raise ValueError(f"params leaf {'/'.join(leaf.path)} has shape {got}, expected {want}")
+
+
+def save_hf(
+    config: Qwen2Config,
+    params: dict,
+    path: str,
+    tokenizer: Any = None,
+    dtype: Any = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+) -> str:
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Tensors stream out one at a time into safetensors shards of at most ``max_shard_bytes``
+    (with ``model.safetensors.index.json`` when there are several). The directory is written
+    under a temporary name and renamed into place, so an interrupted save leaves no partial
+    model at ``path``.
+    """
+    _check_params(config, params)
+    dtype = parse_dtype(dtype) if dtype is not None else jnp.dtype(params["embed_tokens"].dtype)
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-      got = tuple(_get(params, leaf.path).shape)
-    except (KeyError, TypeError):
-      raise KeyError(f"params has no leaf {'/'.join(leaf.path)}") from None
-    want = _get(shapes, leaf.path).shape
-    if got != want:
-      raise ValueError(f"params leaf {'/'.join(leaf.path)} has shape {got}, expected {want}")
+        shards: list[dict[str, np.ndarray]] = [{}]
+        sizes = [0]
+        files: list[str] = []
 
+        def flush():
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shards[-1], os.path.join(tmp, name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({k: name for k in shards[-1]})
+            shards[-1] = {}
+            sizes[-1] = 0
 
-def save_hf(config: Qwen2Config, params: dict, path: str, tokenizer: Any = None,
-            dtype: Any = None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False
-            ) -> str:
-  """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
-
-  Tensors stream out one at a time into safetensors shards of at most ``max_shard_bytes``
-  (with ``model.safetensors.index.json`` when there are several). The directory is written
-  under a temporary name and renamed into place, so an interrupted save leaves no partial
-  model at ``path``.
-  """
-  _check_params(config, params)
-  dtype = parse_dtype(dtype) if dtype is not None else jnp.dtype(params["embed_tokens"].dtype)
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-  try:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    files: list[str] = []
-
-    def flush():
-      name = f"model-{len(files) + 1:05d}.safetensors"
-      save_file(shards[-1], os.path.join(tmp, name), metadata={"format": "pt"})
-      files.append(name)
-      weight_map.update({k: name for k in shards[-1]})
-      shards[-1] = {}
-      sizes[-1] = 0
-
-    weight_map: dict[str, str] = {}
-    total = 0
-    for key, arr in _hf_tensors(config, params, dtype):
-      if sizes[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for key, arr in _hf_tensors(config, params, dtype):
+            if sizes[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
+                flush()
+            shards[-1][key] = arr
+            sizes[-1] += arr.nbytes
+            total += arr.nbytes
         flush()
-      shards[-1][key] = arr
-      sizes[-1] += arr.nbytes
-      total += arr.nbytes
-    flush()
-    if len(files) == 1:
-      os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
-    else:
-      n = len(files)
-      renamed = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(files)}
-      for old, new in renamed.items():
-        os.replace(os.path.join(tmp, old), os.path.join(tmp, new))
-      index = {"metadata": {"total_size": total},
-               "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-    dtype_name = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(
-        jnp.dtype(dtype), "float32")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config.to_hf_dict(dtype_name), f, indent=2)
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-      json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
-    if tokenizer is not None:
-      tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
-      old = path + ".old-" + os.path.basename(tmp)
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return path
+        if len(files) == 1:
+            os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
+        else:
+            n = len(files)
+            renamed = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(files)}
+            for old, new in renamed.items():
+                os.replace(os.path.join(tmp, old), os.path.join(tmp, new))
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())},
+            }
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        dtype_name = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(
+            jnp.dtype(dtype), "float32"
+        )
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_hf_dict(dtype_name), f, indent=2)
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            old = path + ".old-" + os.path.basename(tmp)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
