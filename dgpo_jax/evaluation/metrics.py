@@ -1,0 +1,101 @@
+"""Exact match (the outcome reward and the reported metric) and ARCap diagnostics.
+
+Follows the Search-R1 / DGPO protocol (see ``shared/reference/protocol.md``):
+
+* the answer is the *last* ``<answer>...</answer>`` in the response (the reference counts the
+  prompt's example answer too; scoring the response alone gives the same answer whenever the
+  response has one, and no answer otherwise);
+* normalisation: lowercase, drop ASCII punctuation, drop the words a/an/the, collapse
+  whitespace; EM = 1 when the normalised prediction equals any normalised gold answer.
+
+ARCap (agentic RAG capability) diagnostics, per data source: EM; EM with the think blocks
+removed from the response before scoring (a response whose only answer sat inside a think block
+loses it); hit ratio: a gold answer appears in some retrieved ``<information>`` block, with
+*both sides normalised* (the reference used a case-sensitive raw substring test; normalising is
+deliberate and documented here); mean search calls; share of trajectories that search at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_INFO = re.compile(r"<information>(.*?)</information>", re.DOTALL)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, remove ASCII punctuation and articles, collapse whitespace."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def extract_answer(response: str) -> str | None:
+    """The content of the last ``<answer>...</answer>`` in ``response`` (stripped), or None."""
+    matches = _ANSWER.findall(response)
+    return matches[-1].strip() if matches else None
+
+
+def exact_match(prediction: str | None, golds: str | Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    if prediction is None:
+        return 0.0
+    if isinstance(golds, str):
+        golds = [golds]
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def strip_think(response: str) -> str:
+    """The response with every ``<think>...</think>`` block removed."""
+    return _THINK.sub("", response)
+
+
+def has_gold_hit(response: str, golds: str | Sequence[str]) -> bool:
+    """A normalised gold answer occurs (as whole words) in a retrieved information block."""
+    if isinstance(golds, str):
+        golds = [golds]
+    blocks = [" " + normalize_answer(b) + " " for b in _INFO.findall(response)]
+    targets = [" " + normalize_answer(g) + " " for g in golds if normalize_answer(g)]
+    return any(t in b for b in blocks for t in targets)
+
+
+@dataclasses.dataclass
+class TrajectoryRecord:
+    """What evaluation needs from one finished trajectory."""
+
+    data_source: str
+    response: str  # generated text, observations included (prompt excluded)
+    golds: Sequence[str]
+    num_searches: int
+
+
+def arcap_summary(records: Iterable[TrajectoryRecord]) -> dict[str, dict[str, float]]:
+    """Per data source (and ``"all"``): em, em_without_think, hit_ratio, search_calls,
+    search_share, count."""
+    groups: dict[str, list[TrajectoryRecord]] = defaultdict(list)
+    for r in records:
+        groups[r.data_source].append(r)
+        groups["all"].append(r)
+    out = {}
+    for source, rs in sorted(groups.items()):
+        n = len(rs)
+        out[source] = {
+            "em": sum(exact_match(extract_answer(r.response), r.golds) for r in rs) / n,
+            "em_without_think": sum(
+                exact_match(extract_answer(strip_think(r.response)), r.golds) for r in rs
+            )
+            / n,
+            "hit_ratio": sum(has_gold_hit(r.response, r.golds) for r in rs) / n,
+            "search_calls": sum(r.num_searches for r in rs) / n,
+            "search_share": sum(r.num_searches > 0 for r in rs) / n,
+            "count": float(n),
+        }
+    return out
