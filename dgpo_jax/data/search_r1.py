@@ -1,0 +1,132 @@
+"""Search-R1 question files (parquet): reading, validation, and the prompt template.
+
+Row format (``shared/reference/protocol.md``)::
+
+    data_source: str
+    prompt: [{"role": "user", "content": <template filled with the question>}]
+    ability: str
+    reward_model: {"style": "rule", "ground_truth": {"target": [gold answers]}}
+    extra_info: {"split": str, "index": int}
+
+Every row is validated; a malformed row raises ``DataError`` naming the file, the row and the
+field. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+# The reference training text, typo included: the released checkpoints were trained on it.
+DEFAULT_TEMPLATE = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first "
+    "every time you get new information. After reasoning, if you find you lack some knowledge, "
+    "you can call a search engine by <search> query </search> and it will return the top "
+    "searched results between <information> and </information>. You can search as many times "
+    "as your want. If you find no further external knowledge needed, you can directly provide "
+    "the answer inside <answer> and </answer>, without detailed illustrations. For example, "
+    "<answer> Beijing </answer>. Question: {question}\n"
+)
+
+
+class DataError(ValueError):
+    """A data file or row does not have the expected format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QARecord:
+    """One question: the chat messages to prompt with, the gold answers, where it came from."""
+
+    data_source: str
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...)
+    golds: tuple[str, ...]
+    split: str = ""
+    index: int = -1
+
+    @property
+    def user_content(self) -> str:
+        return self.messages[-1][1]
+
+
+def format_question(question: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The user message for a raw question: stripped, with a trailing '?' added if missing."""
+    q = question.strip()
+    if not q.endswith("?"):
+        q += "?"
+    return template.format(question=q)
+
+
+def _as_list(value: Any) -> list | None:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return None
+
+
+def validate_row(row: dict, where: str) -> QARecord:
+    """One parquet row (as a dict) -> ``QARecord``; ``where`` is 'file: row i' for errors."""
+
+    def fail(field, msg):
+        raise DataError(f"{where}: field '{field}': {msg}")
+
+    src = row.get("data_source")
+    if not isinstance(src, str) or not src:
+        fail("data_source", f"expected a non-empty string, got {src!r}")
+    prompt = _as_list(row.get("prompt"))
+    if not prompt:
+        fail("prompt", f"expected a non-empty list of {{role, content}} messages, got "
+             f"{row.get('prompt')!r}")
+    messages = []
+    for j, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            fail(f"prompt[{j}].role", f"expected a message dict with a string role, got {m!r}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            fail(f"prompt[{j}].content", f"expected non-empty text, got {m.get('content')!r}")
+        messages.append((m["role"], m["content"]))
+    rm = row.get("reward_model")
+    gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+    if not isinstance(gt, dict) or "target" not in gt:
+        fail("reward_model.ground_truth.target", f"missing (reward_model={rm!r})")
+    target = gt["target"]
+    golds = [target] if isinstance(target, str) else _as_list(target)
+    if not golds or not all(isinstance(g, str) for g in golds):
+        fail("reward_model.ground_truth.target",
+             f"expected a non-empty list of strings, got {target!r}")
+    extra = row.get("extra_info") or {}
+    if not isinstance(extra, dict):
+        fail("extra_info", f"expected a dict, got {extra!r}")
+    index = extra.get("index", -1)
+    return QARecord(src, tuple(messages), tuple(golds), str(extra.get("split", "")),
+                    int(index) if index is not None else -1)
+
+
+def read_search_r1_parquet(path: str | os.PathLike) -> list[QARecord]:
+    """Read and validate every row of a Search-R1 parquet file."""
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    required = ("data_source", "prompt", "reward_model")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}; has {table.column_names}")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    return [validate_row(row, f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
+
+
+def read_question_files(paths: Sequence[str | os.PathLike]) -> list[QARecord]:
+    """Concatenate several files (e.g. NQ train + HotpotQA train), in the given order."""
+    out: list[QARecord] = []
+    for p in paths:
+        out.extend(read_search_r1_parquet(p))
+    return out
