@@ -28,6 +28,10 @@ from dgpo_jax.sharding import ShardingPlan, make_mesh, plan_from_config
 _LAZY = {
     "load_tokenizer": "dgpo_jax.tokenizer",
     "Checkpointer": "dgpo_jax.checkpoint",
+    "CheckpointNotFoundError": "dgpo_jax.checkpoint",
+    "CheckpointMismatchError": "dgpo_jax.checkpoint",
+    "abstract_like": "dgpo_jax.checkpoint",
+    "apply_gradients": "dgpo_jax.train_state",
     "TrainState": "dgpo_jax.train_state",
     "create_train_state": "dgpo_jax.train_state",
 }
