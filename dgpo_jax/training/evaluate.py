@@ -1,0 +1,87 @@
+"""Evaluation: roll out on test questions, EM per data source (greedy and sampled, labelled),
+the ARCap diagnostics, written as JSON and a markdown table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+from dgpo_jax.data.search_r1 import QARecord
+from dgpo_jax.evaluation import TrajectoryRecord, arcap_summary
+from dgpo_jax.training.common import encode_prompt, score_rollout
+
+log = logging.getLogger(__name__)
+
+
+def rollout_records(sampler, params, records: Sequence[QARecord], tokenizer, batch_size: int,
+                    seed: int = 0, use_chat_template: bool = True, **generate_kw):
+    """Roll out every record in batches; returns (scored rollouts per batch, records)."""
+    out = []
+    for start in range(0, len(records), batch_size):
+        chunk = list(records[start:start + batch_size])
+        prompts = [encode_prompt(r, tokenizer, use_chat_template) for r in chunk]
+        rollout = sampler.generate(params, prompts, seed=seed + start,
+                                   row_ids=list(range(start, start + len(chunk))), **generate_kw)
+        out.append((score_rollout(rollout, chunk, tokenizer), chunk))
+    return out
+
+
+def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retriever,
+             sampler_configs: dict[str, Any], batch_size: int, seed: int = 0, plan=None,
+             use_chat_template: bool = True) -> dict[str, dict]:
+    """``sampler_configs``: {"greedy": SamplerConfig, "sampled": SamplerConfig, ...}.
+
+    Returns {decoding: {data_source: {em, em_without_think, hit_ratio, search_calls,
+    search_share, count}}} plus, per decoding, ``"_seconds"``.
+    """
+    from dgpo_jax.sampler import Sampler
+    results: dict[str, dict] = {}
+    for name, scfg in sampler_configs.items():
+        t = time.time()
+        sampler = Sampler(model_config, scfg, tokenizer, retriever, plan=plan)
+        trajs = []
+        for scored, chunk in rollout_records(sampler, params, records, tokenizer, batch_size,
+                                             seed, use_chat_template):
+            for i, rec in enumerate(chunk):
+                trajs.append(TrajectoryRecord(rec.data_source, scored.responses[i], rec.golds,
+                                              int(scored.num_searches[i])))
+        results[name] = arcap_summary(trajs)
+        results[name]["_seconds"] = round(time.time() - t, 2)
+        log.info("eval %s: EM %.3f over %d questions (%.1fs)", name,
+                 results[name]["all"]["em"], len(trajs), results[name]["_seconds"])
+    return results
+
+
+def markdown_table(results: dict[str, dict], title: str = "") -> str:
+    """One row per (decoding, data source)."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| decoding | data source | EM | EM w/o think | hit ratio | searches | "
+              "search share | n |", "|---|---|---|---|---|---|---|---|"]
+    for decoding, per_source in results.items():
+        for source, m in per_source.items():
+            if source.startswith("_"):
+                continue
+            lines.append(f"| {decoding} | {source} | {m['em']:.3f} | {m['em_without_think']:.3f} "
+                         f"| {m['hit_ratio']:.3f} | {m['search_calls']:.2f} | "
+                         f"{m['search_share']:.2f} | {int(m['count'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, name: str, results: dict[str, dict], extra: dict | None = None
+                  ) -> tuple[str, str]:
+    """``WORKDIR/eval/NAME.json`` and ``NAME.md``; returns both paths."""
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    payload = dict(extra or {}, results=results)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, json_path)
+    md_path = os.path.join(out_dir, f"{name}.md")
+    with open(md_path, "w") as f:
+        f.write(markdown_table(results, name))
+    return json_path, md_path
