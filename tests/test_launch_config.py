@@ -1,0 +1,92 @@
+"""Configs and the launcher reject bad input before anything heavy starts."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dgpo_jax.run_config import ConfigError, base_config, nq_config, parse_rules, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                                        if f.endswith(".py")))
+def test_every_config_loads(name):
+    cfg = _load(name)
+    assert cfg.mode in ("train", "coldstart", "eval", "quickstart")
+
+
+def test_dgpo_nq_has_reference_hyperparameters(monkeypatch):
+    cfg = _load("dgpo_nq.py")
+    assert (cfg.optim.actor_lr, cfg.optim.critic_lr) == (1e-6, 1e-5)
+    assert (cfg.optim.actor_warmup_ratio, cfg.optim.critic_warmup_ratio) == (0.285, 0.015)
+    assert (cfg.data.batch_size, cfg.train.mini_batch_size, cfg.train.ppo_epochs) == (512, 256, 1)
+    assert (cfg.sampler.max_turns, cfg.retrieval.topk, cfg.sampler.temperature) == (4, 3, 1.0)
+    assert cfg.sampler.max_new_tokens_per_turn == cfg.sampler.max_obs_length == 500
+    monkeypatch.setenv("DGPO_STUDENT", "/models/s")
+    assert nq_config("x", "dgpo").model.student == "/models/s"
+
+
+def _valid(tmp_path):
+    cfg = base_config()
+    (tmp_path / "student").mkdir()
+    (tmp_path / "index").mkdir()
+    (tmp_path / "train.parquet").write_bytes(b"")
+    cfg.model.student = str(tmp_path / "student")
+    cfg.data.train_files = str(tmp_path / "train.parquet")
+    cfg.retrieval.kind = "in_process"
+    cfg.retrieval.index_dir = str(tmp_path / "index")
+    return cfg
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mode", "fly", "config.mode: 'fly' is not one of"),
+    ("model.student", "", "config.model.student: is empty"),
+    ("model.student", "/nonexistent/student", "config.model.student: '/nonexistent/student' "
+                                               "does not exist"),
+    ("model.dtype", "int8", "config.model.dtype: 'int8'"),
+    ("data.train_files", "", "config.data.train_files: is empty"),
+    ("data.train_files", "a.parquet,/none/b.parquet", "config.data.train_files: 'a.parquet'"),
+    ("retrieval.index_dir", "/none", "config.retrieval.index_dir"),
+    ("train.steps", 0, "config.train.steps: must be an int >= 1"),
+    ("train.mini_batch_size", 100, "config.train.mini_batch_size: 100 must divide"),
+    ("optim.schedule", "linear", "config.optim.schedule"),
+    ("mesh.rules", "embed", "mesh.rules: 'embed' is not"),
+])
+def test_validate_names_the_field(tmp_path, field, value, message):
+    cfg = _valid(tmp_path)
+    validate(cfg)
+    section, _, key = field.rpartition(".")
+    (cfg[section] if section else cfg)[key] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg)
+
+
+def test_parse_rules():
+    assert parse_rules("embed=fsdp, mlp=tensor+fsdp,vocab=") == [
+        ("embed", ("fsdp",)), ("mlp", ("tensor", "fsdp")), ("vocab", ())]
+
+
+def _launch(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dgpo_jax.launch", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_launcher_rejects_unknown_key_wrong_type_and_missing_paths():
+    out = _launch("--config=configs/dgpo_nq.py", "--config.train.stepz=3")
+    assert out.returncode != 0 and "stepz" in out.stderr
+    out = _launch("--config=configs/dgpo_nq.py", "--config.train.steps=many")
+    assert out.returncode != 0 and "many" in out.stderr
+    out = _launch("--config=configs/dgpo_nq.py", env={"DGPO_STUDENT": ""})
+    assert out.returncode != 0 and "config.model.student: is empty" in out.stderr
