@@ -20,17 +20,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# The reference training text, typo included: the released checkpoints were trained on it.
-DEFAULT_TEMPLATE = (
-    "Answer the given question. You must conduct reasoning inside <think> and </think> first "
-    "every time you get new information. After reasoning, if you find you lack some knowledge, "
-    "you can call a search engine by <search> query </search> and it will return the top "
-    "searched results between <information> and </information>. You can search as many times "
-    "as your want. If you find no further external knowledge needed, you can directly provide "
-    "the answer inside <answer> and </answer>, without detailed illustrations. For example, "
-    "<answer> Beijing </answer>. Question: {question}\n"
-)
+# The reference prompt (typo included) and question formatting live with the protocol text.
+from dgpo_jax.retrieval.formatting import SEARCH_R1_PROMPT_TEMPLATE as DEFAULT_TEMPLATE
+from dgpo_jax.retrieval.formatting import format_prompt as format_question
 
+__all__ = ["DEFAULT_TEMPLATE", "format_question", "DataError", "QARecord", "validate_row",
+           "read_search_r1_parquet", "read_question_files"]
 
 class DataError(ValueError):
     """A data file or row does not have the expected format."""
@@ -49,14 +44,6 @@ class QARecord:
     @property
     def user_content(self) -> str:
         return self.messages[-1][1]
-
-
-def format_question(question: str, template: str = DEFAULT_TEMPLATE) -> str:
-    """The user message for a raw question: stripped, with a trailing '?' added if missing."""
-    q = question.strip()
-    if not q.endswith("?"):
-        q += "?"
-    return template.format(question=q)
 
 
 def _as_list(value: Any) -> list | None:
