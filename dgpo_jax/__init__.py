@@ -32,6 +32,30 @@ _LAZY = {
     "CheckpointMismatchError": "dgpo_jax.checkpoint",
     "abstract_like": "dgpo_jax.checkpoint",
     "apply_gradients": "dgpo_jax.train_state",
+    # retrieval
+    "Document": "dgpo_jax.retrieval",
+    "HttpRetriever": "dgpo_jax.retrieval",
+    "InProcessRetriever": "dgpo_jax.retrieval",
+    "format_documents": "dgpo_jax.retrieval",
+    "information_observation": "dgpo_jax.retrieval",
+    "format_prompt": "dgpo_jax.retrieval",
+    "parse_action": "dgpo_jax.retrieval",
+    # objectives and the update step
+    "ObjectiveConfig": "dgpo_jax.objectives",
+    "get_objective": "dgpo_jax.objectives",
+    "OBJECTIVE_PRESETS": "dgpo_jax.objectives",
+    "make_update_step": "dgpo_jax.train_step",
+    "create_update_state": "dgpo_jax.train_step",
+    "OptimConfig": "dgpo_jax.optim",
+    # sampler
+    "Sampler": "dgpo_jax.sampler",
+    "SamplerConfig": "dgpo_jax.sampler",
+    "stop_sequences_for": "dgpo_jax.sampler",
+    # evaluation and data
+    "exact_match": "dgpo_jax.evaluation",
+    "extract_answer": "dgpo_jax.evaluation",
+    "arcap_summary": "dgpo_jax.evaluation",
+    "read_search_r1_parquet": "dgpo_jax.data.search_r1",
     "TrainState": "dgpo_jax.train_state",
     "create_train_state": "dgpo_jax.train_state",
 }
