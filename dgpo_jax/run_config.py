@@ -114,12 +114,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.coldstart.batch_size = 64  # sequences per step
     c.coldstart.rollouts_per_question = 1  # teacher samples per training question
     c.coldstart.max_questions = 0  # 0 = all training questions
+    c.coldstart.greedy = False  # teacher rollouts greedy (else at sampler.temperature)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.greedy = True
     c.eval.sampled = True  # at sampler.temperature (the reference validated sampled at 1.0)
     c.eval.max_examples = 0  # per file; 0 = all
     c.eval.batch_size = 128
+    c.eval.at_end = True  # train mode: evaluate the final policy
     c.eval.checkpoint_step = -1  # eval mode: -1 = the latest checkpoint (or the model as given)
 
     c.export = ml_collections.ConfigDict()

@@ -252,7 +252,7 @@ def run_train(cfg) -> dict:
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
             ckpt.save(step + 1, state, metadata(step + 1), force=True)
     ckpt.wait_until_finished()
-    final = run.evaluate(state.params["policy"], "final")
+    final = run.evaluate(state.params["policy"], "final") if cfg.eval.at_end else None
     logger.close()
     ckpt.close()
     return {"final_eval": final, "state": state}
@@ -283,7 +283,7 @@ def run_coldstart(cfg) -> dict:
     if cfg.coldstart.max_questions:
         records = records[: cfg.coldstart.max_questions]
     records = [r for r in records for _ in range(cfg.coldstart.rollouts_per_question)]
-    sampler = run.sampler(run.teacher_config)
+    sampler = run.sampler(run.teacher_config, greedy=cfg.coldstart.greedy)
     seqs = _collect_correct(run, sampler, run.teacher_params, records, cfg.eval.batch_size)
     if not len(seqs["input_ids"]):
         raise RuntimeError(f"the teacher answered none of {len(records)} training questions "
