@@ -131,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh.num_devices = 0  # use the first N devices (0 = all of them)
     c.mesh.rules = ""  # overrides of the logical rules: "embed=fsdp,mlp=tensor,vocab="
 
     c.logging = ml_collections.ConfigDict()
@@ -218,6 +219,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         need(cfg[section][key] > 0, field, f"must be > 0, got {cfg[section][key]}")
     need(cfg.optim.schedule in ("constant", "cosine"), "optim.schedule",
          f"{cfg.optim.schedule!r}: expected constant or cosine")
+    need(isinstance(cfg.mesh.num_devices, int) and cfg.mesh.num_devices >= 0,
+         "mesh.num_devices", f"must be an int >= 0, got {cfg.mesh.num_devices!r}")
     parse_rules(cfg.mesh.rules)
 
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------- models ---
 def make_plan(cfg) -> ShardingPlan:
     shape = {k: int(v) for k, v in cfg.mesh.shape.items()}
-    return plan_from_config(shape, parse_rules(cfg.mesh.rules))
+    devices = jax.devices()[: cfg.mesh.num_devices] if cfg.mesh.num_devices else None
+    return plan_from_config(shape, parse_rules(cfg.mesh.rules), devices=devices)
 
 
 def load_model(source: str, dtype: str, vocab_size: int, plan: ShardingPlan | None = None,
