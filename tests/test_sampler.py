@@ -24,165 +24,229 @@ from dgpo_jax.sharding import plan_from_config
 from tests.conftest import make_hf_model
 
 VOCAB = 128
-PIECES = ["<pad>", "<eos>", "<search>", "</sea", "rch>", "<answer>", "</answer>", "<information>",
-          "</information>", "zorp", "paris", "hello", "alpha", "beta", "Doc", "Title"]
+PIECES = [
+    "<pad>",
+    "<eos>",
+    "<search>",
+    "</sea",
+    "rch>",
+    "<answer>",
+    "</answer>",
+    "<information>",
+    "</information>",
+    "zorp",
+    "paris",
+    "hello",
+    "alpha",
+    "beta",
+    "Doc",
+    "Title",
+]
 PIECES += [chr(c) for c in range(32, 127)] + ["\n"]
 PIECES += [f"<u{i}>" for i in range(len(PIECES), VOCAB)]  # the rest of the model's vocabulary
 
 
 class PieceTokenizer:
-  """Greedy longest-match over a fixed piece list; decode concatenates (exact round trip)."""
+    """Greedy longest-match over a fixed piece list; decode concatenates (exact round trip)."""
 
-  def __init__(self):
-    self.pieces = list(PIECES)
-    self.ids = {p: i for i, p in enumerate(self.pieces)}
-    self.eos_token_id, self.pad_token_id = 1, 0
+    def __init__(self):
+        self.pieces = list(PIECES)
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.eos_token_id, self.pad_token_id = 1, 0
 
-  def encode(self, text, add_special_tokens=False):
-    out, i = [], 0
-    while i < len(text):
-      best = max((p for p in self.pieces if text.startswith(p, i)), key=len)
-      out.append(self.ids[best])
-      i += len(best)
-    return out
+    def encode(self, text, add_special_tokens=False):
+        out, i = [], 0
+        while i < len(text):
+            best = max((p for p in self.pieces if text.startswith(p, i)), key=len)
+            out.append(self.ids[best])
+            i += len(best)
+        return out
 
-  def decode(self, ids, skip_special_tokens=False):
-    return "".join(self.pieces[int(i)] for i in ids)
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[int(i)] for i in ids)
 
-  def get_vocab(self):
-    return dict(self.ids)
+    def get_vocab(self):
+        return dict(self.ids)
 
 
 TOK = PieceTokenizer()
-ANSWERING = {"?": "<search>", "<search>": "zorp", "zorp": "</sea", "</sea": "rch>",
-             "\n": "<answer>", "<answer>": "paris", "paris": "</answer>",
-             "!": "hello", "hello": "<eos>"}
+ANSWERING = {
+    "?": "<search>",
+    "<search>": "zorp",
+    "zorp": "</sea",
+    "</sea": "rch>",
+    "\n": "<answer>",
+    "<answer>": "paris",
+    "paris": "</answer>",
+    "!": "hello",
+    "hello": "<eos>",
+}
 ALWAYS_SEARCH = {**ANSWERING, "\n": "<search>"}
-STUDENT_ALPHA = {"?": "<search>", "\n": "<search>", "<search>": "alpha", "alpha": "</sea",
-                 "</sea": "rch>"}
-TEACHER_BETA = {"?": "<search>", "\n": "<search>", "<search>": "beta", "beta": "</sea",
-                "</sea": "rch>"}
+STUDENT_ALPHA = {
+    "?": "<search>",
+    "\n": "<search>",
+    "<search>": "alpha",
+    "alpha": "</sea",
+    "</sea": "rch>",
+}
+TEACHER_BETA = {
+    "?": "<search>",
+    "\n": "<search>",
+    "<search>": "beta",
+    "beta": "</sea",
+    "</sea": "rch>",
+}
 
 
 def make_chain_model(path, chain, *, layers=2, hidden=64, seed=0, strength=0.64):
-  """A tiny HF Qwen2 whose greedy path follows `chain` (token -> next token); returns it."""
-  hf = make_hf_model(path, vocab=VOCAB, hidden=hidden, layers=layers, std=0.1, seed=seed)
-  rng = np.random.RandomState(seed + 100)
-  emb = rng.randn(VOCAB, hidden) * 3.0
-  unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-  head = rng.randn(VOCAB, hidden) * 0.01
-  for current, following in chain.items():
-    head[TOK.ids[following]] += strength * unit[TOK.ids[current]]
-  with torch.no_grad():
-    hf.model.embed_tokens.weight.copy_(torch.tensor(emb, dtype=torch.float32))
-    hf.lm_head.weight.copy_(torch.tensor(head, dtype=torch.float32))
-    hf.model.norm.weight.fill_(1.0)
-    for layer in hf.model.layers:
-      layer.input_layernorm.weight.fill_(1.0)
-      layer.post_attention_layernorm.weight.fill_(1.0)
-  hf.save_pretrained(str(path))
-  return hf
+    """A tiny HF Qwen2 whose greedy path follows `chain` (token -> next token); returns it."""
+    hf = make_hf_model(path, vocab=VOCAB, hidden=hidden, layers=layers, std=0.1, seed=seed)
+    rng = np.random.RandomState(seed + 100)
+    emb = rng.randn(VOCAB, hidden) * 3.0
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    head = rng.randn(VOCAB, hidden) * 0.01
+    for current, following in chain.items():
+        head[TOK.ids[following]] += strength * unit[TOK.ids[current]]
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(torch.tensor(emb, dtype=torch.float32))
+        hf.lm_head.weight.copy_(torch.tensor(head, dtype=torch.float32))
+        hf.model.norm.weight.fill_(1.0)
+        for layer in hf.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    hf.save_pretrained(str(path))
+    return hf
 
 
 class ScriptedRetriever:
-  """One fixed document per query; records every call. Fails the calls listed in `fail_calls`."""
+    """One fixed document per query; records every call. Fails the calls listed in `fail_calls`."""
 
-  def __init__(self, fail_calls=()):
-    self.calls = []
-    self.fail_calls = set(fail_calls)
+    def __init__(self, fail_calls=()):
+        self.calls = []
+        self.fail_calls = set(fail_calls)
 
-  def search(self, queries):
-    self.calls.append(list(queries))
-    if len(self.calls) - 1 in self.fail_calls:
-      raise ConnectionError("retrieval server unreachable (scripted failure)")
-    return [f"Doc 1(Title: {q}) {q} is in paris\n" for q in queries]
+    def search(self, queries):
+        self.calls.append(list(queries))
+        if len(self.calls) - 1 in self.fail_calls:
+            raise ConnectionError("retrieval server unreachable (scripted failure)")
+        return [f"Doc 1(Title: {q}) {q} is in paris\n" for q in queries]
 
 
 def observation_text(query):
-  return f"\n\n<information>Doc 1(Title: {query}) {query} is in paris</information>\n\n"
+    return f"\n\n<information>Doc 1(Title: {query}) {query} is in paris</information>\n\n"
 
 
 def config(**overrides):
-  base = dict(stop_sequences_for(TOK), cache_len=384, max_prompt_length=32, max_obs_length=300,
-              max_new_tokens_per_turn=12, max_new_tokens=96, max_turns=4, greedy=True,
-              ingest_chunk=1)
-  base.update(overrides)
-  return SamplerConfig(**base)
+    base = dict(
+        stop_sequences_for(TOK),
+        cache_len=384,
+        max_prompt_length=32,
+        max_obs_length=300,
+        max_new_tokens_per_turn=12,
+        max_new_tokens=96,
+        max_turns=4,
+        greedy=True,
+        ingest_chunk=1,
+    )
+    base.update(overrides)
+    return SamplerConfig(**base)
 
 
 def hf_logprobs(hf, ids):
-  """log-softmax of transformers' logits for one unpadded sequence ``[T] -> [T, V]``."""
-  with torch.no_grad():
-    logits = hf(input_ids=torch.tensor([list(ids)])).logits[0].double()
-  return torch.log_softmax(logits, -1).numpy()
+    """log-softmax of transformers' logits for one unpadded sequence ``[T] -> [T, V]``."""
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([list(ids)])).logits[0].double()
+    return torch.log_softmax(logits, -1).numpy()
 
 
 def check_logprobs_against_hf(hf, out, row, mask, atol=2e-4):
-  """The sampler's log-probs at the tokens in `mask` equal a fresh transformers forward of the
-  whole sequence (prompt + response)."""
-  prompt = out.prompt_ids[row][out.prompt_mask[row]]
-  response = out.response_ids(row)
-  ref = hf_logprobs(hf, np.concatenate([prompt, response]))
-  positions = np.flatnonzero(mask[:len(response)])
-  assert len(positions) > 0
-  expected = ref[len(prompt) - 1 + positions, response[positions]]
-  got = out.arrays.logprobs[row, positions]
-  np.testing.assert_allclose(got, expected, atol=atol)
-  return expected
+    """The sampler's log-probs at the tokens in `mask` equal a fresh transformers forward of the
+    whole sequence (prompt + response)."""
+    prompt = out.prompt_ids[row][out.prompt_mask[row]]
+    response = out.response_ids(row)
+    ref = hf_logprobs(hf, np.concatenate([prompt, response]))
+    positions = np.flatnonzero(mask[: len(response)])
+    assert len(positions) > 0
+    expected = ref[len(prompt) - 1 + positions, response[positions]]
+    got = out.arrays.logprobs[row, positions]
+    np.testing.assert_allclose(got, expected, atol=atol)
+    return expected
 
 
 @pytest.fixture(scope="module")
 def chain_models(tmp_path_factory):
-  out = {}
-  for name, chain, layers, seed in (("answering", ANSWERING, 2, 0),
-                                    ("always_search", ALWAYS_SEARCH, 2, 1),
-                                    ("student", STUDENT_ALPHA, 2, 2),
-                                    ("teacher", TEACHER_BETA, 3, 3)):
-    path = tmp_path_factory.mktemp(name)
-    hf = make_chain_model(path, chain, layers=layers, seed=seed)
-    model_config, params = dgpo_jax.load_hf(str(path), dtype="float32")
-    out[name] = (hf, model_config, params)
-  return out
+    out = {}
+    for name, chain, layers, seed in (
+        ("answering", ANSWERING, 2, 0),
+        ("always_search", ALWAYS_SEARCH, 2, 1),
+        ("student", STUDENT_ALPHA, 2, 2),
+        ("teacher", TEACHER_BETA, 3, 3),
+    ):
+        path = tmp_path_factory.mktemp(name)
+        hf = make_chain_model(path, chain, layers=layers, seed=seed)
+        model_config, params = dgpo_jax.load_hf(str(path), dtype="float32")
+        out[name] = (hf, model_config, params)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Greedy single turn vs transformers generate
 # ----------------------------------------------------------------------------------------------
 def test_greedy_single_turn_matches_transformers_generate(tmp_path):
-  hf = make_hf_model(tmp_path, vocab=VOCAB, std=0.3, seed=3)
-  model_config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
-  rng = np.random.RandomState(1)
-  prompts = [rng.randint(16, VOCAB, n).tolist() for n in (8, 5, 3)]
-  width = 8
-  ids = np.zeros((3, width), np.int64)
-  mask = np.zeros((3, width), np.int64)
-  for i, p in enumerate(prompts):
-    ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-  n_new = 20
-  with torch.no_grad():
-    free = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       max_new_tokens=n_new, do_sample=False, pad_token_id=0)[:, width:].numpy()
-  eos = int(free[0, 6])  # row 0 stops at its first occurrence of this token
-  with torch.no_grad():
-    gen = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                      max_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=eos,
-                      output_scores=True, return_dict_in_generate=True)
-  ref = gen.sequences[:, width:].numpy()
-  ref_logprobs = torch.stack([torch.log_softmax(s.double(), -1) for s in gen.scores], 1).numpy()
-  cfg = config(max_turns=0, max_new_tokens_per_turn=n_new, eos_token_ids=(eos,),
-               search_stops=((VOCAB - 1, VOCAB - 1, VOCAB - 1),), answer_stops=(),
-               eos_ends_trajectory=True)
-  out = Sampler(model_config, cfg, TOK, ScriptedRetriever()).generate(params, prompts)
-  for row in range(3):
-    hits = np.flatnonzero(ref[row] == eos)
-    n = hits[0] + 1 if len(hits) else n_new
-    np.testing.assert_array_equal(out.response_ids(row), ref[row, :n])
-    np.testing.assert_allclose(out.arrays.logprobs[row, :n],
-                               ref_logprobs[row, np.arange(n), ref[row, :n]], atol=1e-4)
-    assert out.arrays.loss_mask[row, :n].all() and not out.arrays.loss_mask[row, n:].any()
-    assert (out.arrays.turn_ids[row, :n] == 0).all() and (out.arrays.turn_ids[row, n:] == -1).all()
-    assert out.finish_reasons[row] == ("eos" if len(hits) else "max_turns")
-  assert out.finish_reasons[0] == "eos" and len(np.unique(ref)) > 8  # a varied path
+    hf = make_hf_model(tmp_path, vocab=VOCAB, std=0.3, seed=3)
+    model_config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(16, VOCAB, n).tolist() for n in (8, 5, 3)]
+    width = 8
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    n_new = 20
+    with torch.no_grad():
+        free = hf.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, width:].numpy()
+    eos = int(free[0, 6])  # row 0 stops at its first occurrence of this token
+    with torch.no_grad():
+        gen = hf.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=eos,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    ref = gen.sequences[:, width:].numpy()
+    ref_logprobs = torch.stack([torch.log_softmax(s.double(), -1) for s in gen.scores], 1).numpy()
+    cfg = config(
+        max_turns=0,
+        max_new_tokens_per_turn=n_new,
+        eos_token_ids=(eos,),
+        search_stops=((VOCAB - 1, VOCAB - 1, VOCAB - 1),),
+        answer_stops=(),
+        eos_ends_trajectory=True,
+    )
+    out = Sampler(model_config, cfg, TOK, ScriptedRetriever()).generate(params, prompts)
+    for row in range(3):
+        hits = np.flatnonzero(ref[row] == eos)
+        n = hits[0] + 1 if len(hits) else n_new
+        np.testing.assert_array_equal(out.response_ids(row), ref[row, :n])
+        np.testing.assert_allclose(
+            out.arrays.logprobs[row, :n], ref_logprobs[row, np.arange(n), ref[row, :n]], atol=1e-4
+        )
+        assert out.arrays.loss_mask[row, :n].all() and not out.arrays.loss_mask[row, n:].any()
+        assert (out.arrays.turn_ids[row, :n] == 0).all() and (
+            out.arrays.turn_ids[row, n:] == -1
+        ).all()
+        assert out.finish_reasons[row] == ("eos" if len(hits) else "max_turns")
+    assert out.finish_reasons[0] == "eos" and len(np.unique(ref)) > 8  # a varied path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,258 +254,277 @@ def test_greedy_single_turn_matches_transformers_generate(tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 8])
 def test_search_observation_and_cache_match_fresh_forward(chain_models, chunk):
-  hf, model_config, params = chain_models["answering"]
-  retriever = ScriptedRetriever()
-  prompts = ["where is zorp?", "tell me!", "x?", "why?"] * 2  # shared with the sharding test
-  out = Sampler(model_config, config(ingest_chunk=chunk), TOK, retriever).generate(params,
-                                                                                   prompts)
-  search_turn = TOK.encode("<search>zorp</search>")
-  assert len(TOK.encode("</search>")) == 2  # the stop tag spans two tokens
-  answer_turn = TOK.encode("<answer>paris</answer>")
-  observation = TOK.encode(observation_text("zorp"))
-  notice = TOK.encode(INVALID_ACTION_NOTICE)
-  assert retriever.calls == [["zorp"] * 6]  # one batched call for all searching rows
-  a = out.arrays
-  for row in (0, 2):
-    expected = search_turn + observation + answer_turn
-    np.testing.assert_array_equal(out.response_ids(row), expected)
-    n1, n2 = len(search_turn), len(search_turn) + len(observation)
-    np.testing.assert_array_equal(a.loss_mask[row, :len(expected)],
-                                  [1] * n1 + [0] * len(observation) + [1] * len(answer_turn))
-    assert not a.teacher_mask[row].any()
-    np.testing.assert_array_equal(a.turn_ids[row, :len(expected)],
-                                  [0] * n2 + [1] * len(answer_turn))
-    assert a.logprobs[row, n1:n2].tolist() == [0.0] * len(observation)
-    assert out.queries[row] == ["zorp"] and out.answers[row] == "paris"
-    assert out.finish_reasons[row] == "answer" and a.num_searches[row] == 1
-    assert a.num_turns[row] == 2 and a.generated[row] == len(search_turn) + len(answer_turn)
-    expected_lp = check_logprobs_against_hf(hf, out, row, a.loss_mask[row])
-    # The check is sensitive: without the observation the continuation's log-probs differ.
-    prompt = out.prompt_ids[row][out.prompt_mask[row]]
-    wrong = hf_logprobs(hf, np.concatenate([prompt, search_turn, answer_turn]))
-    wrong_lp = wrong[len(prompt) + n1 - 1 + np.arange(len(answer_turn)), answer_turn]
-    assert np.abs(wrong_lp - expected_lp[-len(answer_turn):]).max() > 1e-3
-  # Row 1: "hello<eos>" has no action -> the invalid-action notice, then an answer.
-  expected = TOK.encode("hello<eos>") + notice + answer_turn
-  np.testing.assert_array_equal(out.response_ids(1), expected)
-  np.testing.assert_array_equal(a.loss_mask[1, :len(expected)],
-                                [1, 1] + [0] * len(notice) + [1] * len(answer_turn))
-  assert out.turn_texts[1] == ["hello<eos>", "<answer>paris</answer>"]
-  assert out.queries[1] == [] and a.num_searches[1] == 0 and out.finish_reasons[1] == "answer"
-  check_logprobs_against_hf(hf, out, 1, a.loss_mask[1])
-  if chunk > 1:
-    assert out.stats["ingest_steps"] > 0
+    hf, model_config, params = chain_models["answering"]
+    retriever = ScriptedRetriever()
+    prompts = ["where is zorp?", "tell me!", "x?", "why?"] * 2  # shared with the sharding test
+    out = Sampler(model_config, config(ingest_chunk=chunk), TOK, retriever).generate(
+        params, prompts
+    )
+    search_turn = TOK.encode("<search>zorp</search>")
+    assert len(TOK.encode("</search>")) == 2  # the stop tag spans two tokens
+    answer_turn = TOK.encode("<answer>paris</answer>")
+    observation = TOK.encode(observation_text("zorp"))
+    notice = TOK.encode(INVALID_ACTION_NOTICE)
+    assert retriever.calls == [["zorp"] * 6]  # one batched call for all searching rows
+    a = out.arrays
+    for row in (0, 2):
+        expected = search_turn + observation + answer_turn
+        np.testing.assert_array_equal(out.response_ids(row), expected)
+        n1, n2 = len(search_turn), len(search_turn) + len(observation)
+        np.testing.assert_array_equal(
+            a.loss_mask[row, : len(expected)],
+            [1] * n1 + [0] * len(observation) + [1] * len(answer_turn),
+        )
+        assert not a.teacher_mask[row].any()
+        np.testing.assert_array_equal(
+            a.turn_ids[row, : len(expected)], [0] * n2 + [1] * len(answer_turn)
+        )
+        assert a.logprobs[row, n1:n2].tolist() == [0.0] * len(observation)
+        assert out.queries[row] == ["zorp"] and out.answers[row] == "paris"
+        assert out.finish_reasons[row] == "answer" and a.num_searches[row] == 1
+        assert a.num_turns[row] == 2 and a.generated[row] == len(search_turn) + len(answer_turn)
+        expected_lp = check_logprobs_against_hf(hf, out, row, a.loss_mask[row])
+        # The check is sensitive: without the observation the continuation's log-probs differ.
+        prompt = out.prompt_ids[row][out.prompt_mask[row]]
+        wrong = hf_logprobs(hf, np.concatenate([prompt, search_turn, answer_turn]))
+        wrong_lp = wrong[len(prompt) + n1 - 1 + np.arange(len(answer_turn)), answer_turn]
+        assert np.abs(wrong_lp - expected_lp[-len(answer_turn) :]).max() > 1e-3
+    # Row 1: "hello<eos>" has no action -> the invalid-action notice, then an answer.
+    expected = TOK.encode("hello<eos>") + notice + answer_turn
+    np.testing.assert_array_equal(out.response_ids(1), expected)
+    np.testing.assert_array_equal(
+        a.loss_mask[1, : len(expected)], [1, 1] + [0] * len(notice) + [1] * len(answer_turn)
+    )
+    assert out.turn_texts[1] == ["hello<eos>", "<answer>paris</answer>"]
+    assert out.queries[1] == [] and a.num_searches[1] == 0 and out.finish_reasons[1] == "answer"
+    check_logprobs_against_hf(hf, out, 1, a.loss_mask[1])
+    if chunk > 1:
+        assert out.stats["ingest_steps"] > 0
 
 
 def test_max_turns_then_final_turn_without_search(chain_models):
-  hf, model_config, params = chain_models["always_search"]
-  retriever = ScriptedRetriever()
-  out = Sampler(model_config, config(max_turns=2), TOK, retriever).generate(params,
-                                                                            ["where is zorp?"])
-  turn = TOK.encode("<search>zorp</search>")
-  observation = TOK.encode(observation_text("zorp"))
-  np.testing.assert_array_equal(out.response_ids(0), (turn + observation) * 2 + turn)
-  assert retriever.calls == [["zorp"], ["zorp"]]  # the final turn's search is not executed
-  assert out.finish_reasons == ["max_turns"] and out.queries[0] == ["zorp", "zorp"]
-  assert out.arrays.num_searches[0] == 2 and out.arrays.num_turns[0] == 3
-  assert out.turn_texts[0] == ["<search>zorp</search>"] * 3
-  assert out.arrays.turn_ids[0, :out.arrays.length[0]].max() == 2
-  check_logprobs_against_hf(hf, out, 0, out.arrays.loss_mask[0])
+    hf, model_config, params = chain_models["always_search"]
+    retriever = ScriptedRetriever()
+    out = Sampler(model_config, config(max_turns=2), TOK, retriever).generate(
+        params, ["where is zorp?"]
+    )
+    turn = TOK.encode("<search>zorp</search>")
+    observation = TOK.encode(observation_text("zorp"))
+    np.testing.assert_array_equal(out.response_ids(0), (turn + observation) * 2 + turn)
+    assert retriever.calls == [["zorp"], ["zorp"]]  # the final turn's search is not executed
+    assert out.finish_reasons == ["max_turns"] and out.queries[0] == ["zorp", "zorp"]
+    assert out.arrays.num_searches[0] == 2 and out.arrays.num_turns[0] == 3
+    assert out.turn_texts[0] == ["<search>zorp</search>"] * 3
+    assert out.arrays.turn_ids[0, : out.arrays.length[0]].max() == 2
+    check_logprobs_against_hf(hf, out, 0, out.arrays.loss_mask[0])
 
 
 def test_observation_truncation_and_budgets(chain_models):
-  _, model_config, params = chain_models["answering"]
-  # Observations cut to 10 tokens; 6 generated tokens per trajectory.
-  out = Sampler(model_config, config(max_obs_length=10, max_new_tokens=6), TOK,
-                ScriptedRetriever()).generate(params, ["where is zorp?"])
-  n1 = len(TOK.encode("<search>zorp</search>"))
-  np.testing.assert_array_equal(out.arrays.tokens[0, n1:n1 + 10],
-                                TOK.encode(observation_text("zorp"))[:10])
-  np.testing.assert_array_equal(out.arrays.loss_mask[0, :n1 + 12], [1] * n1 + [0] * 10 + [1, 1])
-  assert out.finish_reasons == ["max_tokens"] and out.arrays.generated[0] == 6
-  assert out.arrays.length[0] == n1 + 10 + 2
-  # Context: the observation does not fit in cache_len -> context_full, nothing half-ingested.
-  out = Sampler(model_config, config(cache_len=40), TOK, ScriptedRetriever()).generate(
-      params, ["where is zorp?"])
-  assert out.finish_reasons == ["context_full"]
-  assert out.arrays.length[0] == n1 and out.queries[0] == ["zorp"]
+    _, model_config, params = chain_models["answering"]
+    # Observations cut to 10 tokens; 6 generated tokens per trajectory.
+    out = Sampler(
+        model_config, config(max_obs_length=10, max_new_tokens=6), TOK, ScriptedRetriever()
+    ).generate(params, ["where is zorp?"])
+    n1 = len(TOK.encode("<search>zorp</search>"))
+    np.testing.assert_array_equal(
+        out.arrays.tokens[0, n1 : n1 + 10], TOK.encode(observation_text("zorp"))[:10]
+    )
+    np.testing.assert_array_equal(out.arrays.loss_mask[0, : n1 + 12], [1] * n1 + [0] * 10 + [1, 1])
+    assert out.finish_reasons == ["max_tokens"] and out.arrays.generated[0] == 6
+    assert out.arrays.length[0] == n1 + 10 + 2
+    # Context: the observation does not fit in cache_len -> context_full, nothing half-ingested.
+    out = Sampler(model_config, config(cache_len=40), TOK, ScriptedRetriever()).generate(
+        params, ["where is zorp?"]
+    )
+    assert out.finish_reasons == ["context_full"]
+    assert out.arrays.length[0] == n1 and out.queries[0] == ["zorp"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Mixed rollouts
 # ----------------------------------------------------------------------------------------------
 def _turn_spans(out, row):
-  """{turn: positions of its generated tokens} from loss/teacher masks and turn ids."""
-  a = out.arrays
-  n = a.length[row]
-  written = (a.loss_mask[row, :n] | a.teacher_mask[row, :n])
-  spans = {}
-  for pos in np.flatnonzero(written):
-    spans.setdefault(int(a.turn_ids[row, pos]), []).append(pos)
-  return spans
+    """{turn: positions of its generated tokens} from loss/teacher masks and turn ids."""
+    a = out.arrays
+    n = a.length[row]
+    written = a.loss_mask[row, :n] | a.teacher_mask[row, :n]
+    spans = {}
+    for pos in np.flatnonzero(written):
+        spans.setdefault(int(a.turn_ids[row, pos]), []).append(pos)
+    return spans
 
 
 def test_guided_opd_teacher_turns_are_marked(chain_models):
-  hf_s, student_config, student_params = chain_models["student"]
-  hf_t, teacher_config, teacher_params = chain_models["teacher"]
-  cfg = config(max_turns=3, teacher_turn_prob=0.5)
-  sampler = Sampler(student_config, cfg, TOK, ScriptedRetriever(), teacher_config=teacher_config)
-  prompts = ["where is zorp?"] * 8
-  out = sampler.generate(student_params, prompts, seed=3, teacher_params=teacher_params)
-  kinds = []
-  for row in range(8):
-    a = out.arrays
-    spans = _turn_spans(out, row)
-    assert sorted(spans) == [0, 1, 2, 3]
-    for turn, positions in spans.items():
-      text = TOK.decode(a.tokens[row, positions])
-      teacher_wrote = a.teacher_mask[row, positions]
-      assert text in ("<search>alpha</search>", "<search>beta</search>")
-      by_teacher = "beta" in text
-      assert teacher_wrote.all() == by_teacher and teacher_wrote.any() == by_teacher
-      assert a.loss_mask[row, positions].all() == (not by_teacher)
-      kinds.append(by_teacher)
-    assert out.queries[row] == [TOK.decode(a.tokens[row, spans[t][1:2]]) for t in range(3)]
-    # Each model's tokens have that model's log-probs on the shared context (both caches).
-    check_logprobs_against_hf(hf_s, out, row, a.loss_mask[row])
-    if a.teacher_mask[row].any():
-      check_logprobs_against_hf(hf_t, out, row, a.teacher_mask[row])
-  assert 0 < sum(kinds) < len(kinds)  # both writers occur at p = 0.5
-  # p = 1: the teacher writes everything, nothing to train on.
-  # (a runtime probability: same compiled program).
-  out = sampler.generate(student_params, prompts, seed=3, teacher_params=teacher_params,
-                         teacher_turn_prob=1.0)
-  assert not out.arrays.loss_mask.any() and out.arrays.teacher_mask.sum() == 8 * 4 * 4
+    hf_s, student_config, student_params = chain_models["student"]
+    hf_t, teacher_config, teacher_params = chain_models["teacher"]
+    cfg = config(max_turns=3, teacher_turn_prob=0.5)
+    sampler = Sampler(student_config, cfg, TOK, ScriptedRetriever(), teacher_config=teacher_config)
+    prompts = ["where is zorp?"] * 8
+    out = sampler.generate(student_params, prompts, seed=3, teacher_params=teacher_params)
+    kinds = []
+    for row in range(8):
+        a = out.arrays
+        spans = _turn_spans(out, row)
+        assert sorted(spans) == [0, 1, 2, 3]
+        for turn, positions in spans.items():
+            text = TOK.decode(a.tokens[row, positions])
+            teacher_wrote = a.teacher_mask[row, positions]
+            assert text in ("<search>alpha</search>", "<search>beta</search>")
+            by_teacher = "beta" in text
+            assert teacher_wrote.all() == by_teacher and teacher_wrote.any() == by_teacher
+            assert a.loss_mask[row, positions].all() == (not by_teacher)
+            kinds.append(by_teacher)
+        assert out.queries[row] == [TOK.decode(a.tokens[row, spans[t][1:2]]) for t in range(3)]
+        # Each model's tokens have that model's log-probs on the shared context (both caches).
+        check_logprobs_against_hf(hf_s, out, row, a.loss_mask[row])
+        if a.teacher_mask[row].any():
+            check_logprobs_against_hf(hf_t, out, row, a.teacher_mask[row])
+    assert 0 < sum(kinds) < len(kinds)  # both writers occur at p = 0.5
+    # p = 1: the teacher writes everything, nothing to train on.
+    # (a runtime probability: same compiled program).
+    out = sampler.generate(
+        student_params, prompts, seed=3, teacher_params=teacher_params, teacher_turn_prob=1.0
+    )
+    assert not out.arrays.loss_mask.any() and out.arrays.teacher_mask.sum() == 8 * 4 * 4
 
 
 def test_teacher_prefix_is_continued_and_marked(chain_models):
-  hf, model_config, params = chain_models["answering"]
-  prefix = TOK.encode("<search>zorp")
-  out = Sampler(model_config, config(max_prefix_length=4, ingest_chunk=1), TOK,
-                ScriptedRetriever()).generate(params, ["where is zorp?", "x?"],
-                                              prefixes=[prefix, None])
-  a = out.arrays
-  np.testing.assert_array_equal(out.response_ids(0)[:4], TOK.encode("<search>zorp</search>"))
-  np.testing.assert_array_equal(a.teacher_mask[0, :4], [1, 1, 0, 0])
-  np.testing.assert_array_equal(a.loss_mask[0, :4], [0, 0, 1, 1])
-  assert out.turn_texts[0][0] == "<search>zorp</search>" and out.queries[0] == ["zorp"]
-  assert out.finish_reasons == ["answer", "answer"] and not a.teacher_mask[1].any()
-  check_logprobs_against_hf(hf, out, 0, a.loss_mask[0])
+    hf, model_config, params = chain_models["answering"]
+    prefix = TOK.encode("<search>zorp")
+    out = Sampler(
+        model_config, config(max_prefix_length=4, ingest_chunk=1), TOK, ScriptedRetriever()
+    ).generate(params, ["where is zorp?", "x?"], prefixes=[prefix, None])
+    a = out.arrays
+    np.testing.assert_array_equal(out.response_ids(0)[:4], TOK.encode("<search>zorp</search>"))
+    np.testing.assert_array_equal(a.teacher_mask[0, :4], [1, 1, 0, 0])
+    np.testing.assert_array_equal(a.loss_mask[0, :4], [0, 0, 1, 1])
+    assert out.turn_texts[0][0] == "<search>zorp</search>" and out.queries[0] == ["zorp"]
+    assert out.finish_reasons == ["answer", "answer"] and not a.teacher_mask[1].any()
+    check_logprobs_against_hf(hf, out, 0, a.loss_mask[0])
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling and seeds
 # ----------------------------------------------------------------------------------------------
 def _numpy_sampling_logprobs(logits, temperature, top_k, top_p):
-  x = logits / temperature
-  out = np.full_like(x, -np.inf)
-  for b in range(x.shape[0]):
-    order = np.argsort(-x[b], kind="stable")
-    keep = order[:top_k] if top_k else order
-    p = np.exp(x[b, keep] - x[b, keep].max())
-    p /= p.sum()
-    cum = np.cumsum(p)
-    n = int(np.searchsorted(cum, top_p) + 1) if top_p < 1 else len(keep)
-    chosen = keep[:n]
-    z = x[b, chosen] - np.log(np.exp(x[b, chosen] - x[b, chosen].max()).sum()) - x[b, chosen].max()
-    out[b, chosen] = z
-  return out
+    x = logits / temperature
+    out = np.full_like(x, -np.inf)
+    for b in range(x.shape[0]):
+        order = np.argsort(-x[b], kind="stable")
+        keep = order[:top_k] if top_k else order
+        p = np.exp(x[b, keep] - x[b, keep].max())
+        p /= p.sum()
+        cum = np.cumsum(p)
+        n = int(np.searchsorted(cum, top_p) + 1) if top_p < 1 else len(keep)
+        chosen = keep[:n]
+        z = (
+            x[b, chosen]
+            - np.log(np.exp(x[b, chosen] - x[b, chosen].max()).sum())
+            - x[b, chosen].max()
+        )
+        out[b, chosen] = z
+    return out
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0),
-                                                     (1.0, 0, 0.6), (0.8, 10, 0.9)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.6), (0.8, 10, 0.9)]
+)
 def test_sampling_distribution_matches_numpy(temperature, top_k, top_p):
-  logits = np.random.RandomState(0).randn(4, 50).astype(np.float32) * 2
-  cfg = config(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
-  got = np.asarray(sampling_logprobs(cfg, jnp.asarray(logits)))
-  ref = _numpy_sampling_logprobs(logits.astype(np.float64), temperature, top_k, top_p)
-  kept = np.isfinite(ref)
-  np.testing.assert_array_equal(got > -1e29, kept)
-  np.testing.assert_allclose(got[kept], ref[kept], atol=1e-5)
+    logits = np.random.RandomState(0).randn(4, 50).astype(np.float32) * 2
+    cfg = config(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p)
+    got = np.asarray(sampling_logprobs(cfg, jnp.asarray(logits)))
+    ref = _numpy_sampling_logprobs(logits.astype(np.float64), temperature, top_k, top_p)
+    kept = np.isfinite(ref)
+    np.testing.assert_array_equal(got > -1e29, kept)
+    np.testing.assert_allclose(got[kept], ref[kept], atol=1e-5)
 
 
 def test_stop_matching_matches_python_endswith():
-  rng = np.random.RandomState(0)
-  window = rng.randint(0, 3, (200, 4)).astype(np.int32)
-  count = rng.randint(0, 6, 200).astype(np.int32)
-  stops = ((1, 2), (0, 0, 1), (2,))
-  got = np.asarray(ends_with_any(jnp.asarray(window), jnp.asarray(count), stops))
-  for b in range(200):
-    seen = window[b, 4 - min(count[b], 4):].tolist()
-    expected = any(len(seen) >= len(s) and tuple(seen[-len(s):]) == s for s in stops)
-    assert got[b] == expected
+    rng = np.random.RandomState(0)
+    window = rng.randint(0, 3, (200, 4)).astype(np.int32)
+    count = rng.randint(0, 6, 200).astype(np.int32)
+    stops = ((1, 2), (0, 0, 1), (2,))
+    got = np.asarray(ends_with_any(jnp.asarray(window), jnp.asarray(count), stops))
+    for b in range(200):
+        seen = window[b, 4 - min(count[b], 4) :].tolist()
+        expected = any(len(seen) >= len(s) and tuple(seen[-len(s) :]) == s for s in stops)
+        assert got[b] == expected
 
 
 def test_same_seed_same_rollouts_different_seed_different(tmp_path):
-  hf = make_hf_model(tmp_path, vocab=VOCAB, std=0.1, seed=5)
-  model_config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
-  cfg = config(greedy=False, temperature=1.0, top_k=50, max_turns=0, max_new_tokens_per_turn=16)
-  sampler = Sampler(model_config, cfg, TOK, ScriptedRetriever())
-  prompts = [[20, 21, 22], [30, 31], [40, 41, 42, 43]]
-  a = sampler.generate(params, prompts, seed=7).arrays
-  b = sampler.generate(params, prompts, seed=7).arrays
-  c = sampler.generate(params, prompts, seed=8).arrays
-  np.testing.assert_array_equal(a.tokens, b.tokens)
-  np.testing.assert_array_equal(a.logprobs, b.logprobs)
-  assert (a.tokens != c.tokens).any(axis=1).all()
-  # A row's sample depends on (seed, row id, its context), not on the rest of the batch.
-  moved = sampler.generate(params, [[50, 51], prompts[2], [60]], seed=7, row_ids=[5, 2, 6])
-  np.testing.assert_array_equal(moved.arrays.tokens[1, :16], a.tokens[2, :16])
-  # The recorded log-probs are those of the sampled distribution (top-k 50 at T=1).
-  full = np.concatenate([prompts[0], a.tokens[0, :16]])
-  with torch.no_grad():
-    logits = hf(input_ids=torch.tensor(full[None])).logits[0].double().numpy()
-  ref = _numpy_sampling_logprobs(logits, 1.0, 50, 1.0)
-  np.testing.assert_allclose(a.logprobs[0, :16], ref[len(prompts[0]) - 1 + np.arange(16),
-                                                      a.tokens[0, :16]], atol=1e-4)
+    hf = make_hf_model(tmp_path, vocab=VOCAB, std=0.1, seed=5)
+    model_config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
+    cfg = config(greedy=False, temperature=1.0, top_k=50, max_turns=0, max_new_tokens_per_turn=16)
+    sampler = Sampler(model_config, cfg, TOK, ScriptedRetriever())
+    prompts = [[20, 21, 22], [30, 31], [40, 41, 42, 43]]
+    a = sampler.generate(params, prompts, seed=7).arrays
+    b = sampler.generate(params, prompts, seed=7).arrays
+    c = sampler.generate(params, prompts, seed=8).arrays
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert (a.tokens != c.tokens).any(axis=1).all()
+    # A row's sample depends on (seed, row id, its context), not on the rest of the batch.
+    moved = sampler.generate(params, [[50, 51], prompts[2], [60]], seed=7, row_ids=[5, 2, 6])
+    np.testing.assert_array_equal(moved.arrays.tokens[1, :16], a.tokens[2, :16])
+    # The recorded log-probs are those of the sampled distribution (top-k 50 at T=1).
+    full = np.concatenate([prompts[0], a.tokens[0, :16]])
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(full[None])).logits[0].double().numpy()
+    ref = _numpy_sampling_logprobs(logits, 1.0, 50, 1.0)
+    np.testing.assert_allclose(
+        a.logprobs[0, :16], ref[len(prompts[0]) - 1 + np.arange(16), a.tokens[0, :16]], atol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Sharding and bad input
 # ----------------------------------------------------------------------------------------------
 def test_sharded_rollout_equals_single_device(chain_models):
-  _, model_config, params = chain_models["answering"]
-  prompts = ["where is zorp?", "tell me!", "x?", "why?"] * 2
-  cfg = config(ingest_chunk=8)
-  plain = Sampler(model_config, cfg, TOK, ScriptedRetriever()).generate(params, prompts)
-  plan = plan_from_config({"data": 2, "fsdp": -1})
-  sharded_params = plan.shard_params(model_config, params)
-  out = Sampler(model_config, cfg, TOK, ScriptedRetriever(), plan=plan).generate(sharded_params,
-                                                                               prompts)
-  np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
-  np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
-  assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
+    _, model_config, params = chain_models["answering"]
+    prompts = ["where is zorp?", "tell me!", "x?", "why?"] * 2
+    cfg = config(ingest_chunk=8)
+    plain = Sampler(model_config, cfg, TOK, ScriptedRetriever()).generate(params, prompts)
+    plan = plan_from_config({"data": 2, "fsdp": -1})
+    sharded_params = plan.shard_params(model_config, params)
+    out = Sampler(model_config, cfg, TOK, ScriptedRetriever(), plan=plan).generate(
+        sharded_params, prompts
+    )
+    np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
+    np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
+    assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
 
 
 def test_prompt_too_long_and_retriever_error_finish_only_their_rows(chain_models):
-  _, model_config, params = chain_models["answering"]
-  long_prompt = "where is " + "zorp " * 40 + "?"
-  retriever = ScriptedRetriever(fail_calls={0})
-  out = Sampler(model_config, config(), TOK, retriever).generate(
-      params, ["where is zorp?", long_prompt, "tell me!", "x?"])
-  assert out.finish_reasons == ["retriever_error", "prompt_too_long", "answer", "retriever_error"]
-  assert out.arrays.length[1] == 0 and out.arrays.generated[1] == 0
-  for row in (0, 3):
-    assert out.errors[row] == "ConnectionError: retrieval server unreachable (scripted failure)"
-    assert out.queries[row] == [] and out.arrays.num_searches[row] == 0
-  # The rows not in the failing call are unaffected.
-  reference = Sampler(model_config, config(), TOK, ScriptedRetriever()).generate(
-      params, ["where is zorp?", "why?", "tell me!", "x?"])
-  np.testing.assert_array_equal(out.response_ids(2), reference.response_ids(2))
+    _, model_config, params = chain_models["answering"]
+    long_prompt = "where is " + "zorp " * 40 + "?"
+    retriever = ScriptedRetriever(fail_calls={0})
+    out = Sampler(model_config, config(), TOK, retriever).generate(
+        params, ["where is zorp?", long_prompt, "tell me!", "x?"]
+    )
+    assert out.finish_reasons == ["retriever_error", "prompt_too_long", "answer", "retriever_error"]
+    assert out.arrays.length[1] == 0 and out.arrays.generated[1] == 0
+    for row in (0, 3):
+        assert out.errors[row] == "ConnectionError: retrieval server unreachable (scripted failure)"
+        assert out.queries[row] == [] and out.arrays.num_searches[row] == 0
+    # The rows not in the failing call are unaffected.
+    reference = Sampler(model_config, config(), TOK, ScriptedRetriever()).generate(
+        params, ["where is zorp?", "why?", "tell me!", "x?"]
+    )
+    np.testing.assert_array_equal(out.response_ids(2), reference.response_ids(2))
 
 
 def test_bad_inputs_raise_clear_errors(chain_models):
-  _, model_config, params = chain_models["answering"]
-  sampler = Sampler(model_config, config(), TOK, ScriptedRetriever())
-  with pytest.raises(ValueError, match=r"prompts\[1\]: empty prompt"):
-    sampler.generate(params, [[5, 6], []])
-  with pytest.raises(ValueError, match=r"prompts\[0\]: token id 500 outside the vocabulary"):
-    sampler.generate(params, [[500]])
-  with pytest.raises(ValueError, match="max_prefix_length is 0"):
-    sampler.generate(params, [[5]], prefixes=[[6]])
-  with pytest.raises(ValueError, match="must be smaller than cache_len"):
-    config(max_prompt_length=384)
-  with pytest.raises(ValueError, match="search_stops is empty"):
-    SamplerConfig()
-  with pytest.raises(ValueError, match="needs a teacher_config"):
-    Sampler(model_config, config(teacher_turn_prob=0.5), TOK, ScriptedRetriever())
+    _, model_config, params = chain_models["answering"]
+    sampler = Sampler(model_config, config(), TOK, ScriptedRetriever())
+    with pytest.raises(ValueError, match=r"prompts\[1\]: empty prompt"):
+        sampler.generate(params, [[5, 6], []])
+    with pytest.raises(ValueError, match=r"prompts\[0\]: token id 500 outside the vocabulary"):
+        sampler.generate(params, [[500]])
+    with pytest.raises(ValueError, match="max_prefix_length is 0"):
+        sampler.generate(params, [[5]], prefixes=[[6]])
+    with pytest.raises(ValueError, match="must be smaller than cache_len"):
+        config(max_prompt_length=384)
+    with pytest.raises(ValueError, match="search_stops is empty"):
+        SamplerConfig()
+    with pytest.raises(ValueError, match="needs a teacher_config"):
+        Sampler(model_config, config(teacher_turn_prob=0.5), TOK, ScriptedRetriever())

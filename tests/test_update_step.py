@@ -21,331 +21,401 @@ V, B, T, PROMPT = 48, 4, 10, 3
 # Tiny programs: spend less time in XLA's CPU optimiser (numerics are unchanged).
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
+
 def random_params(config, seed, std=0.02):
-  """Random parameters without compiling Flax's init: normal(std) weights, zero biases, unit
-  norms, on the model's own parameter tree (``param_shapes``)."""
-  r = np.random.default_rng(seed)
+    """Random parameters without compiling Flax's init: normal(std) weights, zero biases, unit
+    norms, on the model's own parameter tree (``param_shapes``)."""
+    r = np.random.default_rng(seed)
 
-  def leaf(path, s):
-    name = jax.tree_util.keystr(path)
-    if "norm" in name:
-      return jnp.ones(s.shape, s.dtype)
-    if "bias" in name:
-      return jnp.zeros(s.shape, s.dtype)
-    return jnp.asarray(r.normal(0, std, s.shape), s.dtype)
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(s.shape, s.dtype)
+        if "bias" in name:
+            return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(r.normal(0, std, s.shape), s.dtype)
 
-  return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
-
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
 
 
 @pytest.fixture(scope="module")
 def models():
-  sc = get_preset("tiny", vocab_size=V, num_hidden_layers=1, tie_word_embeddings=False)
-  tc = get_preset("tiny-teacher", vocab_size=V, num_hidden_layers=1, tie_word_embeddings=False)
-  sp, tp = random_params(sc, 0), random_params(tc, 1)
-  # sharper distributions than the 0.02 init (logit std ~1.5), so the models disagree visibly
-  sp = dict(sp, lm_head=sp["lm_head"] * 10)
-  tp = dict(tp, lm_head=tp["lm_head"] * 10)
-  return sc, sp, tc, tp
+    sc = get_preset("tiny", vocab_size=V, num_hidden_layers=1, tie_word_embeddings=False)
+    tc = get_preset("tiny-teacher", vocab_size=V, num_hidden_layers=1, tie_word_embeddings=False)
+    sp, tp = random_params(sc, 0), random_params(tc, 1)
+    # sharper distributions than the 0.02 init (logit std ~1.5), so the models disagree visibly
+    sp = dict(sp, lm_head=sp["lm_head"] * 10)
+    tp = dict(tp, lm_head=tp["lm_head"] * 10)
+    return sc, sp, tc, tp
 
 
 def token_logprobs(config, params, ids, am):
-  lp = jax.nn.log_softmax(forward(config, params, jnp.asarray(ids), jnp.asarray(am)), -1)
-  out = np.zeros(ids.shape, np.float32)
-  out[:, 1:] = np.take_along_axis(np.asarray(lp)[:, :-1], ids[:, 1:, None], -1)[..., 0]
-  return out
+    lp = jax.nn.log_softmax(forward(config, params, jnp.asarray(ids), jnp.asarray(am)), -1)
+    out = np.zeros(ids.shape, np.float32)
+    out[:, 1:] = np.take_along_axis(np.asarray(lp)[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    return out
 
 
 def make_batch(models, seed=0, ids=None):
-  """Student-sampled-looking rollouts: prompt, response with an observation hole, padding."""
-  sc, sp, tc, tp = models
-  r = np.random.default_rng(seed)
-  if ids is None:
-    ids = r.integers(0, V, (B, T)).astype(np.int32)
-  am = np.ones((B, T), np.int32)
-  am[1, -2:] = 0
-  lm = np.zeros((B, T), np.float32)
-  lm[:, PROMPT:] = 1
-  lm[:, 6:8] = 0  # an observation
-  lm *= am
-  tmask = np.zeros((B, T), np.float32)
-  tmask[2, 6:8] = 1  # a teacher turn
-  old = token_logprobs(sc, sp, ids, am)
-  return dict(input_ids=ids, attention_mask=am, loss_mask=lm, old_logprobs=old,
-              rewards=np.array([1.0, 0.0, 0.0, 1.0], np.float32),
-              teacher_logprobs=token_logprobs(tc, tp, ids, am),
-              ref_logprobs=old + r.normal(0, 0.3, old.shape).astype(np.float32),
-              group_ids=np.array([0, 0, 1, 1], np.int32), teacher_mask=tmask,
-              values=r.normal(0, 0.5, (B, T)).astype(np.float32), sampler_logprobs=old.copy(),
-              taid_t=np.float32(0.5))
+    """Student-sampled-looking rollouts: prompt, response with an observation hole, padding."""
+    sc, sp, tc, tp = models
+    r = np.random.default_rng(seed)
+    if ids is None:
+        ids = r.integers(0, V, (B, T)).astype(np.int32)
+    am = np.ones((B, T), np.int32)
+    am[1, -2:] = 0
+    lm = np.zeros((B, T), np.float32)
+    lm[:, PROMPT:] = 1
+    lm[:, 6:8] = 0  # an observation
+    lm *= am
+    tmask = np.zeros((B, T), np.float32)
+    tmask[2, 6:8] = 1  # a teacher turn
+    old = token_logprobs(sc, sp, ids, am)
+    return dict(
+        input_ids=ids,
+        attention_mask=am,
+        loss_mask=lm,
+        old_logprobs=old,
+        rewards=np.array([1.0, 0.0, 0.0, 1.0], np.float32),
+        teacher_logprobs=token_logprobs(tc, tp, ids, am),
+        ref_logprobs=old + r.normal(0, 0.3, old.shape).astype(np.float32),
+        group_ids=np.array([0, 0, 1, 1], np.int32),
+        teacher_mask=tmask,
+        values=r.normal(0, 0.5, (B, T)).astype(np.float32),
+        sampler_logprobs=old.copy(),
+        taid_t=np.float32(0.5),
+    )
 
 
 def select(batch, cfg, teacher_in_program, drop=()):
-  req, opt = batch_requirements(cfg, teacher_in_program)
-  return {k: v for k, v in batch.items() if (k in req or k in opt) and k not in drop}
+    req, opt = batch_requirements(cfg, teacher_in_program)
+    return {k: v for k, v in batch.items() if (k in req or k in opt) and k not in drop}
 
 
-_PRESET_OVERRIDES = {"guided_opd": {"teacher_turn_loss": "fkl"},
-                     "tropd": {"teacher_prefix_share": 0.5},
-                     "ppo": {"critic": "value_head"},
-                     "dgpo": {"critic": "value_head", "beta": 0.5}}
+_PRESET_OVERRIDES = {
+    "guided_opd": {"teacher_turn_loss": "fkl"},
+    "tropd": {"teacher_prefix_share": 0.5},
+    "ppo": {"critic": "value_head"},
+    "dgpo": {"critic": "value_head", "beta": 0.5},
+}
 _STEPS = {}
 _SMALL_STEPS = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05))
 
 
 def preset_step(models, name):
-  """(config, compiled-once update step, teacher in program?) shared by the tests below."""
-  if name not in _STEPS:
-    sc, _, tc, _ = models
-    cfg = get_objective(name, **_PRESET_OVERRIDES.get(name, {}))
-    in_program = cfg.needs_teacher_logits
-    _STEPS[name] = (cfg, make_update_step(cfg, sc, tc if in_program else None,
-                                          optimizer=_SMALL_STEPS,
-                                          compiler_options=FAST), in_program)
-  return _STEPS[name]
+    """(config, compiled-once update step, teacher in program?) shared by the tests below."""
+    if name not in _STEPS:
+        sc, _, tc, _ = models
+        cfg = get_objective(name, **_PRESET_OVERRIDES.get(name, {}))
+        in_program = cfg.needs_teacher_logits
+        _STEPS[name] = (
+            cfg,
+            make_update_step(
+                cfg, sc, tc if in_program else None, optimizer=_SMALL_STEPS, compiler_options=FAST
+            ),
+            in_program,
+        )
+    return _STEPS[name]
 
 
 def copy_params(p):
-  return jax.tree.map(jnp.copy, p)
+    return jax.tree.map(jnp.copy, p)
 
 
 def max_abs_diff(a, b):
-  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 # ------------------------------------------------------------------------------------------
 def torch_dgpo_loss(tmp_path, models, head, batch, beta):
-  """First-step DGPO loss from the plain PyTorch implementation in benchmarks/update_step.py
-  (transformers student / teacher / critic loaded from the same weights)."""
-  import importlib.util
+    """First-step DGPO loss from the plain PyTorch implementation in benchmarks/update_step.py
+    (transformers student / teacher / critic loaded from the same weights)."""
+    import importlib.util
 
-  import torch
-  import transformers
-  from dgpo_jax.models import save_hf
-  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "update_step.py")
-  spec = importlib.util.spec_from_file_location("bench_update_step", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  sc, sp, tc, tp = models
-  save_hf(sc, jax.device_get(sp), str(tmp_path / "s"))
-  save_hf(tc, jax.device_get(tp), str(tmp_path / "t"))
-  student = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "s"))
-  teacher = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "t")).eval()
-  critic = transformers.Qwen2Model.from_pretrained(str(tmp_path / "s"))
-  value_head = torch.nn.Linear(sc.hidden_size, 1)
-  with torch.no_grad():
-    value_head.weight.copy_(torch.from_numpy(np.array(head["kernel"], np.float32))[None])
-    value_head.bias.fill_(float(head["bias"]))
-  opt = torch.optim.SGD(list(student.parameters()) + list(critic.parameters()), lr=0.0)
-  run = bench.torch_step_fn(student, teacher, critic, value_head, opt, opt, batch, beta=beta)
-  return run()
+    import torch
+    import transformers
+    from dgpo_jax.models import save_hf
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "update_step.py")
+    spec = importlib.util.spec_from_file_location("bench_update_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sc, sp, tc, tp = models
+    save_hf(sc, jax.device_get(sp), str(tmp_path / "s"))
+    save_hf(tc, jax.device_get(tp), str(tmp_path / "t"))
+    student = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "s"))
+    teacher = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / "t")).eval()
+    critic = transformers.Qwen2Model.from_pretrained(str(tmp_path / "s"))
+    value_head = torch.nn.Linear(sc.hidden_size, 1)
+    with torch.no_grad():
+        value_head.weight.copy_(torch.from_numpy(np.array(head["kernel"], np.float32))[None])
+        value_head.bias.fill_(float(head["bias"]))
+    opt = torch.optim.SGD(list(student.parameters()) + list(critic.parameters()), lr=0.0)
+    run = bench.torch_step_fn(student, teacher, critic, value_head, opt, opt, batch, beta=beta)
+    return run()
 
 
 def test_micro_batched_step_equals_full_batch_and_keeps_sharding(models, tmp_path):
-  """DGPO with the teacher forward in the program (pre-pass for GAE), a separate critic and
-  whitening: 1 vs 2 micro-batches (the second sharded over a 2x4 mesh) give the same update,
-  and the loss equals a plain PyTorch implementation's on the same weights."""
-  sc, sp, tc, tp = models
-  cfg = get_objective("dgpo", beta=0.05)
-  batch = select(make_batch(models), cfg, True, drop=("values",))
-  tx = optax.sgd(0.1)
-  outs = {}
-  for m in (1, 2):
-    plan = plan_from_config({"data": 2, "fsdp": -1}) if m == 2 else None
-    step = make_update_step(cfg, sc, tc, optimizer=tx, micro_batches=m, plan=plan,
-                            compiler_options=FAST)
-    params = copy_params(sp) if plan is None else plan.shard_params(sc, copy_params(sp))
-    state = create_update_state(cfg, params, tx, 0)
-    head = jax.device_get(state.params["critic"]["value_head"])
-    in_shardings = jax.tree.map(lambda x: x.sharding, state.params["policy"])
-    state, metrics = step(state, batch, tp)
-    outs[m] = (jax.device_get(state.params), jax.device_get(metrics))
-    if plan is not None:
-      out_shardings = jax.tree.map(lambda x: x.sharding, state.params["policy"])
-      assert jax.tree.all(jax.tree.map(lambda a, b: a == b, in_shardings, out_shardings))
-  (p1, m1), (p2, m2) = outs[1], outs[2]
-  assert float(m1["skipped"]) == 0 and np.isfinite(float(m1["loss"]))
-  for k in ("loss", "policy_loss", "value_loss", "grad_norm", "entropy", "kl_k3",
-            "explained_variance", "clip_frac", "gate_share"):
-    np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=2e-4, atol=1e-6, err_msg=k)
-  assert float(m1["gate_share"]) == 0.5
-  assert max_abs_diff(p1, p2) < 1e-5
-  np.testing.assert_allclose(float(m1["loss"]), torch_dgpo_loss(tmp_path, models, head, batch,
-                                                               beta=0.05), rtol=1e-4)
-  assert max_abs_diff(p1["policy"], sp) > 1e-4  # it did update
-  assert max_abs_diff(p1["critic"]["trunk"], sp) > 1e-4  # the critic trains separately
+    """DGPO with the teacher forward in the program (pre-pass for GAE), a separate critic and
+    whitening: 1 vs 2 micro-batches (the second sharded over a 2x4 mesh) give the same update,
+    and the loss equals a plain PyTorch implementation's on the same weights."""
+    sc, sp, tc, tp = models
+    cfg = get_objective("dgpo", beta=0.05)
+    batch = select(make_batch(models), cfg, True, drop=("values",))
+    tx = optax.sgd(0.1)
+    outs = {}
+    for m in (1, 2):
+        plan = plan_from_config({"data": 2, "fsdp": -1}) if m == 2 else None
+        step = make_update_step(
+            cfg, sc, tc, optimizer=tx, micro_batches=m, plan=plan, compiler_options=FAST
+        )
+        params = copy_params(sp) if plan is None else plan.shard_params(sc, copy_params(sp))
+        state = create_update_state(cfg, params, tx, 0)
+        head = jax.device_get(state.params["critic"]["value_head"])
+        in_shardings = jax.tree.map(lambda x: x.sharding, state.params["policy"])
+        state, metrics = step(state, batch, tp)
+        outs[m] = (jax.device_get(state.params), jax.device_get(metrics))
+        if plan is not None:
+            out_shardings = jax.tree.map(lambda x: x.sharding, state.params["policy"])
+            assert jax.tree.all(jax.tree.map(lambda a, b: a == b, in_shardings, out_shardings))
+    (p1, m1), (p2, m2) = outs[1], outs[2]
+    assert float(m1["skipped"]) == 0 and np.isfinite(float(m1["loss"]))
+    for k in (
+        "loss",
+        "policy_loss",
+        "value_loss",
+        "grad_norm",
+        "entropy",
+        "kl_k3",
+        "explained_variance",
+        "clip_frac",
+        "gate_share",
+    ):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=2e-4, atol=1e-6, err_msg=k)
+    assert float(m1["gate_share"]) == 0.5
+    assert max_abs_diff(p1, p2) < 1e-5
+    np.testing.assert_allclose(
+        float(m1["loss"]), torch_dgpo_loss(tmp_path, models, head, batch, beta=0.05), rtol=1e-4
+    )
+    assert max_abs_diff(p1["policy"], sp) > 1e-4  # it did update
+    assert max_abs_diff(p1["critic"]["trunk"], sp) > 1e-4  # the critic trains separately
 
 
 def test_float32_and_bfloat16_paths(models):
-  sc, sp, tc, tp = models
-  cfg, step, _ = preset_step(models, "kd")
-  batch = select(make_batch(models), cfg, True)
-  res = {}
-  for dtype in (jnp.float32, jnp.bfloat16):
-    cast = lambda p: jax.tree.map(lambda x: x.astype(dtype), p)
-    state = create_update_state(cfg, cast(copy_params(sp)), step.tx, 0)
-    new, metrics = step(state, batch, cast(tp))
-    assert jax.tree.leaves(new.params)[0].dtype == dtype
-    assert max_abs_diff(new.params["policy"], cast(sp)) > 0
-    res[dtype] = (float(metrics["loss"]), float(metrics["grad_norm"]),
-                  float(metrics["kl_k3"]), float(metrics["skipped"]))
-  f, h = res[jnp.float32], res[jnp.bfloat16]
-  assert f[3] == 0 and h[3] == 0 and np.isfinite(h[0])
-  np.testing.assert_allclose(h[:3], f[:3], rtol=0.08, atol=1e-3)
+    sc, sp, tc, tp = models
+    cfg, step, _ = preset_step(models, "kd")
+    batch = select(make_batch(models), cfg, True)
+    res = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        cast = lambda p: jax.tree.map(lambda x: x.astype(dtype), p)
+        state = create_update_state(cfg, cast(copy_params(sp)), step.tx, 0)
+        new, metrics = step(state, batch, cast(tp))
+        assert jax.tree.leaves(new.params)[0].dtype == dtype
+        assert max_abs_diff(new.params["policy"], cast(sp)) > 0
+        res[dtype] = (
+            float(metrics["loss"]),
+            float(metrics["grad_norm"]),
+            float(metrics["kl_k3"]),
+            float(metrics["skipped"]),
+        )
+    f, h = res[jnp.float32], res[jnp.bfloat16]
+    assert f[3] == 0 and h[3] == 0 and np.isfinite(h[0])
+    np.testing.assert_allclose(h[:3], f[:3], rtol=0.08, atol=1e-3)
 
 
 def test_nonfinite_gradients_skip_the_step(models):
-  sc, sp, tc, tp = models
-  cfg, step, _ = preset_step(models, "opd")
-  good = select(make_batch(models), cfg, True)
-  bad = dict(good, old_logprobs=good["old_logprobs"].copy())
-  bad["old_logprobs"][0, PROMPT] = np.nan
-  state = create_update_state(cfg, copy_params(sp), step.tx, 0)
-  before = jax.device_get((state.train.params, state.train.opt_state))
-  state, metrics = step(state, bad, tp)
-  assert float(metrics["skipped"]) == 1 and int(state.skipped_steps) == 1
-  assert int(state.step) == 0
-  after = jax.device_get((state.train.params, state.train.opt_state))
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-    np.testing.assert_array_equal(a, b)
-  state, metrics = step(state, good, tp)
-  assert float(metrics["skipped"]) == 0 and int(state.skipped_steps) == 1
-  assert int(state.step) == 1
-  assert max_abs_diff(state.params["policy"], sp) > 0
+    sc, sp, tc, tp = models
+    cfg, step, _ = preset_step(models, "opd")
+    good = select(make_batch(models), cfg, True)
+    bad = dict(good, old_logprobs=good["old_logprobs"].copy())
+    bad["old_logprobs"][0, PROMPT] = np.nan
+    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+    before = jax.device_get((state.train.params, state.train.opt_state))
+    state, metrics = step(state, bad, tp)
+    assert float(metrics["skipped"]) == 1 and int(state.skipped_steps) == 1
+    assert int(state.step) == 0
+    after = jax.device_get((state.train.params, state.train.opt_state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = step(state, good, tp)
+    assert float(metrics["skipped"]) == 0 and int(state.skipped_steps) == 1
+    assert int(state.step) == 1
+    assert max_abs_diff(state.params["policy"], sp) > 0
 
 
-@pytest.mark.parametrize("name", ["ppo", "grpo", "dgpo", "dgpo_coldstart", "opd", "exopd",
-                                  "tropd", "guided_opd", "kd", "seqkd", "gkd", "distillm",
-                                  "taid"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ppo",
+        "grpo",
+        "dgpo",
+        "dgpo_coldstart",
+        "opd",
+        "exopd",
+        "tropd",
+        "guided_opd",
+        "kd",
+        "seqkd",
+        "gkd",
+        "distillm",
+        "taid",
+    ],
+)
 def test_each_preset_moves_its_objective_down(models, name):
-  """One small SGD step on a tiny model: loss finite, params change, and the same batch's
-  loss is lower afterwards (first-order descent of the objective; on-policy old log-probs)."""
-  sc, sp, tc, tp = models
-  cfg, step, in_program = preset_step(models, name)
-  batch = select(make_batch(models, seed=3), cfg, in_program)
-  state = create_update_state(cfg, copy_params(sp), step.tx, 0)
-  args = (tp,) if in_program else ()
-  state, m1 = step(state, batch, *args)
-  state, m2 = step(state, batch, *args)
-  assert np.isfinite(float(m1["loss"])) and float(m1["skipped"]) == 0
-  assert float(m1["grad_norm"]) > 0
-  assert max_abs_diff(state.params["policy"], sp) > 0
-  assert float(m2["loss"]) < float(m1["loss"]), (name, float(m1["loss"]), float(m2["loss"]))
+    """One small SGD step on a tiny model: loss finite, params change, and the same batch's
+    loss is lower afterwards (first-order descent of the objective; on-policy old log-probs)."""
+    sc, sp, tc, tp = models
+    cfg, step, in_program = preset_step(models, name)
+    batch = select(make_batch(models, seed=3), cfg, in_program)
+    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+    args = (tp,) if in_program else ()
+    state, m1 = step(state, batch, *args)
+    state, m2 = step(state, batch, *args)
+    assert np.isfinite(float(m1["loss"])) and float(m1["skipped"]) == 0
+    assert float(m1["grad_norm"]) > 0
+    assert max_abs_diff(state.params["policy"], sp) > 0
+    assert float(m2["loss"]) < float(m1["loss"]), (name, float(m1["loss"]), float(m2["loss"]))
 
 
 def test_opd_lowers_kl_to_teacher(models):
-  """On-policy distillation with fresh student samples each step lowers the exact
-  full-vocabulary KL(student || teacher) on a fixed evaluation set."""
-  sc, sp, tc, tp = models
-  cfg = get_objective("opd")
-  step = make_update_step(cfg, sc, tc, compiler_options=FAST,
-                          optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5)))
-  n = 64  # rollouts per step
+    """On-policy distillation with fresh student samples each step lowers the exact
+    full-vocabulary KL(student || teacher) on a fixed evaluation set."""
+    sc, sp, tc, tp = models
+    cfg = get_objective("opd")
+    step = make_update_step(
+        cfg,
+        sc,
+        tc,
+        compiler_options=FAST,
+        optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5)),
+    )
+    n = 64  # rollouts per step
 
-  @jax.jit
-  def sample(params, key):
-    ids = jax.random.randint(jax.random.fold_in(key, 99), (n, T), 0, V)
+    @jax.jit
+    def sample(params, key):
+        ids = jax.random.randint(jax.random.fold_in(key, 99), (n, T), 0, V)
 
-    def body(t, ids):
-      logits = forward(sc, params, ids)[:, t - 1]
-      return ids.at[:, t].set(jax.random.categorical(jax.random.fold_in(key, t), logits))
+        def body(t, ids):
+            logits = forward(sc, params, ids)[:, t - 1]
+            return ids.at[:, t].set(jax.random.categorical(jax.random.fold_in(key, t), logits))
 
-    return jax.lax.fori_loop(PROMPT, T, body, ids)
+        return jax.lax.fori_loop(PROMPT, T, body, ids)
 
-  @jax.jit
-  def exact_kl(params, ids):
-    ls = jax.nn.log_softmax(forward(sc, params, ids), -1)[:, PROMPT - 1:-1]
-    lt = jax.nn.log_softmax(forward(tc, tp, ids), -1)[:, PROMPT - 1:-1]
-    return jnp.mean(jnp.sum(jnp.exp(ls) * (ls - lt), -1))
+    @jax.jit
+    def exact_kl(params, ids):
+        ls = jax.nn.log_softmax(forward(sc, params, ids), -1)[:, PROMPT - 1 : -1]
+        lt = jax.nn.log_softmax(forward(tc, tp, ids), -1)[:, PROMPT - 1 : -1]
+        return jnp.mean(jnp.sum(jnp.exp(ls) * (ls - lt), -1))
 
-  eval_ids = sample(sp, jax.random.key(1000))
-  state = create_update_state(cfg, copy_params(sp), step.tx, 0)
-  kl0 = float(exact_kl(state.params["policy"], eval_ids))
-  loss_mask = np.zeros((n, T), np.float32)
-  loss_mask[:, PROMPT:] = 1
-  for i in range(16):
-    ids = np.asarray(sample(state.params["policy"], jax.random.key(i)))
-    batch = dict(input_ids=ids, attention_mask=np.ones((n, T), np.int32), loss_mask=loss_mask,
-                 old_logprobs=token_logprobs(sc, state.params["policy"], ids, np.ones((n, T))))
-    state, metrics = step(state, batch, tp)
-    assert float(metrics["clip_frac"]) < 0.5
-  kl1 = float(exact_kl(state.params["policy"], eval_ids))
-  print("KL(S||T) before/after", kl0, kl1)
-  assert kl1 < 0.8 * kl0, (kl0, kl1)
+    eval_ids = sample(sp, jax.random.key(1000))
+    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+    kl0 = float(exact_kl(state.params["policy"], eval_ids))
+    loss_mask = np.zeros((n, T), np.float32)
+    loss_mask[:, PROMPT:] = 1
+    for i in range(16):
+        ids = np.asarray(sample(state.params["policy"], jax.random.key(i)))
+        batch = dict(
+            input_ids=ids,
+            attention_mask=np.ones((n, T), np.int32),
+            loss_mask=loss_mask,
+            old_logprobs=token_logprobs(sc, state.params["policy"], ids, np.ones((n, T))),
+        )
+        state, metrics = step(state, batch, tp)
+        assert float(metrics["clip_frac"]) < 0.5
+    kl1 = float(exact_kl(state.params["policy"], eval_ids))
+    print("KL(S||T) before/after", kl0, kl1)
+    assert kl1 < 0.8 * kl0, (kl0, kl1)
 
 
 def test_dgpo_leaves_correct_samples_untouched_by_the_kl(models):
-  """Changing the teacher's log-probs on a correct trajectory (R = 1) changes nothing in the
-  update; changing them on a wrong one does."""
-  sc, sp, tc, tp = models
-  cfg, step, _ = preset_step(models, "dgpo")  # beta 0.5, value head
-  base = select(make_batch(models), cfg, False)
-  r = np.random.default_rng(5)
+    """Changing the teacher's log-probs on a correct trajectory (R = 1) changes nothing in the
+    update; changing them on a wrong one does."""
+    sc, sp, tc, tp = models
+    cfg, step, _ = preset_step(models, "dgpo")  # beta 0.5, value head
+    base = select(make_batch(models), cfg, False)
+    r = np.random.default_rng(5)
 
-  def run(batch):
-    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
-    state, metrics = step(state, batch, None)
-    return jax.device_get(state.params), jax.device_get(metrics)
+    def run(batch):
+        state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+        state, metrics = step(state, batch, None)
+        return jax.device_get(state.params), jax.device_get(metrics)
 
-  p0, m0 = run(base)
-  correct = dict(base, teacher_logprobs=base["teacher_logprobs"].copy())
-  correct["teacher_logprobs"][0] += r.normal(0, 3, T).astype(np.float32)  # rewards[0] = 1
-  p1, m1 = run(correct)
-  wrong = dict(base, teacher_logprobs=base["teacher_logprobs"].copy())
-  wrong["teacher_logprobs"][1] += r.normal(0, 3, T).astype(np.float32)  # rewards[1] = 0
-  p2, m2 = run(wrong)
-  assert max_abs_diff(p0, p1) == 0.0
-  assert float(m0["loss"]) == float(m1["loss"])
-  assert max_abs_diff(p0, p2) > 1e-6
+    p0, m0 = run(base)
+    correct = dict(base, teacher_logprobs=base["teacher_logprobs"].copy())
+    correct["teacher_logprobs"][0] += r.normal(0, 3, T).astype(np.float32)  # rewards[0] = 1
+    p1, m1 = run(correct)
+    wrong = dict(base, teacher_logprobs=base["teacher_logprobs"].copy())
+    wrong["teacher_logprobs"][1] += r.normal(0, 3, T).astype(np.float32)  # rewards[1] = 0
+    p2, m2 = run(wrong)
+    assert max_abs_diff(p0, p1) == 0.0
+    assert float(m0["loss"]) == float(m1["loss"])
+    assert max_abs_diff(p0, p2) > 1e-6
 
 
 def test_bad_input_is_caught_before_compiling(models):
-  sc, sp, tc, tp = models
-  cfg = get_objective("dgpo")
-  step = make_update_step(cfg, sc, None)
-  batch = select(make_batch(models), cfg, False)
-  cases = [
-      ({k: v for k, v in batch.items() if k != "teacher_logprobs"},
-       r"needs batch field\(s\) \['teacher_logprobs'\].*teacher_config"),
-      ({k: v for k, v in batch.items() if k not in ("rewards", "old_logprobs")},
-       r"needs batch field\(s\) \['old_logprobs', 'rewards'\]"),
-      (dict(batch, reward=batch["rewards"]), r"unknown field\(s\) \['reward'\]"),
-      (dict(batch, loss_mask=batch["loss_mask"][:, :-1]),
-       r"batch\['loss_mask'\] has shape \(4, 9\), expected \(4, 10\)"),
-      (dict(batch, rewards=batch["rewards"][:, None]),
-       r"batch\['rewards'\] has shape \(4, 1\), expected \(4,\)"),
-      (dict(batch, input_ids=batch["input_ids"].astype(np.float32)), "must be an integer array"),
-  ]
-  for bad, msg in cases:
-    with pytest.raises(ValueError, match=msg):
-      step(None, bad)
-  assert step._jitted is None  # nothing was compiled
-  grpo = get_objective("grpo")
-  with pytest.raises(ValueError, match=r"\['group_ids'\]"):
-    make_update_step(grpo, sc)(None, {k: v for k, v in make_batch(models).items()
-                                      if k != "group_ids"})
-  with pytest.raises(ValueError, match="needs full-vocabulary teacher logits"):
-    make_update_step(get_objective("kd"), sc)
-  with pytest.raises(ValueError, match="pass teacher_params"):
-    make_update_step(get_objective("kd"), sc, tc)(None, select(batch, get_objective("kd"), True))
-  with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
-    make_update_step(cfg, sc, micro_batches=3)(None, batch)
-  with pytest.raises(ValueError, match="advantage='gae' needs a critic"):
-    get_objective("dgpo", critic="none")
+    sc, sp, tc, tp = models
+    cfg = get_objective("dgpo")
+    step = make_update_step(cfg, sc, None)
+    batch = select(make_batch(models), cfg, False)
+    cases = [
+        (
+            {k: v for k, v in batch.items() if k != "teacher_logprobs"},
+            r"needs batch field\(s\) \['teacher_logprobs'\].*teacher_config",
+        ),
+        (
+            {k: v for k, v in batch.items() if k not in ("rewards", "old_logprobs")},
+            r"needs batch field\(s\) \['old_logprobs', 'rewards'\]",
+        ),
+        (dict(batch, reward=batch["rewards"]), r"unknown field\(s\) \['reward'\]"),
+        (
+            dict(batch, loss_mask=batch["loss_mask"][:, :-1]),
+            r"batch\['loss_mask'\] has shape \(4, 9\), expected \(4, 10\)",
+        ),
+        (
+            dict(batch, rewards=batch["rewards"][:, None]),
+            r"batch\['rewards'\] has shape \(4, 1\), expected \(4,\)",
+        ),
+        (dict(batch, input_ids=batch["input_ids"].astype(np.float32)), "must be an integer array"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            step(None, bad)
+    assert step._jitted is None  # nothing was compiled
+    grpo = get_objective("grpo")
+    with pytest.raises(ValueError, match=r"\['group_ids'\]"):
+        make_update_step(grpo, sc)(
+            None, {k: v for k, v in make_batch(models).items() if k != "group_ids"}
+        )
+    with pytest.raises(ValueError, match="needs full-vocabulary teacher logits"):
+        make_update_step(get_objective("kd"), sc)
+    with pytest.raises(ValueError, match="pass teacher_params"):
+        make_update_step(get_objective("kd"), sc, tc)(
+            None, select(batch, get_objective("kd"), True)
+        )
+    with pytest.raises(ValueError, match="not divisible by micro_batches=3"):
+        make_update_step(cfg, sc, micro_batches=3)(None, batch)
+    with pytest.raises(ValueError, match="advantage='gae' needs a critic"):
+        get_objective("dgpo", critic="none")
 
 
 def test_separate_critic_learning_rate(models):
-  """AdamW groups: policy lr 0 leaves the student untouched while the value head trains."""
-  from dgpo_jax.optim import OptimConfig
-  sc, sp, tc, tp = models
-  cfg, _, _ = preset_step(models, "ppo")  # value head on the student trunk
-  step = make_update_step(cfg, sc, optimizer=OptimConfig(lr=0.0, critic_lr=1e-2,
-                                                         schedule="constant"),
-                          compiler_options=FAST)
-  state = create_update_state(cfg, copy_params(sp), step.tx, 0)
-  head = jax.device_get(state.params["value_head"])
-  state, metrics = step(state, select(make_batch(models), cfg, False))
-  assert float(metrics["grad_norm_policy"]) > 0 and float(metrics["grad_norm_critic"]) > 0
-  assert max_abs_diff(state.params["policy"], sp) == 0.0
-  assert max_abs_diff(state.params["value_head"], head) > 1e-3
+    """AdamW groups: policy lr 0 leaves the student untouched while the value head trains."""
+    from dgpo_jax.optim import OptimConfig
+
+    sc, sp, tc, tp = models
+    cfg, _, _ = preset_step(models, "ppo")  # value head on the student trunk
+    step = make_update_step(
+        cfg,
+        sc,
+        optimizer=OptimConfig(lr=0.0, critic_lr=1e-2, schedule="constant"),
+        compiler_options=FAST,
+    )
+    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+    head = jax.device_get(state.params["value_head"])
+    state, metrics = step(state, select(make_batch(models), cfg, False))
+    assert float(metrics["grad_norm_policy"]) > 0 and float(metrics["grad_norm_critic"]) > 0
+    assert max_abs_diff(state.params["policy"], sp) == 0.0
+    assert max_abs_diff(state.params["value_head"], head) > 1e-3

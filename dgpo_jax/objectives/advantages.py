@@ -20,134 +20,135 @@ ADVANTAGE_ESTIMATORS = ("gae", "grpo", "immediate", "rtg", "none")
 # Masked statistics
 # ----------------------------------------------------------------------------------------------
 def masked_sum(x, mask, axis=None):
-  return jnp.sum(x * mask, axis=axis)
+    return jnp.sum(x * mask, axis=axis)
 
 
 def masked_mean(x, mask, axis=None):
-  """Mean of ``x`` over ``mask`` (0 where the mask is empty)."""
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+    """Mean of ``x`` over ``mask`` (0 where the mask is empty)."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 def masked_var(x, mask, unbiased: bool = True):
-  """Variance over the masked entries (Bessel-corrected by default, as in veRL/Search-R1)."""
-  mask = mask.astype(jnp.float32)
-  n = jnp.sum(mask)
-  mean = jnp.sum(x * mask) / jnp.maximum(n, 1.0)
-  var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(n, 1.0)
-  if unbiased:
-    var = var * n / jnp.maximum(n - 1.0, 1.0)
-  return var
+    """Variance over the masked entries (Bessel-corrected by default, as in veRL/Search-R1)."""
+    mask = mask.astype(jnp.float32)
+    n = jnp.sum(mask)
+    mean = jnp.sum(x * mask) / jnp.maximum(n, 1.0)
+    var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(n, 1.0)
+    if unbiased:
+        var = var * n / jnp.maximum(n - 1.0, 1.0)
+    return var
 
 
 def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
-  """``(x - mean) / sqrt(var + eps)`` with mean/var over the mask; 0 outside the mask.
+    """``(x - mean) / sqrt(var + eps)`` with mean/var over the mask; 0 outside the mask.
 
-  ``shift_mean=False`` adds the mean back (scale-only whitening).
-  """
-  mask = mask.astype(jnp.float32)
-  mean = masked_mean(x, mask)
-  out = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
-  if not shift_mean:
-    out = out + mean
-  return out * mask
+    ``shift_mean=False`` adds the mean back (scale-only whitening).
+    """
+    mask = mask.astype(jnp.float32)
+    mean = masked_mean(x, mask)
+    out = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
 
 
 def last_token_mask(mask):
-  """``[B, T]`` one-hot at each row's last masked position (all zero for an empty row)."""
-  mask = mask.astype(jnp.float32)
-  t = mask.shape[-1]
-  idx = jnp.arange(t)[None, :]
-  last = jnp.max(jnp.where(mask > 0, idx, -1), axis=-1, keepdims=True)
-  return (idx == last).astype(jnp.float32) * mask
+    """``[B, T]`` one-hot at each row's last masked position (all zero for an empty row)."""
+    mask = mask.astype(jnp.float32)
+    t = mask.shape[-1]
+    idx = jnp.arange(t)[None, :]
+    last = jnp.max(jnp.where(mask > 0, idx, -1), axis=-1, keepdims=True)
+    return (idx == last).astype(jnp.float32) * mask
 
 
 def place_outcome_reward(rewards, mask):
-  """Outcome rewards ``[B]`` -> ``[B, T]``, placed on each row's last masked token."""
-  return rewards.astype(jnp.float32)[:, None] * last_token_mask(mask)
+    """Outcome rewards ``[B]`` -> ``[B, T]``, placed on each row's last masked token."""
+    return rewards.astype(jnp.float32)[:, None] * last_token_mask(mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Estimators
 # ----------------------------------------------------------------------------------------------
 def gae_advantages(token_rewards, values, mask, gamma: float = 1.0, lam: float = 1.0):
-  """Generalised advantage estimation over the masked tokens of each row.
+    """Generalised advantage estimation over the masked tokens of each row.
 
-  Args:
-    token_rewards: ``[B, T]`` per-token rewards (zero outside ``mask`` is assumed; ignored there).
-    values: ``[B, T]`` critic values ``V(s_t)`` of the state before token t.
-    mask: ``[B, T]`` tokens that are steps of the MDP.
-    gamma, lam: discount and GAE lambda.
-  Returns:
-    (advantages, returns), both ``[B, T]``, zero outside the mask. Returns = advantages + values.
-    The successor of a step is the next *masked* token (bootstrap value 0 after the last one).
-  """
-  mask = mask.astype(jnp.float32)
-  r = token_rewards.astype(jnp.float32)
-  v = values.astype(jnp.float32)
+    Args:
+      token_rewards: ``[B, T]`` per-token rewards (zero outside ``mask`` is assumed; ignored there).
+      values: ``[B, T]`` critic values ``V(s_t)`` of the state before token t.
+      mask: ``[B, T]`` tokens that are steps of the MDP.
+      gamma, lam: discount and GAE lambda.
+    Returns:
+      (advantages, returns), both ``[B, T]``, zero outside the mask. Returns = advantages + values.
+      The successor of a step is the next *masked* token (bootstrap value 0 after the last one).
+    """
+    mask = mask.astype(jnp.float32)
+    r = token_rewards.astype(jnp.float32)
+    v = values.astype(jnp.float32)
 
-  def step(carry, xs):
-    next_value, next_adv = carry
-    r_t, v_t, m_t = xs
-    delta = r_t + gamma * next_value - v_t
-    adv = delta + gamma * lam * next_adv
-    keep = m_t > 0
-    carry = (jnp.where(keep, v_t, next_value), jnp.where(keep, adv, next_adv))
-    return carry, jnp.where(keep, adv, 0.0)
+    def step(carry, xs):
+        next_value, next_adv = carry
+        r_t, v_t, m_t = xs
+        delta = r_t + gamma * next_value - v_t
+        adv = delta + gamma * lam * next_adv
+        keep = m_t > 0
+        carry = (jnp.where(keep, v_t, next_value), jnp.where(keep, adv, next_adv))
+        return carry, jnp.where(keep, adv, 0.0)
 
-  b = r.shape[0]
-  init = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))
-  _, adv = jax.lax.scan(step, init, (r.T, v.T, mask.T), reverse=True)
-  adv = adv.T
-  return adv, (adv + v) * mask
+    b = r.shape[0]
+    init = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))
+    _, adv = jax.lax.scan(step, init, (r.T, v.T, mask.T), reverse=True)
+    adv = adv.T
+    return adv, (adv + v) * mask
 
 
-def grpo_advantages(rewards, group_ids, mask, eps: float = 1e-6, std_ddof: int = 1,
-                    scale_by_std: bool = True):
-  """GRPO: ``(R - mean_group(R)) / (std_group(R) + eps)`` on every masked token of the row.
+def grpo_advantages(
+    rewards, group_ids, mask, eps: float = 1e-6, std_ddof: int = 1, scale_by_std: bool = True
+):
+    """GRPO: ``(R - mean_group(R)) / (std_group(R) + eps)`` on every masked token of the row.
 
-  ``group_ids [B]`` (ints) says which rollouts share a prompt. A group of one gets mean 0 and
-  std 1 (veRL's convention). ``std_ddof=1`` is torch.std's unbiased estimate (reference code).
-  Returns ``[B, T]``.
-  """
-  r = rewards.astype(jnp.float32)
-  same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)  # [B, B]
-  n = jnp.sum(same, axis=1)
-  mean = same @ r / n
-  var = jnp.sum(same * jnp.square(r[None, :] - mean[:, None]), axis=1) / jnp.maximum(
-      n - std_ddof, 1.0)
-  single = n <= 1
-  mean = jnp.where(single, 0.0, mean)
-  std = jnp.where(single, 1.0, jnp.sqrt(var))
-  score = r - mean
-  if scale_by_std:
-    score = score / (std + eps)
-  return score[:, None] * mask.astype(jnp.float32)
+    ``group_ids [B]`` (ints) says which rollouts share a prompt. A group of one gets mean 0 and
+    std 1 (veRL's convention). ``std_ddof=1`` is torch.std's unbiased estimate (reference code).
+    Returns ``[B, T]``.
+    """
+    r = rewards.astype(jnp.float32)
+    same = (group_ids[:, None] == group_ids[None, :]).astype(jnp.float32)  # [B, B]
+    n = jnp.sum(same, axis=1)
+    mean = same @ r / n
+    var = jnp.sum(same * jnp.square(r[None, :] - mean[:, None]), axis=1) / jnp.maximum(
+        n - std_ddof, 1.0
+    )
+    single = n <= 1
+    mean = jnp.where(single, 0.0, mean)
+    std = jnp.where(single, 1.0, jnp.sqrt(var))
+    score = r - mean
+    if scale_by_std:
+        score = score / (std + eps)
+    return score[:, None] * mask.astype(jnp.float32)
 
 
 def immediate_advantages(token_rewards, mask):
-  """gamma = 0: each token's advantage is its own reward."""
-  return token_rewards.astype(jnp.float32) * mask.astype(jnp.float32)
+    """gamma = 0: each token's advantage is its own reward."""
+    return token_rewards.astype(jnp.float32) * mask.astype(jnp.float32)
 
 
-def reward_to_go_advantages(token_rewards, mask, gamma: float = 1.0,
-                            length_normalize: bool = True):
-  """Discounted reward-to-go over the masked tokens, divided by the row's masked-token count.
+def reward_to_go_advantages(token_rewards, mask, gamma: float = 1.0, length_normalize: bool = True):
+    """Discounted reward-to-go over the masked tokens, divided by the row's masked-token count.
 
-  ``G_t = sum_{t' >= t, masked} gamma^(k(t') - k(t)) r_t'`` with k counting masked tokens only;
-  with ``length_normalize`` each row is divided by its number of masked tokens (UNVERIFIED
-  reading of "length-normalised reward-to-go": the natural one, a knob).
-  """
-  mask = mask.astype(jnp.float32)
-  r = token_rewards.astype(jnp.float32) * mask
+    ``G_t = sum_{t' >= t, masked} gamma^(k(t') - k(t)) r_t'`` with k counting masked tokens only;
+    with ``length_normalize`` each row is divided by its number of masked tokens (UNVERIFIED
+    reading of "length-normalised reward-to-go": the natural one, a knob).
+    """
+    mask = mask.astype(jnp.float32)
+    r = token_rewards.astype(jnp.float32) * mask
 
-  def step(carry, xs):
-    r_t, m_t = xs
-    g = r_t + gamma * carry
-    return jnp.where(m_t > 0, g, carry), jnp.where(m_t > 0, g, 0.0)
+    def step(carry, xs):
+        r_t, m_t = xs
+        g = r_t + gamma * carry
+        return jnp.where(m_t > 0, g, carry), jnp.where(m_t > 0, g, 0.0)
 
-  _, g = jax.lax.scan(step, jnp.zeros((r.shape[0],), jnp.float32), (r.T, mask.T), reverse=True)
-  g = g.T
-  if length_normalize:
-    g = g / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
-  return g
+    _, g = jax.lax.scan(step, jnp.zeros((r.shape[0],), jnp.float32), (r.T, mask.T), reverse=True)
+    g = g.T
+    if length_normalize:
+        g = g / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+    return g

@@ -30,40 +30,44 @@ DEFAULT_LOG_RATIO_CLAMP = 20.0
 
 
 def clamp_log_ratio(log_ratio: jax.Array, clamp: float | None = DEFAULT_LOG_RATIO_CLAMP):
-  """Clip a log-ratio to ``[-clamp, clamp]`` (no-op for ``None``) so ``exp`` stays finite."""
-  if clamp is None:
-    return log_ratio
-  return jnp.clip(log_ratio, -clamp, clamp)
+    """Clip a log-ratio to ``[-clamp, clamp]`` (no-op for ``None``) so ``exp`` stays finite."""
+    if clamp is None:
+        return log_ratio
+    return jnp.clip(log_ratio, -clamp, clamp)
 
 
-def kl_estimate(logp_student: jax.Array, logp_other: jax.Array, estimator: str = "k1",
-                direction: str = "reverse",
-                clamp: float | None = DEFAULT_LOG_RATIO_CLAMP) -> jax.Array:
-  """Per-token KL estimate between the student and another model M (teacher or reference).
+def kl_estimate(
+    logp_student: jax.Array,
+    logp_other: jax.Array,
+    estimator: str = "k1",
+    direction: str = "reverse",
+    clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
+) -> jax.Array:
+    """Per-token KL estimate between the student and another model M (teacher or reference).
 
-  Args:
-    logp_student: ``l^S`` of the sampled tokens, any shape.
-    logp_other: ``l^M`` of the same tokens, same shape.
-    estimator: "k1" | "k2" | "k3".
-    direction: "reverse" (KL(S||M), default) or "forward" (KL(M||S), importance-weighted).
-    clamp: the log-ratio ``d = l^S - l^M`` is clipped to ``[-clamp, clamp]`` first.
-  Returns:
-    float32 array of the input shape.
-  """
-  if estimator not in KL_ESTIMATORS:
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-  if direction not in KL_DIRECTIONS:
-    raise ValueError(f"unknown KL direction {direction!r}; expected one of {KL_DIRECTIONS}")
-  d = clamp_log_ratio(logp_student.astype(jnp.float32) - logp_other.astype(jnp.float32), clamp)
-  if direction == "reverse":
+    Args:
+      logp_student: ``l^S`` of the sampled tokens, any shape.
+      logp_other: ``l^M`` of the same tokens, same shape.
+      estimator: "k1" | "k2" | "k3".
+      direction: "reverse" (KL(S||M), default) or "forward" (KL(M||S), importance-weighted).
+      clamp: the log-ratio ``d = l^S - l^M`` is clipped to ``[-clamp, clamp]`` first.
+    Returns:
+      float32 array of the input shape.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"unknown KL direction {direction!r}; expected one of {KL_DIRECTIONS}")
+    d = clamp_log_ratio(logp_student.astype(jnp.float32) - logp_other.astype(jnp.float32), clamp)
+    if direction == "reverse":
+        if estimator == "k1":
+            return d
+        if estimator == "k2":
+            return 0.5 * d * d
+        return jnp.exp(-d) - 1.0 + d
+    q, log_q = jnp.exp(-d), -d
     if estimator == "k1":
-      return d
+        return q * log_q
     if estimator == "k2":
-      return 0.5 * d * d
-    return jnp.exp(-d) - 1.0 + d
-  q, log_q = jnp.exp(-d), -d
-  if estimator == "k1":
-    return q * log_q
-  if estimator == "k2":
-    return 0.5 * q * log_q * log_q
-  return q * log_q - (q - 1.0)
+        return 0.5 * q * log_q * log_q
+    return q * log_q - (q - 1.0)

@@ -14,7 +14,13 @@ import numpy as np
 
 from dgpo_jax.models.config import Qwen2Config
 from dgpo_jax.sampler.config import FINISH_REASONS, RUNNING, SamplerConfig
-from dgpo_jax.sampler.host import RolloutHost, prepare_prefixes, prepare_prompts, register, unregister
+from dgpo_jax.sampler.host import (
+    RolloutHost,
+    prepare_prefixes,
+    prepare_prompts,
+    register,
+    unregister,
+)
 from dgpo_jax.sampler.loop import RolloutArrays, rollout_program
 
 log = logging.getLogger(__name__)
@@ -22,147 +28,194 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Rollout:
-  """The trajectories of one batch.
+    """The trajectories of one batch.
 
-  arrays: `RolloutArrays` as NumPy (tokens/masks/log-probs/turn ids ``[B, R]``, the prompt
-    excluded; see `loop.RolloutArrays`).
-  prompt_ids / prompt_mask: ``[B, P]`` the left-padded prompts the program ran on (a
-    prompt_too_long row is all padding).
-  finish_reasons: one name of `FINISH_REASONS` per row.
-  queries / answers / turn_texts / errors: per row, from the host (see `host.RolloutHost`).
-  stats: wall-clock seconds, loop steps, token counts.
-  """
-  arrays: RolloutArrays
-  prompt_ids: np.ndarray
-  prompt_mask: np.ndarray
-  finish_reasons: list[str]
-  queries: list[list[str]]
-  answers: list[str | None]
-  turn_texts: list[list[str]]
-  errors: list[str | None]
-  stats: dict[str, Any]
+    arrays: `RolloutArrays` as NumPy (tokens/masks/log-probs/turn ids ``[B, R]``, the prompt
+      excluded; see `loop.RolloutArrays`).
+    prompt_ids / prompt_mask: ``[B, P]`` the left-padded prompts the program ran on (a
+      prompt_too_long row is all padding).
+    finish_reasons: one name of `FINISH_REASONS` per row.
+    queries / answers / turn_texts / errors: per row, from the host (see `host.RolloutHost`).
+    stats: wall-clock seconds, loop steps, token counts.
+    """
 
-  def response_ids(self, row: int) -> np.ndarray:
-    """The row's response token ids ``[length]`` (prompt excluded)."""
-    return self.arrays.tokens[row, :self.arrays.length[row]]
+    arrays: RolloutArrays
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    finish_reasons: list[str]
+    queries: list[list[str]]
+    answers: list[str | None]
+    turn_texts: list[list[str]]
+    errors: list[str | None]
+    stats: dict[str, Any]
 
-  def __len__(self) -> int:
-    return len(self.finish_reasons)
+    def response_ids(self, row: int) -> np.ndarray:
+        """The row's response token ids ``[length]`` (prompt excluded)."""
+        return self.arrays.tokens[row, : self.arrays.length[row]]
+
+    def __len__(self) -> int:
+        return len(self.finish_reasons)
 
 
 class Sampler:
-  """Multi-turn search rollouts with a KV cache, the retriever called from inside the loop.
+    """Multi-turn search rollouts with a KV cache, the retriever called from inside the loop.
 
-      sampler = Sampler(model_config, SamplerConfig(**stop_sequences_for(tok), ...), tok,
-                        retriever)
-      out = sampler.generate(params, prompts, seed=0)
+        sampler = Sampler(model_config, SamplerConfig(**stop_sequences_for(tok), ...), tok,
+                          retriever)
+        out = sampler.generate(params, prompts, seed=0)
 
-  Args:
-    model_config: the student's `Qwen2Config`.
-    config: the `SamplerConfig` (static: one compilation per config and prompt width).
-    tokenizer: ``encode(text, add_special_tokens=False)`` / ``decode(ids,
-      skip_special_tokens=False)`` (a Hugging Face tokenizer).
-    retriever: has ``search(queries: list[str]) -> list[str]`` (formatted documents).
-    plan: optional `ShardingPlan`: batch over its data axes, params as the caller sharded them.
-    teacher_config: the teacher's `Qwen2Config` for Guided-OPD (None: no teacher, no 2nd cache).
-    topk: documents per query (None: the retriever's default).
-  """
-
-  def __init__(self, model_config: Qwen2Config, config: SamplerConfig, tokenizer: Any,
-               retriever: Any, plan: Any = None, teacher_config: Qwen2Config | None = None,
-               topk: int | None = None):
-    if not hasattr(retriever, "search"):
-      raise TypeError(f"retriever {type(retriever).__name__} has no search(queries) method")
-    if teacher_config is not None and teacher_config.vocab_size != model_config.vocab_size:
-      raise ValueError(f"teacher vocab_size {teacher_config.vocab_size} != student vocab_size "
-                       f"{model_config.vocab_size}: they must share the tokenizer")
-    if config.teacher_turn_prob > 0 and teacher_config is None:
-      raise ValueError(f"SamplerConfig.teacher_turn_prob={config.teacher_turn_prob} needs a "
-                       "teacher_config (and teacher_params in generate)")
-    self.model_config = model_config
-    self.config = config
-    self.tokenizer = tokenizer
-    self.retriever = retriever
-    self.plan = plan
-    self.teacher_config = teacher_config
-    self.topk = topk
-
-  def _encode_prompts(self, prompts) -> list[list[int]]:
-    out = []
-    for prompt in prompts:
-      if isinstance(prompt, str):
-        prompt = self.tokenizer.encode(prompt, add_special_tokens=False)
-      out.append(prompt)
-    return out
-
-  def generate(self, params, prompts: Sequence[Sequence[int] | str], seed: int = 0, *,
-               teacher_params=None, prefixes: Sequence[Sequence[int] | None] | None = None,
-               row_ids: Sequence[int] | None = None,
-               teacher_turn_prob: float | None = None) -> Rollout:
-    """Rolls out every prompt (token ids, or text encoded without special tokens).
-
-    prefixes: per row, teacher-written tokens to continue from (TrOPD), or None; they start
-      the first turn, are marked in ``teacher_mask`` and never in ``loss_mask``.
-    row_ids: the RNG stream of each row (default 0..B-1): a row's samples depend only on
-      (seed, row id, its own context), not on the rest of the batch.
-    teacher_turn_prob: Guided-OPD probability for this call (default: the config's); a
-      runtime value, so a schedule over training steps does not recompile.
+    Args:
+      model_config: the student's `Qwen2Config`.
+      config: the `SamplerConfig` (static: one compilation per config and prompt width).
+      tokenizer: ``encode(text, add_special_tokens=False)`` / ``decode(ids,
+        skip_special_tokens=False)`` (a Hugging Face tokenizer).
+      retriever: has ``search(queries: list[str]) -> list[str]`` (formatted documents).
+      plan: optional `ShardingPlan`: batch over its data axes, params as the caller sharded them.
+      teacher_config: the teacher's `Qwen2Config` for Guided-OPD (None: no teacher, no 2nd cache).
+      topk: documents per query (None: the retriever's default).
     """
-    cfg = self.config
-    if self.teacher_config is not None and teacher_params is None:
-      raise ValueError("this Sampler has a teacher_config: pass teacher_params to generate")
-    if prefixes is not None and cfg.max_prefix_length == 0:
-      raise ValueError("prefixes given but SamplerConfig.max_prefix_length is 0")
-    prob = cfg.teacher_turn_prob if teacher_turn_prob is None else float(teacher_turn_prob)
-    if not 0.0 <= prob <= 1.0:
-      raise ValueError(f"teacher_turn_prob must be in [0, 1], got {prob}")
-    if prob > 0 and self.teacher_config is None:
-      raise ValueError(f"teacher_turn_prob={prob} needs a Sampler with a teacher_config")
-    vocab = self.model_config.vocab_size
-    prompt_ids, prompt_mask, active = prepare_prompts(self._encode_prompts(prompts), cfg, vocab)
-    batch = prompt_ids.shape[0]
-    prefix_ids, prefix_len = prepare_prefixes(prefixes, batch, cfg, vocab)
-    if row_ids is None:
-      row_ids = np.arange(batch, dtype=np.int32)
-    row_ids = np.asarray(row_ids, np.int32)
-    if row_ids.shape != (batch,):
-      raise ValueError(f"row_ids: shape {row_ids.shape}, expected ({batch},)")
-    for i in np.flatnonzero(~active):
-      log.warning("prompt %d has more than max_prompt_length=%d tokens: finished as "
-                  "prompt_too_long", i, cfg.max_prompt_length)
-    inputs = (prompt_ids, prompt_mask, active, prefix_ids, prefix_len, row_ids)
-    if self.plan is not None:
-      inputs = self.plan.shard_batch(inputs)
-    host = RolloutHost(cfg, self.tokenizer, self.retriever, batch, self.topk)
-    host_id = register(host)
-    started = time.perf_counter()
-    try:
-      static_config = cfg.replace(teacher_turn_prob=0.0)  # the probability is passed traced
-      arrays = rollout_program(self.model_config, static_config, self.plan, self.teacher_config,
-                               params,
-                               teacher_params if self.teacher_config is not None else None,
-                               *inputs[:5], jnp.asarray(seed, jnp.uint32), inputs[5],
-                               jnp.int32(host_id), jnp.float32(prob))
-      arrays = jax.tree.map(np.asarray, jax.device_get(arrays))
-    except Exception as error:
-      if host.failure is not None:
-        raise RuntimeError(f"sampler host callback failed: {host.failure!r}") from host.failure
-      raise error
-    finally:
-      unregister(host_id)
-    seconds = time.perf_counter() - started
-    if np.any(arrays.finish_reason == RUNNING):
-      rows = np.flatnonzero(arrays.finish_reason == RUNNING).tolist()
-      raise RuntimeError(f"rollout loop stopped with unfinished rows {rows} (step limit "
-                         f"reached: a sampler bug)")
-    generated = int(arrays.generated.sum())
-    ingested = int(arrays.length.sum()) - generated
-    stats = {"seconds": seconds, "steps": int(arrays.steps),
-             "ingest_steps": int(arrays.ingest_steps), "generated_tokens": generated,
-             "ingested_tokens": ingested + int(prompt_mask.sum()),
-             "host_calls": host.num_calls, "host_seconds": host.host_seconds,
-             "retriever_seconds": host.retriever_seconds}
-    return Rollout(arrays=arrays, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                   finish_reasons=[FINISH_REASONS[r] for r in arrays.finish_reason],
-                   queries=host.queries, answers=host.answers, turn_texts=host.turn_texts,
-                   errors=host.errors, stats=stats)
+
+    def __init__(
+        self,
+        model_config: Qwen2Config,
+        config: SamplerConfig,
+        tokenizer: Any,
+        retriever: Any,
+        plan: Any = None,
+        teacher_config: Qwen2Config | None = None,
+        topk: int | None = None,
+    ):
+        if not hasattr(retriever, "search"):
+            raise TypeError(f"retriever {type(retriever).__name__} has no search(queries) method")
+        if teacher_config is not None and teacher_config.vocab_size != model_config.vocab_size:
+            raise ValueError(
+                f"teacher vocab_size {teacher_config.vocab_size} != student vocab_size "
+                f"{model_config.vocab_size}: they must share the tokenizer"
+            )
+        if config.teacher_turn_prob > 0 and teacher_config is None:
+            raise ValueError(
+                f"SamplerConfig.teacher_turn_prob={config.teacher_turn_prob} needs a "
+                "teacher_config (and teacher_params in generate)"
+            )
+        self.model_config = model_config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.plan = plan
+        self.teacher_config = teacher_config
+        self.topk = topk
+
+    def _encode_prompts(self, prompts) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                prompt = self.tokenizer.encode(prompt, add_special_tokens=False)
+            out.append(prompt)
+        return out
+
+    def generate(
+        self,
+        params,
+        prompts: Sequence[Sequence[int] | str],
+        seed: int = 0,
+        *,
+        teacher_params=None,
+        prefixes: Sequence[Sequence[int] | None] | None = None,
+        row_ids: Sequence[int] | None = None,
+        teacher_turn_prob: float | None = None,
+    ) -> Rollout:
+        """Rolls out every prompt (token ids, or text encoded without special tokens).
+
+        prefixes: per row, teacher-written tokens to continue from (TrOPD), or None; they start
+          the first turn, are marked in ``teacher_mask`` and never in ``loss_mask``.
+        row_ids: the RNG stream of each row (default 0..B-1): a row's samples depend only on
+          (seed, row id, its own context), not on the rest of the batch.
+        teacher_turn_prob: Guided-OPD probability for this call (default: the config's); a
+          runtime value, so a schedule over training steps does not recompile.
+        """
+        cfg = self.config
+        if self.teacher_config is not None and teacher_params is None:
+            raise ValueError("this Sampler has a teacher_config: pass teacher_params to generate")
+        if prefixes is not None and cfg.max_prefix_length == 0:
+            raise ValueError("prefixes given but SamplerConfig.max_prefix_length is 0")
+        prob = cfg.teacher_turn_prob if teacher_turn_prob is None else float(teacher_turn_prob)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"teacher_turn_prob must be in [0, 1], got {prob}")
+        if prob > 0 and self.teacher_config is None:
+            raise ValueError(f"teacher_turn_prob={prob} needs a Sampler with a teacher_config")
+        vocab = self.model_config.vocab_size
+        prompt_ids, prompt_mask, active = prepare_prompts(self._encode_prompts(prompts), cfg, vocab)
+        batch = prompt_ids.shape[0]
+        prefix_ids, prefix_len = prepare_prefixes(prefixes, batch, cfg, vocab)
+        if row_ids is None:
+            row_ids = np.arange(batch, dtype=np.int32)
+        row_ids = np.asarray(row_ids, np.int32)
+        if row_ids.shape != (batch,):
+            raise ValueError(f"row_ids: shape {row_ids.shape}, expected ({batch},)")
+        for i in np.flatnonzero(~active):
+            log.warning(
+                "prompt %d has more than max_prompt_length=%d tokens: finished as "
+                "prompt_too_long",
+                i,
+                cfg.max_prompt_length,
+            )
+        inputs = (prompt_ids, prompt_mask, active, prefix_ids, prefix_len, row_ids)
+        if self.plan is not None:
+            inputs = self.plan.shard_batch(inputs)
+        host = RolloutHost(cfg, self.tokenizer, self.retriever, batch, self.topk)
+        host_id = register(host)
+        started = time.perf_counter()
+        try:
+            static_config = cfg.replace(teacher_turn_prob=0.0)  # the probability is passed traced
+            arrays = rollout_program(
+                self.model_config,
+                static_config,
+                self.plan,
+                self.teacher_config,
+                params,
+                teacher_params if self.teacher_config is not None else None,
+                *inputs[:5],
+                jnp.asarray(seed, jnp.uint32),
+                inputs[5],
+                jnp.int32(host_id),
+                jnp.float32(prob),
+            )
+            arrays = jax.tree.map(np.asarray, jax.device_get(arrays))
+        except Exception as error:
+            if host.failure is not None:
+                raise RuntimeError(
+                    f"sampler host callback failed: {host.failure!r}"
+                ) from host.failure
+            raise error
+        finally:
+            unregister(host_id)
+        seconds = time.perf_counter() - started
+        if np.any(arrays.finish_reason == RUNNING):
+            rows = np.flatnonzero(arrays.finish_reason == RUNNING).tolist()
+            raise RuntimeError(
+                f"rollout loop stopped with unfinished rows {rows} (step limit "
+                f"reached: a sampler bug)"
+            )
+        generated = int(arrays.generated.sum())
+        ingested = int(arrays.length.sum()) - generated
+        stats = {
+            "seconds": seconds,
+            "steps": int(arrays.steps),
+            "ingest_steps": int(arrays.ingest_steps),
+            "generated_tokens": generated,
+            "ingested_tokens": ingested + int(prompt_mask.sum()),
+            "host_calls": host.num_calls,
+            "host_seconds": host.host_seconds,
+            "retriever_seconds": host.retriever_seconds,
+        }
+        return Rollout(
+            arrays=arrays,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            finish_reasons=[FINISH_REASONS[r] for r in arrays.finish_reason],
+            queries=host.queries,
+            answers=host.answers,
+            turn_texts=host.turn_texts,
+            errors=host.errors,
+            stats=stats,
+        )

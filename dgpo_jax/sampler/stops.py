@@ -13,20 +13,20 @@ import jax.numpy as jnp
 
 
 def push_window(window: jax.Array, tokens: jax.Array, pushed: jax.Array) -> jax.Array:
-  """``window [B, W]``, ``tokens [B]``; rows with ``pushed [B]`` shift left and append."""
-  shifted = jnp.concatenate([window[:, 1:], tokens[:, None]], axis=1)
-  return jnp.where(pushed[:, None], shifted, window)
+    """``window [B, W]``, ``tokens [B]``; rows with ``pushed [B]`` shift left and append."""
+    shifted = jnp.concatenate([window[:, 1:], tokens[:, None]], axis=1)
+    return jnp.where(pushed[:, None], shifted, window)
 
 
 def ends_with_any(window: jax.Array, count: jax.Array, sequences) -> jax.Array:
-  """``[B]`` bool: the row's last ``count [B]`` tokens (held at the end of ``window [B, W]``)
-  end with one of ``sequences`` (static tuple of token-id tuples)."""
-  hit = jnp.zeros(window.shape[:1], bool)
-  width = window.shape[1]
-  for seq in sequences:
-    n = len(seq)
-    if n > width:
-      raise ValueError(f"stop sequence {seq} is longer than the window ({width})")
-    tail = window[:, width - n:]
-    hit = hit | (jnp.all(tail == jnp.asarray(seq, window.dtype)[None], axis=1) & (count >= n))
-  return hit
+    """``[B]`` bool: the row's last ``count [B]`` tokens (held at the end of ``window [B, W]``)
+    end with one of ``sequences`` (static tuple of token-id tuples)."""
+    hit = jnp.zeros(window.shape[:1], bool)
+    width = window.shape[1]
+    for seq in sequences:
+        n = len(seq)
+        if n > width:
+            raise ValueError(f"stop sequence {seq} is longer than the window ({width})")
+        tail = window[:, width - n :]
+        hit = hit | (jnp.all(tail == jnp.asarray(seq, window.dtype)[None], axis=1) & (count >= n))
+    return hit
