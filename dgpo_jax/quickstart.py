@@ -127,8 +127,14 @@ def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str):
 
 # ------------------------------------------------------------------------------- the run ------
 def _sub(cfg, name: str, **changes):
+    """A copy of ``cfg`` for one stage, in a fresh ``WORKDIR/name`` (stages never resume:
+    ``--config.resume=True`` only reuses a trained teacher)."""
     c = copy.deepcopy(cfg)
     with c.unlocked():
+        c.resume = False
+        if name != ".":
+            import shutil
+            shutil.rmtree(os.path.join(cfg.workdir, name), ignore_errors=True)
         c.workdir = os.path.join(cfg.workdir, name)
         for key, value in changes.items():
             node = c
@@ -142,6 +148,22 @@ def _sub(cfg, name: str, **changes):
 def _em(results: dict, decoding: str = "greedy") -> dict[str, float]:
     per = results[decoding]
     return {src: round(m["em"], 3) for src, m in per.items() if not src.startswith("_")}
+
+
+def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, teacher_dir):
+    import shutil
+
+    from dgpo_jax.convert import save_params_checkpoint
+    rows = world.train[: q.teacher_questions] if q.teacher_questions else world.train
+    seqs = expert_sequences(world, rows, tokenizer, retriever, cfg.sampler.max_obs_length,
+                            cfg.data.use_chat_template)
+    print(f"{len(rows)} expert trajectories, {seqs['input_ids'].shape[1]} positions, "
+          f"{teacher_config.num_params() / 1e6:.2f}M-parameter teacher")
+    teacher_params = train_teacher(q, teacher_config, seqs, cfg.seed,
+                                   os.path.join(cfg.workdir, "teacher_sft"))
+    shutil.rmtree(teacher_dir, ignore_errors=True)
+    save_params_checkpoint(teacher_config, teacher_params, teacher_dir)
+
 
 
 def run_quickstart(cfg) -> dict:
@@ -184,16 +206,10 @@ def run_quickstart(cfg) -> dict:
     t = time.time()
     teacher_dir = os.path.join(cfg.workdir, "teacher")
     teacher_config = get_preset(q.teacher_preset, vocab_size=vocab)
-    rows = world.train[: q.teacher_questions] if q.teacher_questions else world.train
-    seqs = expert_sequences(world, rows, tokenizer, retriever, cfg.sampler.max_obs_length,
-                            cfg.data.use_chat_template)
-    print(f"{len(rows)} expert trajectories, {seqs['input_ids'].shape[1]} positions, "
-          f"{teacher_config.num_params() / 1e6:.2f}M-parameter teacher")
-    teacher_params = train_teacher(q, teacher_config, seqs, cfg.seed,
-                                   os.path.join(cfg.workdir, "teacher_sft"))
-    import shutil
-    shutil.rmtree(teacher_dir, ignore_errors=True)
-    save_params_checkpoint(teacher_config, teacher_params, teacher_dir)
+    if cfg.resume and os.path.isdir(teacher_dir):
+        print(f"reusing the teacher in {teacher_dir} (--config.resume=True)")
+    else:
+        _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, teacher_dir)
     timings["teacher"] = time.time() - t
 
     table = {}
