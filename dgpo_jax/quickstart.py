@@ -167,7 +167,6 @@ def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, te
 
 
 def run_quickstart(cfg) -> dict:
-    from dgpo_jax.convert import save_params_checkpoint
     from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
     from dgpo_jax.models import get_preset
     from dgpo_jax.retrieval import InProcessRetriever

@@ -9,7 +9,28 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from dgpo_jax.models import param_shapes  # noqa: E402
+
+
+def random_params(config, seed, std=0.02):
+    """Random parameters without compiling Flax's init: normal(std) weights, zero biases, unit
+    norms, on the model's own parameter tree (``param_shapes``)."""
+    r = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(s.shape, s.dtype)
+        if "bias" in name:
+            return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(r.normal(0, std, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
 
 
 def make_hf_model(

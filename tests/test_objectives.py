@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgpo_jax.models import forward, forward_hidden, get_preset, lm_logits, param_shapes
+from dgpo_jax.models import forward, forward_hidden, get_preset, lm_logits
 from dgpo_jax.objectives import advantages as adv
 from dgpo_jax.objectives import divergences as dv
 from dgpo_jax.objectives import losses, presets
@@ -17,24 +17,9 @@ from dgpo_jax.objectives.config import ObjectiveConfig
 from dgpo_jax.objectives.kl import kl_estimate
 from dgpo_jax.objectives.rewards import token_rewards, trajectory_gate
 from dgpo_jax.optim import OptimConfig, learning_rates
+from tests.conftest import random_params
 
 RNG = np.random.default_rng(1234)
-
-
-def random_params(config, seed, std=0.02):
-    """Random parameters without compiling Flax's init: normal(std) weights, zero biases, unit
-    norms, on the model's own parameter tree (``param_shapes``)."""
-    r = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return jnp.ones(s.shape, s.dtype)
-        if "bias" in name:
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(r.normal(0, std, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
 
 
 def _masks(b, t, rng):

@@ -11,31 +11,16 @@ import numpy as np
 import optax
 import pytest
 
-from dgpo_jax.models import forward, get_preset, param_shapes
+from dgpo_jax.models import forward, get_preset
 from dgpo_jax.objectives import get_objective
 from dgpo_jax.objectives.batch import batch_requirements
 from dgpo_jax.sharding import plan_from_config
 from dgpo_jax.train_step import create_update_state, make_update_step
+from tests.conftest import random_params
 
 V, B, T, PROMPT = 48, 4, 10, 3
 # Tiny programs: spend less time in XLA's CPU optimiser (numerics are unchanged).
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def random_params(config, seed, std=0.02):
-    """Random parameters without compiling Flax's init: normal(std) weights, zero biases, unit
-    norms, on the model's own parameter tree (``param_shapes``)."""
-    r = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return jnp.ones(s.shape, s.dtype)
-        if "bias" in name:
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(r.normal(0, std, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(config))
 
 
 @pytest.fixture(scope="module")

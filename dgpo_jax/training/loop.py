@@ -11,7 +11,6 @@ orbax checkpoint holding the update state, the data-iterator state and the confi
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any
