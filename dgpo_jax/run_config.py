@@ -138,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.wandb_project = ""  # set to log to Weights & Biases (when installed)
     c.logging.progress = True
+
+    c.plan = ml_collections.ConfigDict()  # mode=plan: the memory plan (dgpo_jax.memory_plan)
+    c.plan.fake_devices = 0  # > 0: plan on this many fake CPU devices (set before JAX starts)
+    c.plan.device_memory_gib = 0.0  # per device; > 0: exit non-zero when the peak exceeds it
     return c
 
 
@@ -222,6 +226,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(isinstance(cfg.mesh.num_devices, int) and cfg.mesh.num_devices >= 0,
          "mesh.num_devices", f"must be an int >= 0, got {cfg.mesh.num_devices!r}")
     parse_rules(cfg.mesh.rules)
+    need(isinstance(cfg.plan.fake_devices, int) and cfg.plan.fake_devices >= 0,
+         "plan.fake_devices", f"must be an int >= 0, got {cfg.plan.fake_devices!r}")
+    need(cfg.plan.device_memory_gib >= 0, "plan.device_memory_gib",
+         f"must be >= 0, got {cfg.plan.device_memory_gib}")
 
 
 # Learning rates of algorithms.md where they differ from DGPO's actor lr (1e-6).

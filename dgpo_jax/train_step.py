@@ -103,6 +103,37 @@ def create_update_state(
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
 
+def abstract_update_state(
+    objective: ObjectiveConfig, policy_params, tx: optax.GradientTransformation
+) -> UpdateState:
+    """The state ``create_update_state`` would build, as ``jax.ShapeDtypeStruct`` leaves with
+    their shardings, from abstract (or concrete) policy params: nothing is allocated. Used to
+    compile the update step ahead of time (``dgpo_jax.memory_plan``)."""
+    from dgpo_jax.train_state import optimizer_state_shardings
+
+    def sds(x, sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    policy = jax.tree.map(lambda x: sds(x, x.sharding), policy_params)
+    replicated = replicated_sharding_like(policy_params)
+    embed = policy_params["embed_tokens"]
+    head = jax.tree.map(
+        lambda x: sds(x, replicated),
+        jax.eval_shape(lambda: init_value_head(embed.shape[1], jax.random.key(0), embed.dtype)),
+    )
+    params = {"policy": policy}
+    if objective.critic == "value_head":
+        params["value_head"] = head
+    elif objective.critic == "separate":
+        params["critic"] = {"trunk": policy, "value_head": head}
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_state = jax.tree.map(sds, abstract_opt, optimizer_state_shardings(params, abstract_opt))
+    scalar = sds(jax.ShapeDtypeStruct((), jnp.int32), replicated)
+    rng = sds(jax.eval_shape(lambda: jax.random.key(0)), replicated)
+    train = TrainState(step=scalar, params=params, opt_state=opt_state, rng=rng)
+    return UpdateState(train=train, skipped_steps=scalar)
+
+
 def _split_micro(x, m: int):
     """``[B, ...] -> [m, B/m, ...]``; micro-batch i holds rows i, i+m, ... (each micro-batch
     keeps rows from every data shard)."""
