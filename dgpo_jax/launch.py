@@ -24,20 +24,10 @@ flags.mark_flags_as_required(["config"])
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-process runs: initialise JAX's distributed runtime when the environment says so."""
-    import jax
-    env = os.environ
-    multi = (env.get("JAX_COORDINATOR_ADDRESS") or env.get("DGPO_NUM_PROCESSES")
-             or (env.get("SLURM_NTASKS", "1") != "1") or env.get("TPU_WORKER_HOSTNAMES"))
-    if not multi:
-        return
-    kwargs = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(env["DGPO_NUM_PROCESSES"]),
-                      process_id=int(env["DGPO_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
-    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    """Multi-process runs: initialise JAX's distributed runtime when the environment says so
+    (see ``dgpo_jax.distributed``)."""
+    from dgpo_jax.distributed import initialize_from_env
+    initialize_from_env()
 
 
 def use_fake_devices(count: int) -> None:

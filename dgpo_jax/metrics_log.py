@@ -42,12 +42,19 @@ class MetricsLogger:
     def __init__(self, workdir: str, total_steps: int | None = None, start_step: int = 0,
                  tensorboard: bool = True, wandb_project: str | None = None,
                  run_name: str | None = None, config: Mapping | None = None,
-                 progress: bool = True, prefix: str = ""):
-        os.makedirs(workdir, exist_ok=True)
+                 progress: bool = True, prefix: str = "", primary: bool | None = None):
+        if primary is None:  # several processes: only process 0 writes (the metrics agree)
+            import jax
+            primary = jax.process_index() == 0
+        self.primary = primary
         self.workdir = workdir
         self.path = os.path.join(workdir, f"{prefix}metrics.jsonl")
-        self._file = open(self.path, "a", buffering=1)
+        if primary:
+            os.makedirs(workdir, exist_ok=True)
+        self._file = open(self.path if primary else os.devnull, "a", buffering=1)
         self._tb = None
+        if not primary:
+            tensorboard, wandb_project, progress = False, None, False
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -102,7 +109,7 @@ class MetricsLogger:
             self._wandb.finish()
         if self._bar is not None:
             self._bar.close()
-        if plot:
+        if plot and self.primary:
             return plot_curves(self.path, os.path.join(self.workdir,
                                                        os.path.basename(self.path) + ".png"))
         return None

@@ -185,16 +185,21 @@ class ShardingPlan:
         return self.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config))
 
     def shard_params(self, config, params) -> Any:
-        return jax.device_put(params, self.param_shardings(config))
+        from dgpo_jax.distributed import tree_device_put_global
+
+        return tree_device_put_global(params, self.param_shardings(config))
 
     def batch_sharding(self, ndim: int, shape=None) -> NamedSharding:
         """Leading dimension over the batch axes, the rest replicated."""
         return self.sharding(("batch",) + (None,) * (ndim - 1), shape)
 
     def shard_batch(self, batch):
-        """Place every array of a batch pytree with its leading dimension over the batch axes."""
+        """Place every array of a batch pytree with its leading dimension over the batch axes.
+        With several processes, each passes the same global batch and sends its own shards."""
+        from dgpo_jax.distributed import device_put_global
+
         return jax.tree.map(
-            lambda x: jax.device_put(x, self.batch_sharding(np.ndim(x), np.shape(x))), batch
+            lambda x: device_put_global(x, self.batch_sharding(np.ndim(x), np.shape(x))), batch
         )
 
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from dgpo_jax.distributed import device_put_global
+
 PyTree = Any
 
 
@@ -147,8 +149,8 @@ def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: ja
     opt_shardings = optimizer_state_shardings(params, abstract_opt_state)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     replicated = replicated_sharding_like(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    rng = jax.device_put(_as_typed_key(rng), replicated)
+    step = device_put_global(jnp.zeros((), jnp.int32), replicated)
+    rng = device_put_global(_as_typed_key(rng), replicated)
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 

@@ -25,8 +25,10 @@ from typing import Any, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from dgpo_jax.distributed import device_put_global, tree_device_put_global
 from dgpo_jax.models import Qwen2Config, forward_hidden, lm_logits
 from dgpo_jax.objectives import advantages as adv_lib
 from dgpo_jax.objectives.batch import validate_batch
@@ -89,18 +91,20 @@ def create_update_state(
             if critic_params is not None
             else init_value_head(embed.shape[1], head_rng, embed.dtype)
         )
-        params["value_head"] = jax.device_put(head, replicated)  # tiny: replicated on the mesh
+        params["value_head"] = tree_device_put_global(head, replicated)  # tiny: replicated on the mesh
     elif objective.critic == "separate":
         params["critic"] = (
             critic_params if critic_params is not None else init_critic(policy_params, head_rng)
         )
-        params["critic"]["value_head"] = jax.device_put(params["critic"]["value_head"], replicated)
+        params["critic"]["value_head"] = tree_device_put_global(
+            params["critic"]["value_head"], replicated
+        )
     train = create_train_state(params, tx, rng)
-    skipped = jax.device_put(jnp.zeros((), jnp.int32), train.step.sharding)
+    skipped = device_put_global(jnp.zeros((), jnp.int32), train.step.sharding)
     state = UpdateState(train=train, skipped_steps=skipped)
     # Commit every leaf to its current placement: the step's outputs are committed, and a
     # committed/uncommitted mismatch would compile the step a second time.
-    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+    return jax.tree.map(lambda x: device_put_global(x, x.sharding), state)
 
 
 def abstract_update_state(
@@ -209,13 +213,13 @@ class UpdateStep:
         if in_program and teacher_params is None:
             raise ValueError("this update step was built with teacher_config: pass teacher_params")
         batch = validate_batch(batch, self.objective, in_program, self.micro_batches)
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        if self.plan is not None:
-            scalars = {k: v for k, v in batch.items() if v.ndim == 0}
-            batch = dict(
-                self.plan.shard_batch({k: v for k, v in batch.items() if v.ndim}), **scalars
-            )
-        return batch
+        if self.plan is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        # Host arrays go straight to the mesh (with several processes each sends its shards).
+        host = {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in batch.items()}
+        replicated = self.plan.sharding(())
+        scalars = {k: device_put_global(v, replicated) for k, v in host.items() if v.ndim == 0}
+        return dict(self.plan.shard_batch({k: v for k, v in host.items() if v.ndim}), **scalars)
 
     def _compiled(self, state):
         if self._jitted is None:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgpo_jax.distributed import to_host
 from dgpo_jax.models.config import Qwen2Config
 from dgpo_jax.sampler.config import FINISH_REASONS, RUNNING, SamplerConfig
 from dgpo_jax.sampler.host import (
@@ -180,7 +181,7 @@ class Sampler:
                 jnp.int32(host_id),
                 jnp.float32(prob),
             )
-            arrays = jax.tree.map(np.asarray, jax.device_get(arrays))
+            arrays = to_host(arrays)  # gathers shards held by other processes
         except Exception as error:
             if host.failure is not None:
                 raise RuntimeError(

@@ -22,6 +22,7 @@ import numpy as np
 from dgpo_jax.checkpoint import Checkpointer, abstract_like
 from dgpo_jax.data.pipeline import PromptBatches
 from dgpo_jax.data.search_r1 import read_question_files
+from dgpo_jax.distributed import to_host
 from dgpo_jax.metrics_log import MetricsLogger
 from dgpo_jax.objectives.config import ObjectiveConfig
 from dgpo_jax.objectives.presets import get_objective, taid_update, teacher_turn_probability
@@ -109,6 +110,10 @@ class _Run:
         self.retriever = build_retriever(cfg)
         os.makedirs(cfg.workdir, exist_ok=True)
 
+    def place(self, *arrays):
+        """Host arrays -> the global mesh, batch dimension over the data axes."""
+        return self.plan.shard_batch(arrays)
+
     def sampler(self, model_config, greedy=False, teacher=False, max_prefix_length=None):
         from dgpo_jax.sampler import Sampler
         scfg = sampler_config(self.cfg, self.tokenizer, greedy, max_prefix_length)
@@ -156,9 +161,8 @@ def run_train(cfg) -> dict:
                                                 role="model.reference")
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     records = read_question_files(split_list(cfg.data.train_files))
-    data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                         process_index=jax.process_index(),
-                         process_count=jax.process_count())
+    # Every process holds the same global batch (dgpo_jax.distributed); shard_batch places it.
+    data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
     start, extra = 0, {"taid_t": objective.taid_t_start, "taid_m": 0.0, "taid_loss": None}
     if cfg.resume and ckpt.latest_step() is not None:
@@ -218,11 +222,13 @@ def run_train(cfg) -> dict:
             continue
         batch = pad_batch_to(batch, SEQ_MULTIPLE)
         if objective.uses_policy:
-            batch["old_logprobs"] = np.asarray(sequence_logprobs(
-                run.student_config, policy, batch["input_ids"], batch["attention_mask"]))
+            batch["old_logprobs"] = to_host(sequence_logprobs(
+                run.student_config, policy, *run.place(batch["input_ids"],
+                                                       batch["attention_mask"])))
         if ref_params is not None:
-            batch["ref_logprobs"] = np.asarray(sequence_logprobs(
-                ref_config, ref_params, batch["input_ids"], batch["attention_mask"]))
+            batch["ref_logprobs"] = to_host(sequence_logprobs(
+                ref_config, ref_params, *run.place(batch["input_ids"],
+                                                   batch["attention_mask"])))
         if objective.divergence == "taid":
             batch["taid_t"] = np.float32(extra["taid_t"])
         update_metrics = []
@@ -233,7 +239,7 @@ def run_train(cfg) -> dict:
                 part = {k: (v[lo:lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
                 state, m = update(state, part, run.teacher_params if in_program_teacher
                                   else None)
-                update_metrics.append(jax.device_get(m))
+                update_metrics.append(to_host(m))
         for k in update_metrics[0]:
             metrics[k] = float(np.mean([u[k] for u in update_metrics]))
         if objective.divergence == "taid":
