@@ -192,6 +192,19 @@ PRESETS: dict[str, Qwen2Config] = {
         bos_token_id=None,
         eos_token_id=None,
     ),
+    # The quickstart's student: the teacher's depth (copying from retrieved text needs it), half
+    # its width.
+    "tiny-4l": Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=None,
+    ),
     "tiny-teacher": Qwen2Config(
         vocab_size=512,
         hidden_size=128,
