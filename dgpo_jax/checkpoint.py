@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Sharding, SingleDeviceSharding
 
 from dgpo_jax.train_state import path_to_names
@@ -179,6 +180,19 @@ def _check_target_matches(stored_tree: PyTree, abstract_target: PyTree, where: s
         raise CheckpointMismatchError(f"restore target does not match {where}:\n  " + "\n  ".join(listed))
 
 
+def _remove_tree(path: epath.Path) -> None:
+    """Best-effort recursive delete of a local or cloud directory."""
+    if not path.exists():
+        return
+    if "://" not in str(path):
+        shutil.rmtree(str(path), ignore_errors=True)
+        return
+    try:
+        path.rmtree()
+    except OSError as e:  # a concurrent delete, or a permission problem: report, go on
+        logger.warning("could not remove %s: %s", path, e)
+
+
 class Checkpointer:
     """Numbered, atomic checkpoints of a state pytree plus a JSON metadata dict.
 
@@ -204,7 +218,10 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        directory = os.fspath(directory)
+        # Local paths are made absolute; cloud paths orbax supports (gs://...) are kept as given.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self._path = epath.Path(self.directory)
         self.max_to_keep = max_to_keep
         self.save_interval_steps = save_interval_steps
         self.async_save = async_save
@@ -236,29 +253,28 @@ class Checkpointer:
 
     def _remove_leftovers(self) -> None:
         """Deletes temporary dirs of interrupted saves and the pruning trash."""
-        if not os.path.isdir(self.directory):
-            return
-        for name in os.listdir(self.directory):
-            if _TMP_DIR_MARKER in name or name == _TRASH_SUBDIR:
-                path = os.path.join(self.directory, name)
+        if jax.process_index() != 0 or not self._path.is_dir():
+            return  # with several processes, process 0 cleans up
+        for path in self._path.iterdir():
+            if _TMP_DIR_MARKER in path.name or path.name == _TRASH_SUBDIR:
                 logger.info("removing leftover of an interrupted save or prune: %s", path)
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_tree(path)
 
     def _empty_trash(self) -> None:
-        shutil.rmtree(os.path.join(self.directory, _TRASH_SUBDIR), ignore_errors=True)
+        if jax.process_index() == 0:
+            _remove_tree(self._path / _TRASH_SUBDIR)
 
     # ----- listing -----
 
     def _step_dirs_on_disk(self) -> tuple[list[int], list[int]]:
         """(committed steps, incomplete steps), each sorted, read from disk."""
         committed, incomplete = [], []
-        if not os.path.isdir(self.directory):
+        if not self._path.is_dir():
             return committed, incomplete
-        for name in os.listdir(self.directory):
-            path = os.path.join(self.directory, name)
-            if name.isdigit() and os.path.isdir(path):
-                is_committed = os.path.exists(os.path.join(path, _COMMIT_FILE))
-                (committed if is_committed else incomplete).append(int(name))
+        for path in self._path.iterdir():
+            if path.name.isdigit() and path.is_dir():
+                is_committed = (path / _COMMIT_FILE).exists()
+                (committed if is_committed else incomplete).append(int(path.name))
         return sorted(committed), sorted(incomplete)
 
     def all_steps(self) -> list[int]:
