@@ -31,25 +31,34 @@ def rollout_records(sampler, params, records: Sequence[QARecord], tokenizer, bat
 
 def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retriever,
              sampler_configs: dict[str, Any], batch_size: int, seed: int = 0, plan=None,
-             use_chat_template: bool = True) -> dict[str, dict]:
+             use_chat_template: bool = True, num_samples: int = 8) -> dict[str, dict]:
     """``sampler_configs``: {"greedy": SamplerConfig, "sampled": SamplerConfig, ...}.
 
     Returns {decoding: {data_source: {em, em_without_think, hit_ratio, search_calls,
-    search_share, count}}} plus, per decoding, ``"_seconds"``.
+    search_share, count}}} plus, per decoding, ``"_seconds"`` and ``"_samples"``: the first
+    ``num_samples`` trajectories per data source (question, response, golds, EM), to read what
+    the model does.
     """
     from dgpo_jax.sampler import Sampler
     results: dict[str, dict] = {}
     for name, scfg in sampler_configs.items():
         t = time.time()
         sampler = Sampler(model_config, scfg, tokenizer, retriever, plan=plan)
-        trajs = []
+        trajs, samples, shown = [], [], {}
         for scored, chunk in rollout_records(sampler, params, records, tokenizer, batch_size,
                                              seed, use_chat_template):
             for i, rec in enumerate(chunk):
                 trajs.append(TrajectoryRecord(rec.data_source, scored.responses[i], rec.golds,
                                               int(scored.num_searches[i])))
+                if shown.get(rec.data_source, 0) < num_samples:
+                    shown[rec.data_source] = shown.get(rec.data_source, 0) + 1
+                    samples.append({"data_source": rec.data_source,
+                                    "prompt": rec.user_content[-300:], "golds": list(rec.golds),
+                                    "response": scored.responses[i],
+                                    "em": float(scored.rewards[i])})
         results[name] = arcap_summary(trajs)
         results[name]["_seconds"] = round(time.time() - t, 2)
+        results[name]["_samples"] = samples
         log.info("eval %s: EM %.3f over %d questions (%.1fs)", name,
                  results[name]["all"]["em"], len(trajs), results[name]["_seconds"])
     return results
