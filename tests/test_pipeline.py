@@ -120,8 +120,16 @@ def test_kill9_and_resume_matches_uninterrupted(world, tmp_path):
     a, _ = _policy(tmp_path / "straight", steps)
     b, meta = _policy(tmp_path / "killed", steps)
     assert meta["step"] == steps
+    # One optimizer step moves parameters by ~lr = 1e-3 (Adam), so a lost or repeated step, or
+    # another data order, is far outside atol. Under heavy CPU load the subprocess's step has
+    # been seen to differ from the in-process one by up to 7e-6 (float noise amplified by
+    # Adam's normalisation of near-zero gradients), hence not 1e-6.
+    prev, _ = _policy(tmp_path / "straight", steps - 1)
+    step_size = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(prev)))
+    assert step_size > 2e-4, step_size
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5)
 
 
 def test_export_reloads_in_transformers(world, tmp_path):
