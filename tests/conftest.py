@@ -1,10 +1,16 @@
-"""Test setup: 8 fake CPU devices (before JAX is imported), offline HF, tiny reference models."""
+"""Test setup: 8 fake CPU devices (before JAX is imported), cheaper CPU compiles, offline HF,
+tiny reference models."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The suite is compile-bound (tiny models): skip the expensive LLVM passes. Measured on 2 cores:
+# test_model + test_update_step + test_objectives 136 s -> 104 s, every tolerance unchanged.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
+                                " --xla_llvm_disable_expensive_passes=true")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
