@@ -127,7 +127,7 @@ def reference_loop(
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    stops = [list(s) for s in cfg.search_stops + cfg.answer_stops]
+    stops = [torch.tensor(s) for s in cfg.search_stops + cfg.answer_stops]  # built once
 
     class StopOnSequences(StoppingCriteria):
         def __init__(self, start):
@@ -139,7 +139,7 @@ def reference_loop(
             for seq in stops:
                 n = len(seq)
                 if generated.shape[1] >= n:
-                    done |= (generated[:, -n:] == torch.tensor(seq)).all(dim=1)
+                    done |= (generated[:, -n:] == seq).all(dim=1)
             return done
 
     torch.manual_seed(seed)
@@ -148,7 +148,7 @@ def reference_loop(
     active = list(range(len(prompts)))
     tokenizer.padding_side = "left"
     stop_pattern = re.compile(r"</search>|</answer>")
-    generated = 0
+    turn_texts = []  # the generated text of every turn (counted after the timing)
     for turn in range(cfg.max_turns + 1):
         if not active:
             break
@@ -179,7 +179,7 @@ def reference_loop(
             if match:
                 text = text[: match.end()]
             kind, content = parse_action(text)
-            generated += len(tokenizer.encode(text, add_special_tokens=False))
+            turn_texts.append(text)
             contexts[i] += text
             responses[i] += text
             if kind == "answer":
@@ -202,12 +202,19 @@ def reference_loop(
                 contexts[i] += obs
                 responses[i] += obs
         active = still
-    prompt_tokens = sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
-    response_tokens = sum(len(tokenizer.encode(r, add_special_tokens=False)) for r in responses)
+    return {"responses": responses, "turn_texts": turn_texts}
+
+
+def count_reference_tokens(tokenizer, prompts: list[str], result: dict) -> dict:
+    """Token counts of a `reference_loop` result (done outside its timing)."""
+
+    def count(texts):
+        return sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+
     return {
-        "prompt_tokens": prompt_tokens,
-        "response_tokens": response_tokens,
-        "generated_tokens": generated,
+        "prompt_tokens": count(prompts),
+        "response_tokens": count(result["responses"]),
+        "generated_tokens": count(result["turn_texts"]),
     }
 
 
@@ -227,7 +234,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--ingest-chunk", type=int, default=8)
+    parser.add_argument(
+        "--ingest-chunk",
+        type=int,
+        default=None,
+        help="observation tokens per ingest step (default: max_obs_length, one step each)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cache-len",
@@ -277,16 +289,17 @@ def main(argv=None) -> int:
         ).eval()
         prompts = [row["prompt"][0]["content"] for row in world.test[:batch]]
         # Worst case: prompt 256 + 400 generated + 4 observations of 150 = 1256 <= 1280 (default).
+        max_obs = 150
         cfg = SamplerConfig(
             **stop_sequences_for(tokenizer),
             cache_len=args.cache_len,
             max_prompt_length=256,
             max_new_tokens_per_turn=100,
             max_new_tokens=400,
-            max_obs_length=150,
+            max_obs_length=max_obs,
             max_turns=4,
             temperature=1.0,
-            ingest_chunk=args.ingest_chunk,
+            ingest_chunk=args.ingest_chunk or max_obs,
         )
         sampler = Sampler(model_config, cfg, tokenizer, retriever)
         log.info(
@@ -328,6 +341,7 @@ def main(argv=None) -> int:
             lambda: reference_loop(hf_model, tokenizer, retriever, prompts, cfg, next(seeds)),
             1 if args.quick else 2,
         )
+        ref = count_reference_tokens(tokenizer, prompts, ref)
         ref_tokens = ref["prompt_tokens"] + ref["response_tokens"]
         log.info("reference: %.2f s, %d tokens", ref_s, ref_tokens)
 
@@ -381,7 +395,7 @@ def main(argv=None) -> int:
         "hidden": hidden,
         "layers": layers,
         "vocab": model_config.vocab_size,
-        "ingest_chunk": args.ingest_chunk,
+        "ingest_chunk": cfg.ingest_chunk,
         "torch_threads": args.torch_threads,
         "compile_seconds": round(compile_s, 2),
         "ours_seconds": round(ours_s, 3),

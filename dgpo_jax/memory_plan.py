@@ -15,7 +15,8 @@ time for that mesh (``jit(...).lower(...).compile()``). Per device:
   activations, gradients and the micro-batch accumulators;
 * KV cache: the sampler's cache for the whole rollout batch (``[L, B, K, S, Dh]`` for k and v,
   student and, for Guided-OPD, teacher), from its sharding;
-* rollout step: XLA's temporary buffers of one compiled cache step of ``ingest_chunk`` tokens.
+* rollout step: XLA's temporary buffers of one compiled decode step over the whole batch (the
+  largest step the sampler runs; observations are ingested one row at a time).
 
 The peak is the resident state (parameters + optimizer state) plus the larger of the update
 phase and the rollout phase. With ``plan.fake_devices=N`` the launcher runs on N fake CPU
@@ -203,7 +204,7 @@ def plan_update(objective, student, teacher, tx, plan, rows: int, seq: int,
 
 
 def plan_rollout_step(config: Qwen2Config, params, cache: KVCache, chunk: int, plan) -> int:
-    """Temporary bytes per device of one compiled cache step of ``chunk`` tokens per row."""
+    """Temporary bytes per device of one compiled cache step of ``chunk`` tokens for every row."""
     rows = cache.end.shape[0]
     sh = plan.batch_sharding(2, (rows, chunk))
     ids = jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=sh)
@@ -224,7 +225,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
     n = cfg.data.rollouts_per_prompt
     rollout_rows = cfg.data.batch_size * n
     mini_rows = min(cfg.train.mini_batch_size, cfg.data.batch_size) * n
-    cache_slots = cfg.sampler.cache_len + cfg.sampler.ingest_chunk
+    cache_slots = cfg.sampler.cache_len
     seq = -(-cfg.sampler.cache_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
 
     result = MemoryPlan(mesh=dict(plan.mesh.shape), devices=int(devices),
@@ -281,10 +282,10 @@ def build_memory_plan(cfg) -> MemoryPlan:
         note += ", student + teacher"
     result.components["kv cache"] = kv
     result.notes["kv cache"] = note
-    log.info("compiling a rollout cache step ...")
+    log.info("compiling a rollout decode step ...")
     result.components["rollout step"] = plan_rollout_step(
-        student["config"], student["params"], cache, cfg.sampler.ingest_chunk, plan)
-    result.notes["rollout step"] = f"one compiled step of {cfg.sampler.ingest_chunk} tokens/row"
+        student["config"], student["params"], cache, 1, plan)
+    result.notes["rollout step"] = f"one compiled decode step of all {rollout_rows} rows"
     return result
 
 

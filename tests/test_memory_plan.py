@@ -75,9 +75,9 @@ def test_plan_cli_tiny_dgpo_against_hand_count(tmp_path):
     # AdamW: two float32 moments per parameter, plus a few replicated int32 counters.
     extra = comp["optimizer state"] - 2 * (student_bytes + critic_bytes)
     assert 0 < extra <= 64, extra
-    # KV cache: k and v [L, B, K, S, Dh] with the batch over the 4 devices, S = cache_len +
-    # one spare chunk; plus the valid mask [B, S] bool and two int32 [B] counters.
-    s, b = cache_len + chunk, rows // devices
+    # KV cache: k and v [L, B, K, S, Dh] with the batch over the 4 devices, S = cache_len; plus
+    # the valid mask [B, S] bool and two int32 [B] counters.
+    s, b = cache_len, rows // devices
     hd = student.hidden_size // student.num_attention_heads
     kv = 2 * student.num_hidden_layers * b * student.num_key_value_heads * s * hd * 4
     assert comp["kv cache"] == kv + b * s + 2 * b * 4

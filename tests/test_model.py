@@ -11,6 +11,7 @@ import transformers
 
 import dgpo_jax
 from dgpo_jax.models import Qwen2Config, forward_with_cache, get_preset, init_cache, param_shapes
+from dgpo_jax.models.qwen2 import span_buckets, split_layers
 from tests.conftest import make_hf_model
 
 
@@ -125,6 +126,56 @@ def test_cache_prefill_then_ragged_chunks_equal_full_forward(hf_models):
             [np.asarray(l0)[b][pmask[b] == 1], np.asarray(l1)[b][c1mask[b] == 1], np.asarray(l2)[b]]
         )
         assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
+    """Steps on subsets of the rows (``rows=``, with a dummy row), whose key windows cross
+    several `span_buckets` widths, give transformers' logits for every real token; rows outside
+    a step keep their cache exactly; split-layer parameters give the same as stacked ones."""
+    path, hf = hf_models[(False, 1e6)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    slots = 300
+    assert span_buckets(slots) == (128, 192, 256, 300)  # four compiled windows below
+    rng = np.random.RandomState(4)
+    prompt = rng.randint(0, 256, (3, 120))
+    pmask = np.ones((3, 120), np.int64)
+    pmask[1, :30] = 0  # left padding
+    # (input ids [M, T], token mask, rows or None); comment: cached slots -> key window.
+    steps = [(prompt, pmask, None)]  # prefill
+    steps.append((rng.randint(0, 256, (2, 40)), np.ones((2, 40), np.int64), [2, 0]))  # 120 -> 128
+    # Row 3 is a dummy row (B = 3): it writes nothing.
+    steps.append((rng.randint(0, 256, (2, 90)), np.ones((2, 90), np.int64), [0, 3]))  # 160 -> 192
+    steps.append((rng.randint(0, 256, (1, 10)), np.ones((1, 10), np.int64), [0]))  # 250 -> 256
+    steps.append((rng.randint(0, 256, (3, 1)), np.ones((3, 1), np.int64), None))  # 260 -> 300
+    chunk = np.ones((2, 8), np.int64)
+    chunk[1, 5:] = 0  # right padding
+    steps.append((rng.randint(0, 256, (2, 8)), chunk, [1, 2]))  # 161 -> 192
+    step = jax.jit(forward_with_cache, static_argnames=("config",))
+    results = {}
+    for name, p in (("stacked", params), ("split", split_layers(params))):
+        cache, seqs = init_cache(config, 3, slots), [[] for _ in range(3)]
+        outs = [[] for _ in range(3)]
+        for ids, mask, rows in steps:
+            before = cache
+            logits, cache = step(config, p, ids, cache, mask, rows=rows)
+            logits = np.asarray(logits)
+            for i, row in enumerate(range(3) if rows is None else rows):
+                if row < 3:
+                    real = mask[i].astype(bool)
+                    seqs[row].extend(ids[i][real].tolist())
+                    outs[row].append(logits[i][real])
+            for row in set(range(3)) - set(range(3) if rows is None else rows):
+                np.testing.assert_array_equal(np.asarray(cache.k[:, row]), before.k[:, row])
+                assert int(cache.end[row]) == int(before.end[row])
+        results[name] = (outs, cache)
+        np.testing.assert_array_equal(np.asarray(cache.end), [261, 129, 166])
+        np.testing.assert_array_equal(np.asarray(cache.next_pos), [261, 99, 166])
+        for row in range(3):
+            ref = _hf_logits(hf, np.asarray(seqs[row])[None])[0]
+            assert np.abs(np.concatenate(outs[row]) - ref).max() <= 1e-4, (name, row)
+    for a, b in zip(results["stacked"][0], results["split"][0]):
+        np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-5)
+    np.testing.assert_allclose(results["stacked"][1].k, results["split"][1].k, atol=1e-6)
 
 
 def test_config_old_and_transformers5_formats(hf_models):

@@ -340,6 +340,31 @@ def test_observation_truncation_and_budgets(chain_models):
     assert out.arrays.length[0] == n1 and out.queries[0] == ["zorp"]
 
 
+def test_batch_rollout_equals_each_row_alone_across_key_windows(chain_models):
+    """Rows end their turns at different steps, so decode steps run on shrinking sub-batches
+    (8, 4, 2, 1 rows) and contexts grow past several key windows (128, 192, 256 slots): every
+    row's greedy rollout equals that row rolled out alone, and transformers' log-probs."""
+    hf, model_config, params = chain_models["always_search"]
+    sampler = Sampler(model_config, config(max_turns=3), TOK, ScriptedRetriever())
+    # First turns of 4 ("?": a search), 2 ("!": hello<eos>; "zorp": </search>, both invalid
+    # actions, then the long invalid-action notice) and 5 tokens ("</sea"); all 9-16 tokens.
+    prompts = ["where is zorp?", "tell me now!", "where is zorp", "who is x?", "what is </sea"]
+    prompts += ["say hello now!", "it is a zorp", "is it zorp now?"]
+    batch = sampler.generate(params, prompts)
+    width = batch.prompt_ids.shape[1]
+    ends = width + batch.arrays.length
+    assert len(set(batch.arrays.generated.tolist())) >= 3 and ends.max() > 256
+    for row, prompt in enumerate(prompts):
+        alone = sampler.generate(params, [prompt])
+        assert alone.prompt_ids.shape == (1, width)  # same slots as in the batch
+        np.testing.assert_array_equal(alone.response_ids(0), batch.response_ids(row))
+        np.testing.assert_allclose(alone.arrays.logprobs[0], batch.arrays.logprobs[row], atol=1e-5)
+        assert alone.finish_reasons[0] == batch.finish_reasons[row]
+        assert alone.queries[0] == batch.queries[row]
+    longest = int(np.argmax(ends))
+    check_logprobs_against_hf(hf, batch, longest, batch.arrays.loss_mask[longest])
+
+
 # ----------------------------------------------------------------------------------------------
 # Mixed rollouts
 # ----------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv head
 Dh head dim, F FFN width, V vocab, L layers.
 
 The KV cache is one buffer per k/v for all layers, ``[L, B, K, S, Dh]``, carried through the
-layer scan and updated in place (``dynamic_update_slice`` on the carry). Every row has its own
-write offset, so rows can be at different lengths (the multi-turn sampler appends observations
-to some rows while others decode).
+layer scan: each layer scatters only its new entries into it (in place) and attends over a
+window of slots chosen per step (`span_buckets`), so a step never copies the cache and reads
+only the context in use. Every row has its own write offset, so rows can be at different
+lengths (the multi-turn sampler appends observations to some rows while others decode), and a
+step may run on a subset of the rows (``rows=``).
 """
 
 from __future__ import annotations
@@ -97,12 +99,97 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-def _write_rows(buf: Array, new: Array, offsets: Array) -> Array:
-    """buf ``[B, K, S, Dh]``; new ``[B, T, K, Dh]`` written at per-row slot ``offsets [B]``."""
-    new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)
-    return jax.vmap(lambda b, n, o: jax.lax.dynamic_update_slice(b, n, (0, o, 0)))(
-        buf, new, offsets
-    )
+def _scatter_kv(buf: Array, new: Array, layer: Array, rows: Array | None, slots: Array) -> Array:
+    """Write this step's keys (or values) into the stacked cache in place.
+
+    buf ``[L, B, K, S, Dh]``; new ``[M, T, K, Dh]`` for cache rows ``rows [M]`` (None: all B
+    rows, M = B) at per-token slots ``slots [M, T]``; out-of-range slots/rows are dropped. Only
+    the M x T new entries are written (no copy of the layer's cache).
+    """
+    row_index = jnp.arange(new.shape[0]) if rows is None else rows
+    return buf.at[layer, row_index[:, None], :, slots, :].set(new.astype(buf.dtype), mode="drop")
+
+
+def _read_kv(buf: Array, layer: Array, rows: Array | None, width: int) -> Array:
+    """Slots ``[0, width)`` of one layer: ``[M, K, width, Dh]`` for ``rows [M]`` (None: all; a
+    dummy row index >= B reads row B - 1)."""
+    if rows is None:
+        _, b, k, _, dh = buf.shape
+        return jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b, k, width, dh))[0]
+    return buf[layer, jnp.minimum(rows, buf.shape[1] - 1), :, :width, :]
+
+
+def span_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
+    """Static key-window widths for cached attention: `smallest`, then two per doubling (x1.5,
+    x2: 128, 192, 256, 384, 512, 768, ...), then ``max_len``. A step attends over the smallest
+    window that holds every slot it can see (so it reads at most ~1.5x the slots in use)."""
+    widths, width = [], smallest
+    while width < max_len:
+        widths.append(width)
+        half_step = width + width // 2
+        if half_step < max_len:
+            widths.append(half_step)
+        width *= 2
+    return tuple(widths) + (max_len,)
+
+
+def _attention_uncached(q, keys, values, mask, dtype):
+    """Training/scoring attention: q ``[B, T, K, G, Dh]``; keys/values ``[B, T, K, Dh]``; mask
+    ``[B, T, T]`` -> ``[B, T, K, G, Dh]`` (float32). Scores and softmax in float32."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores * (q.shape[-1] ** -0.5), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
+
+
+def _attention_window(q, keys, values, mask, dtype):
+    """Attention over a window of the cache: q ``[M, T, K, G, Dh]``; keys/values ``[M, K, W,
+    Dh]``; mask ``[M, T, W]`` -> ``[M, T, K, G, Dh]`` (float32). Scores and softmax in float32,
+    products in the activation dtype."""
+    m, t, kv, groups, hd = q.shape
+    keys, values = keys.astype(dtype), values.astype(dtype)
+    if t == 1:
+        # One query per row (decoding): multiply-and-reduce in float32 fuses into a few loops
+        # over the keys/values; XLA:CPU runs the equivalent batched [G, Dh] x [Dh, W] dots far
+        # slower (a whole decode step of the benchmark model: 1.2-1.4x faster this way).
+        prod = q[:, 0, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32)
+        scores = jnp.sum(prod, axis=-1) * (hd**-0.5)  # [M, K, G, W]
+        scores = jnp.where(mask[:, :, None, :], scores, _NEG)  # mask [M, 1, W]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        weighted = probs[..., None].astype(jnp.float32) * values[:, :, None]
+        return jnp.sum(weighted, axis=3)[:, None]  # [M, 1, K, G, Dh]
+    # Queries flattened to one [G*T, Dh] matrix per (row, kv head): plain [Q, Dh] x [Dh, W]
+    # and [Q, W] x [W, Dh] matmuls. (With the scores as [.., G, T, W], XLA:CPU transposed
+    # them around both dots: an observation chunk of 150 tokens took 1.5x longer.)
+    queries = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(m, kv, groups * t, hd)
+    scores = jnp.einsum("bkqh,bksh->bkqs", queries, keys, preferred_element_type=jnp.float32)
+    query_mask = jnp.broadcast_to(mask[:, None], (m, groups, t, mask.shape[-1]))
+    query_mask = query_mask.reshape(m, 1, groups * t, -1)
+    scores = jnp.where(query_mask, scores * (hd**-0.5), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, values, preferred_element_type=jnp.float32)
+    return jnp.transpose(out.reshape(m, kv, groups, t, hd), (0, 3, 1, 2, 4))
+
+
+def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
+    """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
+    restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
+    scalar: no query of this step sees a slot >= span). The window is picked with
+    ``lax.switch``, so a step costs the context actually in use, not the whole cache."""
+    widths = span_buckets(ck.shape[3])
+
+    def window(width):
+        def attend(q, ck, cv, mask):
+            keys = _read_kv(ck, layer, rows, width)
+            values = _read_kv(cv, layer, rows, width)
+            return _attention_window(q, keys, values, mask[:, :, :width], dtype)
+
+        return attend
+
+    if len(widths) == 1:
+        return window(widths[0])(q, ck, cv, mask)
+    index = jnp.sum(span > jnp.asarray(widths[:-1], jnp.int32))
+    return jax.lax.switch(index, [window(w) for w in widths], q, ck, cv, mask)
 
 
 class Attention(nn.Module):
@@ -111,12 +198,14 @@ class Attention(nn.Module):
     plan: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache=None, write_at=None):
+    def __call__(self, x, cos, sin, mask, cache=None, layer=None, cache_io=None):
         """Grouped-query attention with q/k/v biases.
 
-        x ``[B, T, D]``; cos/sin ``[B, T, Dh]``; mask ``[B, T, S]`` bool (S = T without a cache).
-        layer_cache: None, or (k, v) ``[B, K, S, Dh]``; this step's k/v are written at per-row
-        slots ``write_at [B]`` before attending. Returns (out ``[B, T, D]``, new layer cache).
+        x ``[M, T, D]``; cos/sin ``[M, T, Dh]``; mask ``[M, T, S]`` bool (S = T without a cache).
+        cache: None, or the stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written
+        into layer `layer` at ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``,
+        span ``[]``) before attending (see `_cached_attention`). Returns (out ``[M, T, D]``,
+        the updated (k, v) or None).
         """
         c = self.config
         d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.dim_per_head
@@ -144,23 +233,18 @@ class Attention(nn.Module):
         )
         v = _constrain(self.plan, v, ("batch", "seq", "act_kv_heads", "head_dim"))
 
-        if layer_cache is None:
-            keys, values, new_cache = k, v, None  # [B, S=T, K, Dh]
-            score_eq, out_eq = "btkgh,bskh->bkgts", "bkgts,bskh->btkgh"
-        else:
-            keys = _write_rows(layer_cache[0], k, write_at)  # [B, K, S, Dh]
-            values = _write_rows(layer_cache[1], v, write_at)
-            new_cache = (keys, values)
-            keys, values = keys.astype(x.dtype), values.astype(x.dtype)
-            score_eq, out_eq = "btkgh,bksh->bkgts", "bkgts,bksh->btkgh"
         b, t = x.shape[:2]
         qg = q.reshape(b, t, kv, c.num_groups, hd)
-        scores = jnp.einsum(score_eq, qg, keys, preferred_element_type=jnp.float32) * (hd**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        attn = jnp.einsum(out_eq, probs, values, preferred_element_type=jnp.float32).astype(x.dtype)
-        out = _matmul("btnh,nhd->btd", attn.reshape(b, t, h, hd), wo)
-        return out, new_cache
+        if cache is None:
+            attn = _attention_uncached(qg, k, v, mask, x.dtype)
+        else:
+            rows, slots, span = cache_io
+            ck = _scatter_kv(cache[0], k, layer, rows, slots)
+            cv = _scatter_kv(cache[1], v, layer, rows, slots)
+            cache = (ck, cv)
+            attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype)
+        out = _matmul("btnh,nhd->btd", attn.astype(x.dtype).reshape(b, t, h, hd), wo)
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -187,8 +271,9 @@ class DecoderLayer(nn.Module):
     plan: Any = None
 
     @nn.compact
-    def __call__(self, carry, cos, sin, mask, write_at):
-        """carry = (h ``[B, T, D]``, cache (k, v) ``[L, B, K, S, Dh]`` or None, layer index)."""
+    def __call__(self, carry, cos, sin, mask, cache_io):
+        """carry = (h ``[M, T, D]``, cache (k, v) ``[L, B, K, S, Dh]`` or None, layer index);
+        cache_io: see `Attention` (None without a cache)."""
         h, cache, layer = carry
         c, pd = self.config, self.param_dtype
         ln1 = _param(self, "input_norm", nn.initializers.ones, (c.hidden_size,), ("norm",), pd)
@@ -197,19 +282,9 @@ class DecoderLayer(nn.Module):
         )
         attention = Attention(c, pd, self.plan, name="attn")
         x = rms_norm(h, ln1, c.rms_norm_eps)
-        if cache is None:
-            attn, _ = attention(x, cos, sin, mask)
-        else:
-            ck, cv = cache
-            layer_kv = (
-                jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False),
-                jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False),
-            )
-            attn, (lk, lv) = attention(x, cos, sin, mask, layer_kv, write_at)
-            cache = (
-                jax.lax.dynamic_update_index_in_dim(ck, lk, layer, 0),
-                jax.lax.dynamic_update_index_in_dim(cv, lv, layer, 0),
-            )
+        # The layer's new k/v are scattered into the stacked cache (in place, inside the scan's
+        # carry); the layer's slice is never copied out and written back whole.
+        attn, cache = attention(x, cos, sin, mask, cache, layer, cache_io)
         h = _constrain(self.plan, h + attn, ("batch", "seq", "act_embed"))
         h = h + MLP(c, pd, self.plan, name="mlp")(rms_norm(h, ln2, c.rms_norm_eps))
         h = _constrain(self.plan, h, ("batch", "seq", "act_embed"))
@@ -253,14 +328,20 @@ class Qwen2(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, pd, self.plan, name="layers")
 
-    def hidden(self, input_ids, positions, mask, cache_kv=None, write_at=None):
+    def embed(self, input_ids):
+        h = jnp.take(self.embedding, input_ids, axis=0)
+        return _constrain(self.plan, h, ("batch", "seq", "act_embed"))
+
+    def final(self, h):
+        return rms_norm(h, self.final_norm, self.config.rms_norm_eps)
+
+    def hidden(self, input_ids, positions, mask, cache_kv=None, cache_io=None):
         """Final-norm hidden states ``[B, T, D]`` (and the new cache k/v, or None)."""
         c = self.config
-        h = jnp.take(self.embedding, input_ids, axis=0)
-        h = _constrain(self.plan, h, ("batch", "seq", "act_embed"))
+        h = self.embed(input_ids)
         cos, sin = rope_tables(positions, c.dim_per_head, c.rope_theta)
-        (h, cache_kv, _), _ = self.layers((h, cache_kv, jnp.int32(0)), cos, sin, mask, write_at)
-        return rms_norm(h, self.final_norm, c.rms_norm_eps), cache_kv
+        (h, cache_kv, _), _ = self.layers((h, cache_kv, jnp.int32(0)), cos, sin, mask, cache_io)
+        return self.final(h), cache_kv
 
     def logits(self, h, dtype=jnp.float32):
         """``[..., D] -> [..., V]`` through the tied embedding or the untied head."""
@@ -312,6 +393,34 @@ def param_logical_axes(config: Qwen2Config) -> Params:
     return nn.get_partition_spec(boxed["params"])
 
 
+def split_layers(params: Params) -> Params:
+    """The same parameters with ``params["layers"]`` (leaves stacked ``[L, ...]``) replaced by a
+    tuple of L per-layer trees. `forward_with_cache` accepts either form; with split layers it
+    runs the layers unrolled and no step slices a layer's weights out of the stack (XLA:CPU
+    copies such a slice: every weight, every step). The split is a copy of the layer weights:
+    do it once, outside the decoding loop."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    count = jax.tree.leaves(layers)[0].shape[0]
+    split = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count))
+    return {**params, "layers": split}
+
+
+def _hidden_split_layers(config, params, plan, input_ids, positions, mask, cache_kv, cache_io):
+    """`Qwen2.hidden` for `split_layers` parameters: the layers run unrolled (static index)."""
+    m = _module(config, params, plan)
+    outer = {"params": {k: v for k, v in params.items() if k != "layers"}}
+    h = m.apply(outer, input_ids, method=Qwen2.embed)
+    cos, sin = rope_tables(positions, config.dim_per_head, config.rope_theta)
+    layer = DecoderLayer(config, m.param_dtype, plan)
+    for index, layer_params in enumerate(params["layers"]):
+        (h, cache_kv, _), _ = layer.apply(
+            {"params": layer_params}, (h, cache_kv, index), cos, sin, mask, cache_io
+        )
+    return m.apply(outer, h, method=Qwen2.final), cache_kv
+
+
 def positions_from_mask(attention_mask: Array) -> Array:
     """RoPE positions for a (left- or right-) padded batch: count of real tokens before each."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -348,7 +457,8 @@ def forward_hidden(
 
 def lm_logits(config: Qwen2Config, params: Params, hidden: Array, dtype=jnp.float32) -> Array:
     """Hidden states ``[..., D]`` -> logits ``[..., V]`` (float32 by default)."""
-    return _module(config, params).apply({"params": params}, hidden, dtype, method=Qwen2.logits)
+    head = {k: v for k, v in params.items() if k != "layers"}  # (stacked or split layers)
+    return _module(config, params).apply({"params": head}, hidden, dtype, method=Qwen2.logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "plan"))
@@ -397,52 +507,91 @@ def forward_with_cache(
     token_mask: Array | None = None,
     plan=None,
     return_hidden: bool = False,
+    rows: Array | None = None,
 ) -> tuple[Array, KVCache]:
-    """Run ``input_ids [B, T]`` against the cache and append them to it; returns logits/hidden.
+    """Run ``input_ids [M, T]`` against the cache and append them to it; returns logits/hidden.
 
-    ``token_mask [B, T]`` marks real tokens. Each row writes its T tokens at slots
+    ``token_mask [M, T]`` marks real tokens. Each row writes its T tokens at slots
     ``cache.end[b] ...``; real tokens get consecutive RoPE positions from ``cache.next_pos[b]``.
     The row's write offset then advances to just after its last real token, so a left-padded
     prompt keeps its pad slots (masked out) and a right-padded chunk leaves no hole. A row with
     no real token is left unchanged. Works for prefill (T = prompt length), single-token decode
     (T = 1) and chunked ingestion of observations.
 
+    ``rows [M]`` (int32, optional): the input rows are cache rows ``rows`` (distinct; an index
+    >= B is a dummy row: nothing is written, its outputs are meaningless); only those rows are
+    read and written. None: all rows, M = B. Attention reads only the slots up to the furthest
+    one a query of this step can see (rounded up to a `span_buckets` width), so a step's cost
+    follows the context in use rather than the cache size.
+
+    ``params`` may be `split_layers` parameters (faster per step on CPU, see there).
+
     Not jitted itself: call it inside a jitted program (the sampler) or wrap it.
     """
-    b, t = input_ids.shape
+    m_rows, t = input_ids.shape
     if token_mask is None:
-        token_mask = jnp.ones((b, t), bool)
+        token_mask = jnp.ones((m_rows, t), bool)
     token_mask = token_mask.astype(bool)
     s = cache.max_len
-    positions = cache.next_pos[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
+    if rows is None:
+        if m_rows != cache.end.shape[0]:
+            raise ValueError(
+                f"input_ids has {m_rows} rows but the cache has {cache.end.shape[0]} (pass rows=)"
+            )
+        end, next_pos, valid = cache.end, cache.next_pos, cache.valid
+    else:
+        rows = jnp.asarray(rows, jnp.int32)
+        if rows.shape != (m_rows,):
+            raise ValueError(f"rows: shape {rows.shape}, expected ({m_rows},) like input_ids")
+        token_mask = token_mask & (rows < cache.end.shape[0])[:, None]  # dummy rows: no tokens
+        read = jnp.minimum(rows, cache.end.shape[0] - 1)
+        end, next_pos, valid = cache.end[read], cache.next_pos[read], cache.valid[read]
+    positions = next_pos[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
     positions = jnp.maximum(positions, 0)
-    slots = cache.end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+    slots = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [M, T]
     # This step's real tokens make their slots valid (writes past S are dropped: the caller
-    # checks capacity, since dynamic_update_slice would clamp the offset).
-    new_valid = jax.vmap(lambda v, i, m: v.at[i].max(m, mode="drop"))(
-        cache.valid, slots, token_mask
-    )
+    # checks capacity).
+    new_valid = jax.vmap(lambda v, i, m: v.at[i].max(m, mode="drop"))(valid, slots, token_mask)
     # Query t (at slot end+t) sees the valid slots up to its own.
     key_slots = jnp.arange(s, dtype=jnp.int32)
     mask = new_valid[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None])
-    m = _module(config, params, plan)
-    h, (k, v) = m.apply(
-        {"params": params},
-        input_ids,
-        positions,
-        mask,
-        (cache.k, cache.v),
-        cache.end,
-        method=Qwen2.hidden,
-    )
+    # Slots a query of this step can see: those before the furthest written one (dummy rows
+    # do not count).
+    span = jnp.max(jnp.where(jnp.any(token_mask, axis=1), end + t, 0))
+    if isinstance(params["layers"], (tuple, list)):
+        h, (k, v) = _hidden_split_layers(
+            config,
+            params,
+            plan,
+            input_ids,
+            positions,
+            mask,
+            (cache.k, cache.v),
+            (rows, slots, span),
+        )
+    else:
+        h, (k, v) = _module(config, params, plan).apply(
+            {"params": params},
+            input_ids,
+            positions,
+            mask,
+            (cache.k, cache.v),
+            (rows, slots, span),
+            method=Qwen2.hidden,
+        )
     last_real = jnp.max(jnp.where(token_mask, jnp.arange(1, t + 1)[None], 0), axis=1)
-    cache = KVCache(
-        k=k,
-        v=v,
-        valid=new_valid,
-        end=cache.end + last_real,
-        next_pos=cache.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32),
-    )
+    new_end = end + last_real
+    new_next_pos = next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32)
+    if rows is None:
+        cache = KVCache(k=k, v=v, valid=new_valid, end=new_end, next_pos=new_next_pos)
+    else:
+        cache = KVCache(
+            k=k,
+            v=v,
+            valid=cache.valid.at[rows].set(new_valid, mode="drop"),
+            end=cache.end.at[rows].set(new_end, mode="drop"),
+            next_pos=cache.next_pos.at[rows].set(new_next_pos, mode="drop"),
+        )
     if return_hidden:
         return h, cache
     return lm_logits(config, params, h), cache

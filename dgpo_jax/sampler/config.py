@@ -80,7 +80,9 @@ class SamplerConfig:
     # --- mixed rollouts ----------------------------------------------------------------------
     teacher_turn_prob: float = 0.0  # Guided-OPD: P(the teacher writes a given turn of a row)
     # --- execution ---------------------------------------------------------------------------
-    ingest_chunk: int = 8  # observation tokens a row ingests per step (see docs/sampler.md)
+    # Observation tokens per ingest step; observations are ingested one row at a time, so a
+    # chunk as long as a typical observation needs fewest steps (see docs/sampler.md).
+    ingest_chunk: int = 128
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))

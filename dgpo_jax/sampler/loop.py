@@ -1,15 +1,19 @@
-"""The compiled rollout: prefill, then nested ``lax.while_loop``s of decode / ingest steps.
+"""The compiled rollout: prefill, then nested ``lax.while_loop``s of decode and ingest steps.
 
 Shapes: B rows, P padded prompt width, S = ``cache_len`` context slots, R = S - P response
 slots (response slot r is KV slot P + r), C = ``ingest_chunk``, O = observation buffer width,
-W = longest stop sequence, V vocabulary.
+Pf = prefix buffer width, W = longest stop sequence, V vocabulary.
 
-Every row is in one phase: GENERATING (it samples one token per step), INGESTING (it appends
-up to C tokens of a pending observation or teacher prefix per step), AWAITING_HOST (its turn
-ended) or DONE. A step runs the model once on ``[B, T]`` tokens: T = C while some row is
-ingesting (generating rows put their one token in column 0 and keep decoding in the same
-step), else T = 1. Rows whose turn ended are handed to the host in ONE ``io_callback`` (see
-`host.py`); its observation becomes the row's pending tokens. Nothing is ever re-prefilled.
+Every row is in one phase: GENERATING (it samples one token per decode step), INGESTING (an
+observation is pending), AWAITING_HOST (its turn ended) or DONE. A decode step runs the model
+on ``[M, 1]``: the sampled tokens of the generating rows, gathered into the smallest compiled
+sub-batch M of B, B/2, B/4, ..., 1 that holds them (their number only falls until a turn
+ends, so the loops run from the largest size down). Rows whose turn ended are handed to the
+host in ONE ``io_callback`` (see `host.py`); their observations are then ingested one row at a
+time, C tokens per ingest step (``[1, C]`` on that row's cache only), and decoding resumes.
+Teacher prefixes (TrOPD) are ingested for all rows in one ``[B, Pf]`` step after the prompt.
+Nothing is ever re-prefilled. Each step costs the rows and context in use (see
+`forward_with_cache`), not B x S.
 
 The optional teacher (Guided-OPD) has its own KV cache and sees every token the student sees;
 it writes the turns whose coin (per row and turn, from the row's RNG) came up.
@@ -26,7 +30,13 @@ import jax.numpy as jnp
 from jax.experimental import io_callback
 
 from dgpo_jax.models.config import Qwen2Config
-from dgpo_jax.models.qwen2 import KVCache, forward_with_cache, init_cache, lm_logits
+from dgpo_jax.models.qwen2 import (
+    KVCache,
+    forward_with_cache,
+    init_cache,
+    lm_logits,
+    split_layers,
+)
 from dgpo_jax.sampler import config as C
 from dgpo_jax.sampler.config import SamplerConfig
 from dgpo_jax.sampler.host import host_callback
@@ -54,7 +64,7 @@ class RolloutArrays:
     generated:       ``[B]`` int32, tokens generated (student and teacher).
     finish_reason:   ``[B]`` int32, index into ``config.FINISH_REASONS``.
     steps:           ``[]`` int32, loop steps run.
-    ingest_steps:    ``[]`` int32, of which steps with T = C.
+    ingest_steps:    ``[]`` int32, of which ingest steps (one row, C tokens).
     """
 
     tokens: Array
@@ -96,7 +106,6 @@ class _State:
     pending: Array  # [B, O + C]
     pending_len: Array
     pending_pos: Array
-    pending_is_prefix: Array  # [B] bool
     teacher_writes: Array  # [B] bool
     ended_on_eos: Array  # [B] bool, the turn awaiting the host ended on EOS
 
@@ -140,6 +149,19 @@ def _write(buf: Array, values: Array, start: Array) -> Array:
     return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(buf, values, start)
 
 
+def _write_row(buf: Array, values: Array, row: Array, start: Array) -> Array:
+    """buf ``[B, N]``; values ``[T]`` written in row `row` from column `start` (scalars)."""
+    return jax.lax.dynamic_update_slice(buf, values[None].astype(buf.dtype), (row, start))
+
+
+def _decode_sizes(batch: int, smallest: int = 1) -> tuple[int, ...]:
+    """Rows per decode step, compiled variants: B, B/2, B/4, ... down to `smallest`."""
+    sizes = [batch]
+    while sizes[-1] // 2 >= smallest:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
 def _coin_keys(row_keys: Array, turn: Array) -> Array:
     return jax.vmap(lambda k, t: jax.random.fold_in(jax.random.fold_in(k, 1), t))(row_keys, turn)
 
@@ -152,9 +174,11 @@ def _teacher_turn(has_teacher: bool, row_keys: Array, turn: Array, prob: Array) 
     return u < prob
 
 
-def _run_model(model_cfg, params, ids, mask, cache, plan, prev_logits):
+def _run_model(model_cfg, params, ids, mask, cache, plan, prev_logits, rows=None):
+    """One model step on ``ids [M, T]`` (cache rows `rows`, None = all): the logits after each
+    row's last real token ``[M, V]`` (``prev_logits`` where the row had none), and the cache."""
     hidden, cache = forward_with_cache(
-        model_cfg, params, ids, cache, mask, plan, return_hidden=True
+        model_cfg, params, ids, cache, mask, plan, return_hidden=True, rows=rows
     )
     last, has = _last_real(hidden, mask)
     logits = lm_logits(model_cfg, params, last)
@@ -200,60 +224,83 @@ def rollout_program(
         )
     chunk = cfg.ingest_chunk
     resp_slots = cfg.cache_len - prompt_width
-    buf_width = resp_slots + chunk  # spare columns: a masked chunk never clamps its write
+    has_prefixes = cfg.max_prefix_length > 0
+    prefix_width = prefix_ids.shape[1]
+    if has_prefixes and prefix_width >= resp_slots:
+        raise ValueError(
+            f"prefix width {prefix_width} leaves no room to generate after the prompt "
+            f"(width {prompt_width}) in cache_len {cfg.cache_len}"
+        )
+    buf_width = resp_slots + max(chunk, prefix_width)  # spare columns: a write never clamps
     obs_width = cfg.obs_buffer_length
     window_width = cfg.stop_window
     pad = cfg.pad_token_id
+
+    # Per-layer weights, split once: a step never slices them out of the stacked arrays.
+    params = split_layers(params)
+    if has_teacher:
+        teacher_params = split_layers(teacher_params)
 
     base_key = jax.random.key(seed)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(row_ids)
     sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys)
 
-    # --- prefill (the cache has C spare slots for the same reason as the buffers) ----------------
+    # --- prefill: the prompt, then the teacher prefixes; both models see both -----------------
+    # The cache has exactly cache_len slots: writes of masked columns past it are dropped.
     prompt_mask = prompt_mask & active[:, None]
-    cache_slots = cfg.cache_len + chunk
+    prefix_len = jnp.where(active, prefix_len, 0).astype(jnp.int32)
+    prefix_mask = jnp.arange(prefix_width, dtype=jnp.int32)[None] < prefix_len[:, None]
+    prefix_ids = jnp.where(prefix_mask, prefix_ids.astype(jnp.int32), pad)
 
     def prefill(mcfg, p):
         cache = _cache_constrain(
-            plan, init_cache(mcfg, batch, cache_slots, p["embed_tokens"].dtype)
+            plan, init_cache(mcfg, batch, cfg.cache_len, p["embed_tokens"].dtype)
         )
-        empty = jnp.zeros((batch, mcfg.vocab_size), jnp.float32)
-        return _run_model(mcfg, p, prompt_ids, prompt_mask, cache, plan, empty)
+        logits = jnp.zeros((batch, mcfg.vocab_size), jnp.float32)
+        logits, cache = _run_model(mcfg, p, prompt_ids, prompt_mask, cache, plan, logits)
+        if has_prefixes:
+            logits, cache = _run_model(mcfg, p, prefix_ids, prefix_mask, cache, plan, logits)
+        return logits, cache
 
     next_logits, cache = prefill(model_config, params)
     teacher_next_logits, teacher_cache = (
         prefill(teacher_config, teacher_params) if has_teacher else (None, None)
     )
 
-    has_prefix = prefix_len > 0
-    pending = jnp.full((batch, obs_width + chunk), pad, jnp.int32)
-    pending = pending.at[:, : prefix_ids.shape[1]].set(prefix_ids.astype(jnp.int32))
+    def response_buffer(default, dtype, prefix_value=None):
+        """``[B, buf_width]`` filled with `default`; a prefix (the start of turn 0, written by
+        the teacher) occupies its row's first prefix_len columns with `prefix_value`."""
+        buf = jnp.full((batch, buf_width), default, dtype)
+        if not has_prefixes or prefix_value is None:
+            return buf
+        values = jnp.where(prefix_mask, prefix_value, default).astype(dtype)
+        return buf.at[:, :prefix_width].set(values)
+
     zeros = jnp.zeros((batch,), jnp.int32)
     state = _State(
         step=jnp.int32(0),
         ingest_steps=jnp.int32(0),
-        phase=jnp.where(active, jnp.where(has_prefix, C.INGESTING, C.GENERATING), C.DONE),
+        phase=jnp.where(active, C.GENERATING, C.DONE),
         finish=jnp.where(active, C.RUNNING, C.PROMPT_TOO_LONG).astype(jnp.int32),
         cache=cache,
         teacher_cache=teacher_cache,
         next_logits=next_logits,
         teacher_next_logits=teacher_next_logits,
-        tokens=jnp.full((batch, buf_width), pad, jnp.int32),
-        loss_mask=jnp.zeros((batch, buf_width), bool),
-        teacher_mask=jnp.zeros((batch, buf_width), bool),
-        logprobs=jnp.zeros((batch, buf_width), jnp.float32),
-        turn_ids=jnp.full((batch, buf_width), -1, jnp.int32),
-        resp_len=zeros,
+        tokens=response_buffer(pad, jnp.int32, prefix_ids),
+        loss_mask=response_buffer(False, bool),
+        teacher_mask=response_buffer(False, bool, True),
+        logprobs=response_buffer(0.0, jnp.float32),
+        turn_ids=response_buffer(-1, jnp.int32, 0),
+        resp_len=prefix_len if has_prefixes else zeros,
         turn_start=zeros,
         turn_gen=zeros,
         total_gen=zeros,
         turn=zeros,
         searches=zeros,
         window=jnp.zeros((batch, window_width), jnp.int32),
-        pending=pending,
-        pending_len=jnp.where(active, prefix_len, 0).astype(jnp.int32),
+        pending=jnp.full((batch, obs_width + chunk), pad, jnp.int32),
+        pending_len=zeros,
         pending_pos=zeros,
-        pending_is_prefix=has_prefix,
         teacher_writes=_teacher_turn(has_teacher, row_keys, zeros, teacher_turn_prob),
         ended_on_eos=jnp.zeros((batch,), bool),
     )
@@ -263,49 +310,56 @@ def rollout_program(
 
     eos_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
 
-    def advance(s: _State, width: int) -> _State:
-        """One model step on ``[B, width]`` tokens: generating rows decode one token (column 0),
-        ingesting rows append up to `width` pending tokens. Rows that end a turn await the host."""
+    def decode(s: _State, rows_per_step: int) -> _State:
+        """One ``[M, 1]`` model step, M = `rows_per_step`: every generating row (at most M of
+        them) samples its next token (from the writer of its turn) and appends it; the model
+        runs on those rows' caches only. Rows that end a turn await the host."""
         gen = s.phase == C.GENERATING
-        ing = s.phase == C.INGESTING
-        cols = jnp.arange(width, dtype=jnp.int32)[None]
-        # 1. Sample the next token of every generating row (from the writer of its turn).
-        keys = jax.vmap(jax.random.fold_in)(sample_keys, s.resp_len)
-        token, logprob = sample_tokens(cfg, s.next_logits, keys)
+        if rows_per_step == batch:
+            rows, read = None, slice(None)
+        else:  # the first M generating rows (index B: a dummy row, nothing is written)
+            rows = jnp.nonzero(gen, size=rows_per_step, fill_value=batch)[0].astype(jnp.int32)
+            read = jnp.minimum(rows, batch - 1)
+
+        def scatter(values, default):  # [M] values of `rows` -> [B]
+            if rows is None:
+                return values
+            return jnp.full((batch,), default, values.dtype).at[rows].set(values, mode="drop")
+
+        keys = jax.vmap(jax.random.fold_in)(sample_keys[read], s.resp_len[read])
+        token, logprob = sample_tokens(cfg, s.next_logits[read], keys)
         if has_teacher:
-            t_token, t_logprob = sample_tokens(cfg, s.teacher_next_logits, keys)
-            token = jnp.where(s.teacher_writes, t_token, token)
-            logprob = jnp.where(s.teacher_writes, t_logprob, logprob)
-        # 2. This step's tokens: one sampled token (column 0) or a chunk of pending tokens.
-        chunk_ids = jax.vmap(lambda p, i: jax.lax.dynamic_slice(p, (i,), (width,)))(
-            s.pending, s.pending_pos
-        )
-        chunk_mask = ing[:, None] & (s.pending_pos[:, None] + cols < s.pending_len[:, None])
-        gen_col = gen[:, None] & (cols == 0)
-        mask = gen_col | chunk_mask
-        ids = jnp.where(gen_col, token[:, None], jnp.where(chunk_mask, chunk_ids, pad))
-        # 3. Both models see every token.
-        next_logits, cache = _run_model(
-            model_config, params, ids, mask, s.cache, plan, s.next_logits
-        )
+            t_token, t_logprob = sample_tokens(cfg, s.teacher_next_logits[read], keys)
+            token = jnp.where(s.teacher_writes[read], t_token, token)
+            logprob = jnp.where(s.teacher_writes[read], t_logprob, logprob)
+        token, logprob = scatter(token, pad), scatter(logprob, 0.0)
+        ids = jnp.where(gen, token, pad)[:, None]
+        mask = gen[:, None]
+
+        # Both models see every token; the model runs on the M rows' caches only.
+        def run(mcfg, p, cache, logits):
+            if rows is None:
+                return _run_model(mcfg, p, ids, mask, cache, plan, logits)
+            sub_logits, cache = _run_model(
+                mcfg,
+                p,
+                ids[read],
+                mask[read] & (rows < batch)[:, None],
+                cache,
+                plan,
+                logits[read],
+                rows,
+            )
+            return logits.at[rows].set(sub_logits, mode="drop"), cache
+
+        next_logits, cache = run(model_config, params, s.cache, s.next_logits)
         teacher_next_logits, teacher_cache = s.teacher_next_logits, s.teacher_cache
         if has_teacher:
-            teacher_next_logits, teacher_cache = _run_model(
-                teacher_config,
-                teacher_params,
-                ids,
-                mask,
-                s.teacher_cache,
-                plan,
-                s.teacher_next_logits,
+            teacher_next_logits, teacher_cache = run(
+                teacher_config, teacher_params, teacher_cache, teacher_next_logits
             )
-        # 4. Record the tokens in the response buffers.
-        by_teacher = gen_col & s.teacher_writes[:, None] | chunk_mask & s.pending_is_prefix[:, None]
-        token_turn = jnp.where(
-            gen_col | s.pending_is_prefix[:, None], s.turn[:, None], s.turn[:, None] - 1
-        )
-        resp_len = s.resp_len + jnp.sum(mask, axis=1, dtype=jnp.int32)
-        # 5. Generating rows: stops and budgets.
+        resp_len = s.resp_len + gen
+        # Stops and budgets.
         window = push_window(s.window, token, gen)
         turn_gen = s.turn_gen + gen
         total_gen = s.total_gen + gen
@@ -323,15 +377,12 @@ def rollout_program(
             C.RUNNING,
         )
         ends_mid_turn = gen & ~turn_end & (mid_turn_reason != C.RUNNING)
-        # Ingesting rows: a fully ingested observation starts the next generated turn.
-        pending_pos = s.pending_pos + jnp.sum(chunk_mask, axis=1, dtype=jnp.int32)
-        ingested = ing & (pending_pos >= s.pending_len)
-        phase = jnp.where(ingested, C.GENERATING, s.phase)
-        phase = jnp.where(turn_end, C.AWAITING_HOST, phase)
+        phase = jnp.where(turn_end, C.AWAITING_HOST, s.phase)
         phase = jnp.where(ends_mid_turn, C.DONE, phase)
+        writes = s.teacher_writes[:, None]
+        # (Rows not generating write their buffers' defaults at resp_len, past their end.)
         return s.replace(
             step=s.step + 1,
-            ingest_steps=s.ingest_steps + (width > 1),
             phase=phase,
             finish=jnp.where(ends_mid_turn, mid_turn_reason, s.finish),
             cache=cache,
@@ -339,17 +390,63 @@ def rollout_program(
             next_logits=next_logits,
             teacher_next_logits=teacher_next_logits,
             tokens=_write(s.tokens, ids, s.resp_len),
-            loss_mask=_write(s.loss_mask, gen_col & ~s.teacher_writes[:, None], s.resp_len),
-            teacher_mask=_write(s.teacher_mask, by_teacher, s.resp_len),
-            logprobs=_write(s.logprobs, jnp.where(gen_col, logprob[:, None], 0.0), s.resp_len),
-            turn_ids=_write(s.turn_ids, jnp.where(mask, token_turn, -1), s.resp_len),
+            loss_mask=_write(s.loss_mask, mask & ~writes, s.resp_len),
+            teacher_mask=_write(s.teacher_mask, mask & writes, s.resp_len),
+            logprobs=_write(s.logprobs, jnp.where(mask, logprob[:, None], 0.0), s.resp_len),
+            turn_ids=_write(s.turn_ids, jnp.where(mask, s.turn[:, None], -1), s.resp_len),
             resp_len=resp_len,
             turn_gen=turn_gen,
             total_gen=total_gen,
             window=window,
             ended_on_eos=jnp.where(turn_end, hit_eos, s.ended_on_eos),
-            pending_pos=pending_pos,
-            pending_is_prefix=s.pending_is_prefix & ~ingested,
+        )
+
+    def ingest(s: _State) -> _State:
+        """One ``[1, C]`` model step on the first ingesting row's cache only: it appends its next
+        C pending observation tokens; a fully ingested observation starts its next turn."""
+        row = jnp.argmax(s.phase == C.INGESTING).astype(jnp.int32)
+        rows = row[None]
+        start, length = s.pending_pos[row], s.pending_len[row]
+        mask = start + jnp.arange(chunk, dtype=jnp.int32) < length
+        ids = jnp.where(mask, jax.lax.dynamic_slice(s.pending[row], (start,), (chunk,)), pad)
+        logits, cache = _run_model(
+            model_config, params, ids[None], mask[None], s.cache, plan, s.next_logits[rows], rows
+        )
+        next_logits = s.next_logits.at[row].set(logits[0])
+        teacher_next_logits, teacher_cache = s.teacher_next_logits, s.teacher_cache
+        if has_teacher:
+            logits, teacher_cache = _run_model(
+                teacher_config,
+                teacher_params,
+                ids[None],
+                mask[None],
+                teacher_cache,
+                plan,
+                teacher_next_logits[rows],
+                rows,
+            )
+            teacher_next_logits = teacher_next_logits.at[row].set(logits[0])
+        count = jnp.sum(mask, dtype=jnp.int32)
+        at = s.resp_len[row]
+        no = jnp.zeros((chunk,), bool)
+        return s.replace(
+            step=s.step + 1,
+            ingest_steps=s.ingest_steps + 1,
+            phase=s.phase.at[row].set(
+                jnp.where(start + count >= length, C.GENERATING, C.INGESTING)
+            ),
+            cache=cache,
+            teacher_cache=teacher_cache,
+            next_logits=next_logits,
+            teacher_next_logits=teacher_next_logits,
+            tokens=_write_row(s.tokens, ids, row, at),
+            loss_mask=_write_row(s.loss_mask, no, row, at),
+            teacher_mask=_write_row(s.teacher_mask, no, row, at),
+            logprobs=_write_row(s.logprobs, jnp.zeros((chunk,), jnp.float32), row, at),
+            # An observation belongs to the turn whose action produced it.
+            turn_ids=_write_row(s.turn_ids, jnp.where(mask, s.turn[row] - 1, -1), row, at),
+            resp_len=s.resp_len.at[row].add(count),
+            pending_pos=s.pending_pos.at[row].add(count),
         )
 
     def resolve_turns(s: _State) -> _State:
@@ -394,7 +491,6 @@ def rollout_program(
             pending=jnp.where(next_turn[:, None], obs_padded, s.pending),
             pending_len=jnp.where(next_turn, obs_len, s.pending_len),
             pending_pos=jnp.where(next_turn, 0, s.pending_pos),
-            pending_is_prefix=s.pending_is_prefix & ~next_turn,
             teacher_writes=jnp.where(
                 waiting,
                 _teacher_turn(has_teacher, row_keys, turn, teacher_turn_prob),
@@ -402,8 +498,10 @@ def rollout_program(
             ),
         )
 
-    # Every step moves each unfinished row forward by at least one slot (or ends it).
-    step_limit = 2 * resp_slots + 4
+    # Every step moves at least one row forward by one slot (or ends it); a row has resp_slots.
+    step_limit = batch * (resp_slots + 1) + 4
+
+    decode_sizes = _decode_sizes(batch)
 
     def under_limit(s):
         return s.step < step_limit
@@ -411,28 +509,26 @@ def rollout_program(
     def any_phase(s, phase):
         return jnp.any(s.phase == phase)
 
-    def movable(x):
-        if chunk == 1:  # T = 1 steps also ingest, one token per row per step
-            return any_phase(x, C.GENERATING) | any_phase(x, C.INGESTING)
-        return any_phase(x, C.GENERATING) & ~any_phase(x, C.INGESTING)
-
     def body(s):
         # Inner loops instead of a lax.cond per step: a conditional inside the loop would pass
         # the whole state (the KV caches) through its branches, which XLA copies every step.
-        # Decode (T = 1) until a row ends its turn or has tokens to ingest ...
-        s = jax.lax.while_loop(
-            lambda x: under_limit(x) & movable(x) & ~any_phase(x, C.AWAITING_HOST),
-            lambda x: advance(x, 1),
-            s,
-        )
-        # ... then one host call for all rows whose turn ended (a no-op call when none did) ...
+        # Decode until some row ends its turn (or none generates), on fewer rows (a smaller
+        # compiled step) as rows stop generating: within this phase their number only falls ...
+        for size, smaller in zip(decode_sizes, decode_sizes[1:] + (0,)):
+            s = jax.lax.while_loop(
+                lambda x, smaller=smaller: under_limit(x)
+                & (jnp.sum(x.phase == C.GENERATING) > smaller)
+                & ~any_phase(x, C.AWAITING_HOST),
+                functools.partial(decode, rows_per_step=size),
+                s,
+            )
+        # ... then one host call for all rows whose turn ended (a no-op call only when every
+        # row has finished) ...
         s = resolve_turns(s)
-        if chunk == 1:
-            return s
-        # ... then chunked steps while rows ingest (generating rows decode in the same steps).
+        # ... then ingest their observations, one row and C tokens per step.
         return jax.lax.while_loop(
-            lambda x: under_limit(x) & any_phase(x, C.INGESTING) & ~any_phase(x, C.AWAITING_HOST),
-            lambda x: advance(x, chunk),
+            lambda x: under_limit(x) & any_phase(x, C.INGESTING),
+            ingest,
             s,
         )
 
