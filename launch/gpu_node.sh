@@ -37,37 +37,16 @@
 set -euo pipefail
 me=gpu_node.sh
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-DRY_RUN=${DRY_RUN:-0}
-
-quote() {  # the arguments as one shell-quoted line (words quoted only where needed)
-  local word out=() plain='^[A-Za-z0-9_./:=,@%+-]+$'
-  for word in "$@"; do
-    if [[ $word =~ $plain ]]; then out+=("$word"); else out+=("'${word//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if [[ $DRY_RUN == 1 ]]; then echo "+ $(quote "$@")"; else "$@"; fi; }
-die() { echo "$me: $*" >&2; exit 2; }
-need() { [[ -n ${!1:-} ]] || die "$1 is not set: $2"; }
+source launch/common.sh
 
 [[ $# -ge 1 && $1 != -* ]] || die "missing CONFIG: bash launch/$me CONFIG [--config.key=value ...]"
 config=$1
 shift
 [[ -f $config ]] || die "CONFIG $config is not a file (relative to $PWD)"
 need WORKDIR "the run directory (a filesystem path or gs://bucket/path)"
-RETRIEVAL=${RETRIEVAL:-per_host}
-RETRIEVAL_PORT=${RETRIEVAL_PORT:-8000}
-RETRIEVAL_WAIT_S=${RETRIEVAL_WAIT_S:-600}
+retrieval_placement ""
 RETRIEVAL_LOG=${RETRIEVAL_LOG:-/tmp/dgpo_retrieval_$RETRIEVAL_PORT.log}
 PYTHON=${PYTHON:-.venv/bin/python}
-case $RETRIEVAL in
-  per_host) need INDEX_DIR "RETRIEVAL=per_host needs the index directory"
-            urls=http://127.0.0.1:$RETRIEVAL_PORT ;;
-  shared) need RETRIEVAL_URLS "RETRIEVAL=shared needs the server URLs (comma-separated)"
-          urls=$RETRIEVAL_URLS ;;
-  none) urls= ;;
-  *) die "RETRIEVAL=$RETRIEVAL: expected per_host, shared or none" ;;
-esac
 
 if [[ $RETRIEVAL == per_host ]]; then
   server=(env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PYTHON" -m retrieval_service.serve

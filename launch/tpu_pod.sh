@@ -49,18 +49,7 @@
 set -euo pipefail
 me=tpu_pod.sh
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DRY_RUN=${DRY_RUN:-0}
-
-quote() {  # the arguments as one shell-quoted line (words quoted only where needed)
-  local word out=() plain='^[A-Za-z0-9_./:=,@%+-]+$'
-  for word in "$@"; do
-    if [[ $word =~ $plain ]]; then out+=("$word"); else out+=("'${word//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if [[ $DRY_RUN == 1 ]]; then echo "+ $(quote "$@")"; else "$@"; fi; }
-die() { echo "$me: $*" >&2; exit 2; }
-need() { [[ -n ${!1:-} ]] || die "$1 is not set: $2"; }
+source "$repo_root/launch/common.sh"
 
 [[ $# -ge 1 && $1 != -* ]] || die "missing CONFIG: bash launch/$me CONFIG [--config.key=value ...]"
 config=$1
@@ -69,17 +58,7 @@ need TPU_NAME "the TPU VM to run on"
 need ZONE "the zone of the TPU VM"
 need WORKDIR "the run directory (gs://bucket/path or a path every worker mounts)"
 REPO_DIR=${REPO_DIR:-dgpo_jax}
-RETRIEVAL=${RETRIEVAL:-per_host}
-RETRIEVAL_PORT=${RETRIEVAL_PORT:-8000}
-RETRIEVAL_WAIT_S=${RETRIEVAL_WAIT_S:-600}
-case $RETRIEVAL in
-  per_host) need INDEX_DIR "RETRIEVAL=per_host needs the index directory on every worker"
-            urls=http://127.0.0.1:$RETRIEVAL_PORT ;;
-  shared) need RETRIEVAL_URLS "RETRIEVAL=shared needs the server URLs (comma-separated)"
-          urls=$RETRIEVAL_URLS ;;
-  none) urls= ;;
-  *) die "RETRIEVAL=$RETRIEVAL: expected per_host, shared or none" ;;
-esac
+retrieval_placement " on every worker"
 
 where=(--zone "$ZONE")
 if [[ -n ${PROJECT:-} ]]; then where+=(--project "$PROJECT"); fi

@@ -13,6 +13,7 @@ import shlex
 import signal
 import socket
 import stat
+import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def launcher(workdir: str, urls: str | None, python: str = ".venv/bin/python") -
     return line + OVERRIDES
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
 def test_syntax(script):
     proc = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -81,6 +82,8 @@ def test_header_documents_every_variable_read(script):
     comment, and the header shows a usage example."""
     text = (LAUNCH / script).read_text().splitlines()
     header = "\n".join(line for line in text if line.startswith("#"))
+    if any("launch/common.sh" in line for line in text):  # what it sources reads for it too
+        text += (LAUNCH / "common.sh").read_text().splitlines()
     code = "\n".join(line for line in text if not line.lstrip().startswith("#"))
     read = set(re.findall(r"\$\{!?([A-Z][A-Z0-9_]*)", code))
     read |= set(re.findall(r"\$([A-Z][A-Z0-9_]*)", code))
@@ -494,6 +497,8 @@ def test_slurm_real_run_through_fake_srun(fakes, tmp_path):
     repo = tmp_path / "repo"
     (repo / "configs").mkdir(parents=True)
     (repo / "configs" / "dgpo_nq.py").write_text("")
+    (repo / "launch").mkdir()
+    shutil.copy(LAUNCH / "common.sh", repo / "launch" / "common.sh")
     executable(repo / ".venv" / "bin" / "python", FAKE_PYTHON)
     proc = bash(
         "slurm_multinode.sbatch",
