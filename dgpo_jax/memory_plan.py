@@ -185,7 +185,7 @@ def plan_update(objective, student, teacher, tx, plan, rows: int, seq: int,
     from dgpo_jax.objectives.batch import BATCH_FIELDS, batch_requirements
     from dgpo_jax.train_step import abstract_update_state, make_update_step
 
-    teacher_in_program = objective.needs_teacher_logp or objective.needs_teacher_logits
+    teacher_in_program = objective.teacher_in_update
     update = make_update_step(objective, student["config"],
                               teacher["config"] if teacher_in_program else None,
                               optimizer=tx, micro_batches=micro_batches, plan=plan)
@@ -240,11 +240,8 @@ def build_memory_plan(cfg) -> MemoryPlan:
     result.components["student params"] = bytes_per_device(student["params"])
     result.notes["student params"] = (f"{student['config'].num_params() / 1e6:.0f}M x "
                                       f"{jnp.dtype(dtype).name}")
-    needs_teacher = (objective.needs_teacher_logp or objective.needs_teacher_logits
-                     or objective.guided_p0 > 0 or objective.teacher_prefix_share > 0
-                     or not objective.uses_policy)
     teacher = None
-    if needs_teacher:
+    if objective.needs_teacher_model:
         if not cfg.model.teacher:
             raise ValueError(f"objective {objective.name!r} needs config.model.teacher")
         teacher = model("teacher", cfg.model.teacher)

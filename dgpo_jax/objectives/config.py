@@ -247,6 +247,22 @@ class ObjectiveConfig:
         )
 
     @property
+    def teacher_in_update(self) -> bool:
+        """The update step runs the teacher forward (its log-probs or full logits)."""
+        return self.needs_teacher_logp or self.needs_teacher_logits
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        """A run needs teacher weights: in the update, for rollouts (Guided-OPD turns, TrOPD
+        prefixes) or as the data source (the KD family)."""
+        return (
+            self.teacher_in_update
+            or self.guided_p0 > 0
+            or self.teacher_prefix_share > 0
+            or not self.uses_policy
+        )
+
+    @property
     def needs_ref_logp(self) -> bool:
         return self.token_reward_needs_ref or (
             self.kl_loss_coef != 0 and self.kl_loss_target == "ref"

@@ -135,17 +135,13 @@ class _Run:
 def run_train(cfg) -> dict:
     """RL (ppo, grpo, dgpo, opd, exopd, tropd, guided_opd) or KD-family training."""
     objective = build_objective(cfg)
-    needs_teacher = (objective.needs_teacher_logp or objective.needs_teacher_logits
-                     or objective.guided_p0 > 0 or objective.teacher_prefix_share > 0
-                     or not objective.uses_policy)
-    run = _Run(cfg, needs_teacher)
+    run = _Run(cfg, objective.needs_teacher_model)
     tok, n = run.tokenizer, cfg.data.rollouts_per_prompt
     rows = cfg.data.batch_size * n
     mini_rows = min(cfg.train.mini_batch_size, cfg.data.batch_size) * n
     updates_per_step = (rows // mini_rows) * cfg.train.ppo_epochs
     total_updates = cfg.train.steps * updates_per_step
-    in_program_teacher = run.teacher_config if (objective.needs_teacher_logp or
-                                                objective.needs_teacher_logits) else None
+    in_program_teacher = run.teacher_config if objective.teacher_in_update else None
     update = make_update_step(objective, run.student_config, in_program_teacher,
                               optimizer=optim_config(cfg, total_updates),
                               micro_batches=_micro_batches(mini_rows, cfg.train.micro_batch_size),
