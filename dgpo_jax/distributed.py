@@ -46,7 +46,6 @@ def initialize_from_env() -> bool:
     env = os.environ
     if not wants_distributed(env):
         return False
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if env.get("JAX_COORDINATOR_ADDRESS"):
         missing = [k for k in ("DGPO_NUM_PROCESSES", "DGPO_PROCESS_ID") if k not in env]
@@ -62,6 +61,7 @@ def initialize_from_env() -> bool:
         )
         if env.get("DGPO_LOCAL_DEVICE_IDS"):
             kwargs["local_device_ids"] = [int(i) for i in env["DGPO_LOCAL_DEVICE_IDS"].split(",")]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     log.info(
         "process %d of %d: %d local / %d global devices",

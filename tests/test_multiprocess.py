@@ -121,3 +121,22 @@ def test_two_processes_equal_one(world, tmp_path):
     for rs, rm in zip(rows_s, rows_m):
         for key in ("reward", "response_tokens", "loss", "entropy", "kl_k3"):
             assert rm[key] == pytest.approx(rs[key], rel=1e-4, abs=1e-6), key
+
+
+def test_distributed_environment_detection_and_errors(monkeypatch):
+    from dgpo_jax.distributed import initialize_from_env, wants_distributed
+
+    assert not wants_distributed({})
+    assert not wants_distributed({"SLURM_NTASKS": "1", "DGPO_NUM_PROCESSES": "1"})
+    assert wants_distributed({"SLURM_NTASKS": "4"})
+    assert wants_distributed({"DGPO_NUM_PROCESSES": "8"})  # plain Cloud TPU VMs
+    assert wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
+    assert wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    for name in ("JAX_COORDINATOR_ADDRESS", "DGPO_NUM_PROCESSES", "DGPO_PROCESS_ID",
+                 "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert initialize_from_env() is False  # a single process: nothing to start
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("DGPO_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match=r"\['DGPO_PROCESS_ID'\]"):
+        initialize_from_env()
