@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.coldstart = ml_collections.ConfigDict()
     c.coldstart.epochs = 5
     c.coldstart.lr = 1e-4
+    c.coldstart.warmup_ratio = 0.0  # of the KD steps (reference: cosine, no warmup)
     c.coldstart.batch_size = 64  # sequences per step
     c.coldstart.rollouts_per_question = 1  # teacher samples per training question
     c.coldstart.max_questions = 0  # 0 = all training questions
@@ -221,6 +222,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for field in ("optim.actor_lr", "optim.critic_lr", "coldstart.lr"):
         section, key = field.split(".")
         need(cfg[section][key] > 0, field, f"must be > 0, got {cfg[section][key]}")
+    for field in ("optim.actor_warmup_ratio", "optim.critic_warmup_ratio",
+                  "coldstart.warmup_ratio"):
+        section, key = field.split(".")
+        need(0 <= cfg[section][key] < 1, field, f"must be in [0, 1), got {cfg[section][key]}")
     need(cfg.optim.schedule in ("constant", "cosine"), "optim.schedule",
          f"{cfg.optim.schedule!r}: expected constant or cosine")
     need(isinstance(cfg.mesh.num_devices, int) and cfg.mesh.num_devices >= 0,

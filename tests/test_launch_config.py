@@ -30,6 +30,8 @@ def test_dgpo_nq_has_reference_hyperparameters(monkeypatch):
     cfg = _load("dgpo_nq.py")
     assert (cfg.optim.actor_lr, cfg.optim.critic_lr) == (1e-6, 1e-5)
     assert (cfg.optim.actor_warmup_ratio, cfg.optim.critic_warmup_ratio) == (0.285, 0.015)
+    # The cold start (algorithms.md): AdamW lr 1e-4, cosine, no warmup, 5 epochs.
+    assert (cfg.coldstart.lr, cfg.coldstart.warmup_ratio, cfg.coldstart.epochs) == (1e-4, 0.0, 5)
     assert (cfg.data.batch_size, cfg.train.mini_batch_size, cfg.train.ppo_epochs) == (512, 256, 1)
     assert (cfg.sampler.max_turns, cfg.retrieval.topk, cfg.sampler.temperature) == (4, 3, 1.0)
     assert cfg.sampler.max_new_tokens_per_turn == cfg.sampler.max_obs_length == 500
@@ -61,6 +63,7 @@ def _valid(tmp_path):
     ("train.steps", 0, "config.train.steps: must be an int >= 1"),
     ("train.mini_batch_size", 100, "config.train.mini_batch_size: 100 must divide"),
     ("optim.schedule", "linear", "config.optim.schedule"),
+    ("coldstart.warmup_ratio", 1.0, "config.coldstart.warmup_ratio: must be in"),
     ("mesh.rules", "embed", "mesh.rules: 'embed' is not"),
 ])
 def test_validate_names_the_field(tmp_path, field, value, message):

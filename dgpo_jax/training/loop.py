@@ -43,10 +43,12 @@ def build_objective(cfg) -> ObjectiveConfig:
 
 
 def optim_config(cfg, total_updates: int, lr: float | None = None,
-                 schedule: str | None = None) -> OptimConfig:
+                 schedule: str | None = None, warmup_ratio: float | None = None) -> OptimConfig:
+    """``warmup_ratio`` (of ``total_updates``) replaces ``optim.actor_warmup_ratio`` when given."""
     o = cfg.optim
     schedule = schedule or o.schedule
-    actor_warmup = OptimConfig.warmup_from_ratio(o.actor_warmup_ratio, total_updates)
+    ratio = o.actor_warmup_ratio if warmup_ratio is None else warmup_ratio
+    actor_warmup = OptimConfig.warmup_from_ratio(ratio, total_updates)
     critic_warmup = OptimConfig.warmup_from_ratio(o.critic_warmup_ratio, total_updates)
     if schedule == "constant" and (actor_warmup or critic_warmup):
         schedule = "warmup_constant"
@@ -323,7 +325,8 @@ def kd_train(cfg, run, seqs: dict[str, np.ndarray], epochs: int, lr: float, batc
     steps_per_epoch = n // batch_size
     total = max(1, epochs * steps_per_epoch)
     update = make_update_step(objective, run.student_config, run.teacher_config,
-                              optimizer=optim_config(cfg, total, lr=lr, schedule="cosine"),
+                              optimizer=optim_config(cfg, total, lr=lr, schedule="cosine",
+                                                     warmup_ratio=cfg.coldstart.warmup_ratio),
                               micro_batches=_micro_batches(batch_size, cfg.train.micro_batch_size),
                               plan=run.plan)
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
