@@ -34,11 +34,14 @@ def get_config():
     cfg.eval.sampled = False
     cfg.eval.max_examples = 100  # per data source (single-hop, two-hop)
     cfg.eval.batch_size = 100
-    cfg.coldstart.max_questions = 800
+    # The cold start on the teacher's greedy rollouts over every training question; small batches
+    # and many steps: copying from the context forms after a number of *steps* (docs/quickstart.md).
+    cfg.coldstart.max_questions = 0
     cfg.coldstart.greedy = True
-    cfg.coldstart.epochs = 4
-    cfg.coldstart.lr = 1e-3
-    cfg.coldstart.batch_size = 32
+    cfg.coldstart.epochs = 6
+    cfg.coldstart.lr = 2e-3
+    cfg.coldstart.warmup_ratio = 0.05
+    cfg.coldstart.batch_size = 8
     cfg.train.micro_batch_size = 32
     cfg.logging.progress = True
 
@@ -50,16 +53,18 @@ def get_config():
         "Answer the question. Think inside <think> </think>, search with <search> query "
         "</search>, read <information> </information>, and answer inside <answer> </answer>. "
         "Question: {question}\n")
-    cfg.quickstart.teacher_preset = "tiny-teacher"
-    cfg.quickstart.student_preset = "tiny"
+    # 4 layers x 128 (0.66M parameters) and 2 layers x 128 (0.36M), RoPE base 10^4.
+    cfg.quickstart.teacher_preset = "quickstart-teacher"
+    cfg.quickstart.student_preset = "quickstart-student"
     cfg.quickstart.teacher_questions = 0  # 0 = every training question
-    cfg.quickstart.teacher_steps = 300
-    cfg.quickstart.teacher_batch_size = 32
+    cfg.quickstart.teacher_steps = 800
+    cfg.quickstart.teacher_batch_size = 8
     cfg.quickstart.teacher_lr = 2e-3
     cfg.quickstart.ppo_baseline = True
     cfg.quickstart.time_budget_s = 600  # skip the PPO baseline beyond this
     # The RL stages (DGPO, and PPO as the baseline), both from the cold-start student.
-    cfg.quickstart.rl_steps = 20
+    # The reference schedule shape (actor warmup 28.5% of the updates, critic 1.5%).
+    cfg.quickstart.rl_steps = 30
     cfg.quickstart.rl_batch_size = 32  # prompts per step (one rollout each)
     cfg.quickstart.rl_actor_lr = 1e-4
     cfg.quickstart.rl_critic_lr = 1e-3

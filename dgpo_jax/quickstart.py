@@ -237,8 +237,7 @@ def run_quickstart(cfg) -> dict:
     rl = {"train.steps": q.rl_steps, "data.batch_size": q.rl_batch_size,
           "train.mini_batch_size": q.rl_batch_size, "train.ppo_epochs": 1,
           "train.eval_every": 0, "train.save_every": max(1, q.rl_steps // 2),
-          "optim.actor_lr": q.rl_actor_lr, "optim.critic_lr": q.rl_critic_lr,
-          "optim.actor_warmup_ratio": 0.0, "optim.critic_warmup_ratio": 0.0}
+          "optim.actor_lr": q.rl_actor_lr, "optim.critic_lr": q.rl_critic_lr}
     dg = run_train(_sub(base, "dgpo", **{
         "mode": "train", "model.student": cs["checkpoint"], "model.teacher": teacher_dir,
         "objective.preset": "dgpo", **rl}))

@@ -217,6 +217,13 @@ PRESETS: dict[str, Qwen2Config] = {
         eos_token_id=None,
     ),
 }
+# The quickstart's pair (configs/quickstart.py): the tiny shapes with RoPE base 10^4 instead of
+# Qwen2.5's 10^6. With 16- or 32-dimensional heads and contexts of ~200 tokens, base 10^6 leaves
+# only two or three rotation frequencies that tell neighbouring positions apart, and the
+# copy-from-context skill the synthetic task needs forms several times later
+# (docs/quickstart.md, 2026-11-22).
+PRESETS["quickstart-teacher"] = PRESETS["tiny-teacher"].replace(rope_theta=10_000.0)
+PRESETS["quickstart-student"] = PRESETS["quickstart-teacher"].replace(num_hidden_layers=2)
 
 
 def get_preset(name: str, **overrides) -> Qwen2Config:
