@@ -192,8 +192,7 @@ PRESETS: dict[str, Qwen2Config] = {
         bos_token_id=None,
         eos_token_id=None,
     ),
-    # The quickstart's student: the teacher's depth (copying from retrieved text needs it), half
-    # its width.
+    # The teacher's depth at half its width (a student tried in the quickstart, docs/quickstart.md).
     "tiny-4l": Qwen2Config(
         vocab_size=512,
         hidden_size=64,
