@@ -192,18 +192,6 @@ PRESETS: dict[str, Qwen2Config] = {
         bos_token_id=None,
         eos_token_id=None,
     ),
-    # The teacher's depth at half its width (a student tried in the quickstart, docs/quickstart.md).
-    "tiny-4l": Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=None,
-    ),
     "tiny-teacher": Qwen2Config(
         vocab_size=512,
         hidden_size=128,
@@ -216,11 +204,13 @@ PRESETS: dict[str, Qwen2Config] = {
         eos_token_id=None,
     ),
 }
-# The quickstart's pair (configs/quickstart.py): the tiny shapes with RoPE base 10^4 instead of
-# Qwen2.5's 10^6. With 16- or 32-dimensional heads and contexts of ~200 tokens, base 10^6 leaves
-# only two or three rotation frequencies that tell neighbouring positions apart, and the
-# copy-from-context skill the synthetic task needs forms several times later
-# (docs/quickstart.md, 2026-11-22).
+# The teacher's depth at half its width (a student tried in the quickstart, docs/quickstart.md).
+PRESETS["tiny-4l"] = PRESETS["tiny"].replace(num_hidden_layers=4, intermediate_size=256)
+# The quickstart's pair (configs/quickstart.py): `tiny-teacher` with RoPE base 10^4 instead of
+# Qwen2.5's 10^6, and its 2-layer cut as the student. With 32-dimensional heads and contexts of
+# ~200 tokens, base 10^6 leaves few rotation frequencies that tell neighbouring positions apart,
+# and the copy-from-context skill the synthetic task needs forms later (docs/quickstart.md,
+# 2026-11-22).
 PRESETS["quickstart-teacher"] = PRESETS["tiny-teacher"].replace(rope_theta=10_000.0)
 PRESETS["quickstart-student"] = PRESETS["quickstart-teacher"].replace(num_hidden_layers=2)
 
