@@ -1,8 +1,7 @@
 """The fused update step on tiny models: micro-batching is exact, float32 / bfloat16 paths,
 the non-finite guard, every preset (loss finite, params change, the objective goes down),
 OPD lowers the KL to the teacher, reward alone teaches a bandit (DGPO, PPO, GRPO), DGPO
-leaves correct samples untouched by the KL, sharding,
-and bad input caught before compiling."""
+leaves correct samples untouched by the KL, sharding, and bad input caught before compiling."""
 
 import os
 
