@@ -221,3 +221,18 @@ def test_presets_param_counts():
         with torch.device("meta"):
             hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg.to_hf_dict()))
         assert cfg.num_params() == sum(p.numel() for p in hf.parameters()), name
+
+
+def test_replace_rederives_a_derived_head_dim():
+    """Widening a preset re-derives head_dim (64 -> 128 with the heads fixed); an explicit
+    head_dim that differs from hidden_size // heads survives a replace; shapes follow."""
+    tiny = get_preset("tiny")
+    wide = tiny.replace(hidden_size=2 * tiny.hidden_size)
+    assert wide.head_dim == 2 * tiny.head_dim == wide.hidden_size // wide.num_attention_heads
+    q = param_shapes(wide)["layers"]["attn"]["q_kernel"].shape  # [L, D, heads, head_dim]
+    assert q[1] == wide.hidden_size and q[2] * q[3] == wide.hidden_size
+    more_heads = tiny.replace(num_attention_heads=2 * tiny.num_attention_heads)
+    assert more_heads.head_dim == tiny.head_dim // 2
+    explicit = tiny.replace(head_dim=3 * tiny.head_dim)
+    assert explicit.replace(hidden_size=2 * tiny.hidden_size).head_dim == 3 * tiny.head_dim
+    assert tiny.replace(num_hidden_layers=1).head_dim == tiny.head_dim

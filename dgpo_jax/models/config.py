@@ -61,6 +61,12 @@ class Qwen2Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     def replace(self, **kw) -> "Qwen2Config":
+        """``dataclasses.replace``; a head_dim that was derived (hidden_size // heads) is derived
+        again when hidden_size or num_attention_heads changes, an explicit one is kept."""
+        shape_changed = "hidden_size" in kw or "num_attention_heads" in kw
+        derived = self.head_dim == self.hidden_size // self.num_attention_heads
+        if shape_changed and derived and "head_dim" not in kw:
+            kw["head_dim"] = None
         return dataclasses.replace(self, **kw)
 
     def num_params(self) -> int:
