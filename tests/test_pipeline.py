@@ -151,3 +151,37 @@ def test_export_reloads_in_transformers(world, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_eval_writes_one_prediction_per_question(world, tmp_path):
+    """mode=eval writes NAME.predictions.jsonl: one row per (decoding, question) in the test
+    file's order, with that question's golds; its EM column agrees with the summary and with
+    exact_match on its own answer column; the summary JSON does not repeat the rows."""
+    from dgpo_jax.data.search_r1 import read_question_files
+    from dgpo_jax.evaluation import exact_match
+    from dgpo_jax.training.loop import run_eval
+    cfg = tiny_config(world, tmp_path)
+    cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.sampled = 3, 4, True
+    results = run_eval(cfg)["final_eval"]
+    with open(tmp_path / "eval" / "eval.predictions.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    kept, seen = [], {}
+    for r in read_question_files([world["test.parquet"]]):
+        if seen.get(r.data_source, 0) < 3:
+            seen[r.data_source] = seen.get(r.data_source, 0) + 1
+            kept.append(r)
+    assert sorted(results) == sorted({r["decoding"] for r in rows}) and len(results) == 2
+    for decoding in results:
+        mine = [r for r in rows if r["decoding"] == decoding]
+        assert [r["index"] for r in mine] == list(range(len(kept)))
+        for row, rec in zip(mine, kept):
+            assert (row["data_source"], row["golds"], row["row_index"]) == (
+                rec.data_source, list(rec.golds), rec.index)
+            assert rec.user_content.rstrip().endswith(row["question"]) and row["question"]
+            assert row["em"] == exact_match(row["answer"], rec.golds)
+        for source, summary in results[decoding].items():
+            if not source.startswith("_"):
+                ems = [r["em"] for r in mine if source in ("all", r["data_source"])]
+                assert summary["count"] == len(ems) and summary["em"] == pytest.approx(np.mean(ems))
+    with open(tmp_path / "eval" / "eval.json") as f:
+        assert "_predictions" not in json.dumps(json.load(f))

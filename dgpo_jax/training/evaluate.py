@@ -29,27 +29,41 @@ def rollout_records(sampler, params, records: Sequence[QARecord], tokenizer, bat
     return out
 
 
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retriever,
              sampler_configs: dict[str, Any], batch_size: int, seed: int = 0, plan=None,
              use_chat_template: bool = True, num_samples: int = 8) -> dict[str, dict]:
     """``sampler_configs``: {"greedy": SamplerConfig, "sampled": SamplerConfig, ...}.
 
     Returns {decoding: {data_source: {em, em_without_think, hit_ratio, search_calls,
-    search_share, count}}} plus, per decoding, ``"_seconds"`` and ``"_samples"``: the first
+    search_share, count}}} plus, per decoding, ``"_seconds"``, ``"_samples"``: the first
     ``num_samples`` trajectories per data source (question, response, golds, EM), to read what
-    the model does.
+    the model does, and ``"_predictions"``: one row per question (its position in ``records``,
+    source, the file's split and index, the prompt's last line (the question, in both
+    templates), golds, extracted answer, EM, searches), which `write_results` puts in a
+    JSON-lines file of its own.
     """
     from dgpo_jax.sampler import Sampler
     results: dict[str, dict] = {}
     for name, scfg in sampler_configs.items():
         t = time.time()
         sampler = Sampler(model_config, scfg, tokenizer, retriever, plan=plan)
-        trajs, samples, shown = [], [], {}
+        trajs, samples, shown, predictions = [], [], {}, []
         for scored, chunk in rollout_records(sampler, params, records, tokenizer, batch_size,
                                              seed, use_chat_template):
             for i, rec in enumerate(chunk):
                 trajs.append(TrajectoryRecord(rec.data_source, scored.responses[i], rec.golds,
                                               int(scored.num_searches[i])))
+                predictions.append({"index": len(predictions), "data_source": rec.data_source,
+                                    "split": rec.split, "row_index": rec.index,
+                                    "question": _last_line(rec.user_content),
+                                    "golds": list(rec.golds),
+                                    "answer": scored.answers[i], "em": float(scored.rewards[i]),
+                                    "searches": int(scored.num_searches[i])})
                 if shown.get(rec.data_source, 0) < num_samples:
                     shown[rec.data_source] = shown.get(rec.data_source, 0) + 1
                     samples.append({"data_source": rec.data_source,
@@ -59,6 +73,7 @@ def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retri
         results[name] = arcap_summary(trajs)
         results[name]["_seconds"] = round(time.time() - t, 2)
         results[name]["_samples"] = samples
+        results[name]["_predictions"] = predictions
         log.info("eval %s: EM %.3f over %d questions (%.1fs)", name,
                  results[name]["all"]["em"], len(trajs), results[name]["_seconds"])
     return results
@@ -81,9 +96,20 @@ def markdown_table(results: dict[str, dict], title: str = "") -> str:
 
 def write_results(workdir: str, name: str, results: dict[str, dict], extra: dict | None = None
                   ) -> tuple[str, str]:
-    """``WORKDIR/eval/NAME.json`` and ``NAME.md``; returns both paths."""
+    """``WORKDIR/eval/NAME.json``, ``NAME.md`` and, when the results carry them, the
+    per-question predictions as ``NAME.predictions.jsonl`` (one row per question and decoding,
+    with a ``decoding`` field); returns the JSON and markdown paths."""
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    rows = [dict(decoding=d, **row) for d, per in results.items()
+            for row in per.get("_predictions", ())]
+    results = {d: {k: v for k, v in per.items() if k != "_predictions"}
+               for d, per in results.items()}
+    if rows:
+        pred_path = os.path.join(out_dir, f"{name}.predictions.jsonl")
+        with open(pred_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(pred_path + ".tmp", pred_path)
     payload = dict(extra or {}, results=results)
     json_path = os.path.join(out_dir, f"{name}.json")
     tmp = json_path + ".tmp"
