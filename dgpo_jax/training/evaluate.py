@@ -94,6 +94,13 @@ def markdown_table(results: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_text(path: str, text: str) -> None:
+    """Write through a temporary file and rename: a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_results(workdir: str, name: str, results: dict[str, dict], extra: dict | None = None
                   ) -> tuple[str, str]:
     """``WORKDIR/eval/NAME.json``, ``NAME.md`` and, when the results carry them, the
@@ -106,17 +113,10 @@ def write_results(workdir: str, name: str, results: dict[str, dict], extra: dict
     results = {d: {k: v for k, v in per.items() if k != "_predictions"}
                for d, per in results.items()}
     if rows:
-        pred_path = os.path.join(out_dir, f"{name}.predictions.jsonl")
-        with open(pred_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(pred_path + ".tmp", pred_path)
-    payload = dict(extra or {}, results=results)
+        _write_text(os.path.join(out_dir, f"{name}.predictions.jsonl"),
+                    "".join(json.dumps(r) + "\n" for r in rows))
     json_path = os.path.join(out_dir, f"{name}.json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, json_path)
+    _write_text(json_path, json.dumps(dict(extra or {}, results=results), indent=2))
     md_path = os.path.join(out_dir, f"{name}.md")
-    with open(md_path, "w") as f:
-        f.write(markdown_table(results, name))
+    _write_text(md_path, markdown_table(results, name))
     return json_path, md_path
