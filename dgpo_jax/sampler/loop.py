@@ -174,15 +174,20 @@ def _teacher_turn(has_teacher: bool, row_keys: Array, turn: Array, prob: Array) 
     return u < prob
 
 
-def _run_model(model_cfg, params, ids, mask, cache, plan, prev_logits, rows=None):
-    """One model step on ``ids [M, T]`` (cache rows `rows`, None = all): the logits after each
-    row's last real token ``[M, V]`` (``prev_logits`` where the row had none), and the cache."""
+def _run_model(model_cfg, params, ids, mask, cache, plan, logits, rows=None):
+    """One model step on ``ids [M, T]`` for cache rows `rows` (None: all, M = B). Returns the
+    next-token logits of every row, ``[B, V]``: after its last real token for a stepped row that
+    had one, else unchanged from `logits` ``[B, V]`` (dummy rows >= B are dropped); and the
+    cache."""
     hidden, cache = forward_with_cache(
         model_cfg, params, ids, cache, mask, plan, return_hidden=True, rows=rows
     )
     last, has = _last_real(hidden, mask)
-    logits = lm_logits(model_cfg, params, last)
-    return jnp.where(has[:, None], logits, prev_logits), _cache_constrain(plan, cache)
+    new = lm_logits(model_cfg, params, last)
+    if rows is None:
+        return jnp.where(has[:, None], new, logits), _cache_constrain(plan, cache)
+    new = jnp.where(has[:, None], new, logits[jnp.minimum(rows, logits.shape[0] - 1)])
+    return logits.at[rows].set(new, mode="drop"), _cache_constrain(plan, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "config", "plan", "teacher_config"))
@@ -337,26 +342,23 @@ def rollout_program(
         mask = gen[:, None]
 
         # Both models see every token; the model runs on the M rows' caches only.
-        def run(mcfg, p, cache, logits):
-            if rows is None:
-                return _run_model(mcfg, p, ids, mask, cache, plan, logits)
-            sub_logits, cache = _run_model(
-                mcfg,
-                p,
-                ids[read],
-                mask[read] & (rows < batch)[:, None],
-                cache,
-                plan,
-                logits[read],
-                rows,
-            )
-            return logits.at[rows].set(sub_logits, mode="drop"), cache
-
-        next_logits, cache = run(model_config, params, s.cache, s.next_logits)
+        step_ids, step_mask = (
+            (ids, mask) if rows is None else (ids[read], mask[read] & (rows < batch)[:, None])
+        )
+        next_logits, cache = _run_model(
+            model_config, params, step_ids, step_mask, s.cache, plan, s.next_logits, rows
+        )
         teacher_next_logits, teacher_cache = s.teacher_next_logits, s.teacher_cache
         if has_teacher:
-            teacher_next_logits, teacher_cache = run(
-                teacher_config, teacher_params, teacher_cache, teacher_next_logits
+            teacher_next_logits, teacher_cache = _run_model(
+                teacher_config,
+                teacher_params,
+                step_ids,
+                step_mask,
+                teacher_cache,
+                plan,
+                teacher_next_logits,
+                rows,
             )
         resp_len = s.resp_len + gen
         # Stops and budgets.
@@ -409,23 +411,21 @@ def rollout_program(
         start, length = s.pending_pos[row], s.pending_len[row]
         mask = start + jnp.arange(chunk, dtype=jnp.int32) < length
         ids = jnp.where(mask, jax.lax.dynamic_slice(s.pending[row], (start,), (chunk,)), pad)
-        logits, cache = _run_model(
-            model_config, params, ids[None], mask[None], s.cache, plan, s.next_logits[rows], rows
+        next_logits, cache = _run_model(
+            model_config, params, ids[None], mask[None], s.cache, plan, s.next_logits, rows
         )
-        next_logits = s.next_logits.at[row].set(logits[0])
         teacher_next_logits, teacher_cache = s.teacher_next_logits, s.teacher_cache
         if has_teacher:
-            logits, teacher_cache = _run_model(
+            teacher_next_logits, teacher_cache = _run_model(
                 teacher_config,
                 teacher_params,
                 ids[None],
                 mask[None],
                 teacher_cache,
                 plan,
-                teacher_next_logits[rows],
+                teacher_next_logits,
                 rows,
             )
-            teacher_next_logits = teacher_next_logits.at[row].set(logits[0])
         count = jnp.sum(mask, dtype=jnp.int32)
         at = s.resp_len[row]
         no = jnp.zeros((chunk,), bool)
