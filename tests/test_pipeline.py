@@ -177,7 +177,10 @@ def test_eval_writes_one_prediction_per_question(world, tmp_path):
         for row, rec in zip(mine, kept):
             assert (row["data_source"], row["golds"], row["row_index"]) == (
                 rec.data_source, list(rec.golds), rec.index)
-            assert rec.user_content.rstrip().endswith(row["question"]) and row["question"]
+            # the question alone: what follows the template's "Question: ", not its instruction
+            assert rec.user_content.rstrip().endswith(" " + row["question"])
+            assert row["question"].endswith("?") and "Question" not in row["question"]
+            assert TEMPLATE.split("Question")[0].strip() not in row["question"]
             assert row["em"] == exact_match(row["answer"], rec.golds)
         for source, summary in results[decoding].items():
             if not source.startswith("_"):

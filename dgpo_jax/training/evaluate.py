@@ -29,8 +29,13 @@ def rollout_records(sampler, params, records: Sequence[QARecord], tokenizer, bat
     return out
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
+def _question(prompt: str) -> str:
+    """The text after the prompt's last "Question:" (both templates end with it), else the
+    prompt's last non-empty line."""
+    head, marker, tail = prompt.rpartition("Question:")
+    if marker:
+        return tail.strip()
+    lines = [line for line in prompt.splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
 
 
@@ -43,9 +48,8 @@ def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retri
     search_share, count}}} plus, per decoding, ``"_seconds"``, ``"_samples"``: the first
     ``num_samples`` trajectories per data source (question, response, golds, EM), to read what
     the model does, and ``"_predictions"``: one row per question (its position in ``records``,
-    source, the file's split and index, the prompt's last line (the question, in both
-    templates), golds, extracted answer, EM, searches), which `write_results` puts in a
-    JSON-lines file of its own.
+    source, the file's split and index, the question (`_question`), golds, extracted answer,
+    EM, searches), which `write_results` puts in a JSON-lines file of its own.
     """
     from dgpo_jax.sampler import Sampler
     results: dict[str, dict] = {}
@@ -60,7 +64,7 @@ def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retri
                                               int(scored.num_searches[i])))
                 predictions.append({"index": len(predictions), "data_source": rec.data_source,
                                     "split": rec.split, "row_index": rec.index,
-                                    "question": _last_line(rec.user_content),
+                                    "question": _question(rec.user_content),
                                     "golds": list(rec.golds),
                                     "answer": scored.answers[i], "em": float(scored.rewards[i]),
                                     "searches": int(scored.num_searches[i])})
