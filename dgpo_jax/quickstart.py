@@ -5,8 +5,9 @@
    word-level tokenizer and a BM25 index.
 2. Train a small Qwen2-architecture *teacher* to search and answer: supervised on scripted
    expert trajectories (think, search the entity, read the retrieved documents, search the
-   linked entity for two-hop questions, answer), with the observations produced by the real
-   retriever and tokenized exactly as the sampler inserts them (loss on the agent's tokens only).
+   linked entity for two-hop questions, quote the sentence that states the answer, answer),
+   with the observations produced by the real retriever and tokenized exactly as the sampler
+   inserts them (loss on the agent's tokens only).
 3. Then the real pipeline, the same code as ``mode=eval|coldstart|train``:
    evaluate the untrained student and the teacher; cold-start a smaller *student* by KD on the
    teacher's correct trajectories; run DGPO from the cold start; time allowing, PPO from the
@@ -36,7 +37,20 @@ def _stage(msg: str) -> None:
 
 # ------------------------------------------------------------------------ expert trajectories ---
 def expert_turns(world, row: dict) -> tuple[list[str], list[str]]:
-    """(turn texts, search queries) of a scripted expert answering ``row``."""
+    """(turn texts, search queries) of a scripted expert answering ``row``.
+
+    The expert searches each entity of the question's chain, then quotes the sentence of the
+    last document that states the answer and answers::
+
+        <think> I need to find Kalo Venter </think> <search> Kalo Venter </search>
+        <think> Kalo Venter is an engineer born in Port Avel in 1954 </think> <answer> 1954 </answer>
+
+    Quoting makes the answer a copy of the words that precede it in the document. Without the
+    quote ("So the answer is 1954") the 0.7M-parameter teacher never learned to pick
+    professions, years or the first name of a founder out of a document (docs/quickstart.md).
+    """
+    from dgpo_jax.data.synthetic import evidence
+
     by_doc = {e.doc_id: e for e in world.entities}
     extra = row["extra_info"]
     chain = [by_doc[d] for d in extra["gold_doc_ids"]]
@@ -46,7 +60,7 @@ def expert_turns(world, row: dict) -> tuple[list[str], list[str]]:
         lead = "I need to find" if hop == 0 else "Now I need to find"
         turns.append(f"<think> {lead} {entity.name} </think> <search> {entity.name} </search>")
         queries.append(entity.name)
-    turns.append(f"<think> So the answer is {answer} </think> <answer> {answer} </answer>")
+    turns.append(f"<think> {evidence(chain[-1], answer)} </think> <answer> {answer} </answer>")
     return turns, queries
 
 

@@ -241,3 +241,32 @@ def test_word_tokenizer_splits_words_punctuation_and_tags(default_world_tokenize
     assert tokens == ["Doc", "12", "(", "Title", ":", first, last, ")", "born", ".", "\n", "\n",
                       "<search>", first, "</search>"]
     assert tokenizer.convert_ids_to_tokens(tokenizer("Zzyzx qq").input_ids) == ["<unk>", "<unk>"]
+
+
+def test_evidence_quotes_the_sentence_up_to_the_answer():
+    kalo = synthetic.Entity(index=0, kind="person", name="Kalo Venter", split="train", doc_id="0",
+                            facts={"profession": "engineer", "birthplace": "Port Avel",
+                                   "birth_year": "1954", "employer": "Dumi Systems"}, links={})
+    assert synthetic.evidence(kalo, "1954") == "Kalo Venter is an engineer born in Port Avel in 1954"
+    assert synthetic.evidence(kalo, "engineer") == "Kalo Venter is an engineer"
+    assert synthetic.evidence(kalo, "Dumi Systems") == "Kalo Venter works for Dumi Systems"
+    with pytest.raises(ValueError, match="does not state '195'"):
+        synthetic.evidence(kalo, "195")  # a whole word, not part of one
+
+
+def test_expert_quotes_the_last_document_then_answers(world):
+    from dgpo_jax.quickstart import expert_turns
+
+    knowledge = read_encyclopedia(world.corpus)
+    text_by_doc = {row["id"]: row["contents"] for row in world.corpus}
+    names_by_doc = {doc_id: name for name, (doc_id, _, _) in knowledge.items()}
+    for row in world.train + world.test:
+        turns, queries = expert_turns(world, row)
+        gold = row["extra_info"]["gold_doc_ids"]
+        assert queries == [names_by_doc[d] for d in gold]
+        match = re.fullmatch(r"<think> (.+) </think> <answer> (.+) </answer>", turns[-1])
+        quote, said = match.groups()
+        assert said == row["golden_answers"][0] and quote.endswith(" " + said)
+        # The quote opens a sentence of the last document read.
+        sentences = text_by_doc[gold[-1]].split("\n", 1)[1].split(". ")
+        assert any(sentence.startswith(quote) for sentence in sentences), (quote, sentences)

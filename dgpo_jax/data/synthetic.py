@@ -159,6 +159,21 @@ def _document_text(entity: Entity) -> str:
     return f"{name}\n{body}"
 
 
+def evidence(entity: Entity, answer: str) -> str:
+    """The sentence of ``entity``'s document that states ``answer``, cut after the answer.
+
+    ``evidence(kalo, "1954")`` is "Kalo Venter is an engineer born in Port Avel in 1954": the
+    words a reader quotes to justify the answer. Raises ValueError when the document does not
+    state ``answer``.
+    """
+    body = _document_text(entity).split("\n", 1)[1]
+    for sentence in re.split(r"(?<=\.) ", body):
+        found = re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", sentence)
+        if found:
+            return sentence[:found.end()]
+    raise ValueError(f"the document of {entity.name!r} does not state {answer!r}")
+
+
 def _question_row(data_source: str, split: str, question_type: str, question: str, answer: str,
                   gold_doc_ids: list[str], prompt_template: str) -> dict:
     question = question.strip()
