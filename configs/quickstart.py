@@ -61,8 +61,7 @@ def get_config():
     cfg.quickstart.teacher_batch_size = 8
     cfg.quickstart.teacher_lr = 2e-3
     cfg.quickstart.ppo_baseline = True
-    # Skip the PPO baseline when it would end the run past this (the run takes ~11 min on 2 cores).
-    cfg.quickstart.time_budget_s = 720
+    cfg.quickstart.time_budget_s = 600  # skip the PPO baseline beyond this
     # The RL stages (DGPO, and PPO as the baseline), both from the cold-start student.
     # The reference schedule shape (actor warmup 28.5% of the updates, critic 1.5%).
     cfg.quickstart.rl_steps = 30
