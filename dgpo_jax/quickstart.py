@@ -45,9 +45,10 @@ def expert_turns(world, row: dict) -> tuple[list[str], list[str]]:
         <think> I need to find Kalo Venter </think> <search> Kalo Venter </search>
         <think> Kalo Venter is an engineer born in Port Avel in 1954 </think> <answer> 1954 </answer>
 
-    Quoting makes the answer a copy of the words that precede it in the document. Without the
-    quote ("So the answer is 1954") the 0.7M-parameter teacher never learned to pick
-    professions, years or the first name of a founder out of a document (docs/quickstart.md).
+    Quoting turns finding the answer into copying: each quoted word follows the one before it
+    in the document, and the answer repeats the end of the quote. Without the quote ("So the
+    answer is 1954") the 0.7M-parameter teacher never learned to pick professions, years or a
+    founder's first name out of a document (docs/quickstart.md).
     """
     from dgpo_jax.data.synthetic import evidence
 

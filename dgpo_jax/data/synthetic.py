@@ -11,7 +11,9 @@ one search finds the answer) and two-hop ("where is the headquarters of the orga
 Venter works for?", the first answer is needed to form the second query). Every entity belongs
 to the train or the test split and links only to entities of its own split, so no test question
 touches an entity of a training question. Names are invented, so the answers can only be found
-by retrieval. `build_word_tokenizer` turns the world's words into a small word-level tokenizer.
+by retrieval. `evidence` gives the words of a document that state an answer (what a scripted
+expert quotes); `build_word_tokenizer` turns the world's words into a small word-level
+tokenizer.
 
     python -m dgpo_jax.data.synthetic --out workdir/synthetic [--seed 0] [--num-entities 3000]
 """
