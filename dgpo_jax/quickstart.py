@@ -183,6 +183,7 @@ def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, te
 
 def run_quickstart(cfg) -> dict:
     from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
+    from dgpo_jax.fileio import write_text_atomically
     from dgpo_jax.models import get_preset
     from dgpo_jax.retrieval import InProcessRetriever
     from dgpo_jax.training.loop import run_coldstart, run_eval, run_train
@@ -275,8 +276,7 @@ def run_quickstart(cfg) -> dict:
     timings["total"] = round(time.time() - t_start, 1)
     result = {"table": table, "decoding": "greedy", "split": "test (held-out entities)",
               "seconds": timings, "config": cfg.to_dict()}
-    with open(os.path.join(cfg.workdir, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomically(os.path.join(cfg.workdir, "results.json"), json.dumps(result, indent=1))
     print_table(table)
     print(f"\nresults: {os.path.join(cfg.workdir, 'results.json')}  ({timings['total']:.0f}s)")
     return result

@@ -420,18 +420,18 @@ def test_reward_alone_teaches_the_rewarded_token(models, name):
     n, target, resp = 64, 7, PROMPT + 2  # rows, rewarded token, sequence length
     prompts = np.asarray(jax.random.randint(jax.random.key(5), (n // 4, PROMPT), 0, V))
     prompts = np.repeat(prompts, 4, axis=0)  # 4 rollouts per prompt (the GRPO groups)
+    blank = jnp.concatenate([jnp.asarray(prompts), jnp.zeros((n, 2), jnp.int32)], 1)
 
     @jax.jit
     def sample(params, key):
-        ids = jnp.concatenate([jnp.asarray(prompts), jnp.zeros((n, 2), jnp.int32)], 1)
+        ids = blank
         for t in range(PROMPT, resp):
             logits = forward(sc, params, ids)[:, t - 1]
             ids = ids.at[:, t].set(jax.random.categorical(jax.random.fold_in(key, t), logits))
         return ids
 
     def p_target(params):
-        ids = jnp.concatenate([jnp.asarray(prompts), jnp.zeros((n, 2), jnp.int32)], 1)
-        probs = jax.nn.softmax(forward(sc, params, ids)[:, PROMPT - 1], -1)
+        probs = jax.nn.softmax(forward(sc, params, blank)[:, PROMPT - 1], -1)
         return float(jnp.mean(probs[:, target]))
 
     state = create_update_state(cfg, copy_params(sp), step.tx, 0)

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from dgpo_jax.fileio import write_atomically
 from dgpo_jax.retrieval.formatting import (
     INVALID_ACTION_NOTICE, PROTOCOL_TAGS, SEARCH_R1_PROMPT_TEMPLATE, format_prompt)
 
@@ -308,17 +309,6 @@ def generate_world(seed: int = 0, num_entities: int = 3000, *, test_fraction: fl
     return World(seed=seed, entities=entities, corpus=corpus, train=rows["train"], test=rows["test"])
 
 
-def _write_atomically(path: str, write) -> None:
-    partial = f"{path}.partial-{os.getpid()}"
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-
-
 def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
     """Writes corpus.jsonl, train.parquet, test.parquet and world.json (sizes, seed) to `out_dir`.
 
@@ -337,10 +327,10 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
             for row in world.corpus:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    _write_atomically(paths["corpus.jsonl"], write_corpus)
+    write_atomically(paths["corpus.jsonl"], write_corpus)
     for split in SPLITS:
         table = pa.Table.from_pylist(world.rows(split))
-        _write_atomically(paths[f"{split}.parquet"], lambda path, table=table: pq.write_table(table, path))
+        write_atomically(paths[f"{split}.parquet"], lambda path, table=table: pq.write_table(table, path))
     summary = {"seed": world.seed, "num_documents": len(world.corpus),
                "entities": dict(Counter(entity.kind for entity in world.entities)),
                "questions": {split: dict(Counter(row["data_source"] for row in world.rows(split)))
@@ -350,7 +340,7 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, sort_keys=True)
 
-    _write_atomically(paths["world.json"], write_summary)
+    write_atomically(paths["world.json"], write_summary)
     return paths
 
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from dgpo_jax.data.search_r1 import QARecord
 from dgpo_jax.evaluation import TrajectoryRecord, arcap_summary
+from dgpo_jax.fileio import write_text_atomically
 from dgpo_jax.training.common import encode_prompt, score_rollout
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,6 @@ def markdown_table(results: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: str, text: str) -> None:
-    """Write through a temporary file and rename: a reader never sees half a file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_results(workdir: str, name: str, results: dict[str, dict], extra: dict | None = None
                   ) -> tuple[str, str]:
     """``WORKDIR/eval/NAME.json``, ``NAME.md`` and, when the results carry them, the
@@ -117,10 +111,10 @@ def write_results(workdir: str, name: str, results: dict[str, dict], extra: dict
     results = {d: {k: v for k, v in per.items() if k != "_predictions"}
                for d, per in results.items()}
     if rows:
-        _write_text(os.path.join(out_dir, f"{name}.predictions.jsonl"),
+        write_text_atomically(os.path.join(out_dir, f"{name}.predictions.jsonl"),
                     "".join(json.dumps(r) + "\n" for r in rows))
     json_path = os.path.join(out_dir, f"{name}.json")
-    _write_text(json_path, json.dumps(dict(extra or {}, results=results), indent=2))
+    write_text_atomically(json_path, json.dumps(dict(extra or {}, results=results), indent=2))
     md_path = os.path.join(out_dir, f"{name}.md")
-    _write_text(md_path, markdown_table(results, name))
+    write_text_atomically(md_path, markdown_table(results, name))
     return json_path, md_path
