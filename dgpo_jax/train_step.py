@@ -533,6 +533,8 @@ class UpdateStep:
             div = -logp if cfg.divergence == "nll" else stats["div"]
             if cfg.trust_threshold is not None and cfg.outlier_handling == "divergence":
                 div = div * (1.0 - pgate)
+            if cfg.divergence_gate == "trajectory":
+                div = div * gate[:, None]
             student_term = student_term + cfg.divergence_coef * div
             sums["divergence"] = jnp.sum(div * tok_w)
         loss = jnp.sum(student_term * tok_w) / dens["s"]

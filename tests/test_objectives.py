@@ -470,6 +470,10 @@ def test_every_preset_builds_and_bad_knobs_are_named():
         presets.get_objective("gkd", beta=0.0)
     with pytest.raises(ValueError, match="reward_logprob_source='current' needs"):
         presets.get_objective("dgpo", reward_logprob_source="current")
+    with pytest.raises(ValueError, match="divergence_gate='trajectory' needs a trajectory_gate"):
+        presets.get_objective("kd", divergence_gate="trajectory")
+    with pytest.raises(ValueError, match="kl_placement must be 'reward', 'loss' or 'divergence'"):
+        presets.get_objective("dgpo", kl_placement="advantage")
 
 
 def test_schedules_match_hand_formulas():

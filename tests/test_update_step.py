@@ -451,3 +451,29 @@ def test_reward_alone_teaches_the_rewarded_token(models, name):
     p1 = p_target(state.params["policy"])
     print(name, "p(target) before/after", p0, p1)
     assert p0 < 0.2 and p1 > max(3 * p0, 0.3), (p0, p1)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_dgpo_divergence_placement_is_the_gated_full_vocabulary_kl(models, direction):
+    """``dgpo(kl_placement="divergence")``: the divergence term is the exact full-vocabulary KL
+    (teacher first for "forward") averaged over every student token, counted only on the wrong
+    trajectories; NumPy on the two models' full logits is the reference."""
+    sc, sp, tc, tp = models
+    cfg = get_objective("dgpo", kl_placement="divergence", kl_direction=direction, beta=0.5,
+                        critic="value_head")
+    step = make_update_step(cfg, sc, tc, optimizer=optax.sgd(0.0), compiler_options=FAST)
+    batch = select(make_batch(models, seed=4), cfg, True)
+    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+    _, m = step(state, batch, tp)
+
+    ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    ls = np.asarray(jax.nn.log_softmax(forward(sc, sp, jnp.asarray(ids), jnp.asarray(am)), -1))
+    lt = np.asarray(jax.nn.log_softmax(forward(tc, tp, jnp.asarray(ids), jnp.asarray(am)), -1))
+    p, q = (lt, ls) if direction == "forward" else (ls, lt)
+    kl = np.zeros(ids.shape)
+    kl[:, 1:] = np.sum(np.exp(p[:, :-1]) * (p[:, :-1] - q[:, :-1]), -1)  # predicts token t
+    wrong = (batch["rewards"] < 0.5).astype(np.float64)[:, None]
+    expected = np.sum(kl * lm * wrong) / np.sum(lm)
+    ungated = np.sum(kl * lm) / np.sum(lm)
+    assert abs(expected - ungated) > 0.05  # the gate matters on this batch
+    np.testing.assert_allclose(float(m["divergence"]), expected, rtol=1e-4)

@@ -3,11 +3,12 @@
 The objective (algorithms.md, "One objective with knobs"):
 
   L = mean_{m_t} [ g_t * w_t * PPOclip(A_t) + kl_loss_coef * u * k(l^S, l^M)
-                   - entropy_coef * H_t + divergence_coef * D_t ]
+                   - entropy_coef * H_t + divergence_coef * [u] * D_t ]
       + teacher_token_coef * mean_{teacher_mask} [ D^teacher_t ]  + value_coef * L_value
   A_t = Adv( outcome_reward_coef * R * [t = last]
              + token_reward_coef * u(tau) * ( lam*(l^T_t - l^ref_t) - (l^S_t - l^ref_t) ) )
 
+``[u]``: the divergence is gated by u(tau) only with ``divergence_gate="trajectory"``.
 Student-token terms share one denominator, the number of ``loss_mask`` tokens (gates zero a
 token's term but keep it in the count; TrOPD outliers, for example, then get their divergence
 in the same mean); teacher-token terms are averaged over ``teacher_mask`` tokens; the value loss
@@ -40,6 +41,7 @@ _CHOICES = {
     "loss_aggregation": ("token_mean", "seq_mean_token_mean"),
     "outlier_handling": ("mask", "clip", "divergence"),
     "divergence": ("none", "nll") + DIVERGENCES,
+    "divergence_gate": ("none", "trajectory"),
     "teacher_token_loss": ("none", "sft", "fkl", "topk_fkl"),
     "critic": ("none", "value_head", "separate"),
     "ref_model": ("initial_student", "teacher_base", "teacher", "none"),
@@ -93,6 +95,7 @@ class ObjectiveConfig:
     # --- full-vocabulary divergence on student tokens -------------------------------------------
     divergence: str = "none"  # none | nll (SFT) | fkl | rkl | jsd | skew_fkl | ...
     divergence_coef: float = 1.0  # alpha
+    divergence_gate: str = "none"  # "trajectory": D_t times u(tau) (DGPO, KL as a full-vocab loss)
     divergence_top_k: int = 0  # for topk_fkl
     topk_renormalize: bool = True  # UNVERIFIED (TrOPD); renormalise over the top-k
     jsd_beta: float = 0.1  # GKD beta
@@ -195,6 +198,10 @@ class ObjectiveConfig:
                 e.append("outlier_handling='divergence' needs a teacher divergence (e.g. topk_fkl)")
         elif self.outlier_handling == "divergence":
             e.append("outlier_handling='divergence' needs trust_threshold")
+        if self.divergence_gate == "trajectory" and (
+            self.trajectory_gate == "none" or self.divergence == "none"
+        ):
+            e.append("divergence_gate='trajectory' needs a trajectory_gate and a divergence")
         if "topk_fkl" in (self.divergence, self.teacher_token_loss) and self.divergence_top_k < 1:
             e.append("topk_fkl needs divergence_top_k >= 1")
         if not 0 < self.jsd_beta < 1:

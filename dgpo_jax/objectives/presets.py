@@ -64,7 +64,10 @@ def dgpo(
 
     ``kl_placement="reward"`` (reference code: k1 on student tokens in the reward, through GAE)
     or ``"loss"`` (the KL as a loss term with ``kl_loss_estimator``; k2 gives the exact
-    reverse-KL gradient).
+    reverse-KL gradient), or ``"divergence"``: the exact full-vocabulary KL of every student
+    token of a wrong trajectory as a loss, ``beta * KL(pi_T || pi_S)`` with
+    ``kl_direction="forward"`` (the project page's teacher-first form), ``KL(pi_S || pi_T)``
+    otherwise. Not the reference code's choice; it needs the teacher forward in the update.
     """
     common = dict(_PPO_COMMON, critic=critic)
     if kl_placement == "reward":
@@ -89,7 +92,20 @@ def dgpo(
             ref_model="teacher",
             **common,
         )
-    raise ValueError(f"dgpo: kl_placement must be 'reward' or 'loss', got {kl_placement!r}")
+    if kl_placement == "divergence":
+        return ObjectiveConfig(
+            name="dgpo",
+            token_reward_coef=0.0,
+            divergence="fkl" if kl_direction == "forward" else "rkl",
+            divergence_coef=beta,
+            divergence_gate="trajectory",
+            trajectory_gate="incorrect",
+            ref_model="none",
+            **common,
+        )
+    raise ValueError(
+        f"dgpo: kl_placement must be 'reward', 'loss' or 'divergence', got {kl_placement!r}"
+    )
 
 
 def dgpo_coldstart() -> ObjectiveConfig:
