@@ -45,9 +45,25 @@ def save_params_checkpoint(config: Qwen2Config, params: Any, directory: str, ste
         ckpt.wait_until_finished()
 
 
+def policy_params(state: Any, source: str = "checkpoint") -> Any:
+    """The student's weights in a restored checkpoint: a params checkpoint (``{"params": p}``,
+    ``save_params_checkpoint``), a cold-start/KD train state (``params`` holding the model), or
+    an RL run's (``{"train": UpdateState}``, ``params = {"policy": ..., "critic": ...}``)."""
+    if isinstance(state, dict) and "train" in state and "params" not in state:
+        state = state["train"]
+    params = state.get("params") if isinstance(state, dict) else getattr(state, "params", None)
+    if params is None:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise KeyError(f"{source}: no model weights in the checkpoint (top level: {keys}); "
+                       "expected 'params' or 'train.params'")
+    if isinstance(params, dict) and "policy" in params:
+        params = params["policy"]
+    return params
+
+
 def load_params_checkpoint(directory: str, step: int | None = None, dtype: Any = None
                            ) -> tuple[Qwen2Config, Any, dict]:
-    """Read (config, params, metadata) from a params or TrainState checkpoint."""
+    """Read (config, params, metadata) from any dgpo_jax checkpoint (see ``policy_params``)."""
     from dgpo_jax.checkpoint import Checkpointer
     with Checkpointer(directory) as ckpt:
         metadata = ckpt.restore_metadata(step)
@@ -57,7 +73,7 @@ def load_params_checkpoint(directory: str, step: int | None = None, dtype: Any =
         config = Qwen2Config.from_hf_dict(metadata["model_config"],
                                           source=f"{directory} metadata")
         state, _ = ckpt.restore(step)
-    params = state["params"] if isinstance(state, dict) else state.params
+    params = policy_params(state, directory)
     if dtype is not None:
         dt = parse_dtype(dtype)
         params = jax.tree.map(lambda x: x.astype(dt), params)

@@ -151,6 +151,11 @@ def test_export_reloads_in_transformers(world, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() < 1e-4
+    # The RL checkpoint also serves as a model source (--config.model.student=.../checkpoints).
+    from dgpo_jax.training.common import load_model
+    _, loaded = load_model(str(tmp_path / "checkpoints"), "float32", config.vocab_size)
+    for x, y in zip(jax.tree.leaves(policy), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_eval_writes_one_prediction_per_question(world, tmp_path):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgpo_jax.checkpoint import Checkpointer, abstract_like
+from dgpo_jax.convert import policy_params
 from dgpo_jax.data.pipeline import PromptBatches
 from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.distributed import to_host
@@ -372,7 +373,7 @@ def run_export(cfg) -> str:
     state, _ = ck.restore(step)
     ck.close()
     config = Qwen2Config.from_hf_dict(meta["model_config"], source=f"{ck.directory} metadata")
-    params = state["train"]["params"]["policy"]
+    params = policy_params(state, ck.directory)
     out = cfg.export.out or os.path.join(cfg.workdir, f"export_{step}")
     save_hf(config, params, out, tokenizer=load_tokenizer(cfg.model.tokenizer),
             dtype=cfg.export.dtype or None, overwrite=True)
