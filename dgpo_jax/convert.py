@@ -47,8 +47,8 @@ def save_params_checkpoint(config: Qwen2Config, params: Any, directory: str, ste
 
 def policy_params(state: Any, source: str = "checkpoint") -> Any:
     """The student's weights in a restored checkpoint: a params checkpoint (``{"params": p}``,
-    ``save_params_checkpoint``), a cold-start/KD train state (``params`` holding the model), or
-    an RL run's (``{"train": UpdateState}``, ``params = {"policy": ..., "critic": ...}``)."""
+    ``save_params_checkpoint``), a state with ``params``, or a training run's
+    (``{"train": UpdateState}``, whose params are ``{"policy": ..., "critic": ...}``)."""
     if isinstance(state, dict) and "train" in state and "params" not in state:
         state = state["train"]
     params = state.get("params") if isinstance(state, dict) else getattr(state, "params", None)
