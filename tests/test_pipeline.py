@@ -156,6 +156,11 @@ def test_export_reloads_in_transformers(world, tmp_path):
     _, loaded = load_model(str(tmp_path / "checkpoints"), "float32", config.vocab_size)
     for x, y in zip(jax.tree.leaves(policy), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # ... and mode=eval in the run's workdir evaluates that checkpoint.
+    from dgpo_jax.training.loop import run_eval
+    cfg.eval.max_examples = 2
+    assert run_eval(cfg)["step"] == 1
+    assert os.path.isfile(tmp_path / "eval" / "eval_step_1.json")
 
 
 def test_eval_writes_one_prediction_per_question(world, tmp_path):

@@ -358,7 +358,7 @@ def run_eval(cfg) -> dict:
         if ck.latest_step() is not None:
             step = ck.latest_step() if cfg.eval.checkpoint_step < 0 else cfg.eval.checkpoint_step
             state, _ = ck.restore(step)
-            params = jax.tree.map(jnp.asarray, state["train"]["params"]["policy"])
+            params = jax.tree.map(jnp.asarray, policy_params(state, ck.directory))
         ck.close()
     results = run.evaluate(params, f"eval_step_{step}" if step is not None else "eval")
     return {"final_eval": results, "step": step}
