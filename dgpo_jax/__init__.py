@@ -55,6 +55,7 @@ _LAZY = {
     "exact_match": "dgpo_jax.evaluation",
     "extract_answer": "dgpo_jax.evaluation",
     "arcap_summary": "dgpo_jax.evaluation",
+    "greedy_vs_sampled": "dgpo_jax.evaluation",
     "read_search_r1_parquet": "dgpo_jax.data.search_r1",
     "TrainState": "dgpo_jax.train_state",
     "create_train_state": "dgpo_jax.train_state",

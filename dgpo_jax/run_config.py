@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.greedy = True
     c.eval.sampled = True  # at sampler.temperature (the reference validated sampled at 1.0)
+    # Sampled draws per question; with greedy on too, the eval also reports pass@k and the
+    # sampled EM split by the greedy outcome (sharpening vs learning; docs/quickstart.md).
+    c.eval.sampled_repeats = 1
     c.eval.max_examples = 0  # per file; 0 = all
     c.eval.batch_size = 128
     c.eval.at_end = True  # train mode: evaluate the final policy
@@ -212,7 +215,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for field in ("data.batch_size", "data.rollouts_per_prompt", "train.steps",
                   "train.mini_batch_size", "train.micro_batch_size", "train.ppo_epochs",
                   "retrieval.topk", "coldstart.epochs", "coldstart.batch_size",
-                  "eval.batch_size"):
+                  "eval.batch_size", "eval.sampled_repeats"):
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 1, field, f"must be an int >= 1, got {value!r}")

@@ -3,6 +3,7 @@
 import pytest
 
 from dgpo_jax.evaluation import (
+    greedy_vs_sampled,
     TrajectoryRecord,
     arcap_summary,
     exact_match,
@@ -71,3 +72,36 @@ def test_arcap_summary_hand_counted():
     assert s["hotpotqa"]["em"] == 0.0 and s["hotpotqa"]["search_calls"] == 2.0
     assert s["all"]["em"] == pytest.approx(2 / 3)
     assert s["all"]["search_share"] == pytest.approx(2 / 3)
+
+
+def test_greedy_vs_sampled_hand_counted():
+    greedy = [{"index": 0, "data_source": "nq", "em": 1.0},
+              {"index": 1, "data_source": "nq", "em": 0.0},
+              {"index": 2, "data_source": "hotpotqa", "em": 0.0}]
+    # two draws per question, rows in any order
+    sampled = [{"index": i, "data_source": s, "em": e} for i, s, e in
+               [(0, "nq", 1.0), (1, "nq", 0.0), (2, "hotpotqa", 0.0),
+                (2, "hotpotqa", 0.0), (1, "nq", 1.0), (0, "nq", 0.0)]]
+    out = greedy_vs_sampled(greedy, sampled)
+    assert out["nq"] == {"greedy_em": 0.5, "sampled_em": 0.5, "pass_at_k": 1.0, "k": 2,
+                         "sampled_em_greedy_right": 0.5, "sampled_em_greedy_wrong": 0.5,
+                         "n_greedy_right": 1, "n_greedy_wrong": 1}
+    assert out["hotpotqa"] == {"greedy_em": 0.0, "sampled_em": 0.0, "pass_at_k": 0.0, "k": 2,
+                               "sampled_em_greedy_right": None, "sampled_em_greedy_wrong": 0.0,
+                               "n_greedy_right": 0, "n_greedy_wrong": 1}
+    a = out["all"]
+    assert (a["greedy_em"], a["sampled_em"], a["pass_at_k"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
+    assert (a["sampled_em_greedy_right"], a["sampled_em_greedy_wrong"]) == (0.5, 0.25)
+    assert (a["n_greedy_right"], a["n_greedy_wrong"]) == (1, 2)
+
+
+def test_greedy_vs_sampled_rejects_mismatched_rows():
+    g = [{"index": 0, "data_source": "nq", "em": 1.0}, {"index": 1, "data_source": "nq", "em": 0.0}]
+    with pytest.raises(ValueError, match="question 0 has two greedy"):
+        greedy_vs_sampled(g + g[:1], [])
+    with pytest.raises(ValueError, match="sampled question 5 has no greedy"):
+        greedy_vs_sampled(g, [{"index": 5, "data_source": "nq", "em": 0.0}])
+    with pytest.raises(ValueError, match=r"same number .* counts \[1, 2\]"):
+        greedy_vs_sampled(g, [dict(g[0]), dict(g[0]), dict(g[1])])
+    with pytest.raises(ValueError, match="over 1 of 2 questions"):
+        greedy_vs_sampled(g, [dict(g[0])])

@@ -61,6 +61,7 @@ def _valid(tmp_path):
     ("data.train_files", "a.parquet,/none/b.parquet", "config.data.train_files: 'a.parquet'"),
     ("retrieval.index_dir", "/none", "config.retrieval.index_dir"),
     ("train.steps", 0, "config.train.steps: must be an int >= 1"),
+    ("eval.sampled_repeats", 0, "config.eval.sampled_repeats: must be an int >= 1, got 0"),
     ("train.mini_batch_size", 100, "config.train.mini_batch_size: 100 must divide"),
     ("optim.schedule", "linear", "config.optim.schedule"),
     ("coldstart.warmup_ratio", 1.0, "config.coldstart.warmup_ratio: must be in"),

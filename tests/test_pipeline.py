@@ -164,14 +164,17 @@ def test_export_reloads_in_transformers(world, tmp_path):
 
 
 def test_eval_writes_one_prediction_per_question(world, tmp_path):
-    """mode=eval writes NAME.predictions.jsonl: one row per (decoding, question) in the test
-    file's order, with that question's golds; its EM column agrees with the summary and with
-    exact_match on its own answer column; the summary JSON does not repeat the rows."""
+    """mode=eval writes NAME.predictions.jsonl: one row per (decoding, question, draw) in the
+    test file's order, with that question's golds; its EM column agrees with the summary and
+    with exact_match on its own answer column; the summary JSON does not repeat the rows. Two
+    sampled draws per question use different keys, and the greedy-against-sampled summary
+    agrees with a NumPy count over the rows."""
     from dgpo_jax.data.search_r1 import read_question_files
     from dgpo_jax.evaluation import exact_match
     from dgpo_jax.training.loop import run_eval
     cfg = tiny_config(world, tmp_path)
     cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.sampled = 3, 4, True
+    cfg.eval.sampled_repeats = 2
     results = run_eval(cfg)["final_eval"]
     with open(tmp_path / "eval" / "eval.predictions.jsonl") as f:
         rows = [json.loads(line) for line in f]
@@ -183,8 +186,10 @@ def test_eval_writes_one_prediction_per_question(world, tmp_path):
     assert sorted(results) == sorted({r["decoding"] for r in rows}) and len(results) == 2
     for decoding in results:
         mine = [r for r in rows if r["decoding"] == decoding]
-        assert [r["index"] for r in mine] == list(range(len(kept)))
-        for row, rec in zip(mine, kept):
+        draws = 1 if decoding == "greedy" else 2
+        assert [r["index"] for r in mine] == list(range(len(kept))) * draws
+        assert [r["sample"] for r in mine] == [d for d in range(draws) for _ in kept]
+        for row, rec in zip(mine, kept * draws):
             assert (row["data_source"], row["golds"], row["row_index"]) == (
                 rec.data_source, list(rec.golds), rec.index)
             # the question alone: what follows the template's "Question: ", not its instruction
@@ -196,5 +201,24 @@ def test_eval_writes_one_prediction_per_question(world, tmp_path):
             if not source.startswith("_"):
                 ems = [r["em"] for r in mine if source in ("all", r["data_source"])]
                 assert summary["count"] == len(ems) and summary["em"] == pytest.approx(np.mean(ems))
+    sampled = next(d for d in results if d != "greedy")
+    shown = results[sampled]["_samples"]  # the first 8 per source: both draws of 3 questions
+    assert len(shown) == 2 * len(kept)
+    first, second = shown[:len(kept)], shown[len(kept):]
+    assert [s["golds"] for s in first] == [s["golds"] for s in second]
+    assert any(a["response"] != b["response"] for a, b in zip(first, second))
+    greedy_em = np.array([r["em"] for r in rows if r["decoding"] == "greedy"])
+    draws_em = np.array([r["em"] for r in rows if r["decoding"] == sampled]).reshape(2, -1)
+    vs = results[sampled]["_vs_greedy"]["all"]
+    right = greedy_em > 0
+    assert vs["k"] == 2 and vs["n_greedy_right"] == right.sum()
+    assert vs["pass_at_k"] == pytest.approx(draws_em.max(0).mean())
+    assert vs["sampled_em"] == pytest.approx(draws_em.mean())
+    if (~right).any():
+        assert vs["sampled_em_greedy_wrong"] == pytest.approx(draws_em[:, ~right].mean())
     with open(tmp_path / "eval" / "eval.json") as f:
-        assert "_predictions" not in json.dumps(json.load(f))
+        saved = json.load(f)
+        assert "_predictions" not in json.dumps(saved)
+        assert saved["results"][sampled]["_vs_greedy"]["all"]["k"] == 2
+    with open(tmp_path / "eval" / "eval.md") as f:
+        assert f"{sampled} against greedy, 2 draw(s) per question" in f.read()

@@ -5,6 +5,7 @@ from dgpo_jax.evaluation.metrics import (
     arcap_summary,
     exact_match,
     extract_answer,
+    greedy_vs_sampled,
     has_gold_hit,
     normalize_answer,
     strip_think,

@@ -99,3 +99,62 @@ def arcap_summary(records: Iterable[TrajectoryRecord]) -> dict[str, dict[str, fl
             "count": float(n),
         }
     return out
+
+
+def greedy_vs_sampled(greedy: Iterable[dict], sampled: Iterable[dict]) -> dict[str, dict]:
+    """Does a policy *know* an answer or only *prefer* it? Greedy against sampled decoding of
+    the same questions.
+
+    ``greedy``: one prediction row per question; ``sampled``: k rows per question (k >= 1, the
+    same k for every question). A row needs ``index`` (the question's position in the evaluated
+    records), ``data_source`` and ``em``. Per data source (and ``"all"``): ``greedy_em``,
+    ``sampled_em`` (the mean over all sampled rows), ``pass_at_k`` (share of questions with a
+    correct sample), ``k``, and the sampled EM split by the greedy outcome:
+    ``sampled_em_greedy_right`` / ``sampled_em_greedy_wrong`` over ``n_greedy_right`` /
+    ``n_greedy_wrong`` questions (None when that count is 0).
+
+    Reading it: RL that only sharpens raises ``sampled_em_greedy_right`` (the greedy answer was
+    already right) and leaves greedy EM where it was; learning something new shows up as
+    ``sampled_em_greedy_wrong`` and greedy EM rising (docs/quickstart.md, session 7).
+    """
+    first: dict[int, tuple[str, float]] = {}
+    for row in greedy:
+        i = int(row["index"])
+        if i in first:
+            raise ValueError(f"greedy_vs_sampled: question {i} has two greedy predictions")
+        first[i] = (row["data_source"], float(row["em"]))
+    draws: dict[int, list[float]] = defaultdict(list)
+    for row in sampled:
+        i = int(row["index"])
+        if i not in first:
+            raise ValueError(f"greedy_vs_sampled: sampled question {i} has no greedy prediction")
+        draws[i].append(float(row["em"]))
+    counts = {len(v) for v in draws.values()}
+    if set(draws) != set(first) or len(counts) != 1:
+        raise ValueError("greedy_vs_sampled: every question needs the same number (>= 1) of "
+                         f"sampled predictions; got counts {sorted(counts)} over "
+                         f"{len(draws)} of {len(first)} questions")
+    k = counts.pop()
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (source, _) in first.items():
+        groups[source].append(i)
+        groups["all"].append(i)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    out = {}
+    for source, idx in sorted(groups.items()):
+        right = [i for i in idx if first[i][1] > 0]
+        wrong = [i for i in idx if first[i][1] == 0]
+        out[source] = {
+            "greedy_em": mean([first[i][1] for i in idx]),
+            "sampled_em": mean([x for i in idx for x in draws[i]]),
+            "pass_at_k": mean([float(max(draws[i]) > 0) for i in idx]),
+            "k": k,
+            "sampled_em_greedy_right": mean([x for i in right for x in draws[i]]),
+            "sampled_em_greedy_wrong": mean([x for i in wrong for x in draws[i]]),
+            "n_greedy_right": len(right),
+            "n_greedy_wrong": len(wrong),
+        }
+    return out

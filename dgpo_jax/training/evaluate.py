@@ -10,7 +10,7 @@ import time
 from typing import Any, Sequence
 
 from dgpo_jax.data.search_r1 import QARecord
-from dgpo_jax.evaluation import TrajectoryRecord, arcap_summary
+from dgpo_jax.evaluation import TrajectoryRecord, arcap_summary, greedy_vs_sampled
 from dgpo_jax.fileio import write_text_atomically
 from dgpo_jax.training.common import encode_prompt, score_rollout
 
@@ -42,45 +42,66 @@ def _question(prompt: str) -> str:
 
 def evaluate(model_config, params, records: Sequence[QARecord], tokenizer, retriever,
              sampler_configs: dict[str, Any], batch_size: int, seed: int = 0, plan=None,
-             use_chat_template: bool = True, num_samples: int = 8) -> dict[str, dict]:
+             use_chat_template: bool = True, num_samples: int = 8,
+             sampled_repeats: int = 1) -> dict[str, dict]:
     """``sampler_configs``: {"greedy": SamplerConfig, "sampled": SamplerConfig, ...}.
 
     Returns {decoding: {data_source: {em, em_without_think, hit_ratio, search_calls,
     search_share, count}}} plus, per decoding, ``"_seconds"``, ``"_samples"``: the first
     ``num_samples`` trajectories per data source (question, response, golds, EM), to read what
-    the model does, and ``"_predictions"``: one row per question (its position in ``records``,
-    source, the file's split and index, the question (`_question`), golds, extracted answer,
-    EM, searches), which `write_results` puts in a JSON-lines file of its own.
+    the model does, and ``"_predictions"``: one row per question and draw (its position in
+    ``records`` as ``index``, ``sample``, source, the file's split and index, the question
+    (`_question`), golds, extracted answer, EM, searches), which `write_results` puts in a
+    JSON-lines file of its own.
+
+    A sampling decoding draws ``sampled_repeats`` trajectories per question (new keys each
+    draw); its metrics average over all draws (``count`` counts draws). When a greedy decoding
+    is evaluated too, each sampling decoding also gets ``"_vs_greedy"``:
+    `greedy_vs_sampled` per data source (pass@k, sampled EM where greedy is right / wrong).
     """
     from dgpo_jax.sampler import Sampler
+    if not (isinstance(sampled_repeats, int) and sampled_repeats >= 1):
+        raise ValueError(f"sampled_repeats must be an int >= 1, got {sampled_repeats!r}")
     results: dict[str, dict] = {}
     for name, scfg in sampler_configs.items():
         t = time.time()
         sampler = Sampler(model_config, scfg, tokenizer, retriever, plan=plan)
         trajs, samples, shown, predictions = [], [], {}, []
-        for scored, chunk in rollout_records(sampler, params, records, tokenizer, batch_size,
-                                             seed, use_chat_template):
-            for i, rec in enumerate(chunk):
-                trajs.append(TrajectoryRecord(rec.data_source, scored.responses[i], rec.golds,
-                                              int(scored.num_searches[i])))
-                predictions.append({"index": len(predictions), "data_source": rec.data_source,
-                                    "split": rec.split, "row_index": rec.index,
-                                    "question": _question(rec.user_content),
-                                    "golds": list(rec.golds),
-                                    "answer": scored.answers[i], "em": float(scored.rewards[i]),
-                                    "searches": int(scored.num_searches[i])})
-                if shown.get(rec.data_source, 0) < num_samples:
-                    shown[rec.data_source] = shown.get(rec.data_source, 0) + 1
-                    samples.append({"data_source": rec.data_source,
-                                    "prompt": rec.user_content[-300:], "golds": list(rec.golds),
-                                    "response": scored.responses[i],
-                                    "em": float(scored.rewards[i])})
+        draws = 1 if scfg.greedy else sampled_repeats
+        for draw in range(draws):
+            # Draw d's batch at record offset `start` gets seed + d * len(records) + start:
+            # distinct keys for every (draw, batch); draw 0 keeps the single-draw seeds.
+            for scored, chunk in rollout_records(sampler, params, records, tokenizer, batch_size,
+                                                 seed + draw * len(records), use_chat_template):
+                for i, rec in enumerate(chunk):
+                    trajs.append(TrajectoryRecord(rec.data_source, scored.responses[i],
+                                                  rec.golds, int(scored.num_searches[i])))
+                    predictions.append({"index": len(predictions) - draw * len(records),
+                                        "sample": draw, "data_source": rec.data_source,
+                                        "split": rec.split, "row_index": rec.index,
+                                        "question": _question(rec.user_content),
+                                        "golds": list(rec.golds),
+                                        "answer": scored.answers[i],
+                                        "em": float(scored.rewards[i]),
+                                        "searches": int(scored.num_searches[i])})
+                    if shown.get(rec.data_source, 0) < num_samples:
+                        shown[rec.data_source] = shown.get(rec.data_source, 0) + 1
+                        samples.append({"data_source": rec.data_source,
+                                        "prompt": rec.user_content[-300:],
+                                        "golds": list(rec.golds),
+                                        "response": scored.responses[i],
+                                        "em": float(scored.rewards[i])})
         results[name] = arcap_summary(trajs)
         results[name]["_seconds"] = round(time.time() - t, 2)
         results[name]["_samples"] = samples
         results[name]["_predictions"] = predictions
-        log.info("eval %s: EM %.3f over %d questions (%.1fs)", name,
+        log.info("eval %s: EM %.3f over %d trajectories (%.1fs)", name,
                  results[name]["all"]["em"], len(trajs), results[name]["_seconds"])
+    greedy = [n for n, c in sampler_configs.items() if c.greedy]
+    for name, scfg in sampler_configs.items():
+        if greedy and not scfg.greedy:
+            results[name]["_vs_greedy"] = greedy_vs_sampled(
+                results[greedy[0]]["_predictions"], results[name]["_predictions"])
     return results
 
 
@@ -96,6 +117,20 @@ def markdown_table(results: dict[str, dict], title: str = "") -> str:
             lines.append(f"| {decoding} | {source} | {m['em']:.3f} | {m['em_without_think']:.3f} "
                          f"| {m['hit_ratio']:.3f} | {m['search_calls']:.2f} | "
                          f"{m['search_share']:.2f} | {int(m['count'])} |")
+    for decoding, per_source in results.items():
+        vs = per_source.get("_vs_greedy")
+        if not vs:
+            continue
+        k = next(iter(vs.values()))["k"]
+        lines += ["", f"{decoding} against greedy, {k} draw(s) per question:", "",
+                  "| data source | greedy EM | sampled EM | pass@k | sampled EM, greedy right "
+                  "(n) | sampled EM, greedy wrong (n) |", "|---|---|---|---|---|---|"]
+        for source, m in vs.items():
+            cell = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+            lines.append(f"| {source} | {m['greedy_em']:.3f} | {m['sampled_em']:.3f} | "
+                         f"{m['pass_at_k']:.3f} | {cell(m['sampled_em_greedy_right'])} "
+                         f"({m['n_greedy_right']}) | {cell(m['sampled_em_greedy_wrong'])} "
+                         f"({m['n_greedy_wrong']}) |")
     return "\n".join(lines) + "\n"
 
 

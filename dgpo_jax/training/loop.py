@@ -129,7 +129,8 @@ class _Run:
         results = evaluate(model_config or self.student_config, params, _eval_records(cfg),
                            self.tokenizer, self.retriever,
                            _eval_sampler_configs(cfg, self.tokenizer), cfg.eval.batch_size,
-                           cfg.seed, self.plan, cfg.data.use_chat_template)
+                           cfg.seed, self.plan, cfg.data.use_chat_template,
+                           sampled_repeats=cfg.eval.sampled_repeats)
         write_results(cfg.workdir, name, results)
         return results
 
