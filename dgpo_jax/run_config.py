@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ppo_epochs = 1
     c.train.micro_batch_size = 16  # sequences per gradient-accumulation micro-batch
     c.train.eval_every = 100  # 0 = only at the end
+    # DistiLLM's adaptive student-data share: the objective's loss on the teacher's correct
+    # rollouts of the first data.batch_size test questions, every val_every steps
+    # (0 = max(1, train.steps // 10)); other objectives ignore it.
+    c.train.val_every = 0
     c.train.save_every = 50
     c.train.max_to_keep = 3
     c.train.log_every = 1
@@ -219,6 +223,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 1, field, f"must be an int >= 1, got {value!r}")
+    need(isinstance(cfg.train.val_every, int) and cfg.train.val_every >= 0, "train.val_every",
+         f"must be an int >= 0, got {cfg.train.val_every!r}")
     need(cfg.data.batch_size % cfg.train.mini_batch_size == 0 or
          cfg.train.mini_batch_size >= cfg.data.batch_size, "train.mini_batch_size",
          f"{cfg.train.mini_batch_size} must divide data.batch_size {cfg.data.batch_size}")

@@ -199,6 +199,7 @@ class UpdateStep:
         self._donate = (0,) if donate else ()
         self._compiler_options = compiler_options
         self._jitted = None
+        self._jitted_loss = None
 
     # --- public -------------------------------------------------------------------------------
     def __call__(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None):
@@ -206,6 +207,19 @@ class UpdateStep:
         if self.teacher_config is None:
             teacher_params = None
         return self._compiled(state)(state, batch, teacher_params)
+
+    def loss(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None) -> dict:
+        """The objective's loss on ``batch`` at ``state``'s parameters, without an update: a
+        validation loss (DistiLLM's adaptive student-data share reads it). The same program
+        pieces as the step, so it equals the ``loss`` metric the step reports for the same
+        batch and parameters. Returns {"loss", "num_tokens", and "divergence" /
+        "policy_loss" / "kl_loss" where the objective has them} as device scalars."""
+        batch = self.prepare_batch(batch, teacher_params)
+        if self.teacher_config is None:
+            teacher_params = None
+        if self._jitted_loss is None:
+            self._jitted_loss = jax.jit(self._loss_only)
+        return self._jitted_loss(state, batch, teacher_params)
 
     def prepare_batch(self, batch, teacher_params=None) -> dict:
         """Validation (before any compilation) and placement."""
@@ -299,14 +313,15 @@ class UpdateStep:
         return adv, returns
 
     # --- the program --------------------------------------------------------------------------
-    def _step(self, state: UpdateState, batch: dict, teacher_params):
+    def _rows(self, state: UpdateState, batch: dict, teacher_params):
+        """Steps 1-2 of the update: the pre-pass and the whole-batch quantities (gates,
+        denominators, advantages) that every micro-batch's loss reads."""
         cfg = self.objective
         params = state.train.params
         ids = batch["input_ids"].astype(jnp.int32)
         am = batch["attention_mask"].astype(f32)
         lm = batch["loss_mask"].astype(f32) * am
         b, t = ids.shape
-        m = self.micro_batches
         crit_mask = _response_region(am, lm) if cfg.reference_quirk else lm
         rewards = batch["rewards"].astype(f32) if "rewards" in batch else None
         teacher_lp = batch.get("teacher_logprobs")
@@ -387,10 +402,15 @@ class UpdateStep:
             if returns is not None:
                 per_row.update(returns=returns, old_values=values.astype(f32))
         taid_t = batch["taid_t"].astype(f32) if "taid_t" in batch else None
+        dens = {"s": den_s, "t": den_t, "v": den_v}
+        return params, per_row, dens, n_tok, taid_t, metrics_pre
+
+    def _step(self, state: UpdateState, batch: dict, teacher_params):
+        m = self.micro_batches
+        params, per_row, dens, n_tok, taid_t, metrics_pre = self._rows(
+            state, batch, teacher_params)
 
         # 3. gradient pass over micro-batches
-        dens = {"s": den_s, "t": den_t, "v": den_v}
-
         def mb_loss(p, mb):
             return self._micro_loss(p, teacher_params, mb, dens, taid_t)
 
@@ -434,6 +454,27 @@ class UpdateStep:
 
         metrics = self._metrics(sums, dens, n_tok, grads, finite, skipped, metrics_pre)
         return new_state, metrics
+
+    def _loss_only(self, state: UpdateState, batch: dict, teacher_params):
+        params, per_row, dens, n_tok, taid_t, _ = self._rows(state, batch, teacher_params)
+        m = self.micro_batches
+        if m == 1:
+            _, sums = self._micro_loss(params, teacher_params, per_row, dens, taid_t)
+        else:
+            def body(acc, mb):
+                _, sums = self._micro_loss(params, teacher_params, mb, dens, taid_t)
+                return jax.tree.map(jnp.add, acc, sums), None
+
+            mbs = jax.tree.map(lambda x: _split_micro(x, m), per_row)
+            first = jax.eval_shape(lambda: self._micro_loss(
+                params, teacher_params, jax.tree.map(lambda x: x[0], mbs), dens, taid_t)[1])
+            sums, _ = jax.lax.scan(
+                body, jax.tree.map(lambda x: jnp.zeros(x.shape, f32), first), mbs)
+        out = {"loss": sums["loss"], "num_tokens": n_tok}
+        for k in ("policy_loss", "kl_loss", "divergence"):
+            if k in sums:
+                out[k] = sums[k] / dens["s"]
+        return out
 
     def _micro_loss(self, params, teacher_params, mb, dens, taid_t):
         """Loss of one micro-batch (every mean divided by the whole batch's denominator) and the

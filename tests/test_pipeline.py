@@ -132,6 +132,57 @@ def test_kill9_and_resume_matches_uninterrupted(world, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5)
 
 
+def _distillm_config(world, workdir, steps):
+    cfg = tiny_config(world, workdir, preset="distillm", steps=steps)
+    o = cfg.objective.overrides
+    o.student_data_fraction = 0.0  # the preset's start: teacher data only
+    # Every validation loss counts as a rise, so the share climbs 0 -> 0.5 -> 1 at steps 1, 2.
+    o.distillm_loss_rise, o.distillm_share_step = -1e9, 0.5
+    cfg.train.val_every = 1
+    o.replay_buffer_size = 6  # smaller than two batches of 4: the buffer drops old rows
+    return cfg
+
+
+def test_distillm_adaptive_share_and_replay_resume_exactly(world, tmp_path):
+    """DistiLLM in the loop: a validation loss every val_every steps drives the student-data
+    share (the first loss sets the baseline; then 0 -> 0.5 -> 1 here), student rollouts go
+    through the replay buffer, and a run stopped after step 4 and resumed ends with the same
+    parameters as an uninterrupted one (the buffer, the share and the per-step random draws
+    all come back)."""
+    from dgpo_jax.training.loop import run_train
+    from dgpo_jax.training.replay import ReplayBuffer
+    steps = 5
+    run_train(_distillm_config(world, tmp_path / "straight", steps))
+    with open(tmp_path / "straight" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["student_share"] for r in rows] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert all(np.isfinite(r["val_loss"]) for r in rows)
+    assert [r["student_data"] for r in rows][:2] + [r["student_data"] for r in rows][3:] == [
+        0.0, 0.0, 1.0, 1.0]
+    replay = tmp_path / "straight" / "replay"
+    assert len(ReplayBuffer.load(str(replay / "replay_4.npz"))) in (4, 6)
+    assert len(ReplayBuffer.load(str(replay / "replay_5.npz"))) == 6  # capacity, not 8 or 12
+
+    run_train(_distillm_config(world, tmp_path / "resumed", 4))
+    resumed = _distillm_config(world, tmp_path / "resumed", steps)
+    resumed.resume = True
+    run_train(resumed)
+    a, _ = _policy(tmp_path / "straight", steps)
+    b, meta = _policy(tmp_path / "resumed", steps)
+    assert meta["extra"]["student_share"] == 1.0
+    prev, _ = _policy(tmp_path / "straight", steps - 1)
+    assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(prev))) > 2e-4
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5)
+    # a checkpoint whose buffer is gone is an error, not a silently emptied buffer
+    os.remove(tmp_path / "resumed" / "replay" / "replay_5.npz")
+    again = _distillm_config(world, tmp_path / "resumed", steps + 1)
+    again.resume = True
+    with pytest.raises(FileNotFoundError, match="has no replay buffer"):
+        run_train(again)
+
+
 def test_export_reloads_in_transformers(world, tmp_path):
     import torch
     import transformers

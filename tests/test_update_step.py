@@ -477,3 +477,33 @@ def test_dgpo_divergence_placement_is_the_gated_full_vocabulary_kl(models, direc
     ungated = np.sum(kl * lm) / np.sum(lm)
     assert abs(expected - ungated) > 0.05  # the gate matters on this batch
     np.testing.assert_allclose(float(m["divergence"]), expected, rtol=1e-4)
+
+
+def test_loss_without_update_is_the_skew_kl_and_the_steps_loss(models):
+    """``UpdateStep.loss`` (DistiLLM's validation loss): for distillm it is the skew KL
+    KL(T || a T + (1-a) S) over the student tokens (NumPy on both models' logits), equal to the
+    step's own ``loss`` metric on the same batch, with one micro-batch or two, and it leaves the
+    parameters alone."""
+    sc, sp, tc, tp = models
+    cfg = get_objective("distillm")
+    batch = select(make_batch(models, seed=5), cfg, True)
+    ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    ls = np.asarray(jax.nn.log_softmax(forward(sc, sp, jnp.asarray(ids), jnp.asarray(am)), -1),
+                    np.float64)
+    lt = np.asarray(jax.nn.log_softmax(forward(tc, tp, jnp.asarray(ids), jnp.asarray(am)), -1),
+                    np.float64)
+    a = cfg.skew_alpha
+    pt, mix = np.exp(lt), a * np.exp(lt) + (1 - a) * np.exp(ls)
+    skl = np.zeros(ids.shape)
+    skl[:, 1:] = np.sum(pt[:, :-1] * (lt[:, :-1] - np.log(mix[:, :-1])), -1)
+    expected = np.sum(skl * lm) / np.sum(lm)
+    for m in (1, 2):
+        step = make_update_step(cfg, sc, tc, optimizer=optax.sgd(0.1), micro_batches=m,
+                                compiler_options=FAST)
+        state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+        out = step.loss(state, batch, tp)
+        np.testing.assert_allclose(float(out["loss"]), expected, rtol=1e-4)
+        np.testing.assert_allclose(float(out["divergence"]), expected, rtol=1e-4)
+        assert max_abs_diff(state.params["policy"], sp) == 0  # no update, nothing donated
+        _, metrics = step(state, batch, tp)
+        np.testing.assert_allclose(float(metrics["loss"]), float(out["loss"]), rtol=1e-5)

@@ -118,6 +118,7 @@ class ObjectiveConfig:
     guided_schedule: str = "linear"  # linear | cosine | exponential decay to 0
     guided_decay_rate: float = 5.0  # exponential schedule steepness
     student_data_fraction: float = 0.0  # GKD lambda / DistiLLM initial student-data share
+    adaptive_student_share: bool = False  # DistiLLM: the share rises with the validation loss
     distillm_share_step: float = 0.1  # DistiLLM: share increment ...
     distillm_loss_rise: float = 0.1  # ... when the validation loss rises by more than this
     replay_buffer_size: int = 0  # DistiLLM: 1000

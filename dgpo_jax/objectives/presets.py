@@ -221,6 +221,7 @@ def distillm(alpha: float = 0.1) -> ObjectiveConfig:
         divergence="skew_fkl",
         skew_alpha=alpha,
         student_data_fraction=0.0,
+        adaptive_student_share=True,
         replay_buffer_size=1000,
         **_KD_COMMON,
     )

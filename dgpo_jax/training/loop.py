@@ -26,7 +26,8 @@ from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.distributed import to_host
 from dgpo_jax.metrics_log import MetricsLogger
 from dgpo_jax.objectives.config import ObjectiveConfig
-from dgpo_jax.objectives.presets import get_objective, taid_update, teacher_turn_probability
+from dgpo_jax.objectives.presets import (distillm_student_share, get_objective, taid_update,
+                                         teacher_turn_probability)
 from dgpo_jax.optim import OptimConfig
 from dgpo_jax.run_config import split_list, validate
 from dgpo_jax.train_step import create_update_state, make_update_step
@@ -34,6 +35,7 @@ from dgpo_jax.training.common import (build_retriever, encode_prompt, load_model
                                       pad_batch_to, sampler_config, score_rollout,
                                       sequence_logprobs, trim_to_bucket)
 from dgpo_jax.training.evaluate import evaluate, write_results
+from dgpo_jax.training.replay import ReplayBuffer
 
 log = logging.getLogger(__name__)
 SEQ_MULTIPLE = 64  # pad update batches to this many positions (bounds recompilations)
@@ -164,11 +166,21 @@ def run_train(cfg) -> dict:
     # Every process holds the same global batch (dgpo_jax.distributed); shard_batch places it.
     data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
-    start, extra = 0, {"taid_t": objective.taid_t_start, "taid_m": 0.0, "taid_loss": None}
+    start, extra = 0, {"taid_t": objective.taid_t_start, "taid_m": 0.0, "taid_loss": None,
+                       "student_share": objective.student_data_fraction, "val_loss": None}
+    replay = ReplayBuffer(objective.replay_buffer_size) if objective.replay_buffer_size else None
+    replay_dir = os.path.join(cfg.workdir, "replay")
     if cfg.resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(target=abstract_like(state))
         data.restore(meta["data_state"])
-        start, extra = int(meta["step"]), meta.get("extra", extra)
+        start, extra = int(meta["step"]), dict(extra, **meta.get("extra", {}))
+        if replay is not None:
+            path = _replay_path(replay_dir, start)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"resume: checkpoint {start} has no replay buffer {path!r}; the DistiLLM "
+                    "run cannot continue with the data it had")
+            replay = ReplayBuffer.load(path)
         log.info("resumed from step %d", start)
     elif cfg.resume:
         log.info("resume requested but %s has no checkpoint: starting fresh", ckpt.directory)
@@ -183,16 +195,34 @@ def run_train(cfg) -> dict:
     metadata = lambda step: {"step": step, "data_state": data.state(), "extra": extra,
                              "model_config": run.student_config.to_hf_dict(),
                              "objective": objective.name}
-    rng = np.random.default_rng(cfg.seed)
+    val_batch, val_every = None, 0
+    if objective.adaptive_student_share:
+        val_every = cfg.train.val_every or max(1, cfg.train.steps // 10)
+        val_batch = _validation_batch(cfg, run, teacher_sampler, _micro_batches(
+            mini_rows, cfg.train.micro_batch_size))
+
+    def validate_if_due(step: int, metrics: dict) -> None:
+        """DistiLLM: the validation loss after this step, and the share it implies."""
+        if val_batch is None or (step + 1) % val_every:
+            return
+        val = float(update.loss(state, val_batch, run.teacher_params if in_program_teacher
+                                else None)["loss"])
+        extra["student_share"] = distillm_student_share(
+            extra["student_share"], extra["val_loss"], val,
+            objective.distillm_share_step, objective.distillm_loss_rise)
+        extra["val_loss"] = metrics["val_loss"] = val
+
     for step in range(start, cfg.train.steps):
         t0 = time.time()
+        # One generator per step: a resumed run draws what an uninterrupted one would.
+        rng = np.random.default_rng([cfg.seed, step])
         recs = next(data)
         expanded = [r for r in recs for _ in range(n)]
         groups = np.repeat(np.arange(len(recs)), n)
         prompts = [encode_prompt(r, tok, cfg.data.use_chat_template) for r in expanded]
         seed = cfg.seed * 1_000_003 + step
         policy = state.params["policy"]
-        use_student_data = objective.uses_policy or rng.random() < objective.student_data_fraction
+        use_student_data = objective.uses_policy or rng.random() < extra["student_share"]
         kw = {}
         if objective.guided_p0 > 0:
             kw = dict(teacher_params=run.teacher_params,
@@ -213,11 +243,18 @@ def run_train(cfg) -> dict:
             keep = keep[: len(keep) - len(keep) % max(1, _micro_batches(len(keep),
                                                                          cfg.train.micro_batch_size))]
             batch = {k: (v[keep] if np.ndim(v) else v) for k, v in batch.items()}
+        if use_student_data and replay is not None:  # DistiLLM: train on the replay buffer
+            replay.add(batch)
+            batch = replay.sample(len(batch["input_ids"]), rng)
         metrics = {"reward": float(scored.rewards.mean()),
                    "searches": float(scored.num_searches.mean()),
                    "response_tokens": scored.generated_tokens / max(len(expanded), 1)}
+        if objective.adaptive_student_share or objective.student_data_fraction:
+            metrics["student_data"] = float(use_student_data)
+            metrics["student_share"] = float(extra["student_share"])
         if len(batch["input_ids"]) == 0:
             metrics["skipped_no_data"] = 1.0
+            validate_if_due(step, metrics)
             logger.write(step + 1, metrics)
             continue
         batch = pad_batch_to(batch, SEQ_MULTIPLE)
@@ -248,6 +285,7 @@ def run_train(cfg) -> dict:
                 (step + 1) / cfg.train.steps, objective.taid_t_start, objective.taid_t_end,
                 objective.taid_alpha, objective.taid_momentum)
             extra["taid_loss"] = metrics["loss"]
+        validate_if_due(step, metrics)
         metrics["step_seconds"] = time.time() - t0
         tokens = int(batch["attention_mask"].sum())
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
@@ -255,12 +293,49 @@ def run_train(cfg) -> dict:
             metrics.update({f"eval/{d}_em": r["all"]["em"] for d, r in res.items()})
         logger.write(step + 1, metrics, tokens=tokens)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+            if replay is not None:  # first, so that a committed checkpoint always has its buffer
+                _save_replay(replay, replay_dir, step + 1, ckpt)
             ckpt.save(step + 1, state, metadata(step + 1), force=True)
     ckpt.wait_until_finished()
     final = run.evaluate(state.params["policy"], "final") if cfg.eval.at_end else None
     logger.close()
     ckpt.close()
     return {"final_eval": final, "state": state}
+
+
+def _replay_path(replay_dir: str, step: int) -> str:
+    return os.path.join(replay_dir, f"replay_{step}.npz")
+
+
+def _save_replay(replay: ReplayBuffer, replay_dir: str, step: int, ckpt: Checkpointer) -> None:
+    """The buffer as of checkpoint ``step``; files of checkpoints orbax no longer keeps go."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(replay_dir, exist_ok=True)
+    replay.save(_replay_path(replay_dir, step))
+    keep = {f"replay_{s}.npz" for s in ckpt.all_steps()} | {f"replay_{step}.npz"}
+    for name in os.listdir(replay_dir):
+        if name.startswith("replay_") and name.endswith(".npz") and name not in keep:
+            os.remove(os.path.join(replay_dir, name))
+
+
+def _validation_batch(cfg, run, teacher_sampler, micro_batches: int) -> dict:
+    """DistiLLM's validation data: the teacher's correct rollouts (all of them when none is
+    correct, said in the log) of the first ``data.batch_size`` test questions, fixed for the
+    run."""
+    records = read_question_files(split_list(cfg.data.test_files))[: cfg.data.batch_size]
+    prompts = [encode_prompt(r, run.tokenizer, cfg.data.use_chat_template) for r in records]
+    rollout = teacher_sampler.generate(run.teacher_params, prompts, seed=cfg.seed + 7)
+    scored = score_rollout(rollout, records, run.tokenizer)
+    keep = np.flatnonzero(scored.rewards > 0)
+    if len(keep) < micro_batches:
+        log.info("validation: the teacher answers %d of %d validation questions correctly; "
+                 "the validation loss uses all %d of its rollouts", len(keep), len(records),
+                 len(records))
+        keep = np.arange(len(records))
+    keep = keep[: len(keep) - len(keep) % micro_batches]
+    batch = {k: (v[keep] if np.ndim(v) else v) for k, v in scored.batch.items()}
+    return pad_batch_to(batch, SEQ_MULTIPLE)
 
 
 def _teacher_prefixes(teacher_sampler, teacher_params, prompts, objective, seed, rng):
