@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.micro_batch_size = 16  # sequences per gradient-accumulation micro-batch
     c.train.eval_every = 100  # 0 = only at the end
     # DistiLLM's adaptive student-data share: the objective's loss on the teacher's correct
-    # rollouts of the first data.batch_size test questions, every val_every steps
+    # rollouts of the first train.mini_batch_size test questions, every val_every steps
     # (0 = max(1, train.steps // 10)); other objectives ignore it.
     c.train.val_every = 0
     c.train.save_every = 50

@@ -320,10 +320,11 @@ def _save_replay(replay: ReplayBuffer, replay_dir: str, step: int, ckpt: Checkpo
 
 
 def _validation_batch(cfg, run, teacher_sampler, micro_batches: int) -> dict:
-    """DistiLLM's validation data: the teacher's correct rollouts (all of them when none is
-    correct, said in the log) of the first ``data.batch_size`` test questions, fixed for the
-    run."""
-    records = read_question_files(split_list(cfg.data.test_files))[: cfg.data.batch_size]
+    """DistiLLM's validation data: the teacher's correct rollouts (all of them when too few are
+    correct, said in the log) of the first test questions, one PPO mini-batch of them (so its
+    micro-batches are no larger than the update's), fixed for the run."""
+    count = min(cfg.data.batch_size, cfg.train.mini_batch_size)
+    records = read_question_files(split_list(cfg.data.test_files))[:count]
     prompts = [encode_prompt(r, run.tokenizer, cfg.data.use_chat_template) for r in records]
     rollout = teacher_sampler.generate(run.teacher_params, prompts, seed=cfg.seed + 7)
     scored = score_rollout(rollout, records, run.tokenizer)
