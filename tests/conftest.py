@@ -91,3 +91,14 @@ def hf_models(tmp_path_factory):
             path = tmp_path_factory.mktemp(f"hf_tied{int(tied)}_theta{int(theta)}")
             out[(tied, theta)] = (str(path), make_hf_model(path, tied=tied, theta=theta))
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs when it ends: the suite runs in one process
+    and compiles hundreds of programs; without this its memory only grows (a full run once
+    aborted inside an XLA compile late in the suite)."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()
