@@ -9,10 +9,11 @@ would.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 
 import numpy as np
+
+from dgpo_jax.fileio import write_atomically
 
 
 class ReplayBuffer:
@@ -59,9 +60,12 @@ class ReplayBuffer:
         if self.rows:
             arrays.update({f"row_{k}": v for k, v in _stack(list(self.rows)).items()})
             arrays["widths"] = np.array([len(r["input_ids"]) for r in self.rows], np.int64)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+
+        def write(partial: str) -> None:
+            with open(partial, "wb") as handle:  # a handle: np.savez adds no ".npz" suffix
+                np.savez(handle, **arrays)
+
+        write_atomically(path, write)
 
     @classmethod
     def load(cls, path: str) -> "ReplayBuffer":
