@@ -184,8 +184,8 @@ def main(argv=None):
 
     from dgpo_jax.models import init_params, save_hf
     from dgpo_jax.objectives import get_objective
-    from dgpo_jax.optim import OptimConfig
-    from dgpo_jax.train_step import create_update_state, make_update_step
+    from dgpo_jax.learner.optim import OptimConfig
+    from dgpo_jax.learner.update_step import create_update_state, make_update_step
 
     platform = jax.devices()[0].platform
     dtype = args.dtype or ("bfloat16" if platform == "gpu" else "float32")

@@ -1,7 +1,7 @@
 """dgpo_jax: teacher-guided RL (DGPO and friends) for compact search agents, in JAX.
 
-The public API is re-exported here. Modules with heavy imports (orbax, transformers,
-retrieval back ends) load on first attribute access.
+The public API is re-exported here. Modules with heavy imports (orbax, transformers, optax,
+the retrieval client) load on first attribute access, so that ``import dgpo_jax`` stays quick.
 """
 
 import importlib
@@ -23,15 +23,15 @@ from dgpo_jax.models import (
     load_hf,
     save_hf,
 )
-from dgpo_jax.sharding import ShardingPlan, make_mesh, plan_from_config
+from dgpo_jax.parallel.sharding import ShardingPlan, make_mesh, plan_from_config
 
 _LAZY = {
-    "load_tokenizer": "dgpo_jax.tokenizer",
-    "Checkpointer": "dgpo_jax.checkpoint",
-    "CheckpointNotFoundError": "dgpo_jax.checkpoint",
-    "CheckpointMismatchError": "dgpo_jax.checkpoint",
-    "abstract_like": "dgpo_jax.checkpoint",
-    "apply_gradients": "dgpo_jax.train_state",
+    "load_tokenizer": "dgpo_jax.models.tokenizer",
+    "Checkpointer": "dgpo_jax.checkpoint.checkpointer",
+    "CheckpointNotFoundError": "dgpo_jax.checkpoint.checkpointer",
+    "CheckpointMismatchError": "dgpo_jax.checkpoint.checkpointer",
+    "abstract_like": "dgpo_jax.checkpoint.checkpointer",
+    "apply_gradients": "dgpo_jax.learner.train_state",
     # retrieval
     "Document": "dgpo_jax.retrieval",
     "HttpRetriever": "dgpo_jax.retrieval",
@@ -44,9 +44,11 @@ _LAZY = {
     "ObjectiveConfig": "dgpo_jax.objectives",
     "get_objective": "dgpo_jax.objectives",
     "OBJECTIVE_PRESETS": "dgpo_jax.objectives",
-    "make_update_step": "dgpo_jax.train_step",
-    "create_update_state": "dgpo_jax.train_step",
-    "OptimConfig": "dgpo_jax.optim",
+    "CurriculumConfig": "dgpo_jax.curricula.config",
+    "get_curriculum": "dgpo_jax.curricula.config",
+    "make_update_step": "dgpo_jax.learner.update_step",
+    "create_update_state": "dgpo_jax.learner.update_step",
+    "OptimConfig": "dgpo_jax.learner.optim",
     # sampler
     "Sampler": "dgpo_jax.sampler",
     "SamplerConfig": "dgpo_jax.sampler",
@@ -57,8 +59,11 @@ _LAZY = {
     "arcap_summary": "dgpo_jax.evaluation",
     "greedy_vs_sampled": "dgpo_jax.evaluation",
     "read_search_r1_parquet": "dgpo_jax.data.search_r1",
-    "TrainState": "dgpo_jax.train_state",
-    "create_train_state": "dgpo_jax.train_state",
+    # run configs
+    "base_config": "dgpo_jax.config",
+    "load_config": "dgpo_jax.config",
+    "TrainState": "dgpo_jax.learner.train_state",
+    "create_train_state": "dgpo_jax.learner.train_state",
 }
 
 

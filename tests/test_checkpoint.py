@@ -1,4 +1,4 @@
-"""Tests for dgpo_jax.train_state and dgpo_jax.checkpoint.
+"""Tests for dgpo_jax.learner.train_state and dgpo_jax.checkpoint.
 
 References: values are compared bit-exactly with NumPy copies taken before saving (and the
 Adam moments with the hand-derived AdamW recurrence); restored shardings are compared with the
@@ -37,13 +37,13 @@ import pytest  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from dgpo_jax.checkpoint import (  # noqa: E402
+from dgpo_jax.checkpoint.checkpointer import (  # noqa: E402
     CheckpointMismatchError,
     Checkpointer,
     CheckpointNotFoundError,
     abstract_like,
 )
-from dgpo_jax.train_state import TrainState, apply_gradients, create_train_state  # noqa: E402
+from dgpo_jax.learner.train_state import TrainState, apply_gradients, create_train_state  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import dgpo_jax
-from dgpo_jax import convert
+from dgpo_jax.checkpoint import convert, params as ckpt_params
 
 
 def _figures(out: str):
@@ -39,19 +39,19 @@ def test_hf_to_ckpt_to_hf(hf_models, tmp_path, capsys, dtype):
 def test_checkpoint_holds_config_and_params(hf_models, tmp_path):
     path, _ = hf_models[(True, 1e4)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
-    convert.save_params_checkpoint(config, params, str(tmp_path / "ck"), step=7)
-    c2, p2, meta = convert.load_params_checkpoint(str(tmp_path / "ck"))
+    ckpt_params.save_params_checkpoint(config, params, str(tmp_path / "ck"), step=7)
+    c2, p2, meta = ckpt_params.load_params_checkpoint(str(tmp_path / "ck"))
     assert c2 == config and meta["kind"] == "params"
     np.testing.assert_array_equal(np.asarray(p2["layers"]["attn"]["q_kernel"]),
                                   np.asarray(params["layers"]["attn"]["q_kernel"]))
 
 
 def test_checkpoint_without_model_config_is_refused(tmp_path):
-    from dgpo_jax.checkpoint import Checkpointer
+    from dgpo_jax.checkpoint.checkpointer import Checkpointer
     with Checkpointer(str(tmp_path / "ck")) as ck:
         ck.save(0, {"params": {"w": np.ones(3, np.float32)}}, {"note": "not a model"}, force=True)
     with pytest.raises(KeyError, match="no 'model_config'"):
-        convert.load_params_checkpoint(str(tmp_path / "ck"))
+        ckpt_params.load_params_checkpoint(str(tmp_path / "ck"))
 
 
 def test_demo(tmp_path, capsys):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dgpo_jax.fileio import write_atomically, write_text_atomically
+from dgpo_jax.checkpoint.fileio import write_atomically, write_text_atomically
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):

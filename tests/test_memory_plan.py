@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dgpo_jax.memory_plan import bytes_per_device
+from dgpo_jax.launch.plan import bytes_per_device
 from dgpo_jax.models import get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_plan_cli_tiny_dgpo_against_hand_count(tmp_path):
 
 
 def test_plan_rejects_bad_values():
-    from dgpo_jax.run_config import ConfigError, base_config, validate
+    from dgpo_jax.config import ConfigError, base_config, validate
 
     cfg = base_config()
     cfg.mode = "plan"
@@ -106,12 +106,12 @@ def test_plan_rejects_bad_values():
 def test_abstract_update_state_matches_the_real_one(preset, overrides):
     """What the plan compiles against is what training builds: same tree, shapes, dtypes and
     shardings as ``create_update_state`` on real parameters."""
-    from dgpo_jax.memory_plan import abstract_params
+    from dgpo_jax.launch.plan import abstract_params
     from dgpo_jax.models import init_params
     from dgpo_jax.objectives import get_objective
-    from dgpo_jax.optim import OptimConfig, make_optimizer
-    from dgpo_jax.sharding import plan_from_config
-    from dgpo_jax.train_step import abstract_update_state, create_update_state
+    from dgpo_jax.learner.optim import OptimConfig, make_optimizer
+    from dgpo_jax.parallel.sharding import plan_from_config
+    from dgpo_jax.learner.update_step import abstract_update_state, create_update_state
 
     config = get_preset("tiny")
     plan = plan_from_config({"data": 2, "fsdp": 4})

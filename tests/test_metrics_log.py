@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dgpo_jax.metrics_log import MetricsLogger, plot_curves, read_metrics
+from dgpo_jax.launch.metrics_log import MetricsLogger, plot_curves, read_metrics
 
 
 def test_jsonl_tensorboard_and_plot(tmp_path):

@@ -65,7 +65,7 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _final_params(workdir) -> dict:
-    from dgpo_jax.checkpoint import Checkpointer
+    from dgpo_jax.checkpoint.checkpointer import Checkpointer
 
     with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         assert ckpt.latest_step() == STEPS
@@ -124,7 +124,7 @@ def test_two_processes_equal_one(world, tmp_path):
 
 
 def test_distributed_environment_detection_and_errors(monkeypatch):
-    from dgpo_jax.distributed import initialize_from_env, wants_distributed
+    from dgpo_jax.parallel.distributed import initialize_from_env, wants_distributed
 
     assert not wants_distributed({})
     assert not wants_distributed({"SLURM_NTASKS": "1", "DGPO_NUM_PROCESSES": "1"})

@@ -91,10 +91,10 @@ def test_quickstart_notebook(kernel, tmp_path):
     import torch
     import transformers
 
-    from dgpo_jax.checkpoint import Checkpointer
-    from dgpo_jax.metrics_log import read_metrics
+    from dgpo_jax.checkpoint.checkpointer import Checkpointer
+    from dgpo_jax.launch.metrics_log import read_metrics
     from dgpo_jax.models import Qwen2Config, forward
-    from dgpo_jax.tokenizer import load_tokenizer
+    from dgpo_jax.models.tokenizer import load_tokenizer
 
     workdir = tmp_path / "run"
     rl_steps, teacher_steps = 2, 60

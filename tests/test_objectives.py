@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dgpo_jax.curricula import schedules
 from dgpo_jax.models import forward, forward_hidden, get_preset, lm_logits
 from dgpo_jax.objectives import advantages as adv
 from dgpo_jax.objectives import divergences as dv
@@ -16,7 +17,7 @@ from dgpo_jax.objectives import losses, presets
 from dgpo_jax.objectives.config import ObjectiveConfig
 from dgpo_jax.objectives.kl import kl_estimate
 from dgpo_jax.objectives.rewards import token_rewards, trajectory_gate
-from dgpo_jax.optim import OptimConfig, learning_rates
+from dgpo_jax.learner.optim import OptimConfig, learning_rates
 from tests.conftest import random_params
 
 RNG = np.random.default_rng(1234)
@@ -115,7 +116,7 @@ def test_gae_ignores_values_and_rewards_on_masked_tokens():
 def test_reference_quirk_region_includes_observations():
     """The quirk mask covers real tokens from the first student token on (observations too), so
     GAE then runs over the observation tokens; the default mask skips them."""
-    from dgpo_jax.train_step import _response_region
+    from dgpo_jax.learner.update_step import _response_region
 
     am = np.ones((2, 8), np.float32)
     am[1, -1] = 0
@@ -477,7 +478,7 @@ def test_every_preset_builds_and_bad_knobs_are_named():
 
 
 def test_schedules_match_hand_formulas():
-    p = presets.teacher_turn_probability
+    p = schedules.teacher_turn_probability
     for shape in ("linear", "cosine", "exponential"):
         assert p(0, 100, 0.6, shape) == pytest.approx(0.6)
         assert p(100, 100, 0.6, shape) == pytest.approx(0.0, abs=1e-12)
@@ -489,17 +490,17 @@ def test_schedules_match_hand_formulas():
     )
     with pytest.raises(ValueError, match="unknown schedule"):
         p(1, 10, 0.5, "step")
-    s = presets.distillm_student_share
+    s = schedules.distillm_student_share
     assert s(0.0, None, 2.0) == 0.0
     assert s(0.0, 2.0, 2.05) == 0.0
     assert s(0.0, 2.0, 2.2) == pytest.approx(0.1)
     assert s(0.95, 2.0, 2.2) == 1.0
-    t, mom = presets.taid_update(0.4, 0.0, 2.0, 1.8, progress=0.1)
+    t, mom = schedules.taid_update(0.4, 0.0, 2.0, 1.8, progress=0.1)
     want_m = 0.01 * (0.2 / 2.0)
     assert mom == pytest.approx(want_m)
     want_t = max(0.4 + 0.6 * 0.1, 0.4 + 5e-4 / (1 + math.exp(-want_m)) * 0.6)
     assert t == pytest.approx(want_t)
-    t2, _ = presets.taid_update(0.99999, 0.0, None, 1.0, progress=1.0)
+    t2, _ = schedules.taid_update(0.99999, 0.0, None, 1.0, progress=1.0)
     assert t2 == 1.0
 
 

@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dgpo_jax.checkpoint import Checkpointer
+from dgpo_jax.checkpoint.checkpointer import Checkpointer
 from dgpo_jax.objectives import OBJECTIVE_PRESETS
-from dgpo_jax.run_config import base_config
+from dgpo_jax.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = "Answer with <search> q </search> or <answer> a </answer>. Question: {question}\n"
@@ -59,14 +59,13 @@ def tiny_config(world, workdir, preset="dgpo", steps=1):
     if preset == "grpo":
         cfg.data.rollouts_per_prompt = 2
     if preset == "tropd":
-        cfg.objective.overrides.teacher_prefix_share = 0.5
-        cfg.objective.overrides.teacher_prefix_tokens = 4
-        cfg.sampler.max_prefix_length = 4
+        cfg.curriculum.teacher_prefix_share = 0.5
+        cfg.curriculum.teacher_prefix_tokens = 4
     if preset == "guided_opd":
-        cfg.objective.overrides.guided_p0 = 0.5
+        cfg.curriculum.guided_p0 = 0.5
     if preset in ("kd", "seqkd", "gkd", "distillm", "taid"):
         # A random teacher is never correct; student data keeps the step busy.
-        cfg.objective.overrides.student_data_fraction = 1.0
+        cfg.curriculum.student_data_fraction = 1.0
     return cfg
 
 
@@ -75,7 +74,7 @@ TRAIN_PRESETS = sorted(set(OBJECTIVE_PRESETS) - {"dgpo_coldstart"})
 
 @pytest.mark.parametrize("preset", TRAIN_PRESETS)
 def test_every_preset_smoke(world, tmp_path, preset):
-    from dgpo_jax.training.loop import run_train
+    from dgpo_jax.launch.train import run_train
     run_train(tiny_config(world, tmp_path, preset))
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -93,7 +92,7 @@ def _policy(workdir, step):
 
 
 def test_kill9_and_resume_matches_uninterrupted(world, tmp_path):
-    from dgpo_jax.training.loop import run_train
+    from dgpo_jax.launch.train import run_train
     steps = 3
     run_train(tiny_config(world, tmp_path / "straight", steps=steps))
     # The same run in a subprocess, killed with SIGKILL once step 1 is committed.
@@ -101,7 +100,7 @@ def test_kill9_and_resume_matches_uninterrupted(world, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import ml_collections, sys\n"
-        "from dgpo_jax.training.loop import run_train\n"
+        "from dgpo_jax.launch.train import run_train\n"
         f"cfg = ml_collections.ConfigDict({cfg.to_dict()!r})\n"
         "run_train(cfg)\n")
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT,
@@ -134,7 +133,7 @@ def test_kill9_and_resume_matches_uninterrupted(world, tmp_path):
 
 def _distillm_config(world, workdir, steps):
     cfg = tiny_config(world, workdir, preset="distillm", steps=steps)
-    o = cfg.objective.overrides
+    o = cfg.curriculum
     o.student_data_fraction = 0.0  # the preset's start: teacher data only
     # Every validation loss counts as a rise, so the share climbs 0 -> 0.5 -> 1 at steps 1, 2.
     o.distillm_loss_rise, o.distillm_share_step = -1e9, 0.5
@@ -149,8 +148,8 @@ def test_distillm_adaptive_share_and_replay_resume_exactly(world, tmp_path):
     through the replay buffer, and a run stopped after step 4 and resumed ends with the same
     parameters as an uninterrupted one (the buffer, the share and the per-step random draws
     all come back)."""
-    from dgpo_jax.training.loop import run_train
-    from dgpo_jax.training.replay import ReplayBuffer
+    from dgpo_jax.launch.train import run_train
+    from dgpo_jax.curricula.replay import ReplayBuffer
     steps = 5
     run_train(_distillm_config(world, tmp_path / "straight", steps))
     with open(tmp_path / "straight" / "metrics.jsonl") as f:
@@ -188,7 +187,8 @@ def test_export_reloads_in_transformers(world, tmp_path):
     import transformers
 
     from dgpo_jax.models import forward
-    from dgpo_jax.training.loop import run_export, run_train
+    from dgpo_jax.launch.export import run_export
+    from dgpo_jax.launch.train import run_train
     cfg = tiny_config(world, tmp_path, "ppo", steps=1)
     run_train(cfg)
     out = run_export(cfg)
@@ -203,12 +203,12 @@ def test_export_reloads_in_transformers(world, tmp_path):
         ref = hf(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() < 1e-4
     # The RL checkpoint also serves as a model source (--config.model.student=.../checkpoints).
-    from dgpo_jax.training.common import load_model
+    from dgpo_jax.launch.context import load_model
     _, loaded = load_model(str(tmp_path / "checkpoints"), "float32", config.vocab_size)
     for x, y in zip(jax.tree.leaves(policy), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # ... and mode=eval in the run's workdir evaluates that checkpoint.
-    from dgpo_jax.training.loop import run_eval
+    from dgpo_jax.launch.evaluate import run_eval
     cfg.eval.max_examples = 2
     assert run_eval(cfg)["step"] == 1
     assert os.path.isfile(tmp_path / "eval" / "eval_step_1.json")
@@ -222,7 +222,7 @@ def test_eval_writes_one_prediction_per_question(world, tmp_path):
     agrees with a NumPy count over the rows."""
     from dgpo_jax.data.search_r1 import read_question_files
     from dgpo_jax.evaluation import exact_match
-    from dgpo_jax.training.loop import run_eval
+    from dgpo_jax.launch.evaluate import run_eval
     cfg = tiny_config(world, tmp_path)
     cfg.eval.max_examples, cfg.eval.batch_size, cfg.eval.sampled = 3, 4, True
     cfg.eval.sampled_repeats = 2

@@ -4,7 +4,7 @@ out, sampling without replacement."""
 import numpy as np
 import pytest
 
-from dgpo_jax.training.replay import ReplayBuffer
+from dgpo_jax.curricula.replay import ReplayBuffer
 
 
 def _batch(b, t, offset):

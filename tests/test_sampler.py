@@ -19,7 +19,7 @@ from dgpo_jax.retrieval.formatting import INVALID_ACTION_NOTICE
 from dgpo_jax.sampler import Sampler, SamplerConfig, stop_sequences_for
 from dgpo_jax.sampler.sampling import sampling_logprobs
 from dgpo_jax.sampler.stops import ends_with_any
-from dgpo_jax.sharding import plan_from_config
+from dgpo_jax.parallel.sharding import plan_from_config
 
 from tests.conftest import make_hf_model
 

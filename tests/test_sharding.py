@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import dgpo_jax
-from dgpo_jax.sharding import DEFAULT_RULES, ShardingPlan, make_mesh, plan_from_config
+from dgpo_jax.parallel.sharding import DEFAULT_RULES, ShardingPlan, make_mesh, plan_from_config
 
 
 def test_eight_fake_devices():

@@ -255,7 +255,7 @@ def test_evidence_quotes_the_sentence_up_to_the_answer():
 
 
 def test_expert_quotes_the_last_document_then_answers(world):
-    from dgpo_jax.quickstart import expert_turns
+    from dgpo_jax.launch.quickstart import expert_turns
 
     knowledge = read_encyclopedia(world.corpus)
     text_by_doc = {row["id"]: row["contents"] for row in world.corpus}

@@ -1,4 +1,4 @@
-"""Tests for dgpo_jax.tokenizer.
+"""Tests for dgpo_jax.models.tokenizer.
 
 Independent references: tiktoken (a separate BPE implementation) built from the same
 `qwen.tiktoken` ranks and the Qwen2 split regex, published Qwen2.5 ids, and hand-derived cases.
@@ -18,8 +18,8 @@ import pytest
 
 tiktoken = pytest.importorskip("tiktoken")
 
-from dgpo_jax import tokenizer as tokenizer_module  # noqa: E402
-from dgpo_jax.tokenizer import load_tokenizer, read_bpe_ranks, recover_merges  # noqa: E402
+from dgpo_jax.models import tokenizer as tokenizer_module  # noqa: E402
+from dgpo_jax.models.tokenizer import load_tokenizer, read_bpe_ranks, recover_merges  # noqa: E402
 
 # Written out here (not imported) so the reference does not share the module's constant.
 QWEN2_REGEX = (

@@ -14,8 +14,8 @@ import pytest
 from dgpo_jax.models import forward, get_preset
 from dgpo_jax.objectives import get_objective
 from dgpo_jax.objectives.batch import batch_requirements
-from dgpo_jax.sharding import plan_from_config
-from dgpo_jax.train_step import create_update_state, make_update_step
+from dgpo_jax.parallel.sharding import plan_from_config
+from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from tests.conftest import random_params
 
 V, B, T, PROMPT = 48, 4, 10, 3
@@ -79,7 +79,6 @@ def select(batch, cfg, teacher_in_program, drop=()):
 
 _PRESET_OVERRIDES = {
     "guided_opd": {"teacher_turn_loss": "fkl"},
-    "tropd": {"teacher_prefix_share": 0.5},
     "ppo": {"critic": "value_head"},
     "dgpo": {"critic": "value_head", "beta": 0.5},
 }
@@ -388,7 +387,7 @@ def test_bad_input_is_caught_before_compiling(models):
 
 def test_separate_critic_learning_rate(models):
     """AdamW groups: policy lr 0 leaves the student untouched while the value head trains."""
-    from dgpo_jax.optim import OptimConfig
+    from dgpo_jax.learner.optim import OptimConfig
 
     sc, sp, tc, tp = models
     cfg, _, _ = preset_step(models, "ppo")  # value head on the student trunk

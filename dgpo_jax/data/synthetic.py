@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from dgpo_jax.fileio import write_atomically
+from dgpo_jax.checkpoint.fileio import write_atomically
 from dgpo_jax.retrieval.formatting import (
     INVALID_ACTION_NOTICE, PROTOCOL_TAGS, SEARCH_R1_PROMPT_TEMPLATE, format_prompt)
 

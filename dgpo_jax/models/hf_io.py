@@ -201,7 +201,7 @@ def load_hf(
       path: directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
       dtype: parameter dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
       shardings: optional tree of ``jax.sharding.Sharding`` matching the parameter tree.
-      plan: optional ``dgpo_jax.sharding.ShardingPlan``; its parameter shardings are used.
+      plan: optional ``dgpo_jax.parallel.sharding.ShardingPlan``; its parameter shardings are used.
     Returns:
       ``(config, params)``; every leaf is created directly in its sharding.
     """

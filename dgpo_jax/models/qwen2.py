@@ -33,7 +33,7 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked rows giv
 
 
 # ----------------------------------------------------------------------------------------------
-# Sharding hook: the model names activation axes; a plan (dgpo_jax.sharding) maps them to the mesh.
+# Sharding hook: the model names activation axes; a plan (dgpo_jax.parallel.sharding) maps them to the mesh.
 # ----------------------------------------------------------------------------------------------
 def _constrain(plan, x: Array, names: tuple[str | None, ...]) -> Array:
     return x if plan is None else plan.constrain(x, names)

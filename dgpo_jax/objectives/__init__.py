@@ -22,11 +22,5 @@ from dgpo_jax.objectives.losses import (
     truncated_is_weight,
     value_loss,
 )
-from dgpo_jax.objectives.presets import (
-    OBJECTIVE_PRESETS,
-    distillm_student_share,
-    get_objective,
-    taid_update,
-    teacher_turn_probability,
-)
+from dgpo_jax.objectives.presets import OBJECTIVE_PRESETS, get_objective
 from dgpo_jax.objectives.rewards import token_rewards, trajectory_gate, trust_mask

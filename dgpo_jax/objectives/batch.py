@@ -17,7 +17,7 @@ Fields (B rows, T positions):
   values           [B, T] float  critic values at rollout time (GAE; computed in the step
                                  by the current critic when absent)
   sampler_logprobs [B, T] float  log-probs from the sampling engine (truncated IS weights)
-  taid_t           []     float  TAID interpolation t (from ``presets.taid_update``)
+  taid_t           []     float  TAID interpolation t (from ``dgpo_jax.curricula.schedules.taid_update``)
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ in the same mean); teacher-token terms are averaged over ``teacher_mask`` tokens
 over the critic's tokens. Denominators depend only on the batch masks, so the mean over
 micro-batches is exact.
 
-A preset (``presets.py``) is one of these configs; nothing else selects a code path.
+A preset (``presets.py``) is one of these configs; nothing else selects a code path. What a
+run changes between steps (teacher turns and prefixes, data mixing, TAID's t) is the
+curriculum (``dgpo_jax.curricula.CurriculumConfig``); which model ``ref_logprobs`` come from is
+the run config's ``model.ref_model``.
 """
 
 from __future__ import annotations
@@ -44,8 +47,6 @@ _CHOICES = {
     "divergence_gate": ("none", "trajectory"),
     "teacher_token_loss": ("none", "sft", "fkl", "topk_fkl"),
     "critic": ("none", "value_head", "separate"),
-    "ref_model": ("initial_student", "teacher_base", "teacher", "none"),
-    "guided_schedule": ("linear", "cosine", "exponential"),
 }
 
 
@@ -63,7 +64,7 @@ class ObjectiveConfig:
     reward_kl_direction: str = "reverse"  # reverse = KL(S||M) (reference code); forward = KL(M||S)
     reward_logprob_source: str = "old"  # l^S in the reward: behaviour ("old") or current (sg)
     trajectory_gate: str = "none"  # u(tau): "incorrect" = [R < gate_threshold] (DGPO)
-    gate_threshold: float = 0.5
+    gate_threshold: float = 0.1  # DGPO: create_reward_based_mask, score < 0.1 (ray_trainer.py)
     advantage: str = "gae"  # gae | grpo | immediate (gamma=0) | rtg | none
     gamma: float = 1.0
     gae_lambda: float = 1.0
@@ -110,22 +111,6 @@ class ObjectiveConfig:
     reference_quirk: bool = False  # GAE/whitening/critic over observation tokens too
     # --- numerics -------------------------------------------------------------------------------
     seq_chunk: int = 128  # positions per vocabulary-projection chunk
-    # --- rollout-side knobs (read by the trainer / sampler; validated here) ---------------------
-    ref_model: str = "initial_student"  # which model's log-probs ref_logprobs must hold
-    teacher_prefix_share: float = 0.0  # TrOPD: share of rollouts continuing a teacher prefix
-    teacher_prefix_tokens: int = 0  # TrOPD: teacher prefix length (UNVERIFIED)
-    guided_p0: float = 0.0  # Guided-OPD: initial teacher-turn probability
-    guided_schedule: str = "linear"  # linear | cosine | exponential decay to 0
-    guided_decay_rate: float = 5.0  # exponential schedule steepness
-    student_data_fraction: float = 0.0  # GKD lambda / DistiLLM initial student-data share
-    adaptive_student_share: bool = False  # DistiLLM: the share rises with the validation loss
-    distillm_share_step: float = 0.1  # DistiLLM: share increment ...
-    distillm_loss_rise: float = 0.1  # ... when the validation loss rises by more than this
-    replay_buffer_size: int = 0  # DistiLLM: 1000
-    taid_t_start: float = 0.4
-    taid_t_end: float = 1.0
-    taid_alpha: float = 5e-4
-    taid_momentum: float = 0.99
 
     def __post_init__(self):
         errors = []
@@ -222,11 +207,6 @@ class ObjectiveConfig:
             and not self.kl_loss_coef
         ):
             e.append("the objective has no term: set a policy loss, a divergence or a KL loss")
-        for f in ("teacher_prefix_share", "guided_p0", "student_data_fraction"):
-            if not 0 <= getattr(self, f) <= 1:
-                e.append(f"{f} must be in [0, 1]")
-        if not 0 <= self.taid_t_start <= self.taid_t_end <= 1:
-            e.append("need 0 <= taid_t_start <= taid_t_end <= 1")
         if e:
             raise ValueError(f"ObjectiveConfig {self.name!r}: inconsistent knobs: " + "; ".join(e))
 
@@ -258,17 +238,6 @@ class ObjectiveConfig:
     def teacher_in_update(self) -> bool:
         """The update step runs the teacher forward (its log-probs or full logits)."""
         return self.needs_teacher_logp or self.needs_teacher_logits
-
-    @property
-    def needs_teacher_model(self) -> bool:
-        """A run needs teacher weights: in the update, for rollouts (Guided-OPD turns, TrOPD
-        prefixes) or as the data source (the KD family)."""
-        return (
-            self.teacher_in_update
-            or self.guided_p0 > 0
-            or self.teacher_prefix_share > 0
-            or not self.uses_policy
-        )
 
     @property
     def needs_ref_logp(self) -> bool:

@@ -1,8 +1,8 @@
 """`InProcessRetriever`: the `Retriever` interface over an index directory, with no server.
 
 The index code lives in the `retrieval_service` package (installed with dgpo_jax; its BM25 and
-dense back ends need the ``retrieval`` extra: bm25s, faiss-cpu, sentence-transformers). It is
-imported only when an `InProcessRetriever` is created.
+dense back ends need the ``retrieval`` extra: bm25s, faiss-cpu, sentence-transformers); a back
+end is imported only when an index of its kind is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from dgpo_jax.retrieval.documents import Document, FormattingRetriever, check_queries, check_topk
+from retrieval_service.index import load_index
 
 
 class InProcessRetriever(FormattingRetriever):
@@ -28,7 +29,6 @@ class InProcessRetriever(FormattingRetriever):
 
     def __init__(self, index_dir: str | os.PathLike, *, topk: int = 3, device: str | None = None,
                  encode_batch_size: int = 64, torch_threads: int | None = None):
-        from retrieval_service.index import load_index
 
         self.topk = check_topk(topk, 3)
         self.index = load_index(index_dir, device=device, encode_batch_size=encode_batch_size,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgpo_jax.distributed import to_host
+from dgpo_jax.parallel.distributed import to_host
 from dgpo_jax.models.config import Qwen2Config
 from dgpo_jax.sampler.config import FINISH_REASONS, RUNNING, SamplerConfig
 from dgpo_jax.sampler.host import (

@@ -1,0 +1,239 @@
+"""The run configuration: every field with its default, documented once.
+
+Config files (``dgpo_jax/configs/``, also reachable as ``configs/`` in a checkout) start from
+``base_config()`` or ``nq_config()`` and change what they need::
+
+    from dgpo_jax.config import nq_config
+
+    def get_config():
+        cfg = nq_config("dgpo_nq", "dgpo")
+        cfg.objective.token_reward_coef = 0.001  # beta (source of the value)
+        return cfg
+
+Any field can be overridden on the command line (``--config.optim.actor_lr=1e-6``,
+``--config.objective.teacher_lambda=1.5``). ``dgpo_jax.config.resolve`` rejects unknown keys
+naming the nearest valid one; ``dgpo_jax.config.validate`` checks what types cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from dgpo_jax.curricula.config import CurriculumConfig
+from dgpo_jax.data.search_r1 import DEFAULT_TEMPLATE
+from dgpo_jax.objectives.config import ObjectiveConfig
+
+MODES = ("train", "coldstart", "eval", "export", "plan", "quickstart")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong kind, or points at nothing."""
+
+
+def env(name: str, default: str = "") -> str:
+    """Read a location from the environment (used by the ``*_nq.py`` configs)."""
+    return os.environ.get(name, default)
+
+
+def _knob_section(dataclass_type, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """One typed, unset (None) field per knob of ``dataclass_type``: settable from a config file
+    or the command line with the knob's type; None means "the preset's value"."""
+    hints = typing.get_type_hints(dataclass_type)
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(dataclass_type):
+        if field.name in exclude:
+            continue
+        kind = hints[field.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        section[field.name] = placeholder(kind)
+    return section
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field of the run config with its default (DGPO's reference run where one applies)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "train"  # one of MODES
+    c.workdir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, eval results
+    c.seed = 0
+    c.resume = False  # continue from the latest checkpoint in workdir (same data order)
+
+    c.model = ml_collections.ConfigDict()
+    # A model is a local HF directory, a dgpo_jax checkpoint directory, or "preset:NAME"
+    # (random weights; NAME from dgpo_jax.models.PRESETS, vocab from the tokenizer).
+    c.model.student = ""
+    c.model.teacher = ""  # needed by dgpo, opd-family, KD objectives and coldstart
+    # Where ref_logprobs (pi_ref) come from, for objectives that use them (PPO's KL, G-OPD
+    # with lambda != 1, GRPO's KL loss): "initial_student" (a frozen copy of the student at
+    # step 0) or "teacher_base" (model.reference, e.g. the teacher's pre-RL base model: G-OPD's
+    # reward correction). Objectives without a reference ignore it.
+    c.model.ref_model = "initial_student"
+    c.model.reference = ""  # the model read by ref_model="teacher_base" (a model source)
+    c.model.tokenizer = "qwen2.5"  # "qwen2.5" or a local tokenizer directory
+    c.model.dtype = "bfloat16"  # parameter/activation dtype: float32 | bfloat16
+    c.model.remat = "none"  # none | full | dots: rematerialisation in the update step
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # comma-separated Search-R1 parquet files
+    c.data.test_files = ""  # comma-separated; evaluation reports EM per data_source
+    c.data.prompt_template = DEFAULT_TEMPLATE  # used when rows carry raw questions
+    c.data.use_chat_template = True  # wrap the user message with the tokenizer's template
+    c.data.batch_size = 512  # prompts per RL step (all processes together)
+    c.data.rollouts_per_prompt = 1  # n samples per prompt (GRPO: 5)
+    c.data.shuffle = True
+
+    c.retrieval = ml_collections.ConfigDict()
+    c.retrieval.kind = "http"  # http | in_process
+    c.retrieval.urls = "http://127.0.0.1:8000"  # comma-separated; balanced client-side
+    c.retrieval.index_dir = ""  # for in_process: a directory built by build_index
+    c.retrieval.topk = 3
+    c.retrieval.timeout_s = 30.0
+    c.retrieval.max_retries = 3
+
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.temperature = 1.0
+    c.sampler.top_p = 1.0
+    c.sampler.top_k = 0  # 0 = off
+    c.sampler.max_turns = 4  # searches, then one final turn with search disabled
+    c.sampler.max_new_tokens_per_turn = 500
+    c.sampler.max_new_tokens = 2500  # per trajectory
+    c.sampler.max_obs_length = 500
+    c.sampler.max_prompt_length = 4096
+    c.sampler.cache_len = 8704  # context length: prompt + turns + observations
+    c.sampler.ingest_chunk = 32  # observation tokens appended to the KV cache per model call
+
+    # The objective: a preset (dgpo_jax.objectives.presets) and any of its knobs
+    # (dgpo_jax.objectives.ObjectiveConfig, documented there and in docs/algorithms.md), e.g.
+    # --config.objective.token_reward_coef=0.01. A knob left at None keeps the preset's value.
+    c.objective = _knob_section(ObjectiveConfig, exclude=("name",))
+    c.objective.preset = "dgpo"
+    # The curriculum: what changes between steps (teacher turns, teacher prefixes, data mixing,
+    # TAID's t; dgpo_jax.curricula.CurriculumConfig), e.g. --config.curriculum.guided_p0=0.3.
+    # None keeps the preset's value (dgpo_jax.curricula.config.CURRICULUM_PRESETS).
+    c.curriculum = _knob_section(CurriculumConfig)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.actor_lr = 1e-6
+    c.optim.critic_lr = 1e-5
+    c.optim.schedule = "constant"  # constant (after the warmup) | cosine (after the warmup)
+    c.optim.actor_warmup_ratio = 0.285
+    c.optim.critic_warmup_ratio = 0.015
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1005
+    c.train.mini_batch_size = 256  # PPO mini-batch (prompts); one optimizer step each
+    c.train.ppo_epochs = 1
+    c.train.micro_batch_size = 16  # sequences per gradient-accumulation micro-batch
+    c.train.eval_every = 100  # 0 = only at the end
+    # DistiLLM's adaptive student-data share: the objective's loss on the teacher's correct
+    # rollouts of the first train.mini_batch_size test questions, every val_every steps
+    # (0 = max(1, train.steps // 10)); other objectives ignore it.
+    c.train.val_every = 0
+    c.train.save_every = 50
+    c.train.max_to_keep = 3
+    c.train.log_every = 1
+
+    c.coldstart = ml_collections.ConfigDict()
+    c.coldstart.epochs = 5
+    c.coldstart.lr = 1e-4
+    c.coldstart.warmup_ratio = 0.0  # of the KD steps (reference: cosine, no warmup)
+    c.coldstart.batch_size = 64  # sequences per step
+    c.coldstart.rollouts_per_question = 1  # teacher samples per training question
+    c.coldstart.max_questions = 0  # 0 = all training questions
+    c.coldstart.greedy = False  # teacher rollouts greedy (else at sampler.temperature)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.greedy = True
+    c.eval.sampled = True  # at sampler.temperature (the reference validated sampled at 1.0)
+    # Sampled draws per question; with greedy on too, the eval also reports pass@k and the
+    # sampled EM split by the greedy outcome (sharpening vs learning; docs/quickstart.md).
+    c.eval.sampled_repeats = 1
+    c.eval.max_examples = 0  # per file; 0 = all
+    c.eval.batch_size = 128
+    c.eval.at_end = True  # train mode: evaluate the final policy
+    c.eval.checkpoint_step = -1  # eval mode: -1 = the latest checkpoint (or the model as given)
+
+    c.export = ml_collections.ConfigDict()
+    c.export.step = -1  # -1 = the latest checkpoint
+    c.export.out = ""  # HF directory to write; default WORKDIR/export_STEP
+    c.export.dtype = ""  # default: the checkpoint's
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh.num_devices = 0  # use the first N devices (0 = all of them)
+    c.mesh.rules = ""  # overrides of the logical rules: "embed=fsdp,mlp=tensor,vocab="
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True
+    c.logging.wandb_project = ""  # set to log to Weights & Biases (when installed)
+    c.logging.progress = True
+
+    c.plan = ml_collections.ConfigDict()  # mode=plan: the memory plan (dgpo_jax.launch.plan)
+    c.plan.fake_devices = 0  # > 0: plan on this many fake CPU devices (set before JAX starts)
+    c.plan.device_memory_gib = 0.0  # per device; > 0: exit non-zero when the peak exceeds it
+
+    c.quickstart = ml_collections.ConfigDict()  # mode=quickstart (dgpo_jax.launch.quickstart)
+    c.quickstart.num_entities = 1000  # size of the synthetic world
+    c.quickstart.prompt_template = ""  # "" = data.prompt_template
+    c.quickstart.teacher_preset = "quickstart-teacher"  # dgpo_jax.models.PRESETS names
+    c.quickstart.student_preset = "quickstart-student"
+    c.quickstart.teacher_questions = 0  # expert trajectories for the teacher; 0 = all
+    c.quickstart.teacher_steps = 800  # supervised steps of the teacher
+    c.quickstart.teacher_batch_size = 8
+    c.quickstart.teacher_lr = 2e-3
+    c.quickstart.ppo_baseline = True  # run PPO from the cold start too, time allowing
+    c.quickstart.time_budget_s = 600  # skip the PPO baseline when it would end past this
+    c.quickstart.rl_steps = 30  # steps of each RL stage (DGPO, PPO)
+    c.quickstart.rl_batch_size = 32  # prompts per RL step (one rollout each)
+    c.quickstart.rl_actor_lr = 1e-4
+    c.quickstart.rl_critic_lr = 1e-3
+    return c
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def parse_rules(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """'embed=fsdp,mlp=tensor+fsdp,vocab=' -> [(name, mesh axes), ...]."""
+    rules = []
+    for item in split_list(text):
+        if "=" not in item:
+            raise ConfigError(f"mesh.rules: {item!r} is not 'logical=mesh_axis[+mesh_axis]'")
+        name, axes = item.split("=", 1)
+        rules.append((name.strip(), tuple(a for a in axes.split("+") if a)))
+    return rules
+
+
+def nq_config(name: str, preset: str) -> ml_collections.ConfigDict:
+    """The shared Search-R1 setting (NQ + HotpotQA train, the seven QA test sets, the
+    protocol's lengths and turns; the defaults of ``base_config``) for ``preset``, with
+    locations from the environment. Each ``configs/*_nq.py`` then states its algorithm's own
+    hyperparameters with their sources (docs/algorithms.md has the table).
+
+      DGPO_STUDENT    student HF directory (Qwen2.5-0.5B-Instruct, or its KD cold start)
+      DGPO_TEACHER    teacher HF directory (Qwen2.5-3B trained with Search-R1 PPO)
+      DGPO_REFERENCE  optional reference model (ExOPD reward correction)
+      DGPO_TRAIN      comma-separated train parquet files (NQ train + HotpotQA train)
+      DGPO_TEST       comma-separated test parquet files (the seven QA test sets)
+      DGPO_RETRIEVER  comma-separated retrieval server URLs (default http://127.0.0.1:8000)
+      DGPO_WORKDIR    output directory (default runs/<name>)
+    """
+    cfg = base_config()
+    cfg.workdir = env("DGPO_WORKDIR", f"runs/{name}")
+    cfg.model.student = env("DGPO_STUDENT")
+    cfg.model.teacher = env("DGPO_TEACHER")
+    cfg.model.reference = env("DGPO_REFERENCE")
+    cfg.data.train_files = env("DGPO_TRAIN")
+    cfg.data.test_files = env("DGPO_TEST")
+    cfg.retrieval.urls = env("DGPO_RETRIEVER", "http://127.0.0.1:8000")
+    cfg.objective.preset = preset
+    return cfg

@@ -1,0 +1,86 @@
+"""Rollouts -> update batches: EM rewards, the batch fields, padding and micro-batch counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from dgpo_jax.data.search_r1 import QARecord
+from dgpo_jax.evaluation import exact_match, extract_answer
+
+SEQ_MULTIPLE = 64  # update batches are padded to a multiple of this many positions
+
+
+def micro_batches(rows: int, per_micro: int) -> int:
+    """The number of micro-batches for ``rows`` sequences, at most ``per_micro`` each when a
+    divisor allows (the count divides ``rows``)."""
+    m = max(1, rows // max(per_micro, 1))
+    while rows % m:
+        m -= 1
+    return m
+
+
+@dataclasses.dataclass
+class ScoredRollouts:
+    """A rollout plus what the trainer derives from it on the host."""
+
+    batch: dict[str, np.ndarray]  # update-step fields (see dgpo_jax.objectives.batch)
+    responses: list[str]  # decoded responses (observations included)
+    answers: list[str | None]
+    rewards: np.ndarray  # [B] exact match
+    num_searches: np.ndarray  # [B]
+    finish_reasons: list[str]
+    generated_tokens: int
+
+
+def score_rollout(rollout, records: Sequence[QARecord], tokenizer,
+                  group_ids: Sequence[int] | None = None) -> ScoredRollouts:
+    """EM rewards and the update batch (prompt left-padded + response right-padded)."""
+    arr = rollout.arrays
+    prompt_ids, prompt_mask = np.asarray(rollout.prompt_ids), np.asarray(rollout.prompt_mask)
+    b, p = prompt_ids.shape
+    r = arr.tokens.shape[1]
+    resp_mask = (np.arange(r)[None] < np.asarray(arr.length)[:, None]).astype(np.int32)
+    responses, answers, rewards = [], [], np.zeros(b, np.float32)
+    for i in range(b):
+        text = tokenizer.decode(rollout.response_ids(i).tolist(), skip_special_tokens=False)
+        responses.append(text)
+        answer = extract_answer(text)
+        answers.append(answer)
+        rewards[i] = exact_match(answer, records[i].golds)
+    batch = {
+        "input_ids": np.concatenate([prompt_ids, np.asarray(arr.tokens)], 1).astype(np.int32),
+        "attention_mask": np.concatenate([prompt_mask, resp_mask], 1).astype(np.int32),
+        "loss_mask": np.concatenate([np.zeros((b, p)), np.asarray(arr.loss_mask)],
+                                    1).astype(np.float32),
+        "teacher_mask": np.concatenate([np.zeros((b, p)), np.asarray(arr.teacher_mask)],
+                                       1).astype(np.float32),
+        "sampler_logprobs": np.concatenate([np.zeros((b, p)), np.asarray(arr.logprobs)],
+                                           1).astype(np.float32),
+        "rewards": rewards,
+        "group_ids": np.asarray(group_ids if group_ids is not None else np.arange(b), np.int32),
+    }
+    return ScoredRollouts(batch, responses, answers, rewards, np.asarray(arr.num_searches),
+                          list(rollout.finish_reasons), int(np.asarray(arr.generated).sum()))
+
+
+def pad_batch_to(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Right-pad the time axis to a multiple (fewer distinct shapes -> fewer compilations)."""
+    t = batch["input_ids"].shape[1]
+    extra = (-t) % multiple
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        out[k] = np.pad(v, ((0, 0), (0, extra))) if v.ndim == 2 else v
+    return out
+
+
+def trim_to_bucket(batch: dict[str, np.ndarray], multiple: int = 64) -> dict[str, np.ndarray]:
+    """Cut right padding down to the batch's longest sequence rounded up to ``multiple``: few
+    distinct widths (few compilations), no compute spent on the dataset's longest sequence."""
+    longest = int(np.asarray(batch["attention_mask"]).sum(1).max())
+    width = min(batch["input_ids"].shape[1], longest + (-longest) % multiple)
+    return {k: (v[:, :width] if np.ndim(v) == 2 else v) for k, v in batch.items()}
