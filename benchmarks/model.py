@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgpo_jax.models import Qwen2Config, get_preset, init_params
+from dgpo_jax.models.qwen2 import forward_hidden, lm_logits
+
 SIZES = {
     # name: (vocab, hidden, ffn, layers, heads, kv_heads)
     "tiny": (2048, 128, 384, 2, 4, 2),
@@ -54,10 +57,8 @@ def main(argv=None):
     if args.quick:
         args.size, args.batch, args.seq, args.repeats = "tiny", 4, 128, 3
 
-    import torch
-    import transformers
-    from dgpo_jax.models import Qwen2Config, get_preset, init_params
-    from dgpo_jax.models.qwen2 import forward_hidden, lm_logits
+    import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+    import transformers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")

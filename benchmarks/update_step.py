@@ -29,6 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgpo_jax.learner.optim import OptimConfig
+from dgpo_jax.learner.update_step import create_update_state, make_update_step
+from dgpo_jax.models import Qwen2Config, get_preset, init_params, save_hf
+from dgpo_jax.objectives import get_objective
+
 # name: (vocab, hidden, ffn, layers, heads, kv_heads)
 SIZES = {
     "bench-tiny": (2048, 128, 384, 2, 4, 2),
@@ -41,7 +46,6 @@ BETA, CLIP, ENT, VCLIP, LR, CRITIC_LR, WD = 0.001, 0.2, 0.001, 0.5, 1e-6, 1e-5, 
 
 
 def model_config(name, vocab=None):
-    from dgpo_jax.models import Qwen2Config, get_preset
 
     if name in SIZES:
         v, d, f, l, h, k = SIZES[name]
@@ -91,7 +95,7 @@ def flops_per_token(config, with_logits: bool, backward: bool, seq: int) -> floa
 def torch_step_fn(student, teacher, critic, head, opt_actor, opt_critic, batch, beta=BETA):
     """The DGPO step written plainly in PyTorch (also the tests' independent reference).
     ``batch["values"]`` may be absent: the critic then computes them (no gradient) first."""
-    import torch
+    import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
 
     ids = torch.as_tensor(batch["input_ids"], dtype=torch.long)
     am = torch.as_tensor(batch["attention_mask"])
@@ -182,11 +186,6 @@ def main(argv=None):
             2,
         )
 
-    from dgpo_jax.models import init_params, save_hf
-    from dgpo_jax.objectives import get_objective
-    from dgpo_jax.learner.optim import OptimConfig
-    from dgpo_jax.learner.update_step import create_update_state, make_update_step
-
     platform = jax.devices()[0].platform
     dtype = args.dtype or ("bfloat16" if platform == "gpu" else "float32")
     jdtype = jnp.dtype(dtype)
@@ -194,8 +193,8 @@ def main(argv=None):
     if sc.vocab_size != tc.vocab_size:
         raise SystemExit(f"student vocab {sc.vocab_size} != teacher vocab {tc.vocab_size}")
     print(
-        f"[update_step] {platform} {dtype}: student {args.student} ({sc.num_params()/1e6:.1f}M), "
-        f"teacher {args.teacher} ({tc.num_params()/1e6:.1f}M), batch {args.batch} x {args.seq}",
+        f"[update_step] {platform} {dtype}: student {args.student} ({sc.num_params() / 1e6:.1f}M), "
+        f"teacher {args.teacher} ({tc.num_params() / 1e6:.1f}M), batch {args.batch} x {args.seq}",
         flush=True,
     )
     init = jax.jit(init_params, static_argnums=(0, 2))
@@ -262,8 +261,8 @@ def main(argv=None):
     result["mfu"] = (flops / (tokens / jax_tps)) / peak if peak and dtype == "bfloat16" else None
 
     if not args.skip_torch:
-        import torch
-        import transformers
+        import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+        import transformers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
         torch.manual_seed(0)
         tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

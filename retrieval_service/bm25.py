@@ -36,7 +36,7 @@ def _import_bm25s():
     if hide_jax:
         sys.modules["jax"] = None  # makes `import jax` raise ImportError
     try:
-        import bm25s
+        import bm25s  # noqa: PLC0415 (retrieval extra, loaded on use)
     finally:
         if hide_jax and sys.modules.get("jax", 0) is None:
             del sys.modules["jax"]
@@ -53,8 +53,9 @@ def english_stopwords() -> frozenset[str]:
     return frozenset(_import_bm25s().stopwords.STOPWORDS_EN)
 
 
-def build_bm25(store: DocumentStore, out_dir: str, *, k1: float, b: float,
-               show_progress: bool = True) -> dict:
+def build_bm25(
+    store: DocumentStore, out_dir: str, *, k1: float, b: float, show_progress: bool = True
+) -> dict:
     """Indexes every document of `store` into ``out_dir/bm25``. Returns the manifest params."""
     bm25s = _import_bm25s()
     stopwords = english_stopwords()
@@ -83,8 +84,10 @@ class BM25Index(SearchIndex):
         super().__init__(index_dir, manifest, store)
         analyzer = manifest.params.get("analyzer")
         if analyzer != ANALYZER:
-            raise IndexFormatError(f"{index_dir}: built with analyzer {analyzer!r}, "
-                                   f"this code analyses queries with {ANALYZER!r}; rebuild the index")
+            raise IndexFormatError(
+                f"{index_dir}: built with analyzer {analyzer!r}, "
+                f"this code analyses queries with {ANALYZER!r}; rebuild the index"
+            )
         bm25_dir = os.path.join(index_dir, BM25_DIR)
         if not os.path.isdir(bm25_dir):
             raise IndexFormatError(f"{index_dir}: the {BM25_DIR}/ directory is missing")
@@ -92,14 +95,19 @@ class BM25Index(SearchIndex):
         retriever = bm25s.BM25.load(bm25_dir, mmap=False, load_corpus=False, show_progress=False)
         arrays = retriever.scores
         if int(arrays["num_docs"]) != manifest.num_documents:
-            raise IndexFormatError(f"{index_dir}: bm25 index has {arrays['num_docs']} documents, "
-                                   f"the manifest says {manifest.num_documents}")
+            raise IndexFormatError(
+                f"{index_dir}: bm25 index has {arrays['num_docs']} documents, "
+                f"the manifest says {manifest.num_documents}"
+            )
         self._data = np.asarray(arrays["data"], dtype=np.float32)
         self._indices = np.asarray(arrays["indices"])
         self._indptr = np.asarray(arrays["indptr"])
         num_terms = len(self._indptr) - 1
-        self._term_ids = {term: term_id for term, term_id in retriever.vocab_dict.items()
-                          if 0 <= term_id < num_terms}
+        self._term_ids = {
+            term: term_id
+            for term, term_id in retriever.vocab_dict.items()
+            if 0 <= term_id < num_terms
+        }
         self._stopwords = english_stopwords()
 
     def scores(self, query: str) -> np.ndarray:
@@ -132,7 +140,7 @@ def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
     # n-k: numpy's introselect is ~10x slower near the end of an array of few distinct values.)
     threshold = -np.partition(-scores, k - 1)[k - 1]
     above = np.flatnonzero(scores > threshold)  # fewer than k rows
-    tied = np.flatnonzero(scores == threshold)[:k - len(above)]  # the lowest rows at the threshold
+    tied = np.flatnonzero(scores == threshold)[: k - len(above)]  # the lowest rows at the threshold
     candidates = np.concatenate([above, tied])
     order = np.lexsort((candidates, -scores[candidates]))
     return candidates[order].astype(np.int64)

@@ -19,18 +19,28 @@ from retrieval_service.index import INDEX_KINDS, build_index
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m retrieval_service.build_index",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m retrieval_service.build_index", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--corpus", required=True, help="JSON-lines corpus with id and contents")
     parser.add_argument("--out", required=True, help="index directory to create")
     parser.add_argument("--kind", required=True, choices=INDEX_KINDS)
-    parser.add_argument("--encoder", default=None,
-                        help="dense: local model directory (default: bundled all-MiniLM-L6-v2; "
-                             "a name containing 'e5' gets the e5 prefixes and pooling)")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="dense: local model directory (default: bundled all-MiniLM-L6-v2; "
+        "a name containing 'e5' gets the e5 prefixes and pooling)",
+    )
     parser.add_argument("--device", default=None, help="dense: torch device for encoding")
-    parser.add_argument("--batch-size", type=int, default=64, help="dense: passages per forward pass")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="dense: torch CPU threads while encoding (default: torch's choice)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="dense: passages per forward pass"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="dense: torch CPU threads while encoding (default: torch's choice)",
+    )
     parser.add_argument("--faiss-index", default="flat", choices=("flat", "hnsw"))
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--k1", type=float, default=1.5, help="bm25 term-frequency saturation")
@@ -42,18 +52,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        manifest = build_index(args.corpus, args.out, args.kind, encoder=args.encoder,
-                               device=args.device, batch_size=args.batch_size,
-                               faiss_index=args.faiss_index, hnsw_m=args.hnsw_m, k1=args.k1,
-                               b=args.b, overwrite=args.overwrite,
-                               show_progress=not args.no_progress, torch_threads=args.torch_threads)
+        manifest = build_index(
+            args.corpus,
+            args.out,
+            args.kind,
+            encoder=args.encoder,
+            device=args.device,
+            batch_size=args.batch_size,
+            faiss_index=args.faiss_index,
+            hnsw_m=args.hnsw_m,
+            k1=args.k1,
+            b=args.b,
+            overwrite=args.overwrite,
+            show_progress=not args.no_progress,
+            torch_threads=args.torch_threads,
+        )
     except (CorpusError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"built {manifest.kind} index of {manifest.num_documents} documents in {args.out} "
-          f"({manifest.build_seconds:.1f} s)")
+    print(
+        f"built {manifest.kind} index of {manifest.num_documents} documents in {args.out} "
+        f"({manifest.build_seconds:.1f} s)"
+    )
     return 0
 
 

@@ -18,21 +18,30 @@ FAISS_NAME = "faiss.index"
 HNSW_EF_SEARCH = 128
 
 
-def build_dense(store: DocumentStore, out_dir: str, encoder: TextEncoder, *,
-                faiss_index: str = "flat", hnsw_m: int = 32, rows_per_chunk: int = 4096,
-                show_progress: bool = True) -> dict:
+def build_dense(
+    store: DocumentStore,
+    out_dir: str,
+    encoder: TextEncoder,
+    *,
+    faiss_index: str = "flat",
+    hnsw_m: int = 32,
+    rows_per_chunk: int = 4096,
+    show_progress: bool = True,
+) -> dict:
     """Encodes every document of `store` and writes ``out_dir/dense/faiss.index``.
 
     Returns the manifest params. "flat" is exact inner product (cosine, vectors being unit);
     "hnsw" is an approximate graph index with `hnsw_m` links per node.
     """
-    import faiss
+    import faiss  # noqa: PLC0415 (retrieval extra, loaded on use)
 
     if faiss_index == "flat":
         index = faiss.IndexFlatIP(encoder.dimension)
     else:
         index = faiss.IndexHNSWFlat(encoder.dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    with tqdm(total=len(store), desc="encode passages", unit="doc", disable=not show_progress) as bar:
+    with tqdm(
+        total=len(store), desc="encode passages", unit="doc", disable=not show_progress
+    ) as bar:
         for chunk in store.iter_contents(rows_per_chunk):
             index.add(encoder.encode_passages(chunk))
             bar.update(len(chunk))
@@ -45,11 +54,19 @@ def build_dense(store: DocumentStore, out_dir: str, encoder: TextEncoder, *,
 
 
 class DenseIndex(SearchIndex):
-    def __init__(self, index_dir: str, manifest: IndexManifest, store: DocumentStore, *,
-                 device: str | None = None, encode_batch_size: int = 64,
-                 torch_threads: int | None = None, encoder: str | None = None):
+    def __init__(
+        self,
+        index_dir: str,
+        manifest: IndexManifest,
+        store: DocumentStore,
+        *,
+        device: str | None = None,
+        encode_batch_size: int = 64,
+        torch_threads: int | None = None,
+        encoder: str | None = None,
+    ):
         super().__init__(index_dir, manifest, store)
-        import faiss
+        import faiss  # noqa: PLC0415 (retrieval extra, loaded on use)
 
         path = os.path.join(index_dir, DENSE_DIR, FAISS_NAME)
         if not os.path.isfile(path):
@@ -58,16 +75,24 @@ class DenseIndex(SearchIndex):
         if self._faiss.ntotal != manifest.num_documents or self._faiss.d != manifest.dimension:
             raise IndexFormatError(
                 f"{path}: {self._faiss.ntotal} vectors of dimension {self._faiss.d}, the manifest "
-                f"says {manifest.num_documents} of dimension {manifest.dimension}")
+                f"says {manifest.num_documents} of dimension {manifest.dimension}"
+            )
         if manifest.params.get("faiss_index") == "hnsw":
             self._faiss.hnsw.efSearch = HNSW_EF_SEARCH
         recorded = manifest.encoder or {}
-        self.encoder = TextEncoder(encoder or recorded.get("name"), device=device,
-                                   batch_size=encode_batch_size, max_length=recorded.get("max_length"),
-                                   e5=recorded.get("e5_conventions"), num_threads=torch_threads)
+        self.encoder = TextEncoder(
+            encoder or recorded.get("name"),
+            device=device,
+            batch_size=encode_batch_size,
+            max_length=recorded.get("max_length"),
+            e5=recorded.get("e5_conventions"),
+            num_threads=torch_threads,
+        )
         if self.encoder.dimension != manifest.dimension:
-            raise IndexFormatError(f"{index_dir}: encoder {self.encoder.name} gives dimension "
-                                   f"{self.encoder.dimension}, the index has {manifest.dimension}")
+            raise IndexFormatError(
+                f"{index_dir}: encoder {self.encoder.name} gives dimension "
+                f"{self.encoder.dimension}, the index has {manifest.dimension}"
+            )
         self._lock = threading.Lock()
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:

@@ -72,22 +72,29 @@ class IndexManifest:
     def read(cls, index_dir: str | os.PathLike) -> IndexManifest:
         path = os.path.join(index_dir, MANIFEST_NAME)
         if not os.path.isfile(path):
-            raise IndexFormatError(f"{index_dir} is not an index directory: {MANIFEST_NAME} is missing "
-                                   "(build one with python -m retrieval_service.build_index)")
+            raise IndexFormatError(
+                f"{index_dir} is not an index directory: {MANIFEST_NAME} is missing "
+                "(build one with python -m retrieval_service.build_index)"
+            )
         try:
             with open(path, encoding="utf-8") as handle:
                 raw = json.load(handle)
         except json.JSONDecodeError as exc:
-            raise IndexFormatError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+            raise IndexFormatError(
+                f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})"
+            ) from None
         names = {field.name for field in dataclasses.fields(cls)}
         missing = sorted(names - set(raw) - {"format_version"})
         if missing:
             raise IndexFormatError(f"{path}: missing fields {missing}")
         if raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise IndexFormatError(f"{path}: format_version {raw['format_version']}, "
-                                   f"this code reads {FORMAT_VERSION}")
+            raise IndexFormatError(
+                f"{path}: format_version {raw['format_version']}, this code reads {FORMAT_VERSION}"
+            )
         if raw["kind"] not in INDEX_KINDS:
-            raise IndexFormatError(f"{path}: unknown kind {raw['kind']!r}, expected one of {INDEX_KINDS}")
+            raise IndexFormatError(
+                f"{path}: unknown kind {raw['kind']!r}, expected one of {INDEX_KINDS}"
+            )
         return cls(**{name: raw[name] for name in names if name in raw})
 
 
@@ -99,8 +106,10 @@ class SearchIndex(abc.ABC):
         self.manifest = manifest
         self.store = store
         if len(store) != manifest.num_documents:
-            raise IndexFormatError(f"{index_dir}: {DOCUMENTS_NAME} holds {len(store)} documents, "
-                                   f"the manifest says {manifest.num_documents}")
+            raise IndexFormatError(
+                f"{index_dir}: {DOCUMENTS_NAME} holds {len(store)} documents, "
+                f"the manifest says {manifest.num_documents}"
+            )
 
     @property
     def num_documents(self) -> int:
@@ -115,26 +124,45 @@ class SearchIndex(abc.ABC):
           scores: float32 [len(queries), k].
         """
 
-    def search_documents(self, queries: Sequence[str], topk: int) -> list[list[tuple[str, str, float]]]:
+    def search_documents(
+        self, queries: Sequence[str], topk: int
+    ) -> list[list[tuple[str, str, float]]]:
         """Per query, ``(id, contents, score)`` of the top documents, best first."""
         rows, scores = self.search(queries, topk)
-        return [[(*self.store.get(int(row)), float(score)) for row, score in zip(row_list, score_list)]
-                for row_list, score_list in zip(rows, scores)]
+        return [
+            [(*self.store.get(int(row)), float(score)) for row, score in zip(row_list, score_list)]
+            for row_list, score_list in zip(rows, scores)
+        ]
 
     def describe(self) -> dict[str, Any]:
         """Summary for /health and logs."""
         manifest = self.manifest
-        return {"path": os.path.abspath(self.index_dir), "kind": manifest.kind,
-                "num_documents": manifest.num_documents, "corpus_sha256": manifest.corpus_sha256,
-                "encoder": None if manifest.encoder is None else manifest.encoder.get("name"),
-                "dimension": manifest.dimension}
+        return {
+            "path": os.path.abspath(self.index_dir),
+            "kind": manifest.kind,
+            "num_documents": manifest.num_documents,
+            "corpus_sha256": manifest.corpus_sha256,
+            "encoder": None if manifest.encoder is None else manifest.encoder.get("name"),
+            "dimension": manifest.dimension,
+        }
 
 
-def build_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, kind: str, *,
-                encoder: str | None = None, device: str | None = None, batch_size: int = 64,
-                faiss_index: str = "flat", hnsw_m: int = 32, k1: float = 1.5, b: float = 0.75,
-                overwrite: bool = False, show_progress: bool = True,
-                torch_threads: int | None = None) -> IndexManifest:
+def build_index(
+    corpus_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str,
+    *,
+    encoder: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    faiss_index: str = "flat",
+    hnsw_m: int = 32,
+    k1: float = 1.5,
+    b: float = 0.75,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    torch_threads: int | None = None,
+) -> IndexManifest:
     """Builds an index directory from a JSON-lines corpus (see the module docstring).
 
     Args:
@@ -159,27 +187,43 @@ def build_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, kind
     os.makedirs(staging)
     try:
         stats = CorpusStats(os.fspath(corpus_path))
-        num_documents = write_documents(os.path.join(staging, DOCUMENTS_NAME),
-                                        iter_corpus(corpus_path, stats, show_progress=show_progress))
+        num_documents = write_documents(
+            os.path.join(staging, DOCUMENTS_NAME),
+            iter_corpus(corpus_path, stats, show_progress=show_progress),
+        )
         store = DocumentStore(os.path.join(staging, DOCUMENTS_NAME))
         encoder_info, dimension = None, None
         if kind == "bm25":
-            from retrieval_service.bm25 import build_bm25
+            from retrieval_service.bm25 import build_bm25  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+
             params = build_bm25(store, staging, k1=k1, b=b, show_progress=show_progress)
         else:
-            from retrieval_service.dense import build_dense
-            from retrieval_service.encoders import TextEncoder
-            text_encoder = TextEncoder(encoder, device=device, batch_size=batch_size,
-                                       num_threads=torch_threads)
-            params = build_dense(store, staging, text_encoder, faiss_index=faiss_index,
-                                 hnsw_m=hnsw_m, show_progress=show_progress)
+            from retrieval_service.dense import build_dense  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+            from retrieval_service.encoders import TextEncoder  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+
+            text_encoder = TextEncoder(
+                encoder, device=device, batch_size=batch_size, num_threads=torch_threads
+            )
+            params = build_dense(
+                store,
+                staging,
+                text_encoder,
+                faiss_index=faiss_index,
+                hnsw_m=hnsw_m,
+                show_progress=show_progress,
+            )
             encoder_info, dimension = text_encoder.describe(), text_encoder.dimension
         manifest = IndexManifest(
-            kind=kind, num_documents=num_documents, corpus_path=os.path.abspath(corpus_path),
-            corpus_sha256=stats.sha256, encoder=encoder_info, dimension=dimension,
+            kind=kind,
+            num_documents=num_documents,
+            corpus_path=os.path.abspath(corpus_path),
+            corpus_sha256=stats.sha256,
+            encoder=encoder_info,
+            dimension=dimension,
             params={**params, "ignored_corpus_fields": sorted(stats.ignored_fields)},
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            build_seconds=round(time.perf_counter() - started, 3))
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            build_seconds=round(time.perf_counter() - started, 3),
+        )
         with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as handle:
             handle.write(manifest.to_json() + "\n")
         del store
@@ -189,14 +233,24 @@ def build_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, kind
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("built %s index of %d documents in %s (%.1f s)", kind, num_documents, out_dir,
-                manifest.build_seconds)
+    logger.info(
+        "built %s index of %d documents in %s (%.1f s)",
+        kind,
+        num_documents,
+        out_dir,
+        manifest.build_seconds,
+    )
     return manifest
 
 
-def load_index(index_dir: str | os.PathLike, *, device: str | None = None,
-               encode_batch_size: int = 64, torch_threads: int | None = None,
-               encoder: str | None = None) -> SearchIndex:
+def load_index(
+    index_dir: str | os.PathLike,
+    *,
+    device: str | None = None,
+    encode_batch_size: int = 64,
+    torch_threads: int | None = None,
+    encoder: str | None = None,
+) -> SearchIndex:
     """Loads an index directory written by `build_index` (the encoder for dense ones too).
 
     For dense indexes: `device`, `encode_batch_size` and `torch_threads` configure the query
@@ -210,8 +264,17 @@ def load_index(index_dir: str | os.PathLike, *, device: str | None = None,
         raise IndexFormatError(f"{index_dir}: {DOCUMENTS_NAME} is missing")
     store = DocumentStore(documents_path)
     if manifest.kind == "bm25":
-        from retrieval_service.bm25 import BM25Index
+        from retrieval_service.bm25 import BM25Index  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+
         return BM25Index(index_dir, manifest, store)
-    from retrieval_service.dense import DenseIndex
-    return DenseIndex(index_dir, manifest, store, device=device, encode_batch_size=encode_batch_size,
-                      torch_threads=torch_threads, encoder=encoder)
+    from retrieval_service.dense import DenseIndex  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+
+    return DenseIndex(
+        index_dir,
+        manifest,
+        store,
+        device=device,
+        encode_batch_size=encode_batch_size,
+        torch_threads=torch_threads,
+        encoder=encoder,
+    )

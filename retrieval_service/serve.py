@@ -38,8 +38,12 @@ class RetrieveRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     queries: list[StrictStr] = Field(description="one search query per entry")
-    topk: StrictInt | None = Field(default=None, description="documents per query (default: the server's)")
-    return_scores: StrictBool = Field(default=False, description="wrap each document with its score")
+    topk: StrictInt | None = Field(
+        default=None, description="documents per query (default: the server's)"
+    )
+    return_scores: StrictBool = Field(
+        default=False, description="wrap each document with its score"
+    )
 
 
 class RetrievedDocument(BaseModel):
@@ -73,7 +77,9 @@ class RequestGuard:
     The body is read here (stopping as soon as it passes `max_body_bytes`) and handed on whole.
     """
 
-    def __init__(self, app, max_body_bytes: int, token: str | None, protected_paths: tuple[str, ...]):
+    def __init__(
+        self, app, max_body_bytes: int, token: str | None, protected_paths: tuple[str, ...]
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.token = token
@@ -83,20 +89,27 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1")
-                   for name, value in scope.get("headers", [])}
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope.get("headers", [])
+        }
         if self.token is not None and scope.get("path") in self.protected_paths:
             supplied = headers.get("authorization", "")
             expected = f"Bearer {self.token}"
             if not hmac.compare_digest(supplied.encode(), expected.encode()):
-                response = _error_response(401, "missing or wrong bearer token (Authorization: Bearer ...)",
-                                           headers={"WWW-Authenticate": "Bearer"})
+                response = _error_response(
+                    401,
+                    "missing or wrong bearer token (Authorization: Bearer ...)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await response(scope, receive, send)
                 return
         declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _error_response(400, f"invalid Content-Length {declared!r}")(scope, receive, send)
+                await _error_response(400, f"invalid Content-Length {declared!r}")(
+                    scope, receive, send
+                )
                 return
             if int(declared) > self.max_body_bytes:
                 await self._too_large(int(declared))(scope, receive, send)
@@ -127,8 +140,9 @@ class RequestGuard:
 
     def _too_large(self, size: int, at_least: bool = False) -> JSONResponse:
         amount = f"at least {size}" if at_least else f"{size}"
-        return _error_response(413, f"request body of {amount} bytes exceeds the limit of "
-                                    f"{self.max_body_bytes} bytes")
+        return _error_response(
+            413, f"request body of {amount} bytes exceeds the limit of {self.max_body_bytes} bytes"
+        )
 
 
 def _describe_validation_errors(errors, content_type: str) -> str:
@@ -138,21 +152,32 @@ def _describe_validation_errors(errors, content_type: str) -> str:
         kind = error.get("type")
         if kind == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            parts.append(f"malformed JSON body ({reason}, at character {location[0] if location else '?'})")
+            parts.append(
+                f"malformed JSON body ({reason}, at character {location[0] if location else '?'})"
+            )
         elif kind == "missing" and not location:
             parts.append("the request body is empty (expected a JSON object)")
         elif not location and "json" not in content_type:
-            parts.append(f"the body must be a JSON object sent with Content-Type: application/json "
-                         f"(got Content-Type {content_type or 'none'!r})")
+            parts.append(
+                f"the body must be a JSON object sent with Content-Type: application/json "
+                f"(got Content-Type {content_type or 'none'!r})"
+            )
         else:
             where = ".".join(str(part) for part in location) or "body"
             parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts)
 
 
-def create_app(index: SearchIndex, *, default_topk: int = 3, max_topk: int = 100,
-               max_queries: int = 1024, max_query_chars: int = 4096,
-               max_body_bytes: int = 4 * 1024 * 1024, token: str | None = None) -> FastAPI:
+def create_app(
+    index: SearchIndex,
+    *,
+    default_topk: int = 3,
+    max_topk: int = 100,
+    max_queries: int = 1024,
+    max_query_chars: int = 4096,
+    max_body_bytes: int = 4 * 1024 * 1024,
+    token: str | None = None,
+) -> FastAPI:
     """The FastAPI application serving `index`.
 
     Args:
@@ -165,17 +190,23 @@ def create_app(index: SearchIndex, *, default_topk: int = 3, max_topk: int = 100
     """
     if not 1 <= default_topk <= max_topk:
         raise ValueError(f"default topk {default_topk} must be between 1 and max topk {max_topk}")
-    app = FastAPI(title="dgpo_jax retrieval server",
-                  description="Search-R1-compatible retrieval API over one index.", version="1")
-    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, token=token,
-                       protected_paths=("/retrieve",))
+    app = FastAPI(
+        title="dgpo_jax retrieval server",
+        description="Search-R1-compatible retrieval API over one index.",
+        version="1",
+    )
+    app.add_middleware(
+        RequestGuard, max_body_bytes=max_body_bytes, token=token, protected_paths=("/retrieve",)
+    )
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, exc: RequestValidationError):
         errors = exc.errors()
         status = 400 if any(error.get("type") == "json_invalid" for error in errors) else 422
         content_type = request.headers.get("content-type", "")
-        return _error_response(status, f"invalid request: {_describe_validation_errors(errors, content_type)}")
+        return _error_response(
+            status, f"invalid request: {_describe_validation_errors(errors, content_type)}"
+        )
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError):
@@ -189,9 +220,16 @@ def create_app(index: SearchIndex, *, default_topk: int = 3, max_topk: int = 100
     @app.get("/health")
     def health() -> dict:
         """The loaded index and the request limits."""
-        return {"status": "ok", "index": index.describe(), "default_topk": default_topk,
-                "max_topk": max_topk, "max_queries": max_queries, "max_query_chars": max_query_chars,
-                "max_body_bytes": max_body_bytes, "auth_required": token is not None}
+        return {
+            "status": "ok",
+            "index": index.describe(),
+            "default_topk": default_topk,
+            "max_topk": max_topk,
+            "max_queries": max_queries,
+            "max_query_chars": max_query_chars,
+            "max_body_bytes": max_body_bytes,
+            "auth_required": token is not None,
+        }
 
     @app.post("/retrieve", response_model=RetrieveResponse)
     def retrieve(request: RetrieveRequest):
@@ -202,18 +240,30 @@ def create_app(index: SearchIndex, *, default_topk: int = 3, max_topk: int = 100
         if not request.queries:
             raise ApiError(422, "queries must be a non-empty list of strings")
         if len(request.queries) > max_queries:
-            raise ApiError(422, f"queries holds {len(request.queries)} queries, the limit is {max_queries}")
+            raise ApiError(
+                422, f"queries holds {len(request.queries)} queries, the limit is {max_queries}"
+            )
         for position, query in enumerate(request.queries):
             if len(query) > max_query_chars:
-                raise ApiError(422, f"queries[{position}] has {len(query)} characters, "
-                                    f"the limit is {max_query_chars}")
+                raise ApiError(
+                    422,
+                    f"queries[{position}] has {len(query)} characters, "
+                    f"the limit is {max_query_chars}",
+                )
         results = index.search_documents(request.queries, topk)
         if request.return_scores:
-            result = [[{"document": {"id": doc_id, "contents": contents}, "score": score}
-                       for doc_id, contents, score in documents] for documents in results]
+            result = [
+                [
+                    {"document": {"id": doc_id, "contents": contents}, "score": score}
+                    for doc_id, contents, score in documents
+                ]
+                for documents in results
+            ]
         else:
-            result = [[{"id": doc_id, "contents": contents} for doc_id, contents, _ in documents]
-                      for documents in results]
+            result = [
+                [{"id": doc_id, "contents": contents} for doc_id, contents, _ in documents]
+                for documents in results
+            ]
         # Built by hand: response_model only documents the shape (validation would cost time).
         return JSONResponse({"result": result})
 
@@ -240,10 +290,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m retrieval_service.serve",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m retrieval_service.serve", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--index", required=True, help="index directory from build_index")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default loopback only)"
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--topk", type=int, default=3, help="default documents per query")
     parser.add_argument("--max-topk", type=int, default=100)
@@ -251,13 +304,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-query-chars", type=int, default=4096)
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--device", default=None, help="dense: torch device for the query encoder")
-    parser.add_argument("--encode-batch-size", type=int, default=64, help="dense: queries per forward pass")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="dense: torch CPU threads for the query encoder (default: torch's choice)")
-    parser.add_argument("--encoder", default=None,
-                        help="dense: model directory replacing the one recorded in the manifest")
-    parser.add_argument("--token-file", default=None,
-                        help=f"file holding the bearer token (default: ${TOKEN_ENV_VAR} if set)")
+    parser.add_argument(
+        "--encode-batch-size", type=int, default=64, help="dense: queries per forward pass"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="dense: torch CPU threads for the query encoder (default: torch's choice)",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="dense: model directory replacing the one recorded in the manifest",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the bearer token (default: ${TOKEN_ENV_VAR} if set)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
@@ -265,25 +330,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn  # noqa: PLC0415 (retrieval extra)
 
     try:
         token = _read_token(args.token_file)
-        index = load_index(args.index, device=args.device, encode_batch_size=args.encode_batch_size,
-                           torch_threads=args.torch_threads, encoder=args.encoder)
-        app = create_app(index, default_topk=args.topk, max_topk=args.max_topk,
-                         max_queries=args.max_queries, max_query_chars=args.max_query_chars,
-                         max_body_bytes=args.max_body_bytes, token=token)
+        index = load_index(
+            args.index,
+            device=args.device,
+            encode_batch_size=args.encode_batch_size,
+            torch_threads=args.torch_threads,
+            encoder=args.encoder,
+        )
+        app = create_app(
+            index,
+            default_topk=args.topk,
+            max_topk=args.max_topk,
+            max_queries=args.max_queries,
+            max_query_chars=args.max_query_chars,
+            max_body_bytes=args.max_body_bytes,
+            token=token,
+        )
     except (OSError, ValueError) as exc:  # IndexFormatError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not _is_loopback(args.host) and token is None:
-        logger.warning("binding %s without a bearer token: anyone who can reach it can query", args.host)
+        logger.warning(
+            "binding %s without a bearer token: anyone who can reach it can query", args.host
+        )
     logger.info("serving %s", json.dumps(index.describe()))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                access_log=args.access_log)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=args.access_log,
+    )
     return 0
 
 

@@ -14,16 +14,21 @@ import pyarrow as pa
 _SCHEMA = pa.schema([("id", pa.string()), ("contents", pa.string())])
 
 
-def write_documents(path: str | os.PathLike, rows: Iterable[tuple[str, str]],
-                    rows_per_batch: int = 16384) -> int:
+def write_documents(
+    path: str | os.PathLike, rows: Iterable[tuple[str, str]], rows_per_batch: int = 16384
+) -> int:
     """Writes ``(id, contents)`` rows to an Arrow IPC file. Returns the number of rows."""
     count = 0
     ids: list[str] = []
     contents: list[str] = []
     with pa.OSFile(os.fspath(path), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
+
         def flush():
-            writer.write_batch(pa.record_batch([pa.array(ids, pa.string()),
-                                                pa.array(contents, pa.string())], schema=_SCHEMA))
+            writer.write_batch(
+                pa.record_batch(
+                    [pa.array(ids, pa.string()), pa.array(contents, pa.string())], schema=_SCHEMA
+                )
+            )
             ids.clear()
             contents.clear()
 
@@ -46,7 +51,9 @@ class DocumentStore:
         self._source = pa.memory_map(self.path, "r")
         reader = pa.ipc.open_file(self._source)
         if reader.schema.names[:2] != ["id", "contents"]:
-            raise ValueError(f"{self.path}: expected columns id, contents; got {reader.schema.names}")
+            raise ValueError(
+                f"{self.path}: expected columns id, contents; got {reader.schema.names}"
+            )
         self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         sizes = np.array([batch.num_rows for batch in self._batches], dtype=np.int64)
         # _starts[b] is the row number of batch b's first row.

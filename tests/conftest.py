@@ -1,16 +1,18 @@
 """Test setup: 8 fake CPU devices (before JAX is imported), cheaper CPU compiles, offline HF,
 tiny reference models."""
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# The suite is compile-bound (tiny models): skip the expensive LLVM passes. Measured on 2 cores:
-# test_model + test_update_step + test_objectives 136 s -> 104 s, every tolerance unchanged.
+# The suite is compile-bound (tiny models): skip the expensive LLVM passes (the measurement:
+# docs/design.md, 2026-12-02).
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
-                                " --xla_llvm_disable_expensive_passes=true")
+    os.environ["XLA_FLAGS"] += (
+        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,8 +57,8 @@ def make_hf_model(
     max_shard_size=None,
 ):
     """A tiny random transformers Qwen2 model saved to ``path``; returns the torch model."""
-    import torch
-    import transformers
+    import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+    import transformers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     cfg = transformers.Qwen2Config(
         vocab_size=vocab,
@@ -96,9 +98,7 @@ def hf_models(tmp_path_factory):
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop each test module's compiled programs when it ends, so the one-process suite holds
-    only the current module's. Added after a full run aborted inside an XLA compile at 96%;
-    the cause was not established (the next full run peaked at 3.4 GB)."""
+    only the current module's (why: docs/design.md, 2026-12-02)."""
     yield
-    import gc
     jax.clear_caches()
     gc.collect()

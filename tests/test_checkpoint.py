@@ -38,8 +38,8 @@ from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding  # noqa: 
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from dgpo_jax.checkpoint.checkpointer import (  # noqa: E402
-    CheckpointMismatchError,
     Checkpointer,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     abstract_like,
 )
@@ -55,7 +55,12 @@ def make_mesh(shape):
 
 
 # Two params of the same shape with different specs: a shape-only lookup would mix them up.
-PARAM_SPECS = {"embed": P("data", "fsdp"), "proj": P("fsdp", "data"), "bias": P("fsdp"), "scale": P()}
+PARAM_SPECS = {
+    "embed": P("data", "fsdp"),
+    "proj": P("fsdp", "data"),
+    "bias": P("fsdp"),
+    "scale": P(),
+}
 
 
 def make_params(mesh):
@@ -77,7 +82,7 @@ def loss_fn(params, x):
 ADAMW = dict(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_state(mesh_shape=(2, 4), num_updates=2):
     """A TrainState after `num_updates` real AdamW steps, and the grads of each step.
 
@@ -191,7 +196,10 @@ def test_adamw_moments_match_hand_derived_recurrence():
 def test_round_trip_same_mesh_bit_exact(tmp_path):
     state, _ = trained_state((2, 4))
     expected = to_numpy(state)
-    metadata = {"config": {"model": "qwen2.5-0.5b", "lr": 1e-2, "mesh": [2, 4]}, "data_iterator": {"pos": 17}}
+    metadata = {
+        "config": {"model": "qwen2.5-0.5b", "lr": 1e-2, "mesh": [2, 4]},
+        "data_iterator": {"pos": 17},
+    }
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         assert ckpt.save(2, state, metadata)
         target = abstract_like(state)
@@ -211,7 +219,9 @@ def test_restore_onto_another_mesh(tmp_path, new_shape):
     ckpt = Checkpointer(tmp_path / "ckpt")
     ckpt.save(2, state, {})
     new_mesh = make_mesh(new_shape)
-    target = abstract_like(state, jax.tree.map(lambda x: NamedSharding(new_mesh, x.sharding.spec), state))
+    target = abstract_like(
+        state, jax.tree.map(lambda x: NamedSharding(new_mesh, x.sharding.spec), state)
+    )
     restored, _ = Checkpointer(tmp_path / "ckpt").restore(target=target)
     assert_trees_bit_equal(restored, expected)
     assert_shardings_equal(restored, target)
@@ -253,11 +263,17 @@ def test_restore_without_target_gives_nested_dicts_on_default_device(tmp_path):
     restored, metadata = Checkpointer(tmp_path / "ckpt").restore()
     assert metadata == {}
     assert set(restored) == {"step", "params", "opt_state", "rng"}
-    np.testing.assert_array_equal(np.asarray(restored["params"]["proj"]), np.asarray(state.params["proj"]))
+    np.testing.assert_array_equal(
+        np.asarray(restored["params"]["proj"]), np.asarray(state.params["proj"])
+    )
     nu_restored = restored["opt_state"][0]["nu"]["embed"]
-    np.testing.assert_array_equal(np.asarray(nu_restored), np.asarray(state.opt_state[0].nu["embed"]))
+    np.testing.assert_array_equal(
+        np.asarray(nu_restored), np.asarray(state.opt_state[0].nu["embed"])
+    )
     assert restored["opt_state"][1] is None  # optax EmptyState
-    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(state.rng))
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["rng"]), jax.random.key_data(state.rng)
+    )
     for leaf in jax.tree.leaves(restored):
         assert leaf.sharding == SingleDeviceSharding(jax.devices()[0])
 
@@ -420,13 +436,17 @@ def test_error_target_mismatch_names_key_and_shapes(tmp_path):
     assert "key 'params/bias' has shape (16,) in the checkpoint but (32,) in the target" in message
     assert "opt_state" not in message  # the opt state itself still matches
 
-    renamed = target.replace(params={("w_in" if k == "embed" else k): v for k, v in target.params.items()})
+    renamed = target.replace(
+        params={("w_in" if k == "embed" else k): v for k, v in target.params.items()}
+    )
     with pytest.raises(CheckpointMismatchError) as info:
         ckpt.restore(target=renamed)
     assert "key 'params/w_in' is in the target but not in the checkpoint" in str(info.value)
     assert "key 'params/embed' is in the checkpoint but not in the target" in str(info.value)
 
-    wrong_dtype = target.replace(step=jax.ShapeDtypeStruct((), jnp.float32, sharding=target.step.sharding))
+    wrong_dtype = target.replace(
+        step=jax.ShapeDtypeStruct((), jnp.float32, sharding=target.step.sharding)
+    )
     dtype_message = "key 'step' has dtype int32 in the checkpoint but float32 in the target"
     with pytest.raises(CheckpointMismatchError, match=dtype_message):
         ckpt.restore(target=wrong_dtype)
@@ -442,7 +462,9 @@ def test_step_directory_without_commit_marker_is_ignored(tmp_path):
     (tmp_path / "2" / "commit_success.txt").unlink()  # as if copied only in part
     reader = Checkpointer(tmp_path)
     assert reader.all_steps() == [1] and reader.latest_step() == 1
-    with pytest.raises(CheckpointNotFoundError, match=r"step 2 is incomplete .*available steps: \[1\]"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"step 2 is incomplete .*available steps: \[1\]"
+    ):
         reader.restore(2)
 
 
@@ -515,15 +537,23 @@ def run_writer_and_kill(directory, trigger, delay_s=0.0):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
         "PYTHONPATH": str(REPO_ROOT),
     }
-    log_path = Path(directory).parent / "writer.log"  # a file, so a full pipe never stalls the writer
+    log_path = (
+        Path(directory).parent / "writer.log"
+    )  # a file, so a full pipe never stalls the writer
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--writer", str(directory), "1", "60"],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
         )
     try:
         line = proc.stdout.readline()
-        assert line.strip() == "ready", f"writer failed to start: {line!r} {log_path.read_text()[-3000:]}"
+        assert line.strip() == "ready", (
+            f"writer failed to start: {line!r} {log_path.read_text()[-3000:]}"
+        )
         start = time.monotonic()
         seen = None
         while time.monotonic() - start < 60 and proc.poll() is None:

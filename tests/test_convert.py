@@ -8,12 +8,13 @@ import torch
 import transformers
 
 import dgpo_jax
-from dgpo_jax.checkpoint import convert, params as ckpt_params
+from dgpo_jax.checkpoint import convert
+from dgpo_jax.checkpoint import params as ckpt_params
+from dgpo_jax.checkpoint.checkpointer import Checkpointer
 
 
 def _figures(out: str):
-    found = re.findall(r"max abs logit diff ([0-9.e+-]+), mean per-token KL ([0-9.e+-]+) \(OK",
-                       out)
+    found = re.findall(r"max abs logit diff ([0-9.e+-]+), mean per-token KL ([0-9.e+-]+) \(OK", out)
     assert found, out
     return [(float(a), float(b)) for a, b in found]
 
@@ -21,10 +22,14 @@ def _figures(out: str):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hf_to_ckpt_to_hf(hf_models, tmp_path, capsys, dtype):
     path, hf = hf_models[(False, 1e6)]
-    assert convert.main(["hf-to-ckpt", "--hf", path, "--out", str(tmp_path / "ck"),
-                         "--dtype", dtype]) == 0
-    assert convert.main(["ckpt-to-hf", "--ckpt", str(tmp_path / "ck"),
-                         "--out", str(tmp_path / "hf")]) == 0
+    assert (
+        convert.main(["hf-to-ckpt", "--hf", path, "--out", str(tmp_path / "ck"), "--dtype", dtype])
+        == 0
+    )
+    assert (
+        convert.main(["ckpt-to-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")])
+        == 0
+    )
     (d1, kl1), (d2, kl2) = _figures(capsys.readouterr().out)
     bound = 1e-4 if dtype == "float32" else 1.5e-2
     assert kl1 <= bound and kl2 <= bound
@@ -42,12 +47,14 @@ def test_checkpoint_holds_config_and_params(hf_models, tmp_path):
     ckpt_params.save_params_checkpoint(config, params, str(tmp_path / "ck"), step=7)
     c2, p2, meta = ckpt_params.load_params_checkpoint(str(tmp_path / "ck"))
     assert c2 == config and meta["kind"] == "params"
-    np.testing.assert_array_equal(np.asarray(p2["layers"]["attn"]["q_kernel"]),
-                                  np.asarray(params["layers"]["attn"]["q_kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(p2["layers"]["attn"]["q_kernel"]),
+        np.asarray(params["layers"]["attn"]["q_kernel"]),
+    )
 
 
 def test_checkpoint_without_model_config_is_refused(tmp_path):
-    from dgpo_jax.checkpoint.checkpointer import Checkpointer
+
     with Checkpointer(str(tmp_path / "ck")) as ck:
         ck.save(0, {"params": {"w": np.ones(3, np.float32)}}, {"note": "not a model"}, force=True)
     with pytest.raises(KeyError, match="no 'model_config'"):

@@ -51,8 +51,10 @@ def test_read_valid_file(tmp_path):
         (lambda r: r.update(data_source=""), "data_source"),
         (lambda r: r.update(prompt=[]), "prompt"),
         (lambda r: r["prompt"][0].update(content=" "), r"prompt\[0\].content"),
-        (lambda r: r["reward_model"]["ground_truth"].update(target=[]),
-         "reward_model.ground_truth.target"),
+        (
+            lambda r: r["reward_model"]["ground_truth"].update(target=[]),
+            "reward_model.ground_truth.target",
+        ),
     ],
 )
 def test_malformed_row_names_file_row_and_field(tmp_path, mutate, field):
@@ -99,7 +101,9 @@ def test_state_resume_gives_same_order():
 
 def test_process_shards_partition_global_batch():
     recs = list(range(16))
-    shards = [PromptBatches(recs, batch_size=2, seed=0, process_index=p, process_count=4)
-              for p in range(4)]
+    shards = [
+        PromptBatches(recs, batch_size=2, seed=0, process_index=p, process_count=4)
+        for p in range(4)
+    ]
     batch = [x for s in shards for x in next(s)]
     assert sorted(batch) == sorted(set(batch)) and len(batch) == 8

@@ -3,11 +3,11 @@
 import pytest
 
 from dgpo_jax.evaluation import (
-    greedy_vs_sampled,
     TrajectoryRecord,
     arcap_summary,
     exact_match,
     extract_answer,
+    greedy_vs_sampled,
     has_gold_hit,
     normalize_answer,
 )
@@ -67,28 +67,59 @@ def test_arcap_summary_hand_counted():
         "hit_ratio": 0.5,
         "search_calls": 0.5,
         "search_share": 0.5,
+        "search_tags": 0.5,
+        "search_tag_share": 0.5,
         "count": 2.0,
     }
+    # two searches executed, no tag in the response text: the two definitions differ
     assert s["hotpotqa"]["em"] == 0.0 and s["hotpotqa"]["search_calls"] == 2.0
+    assert s["hotpotqa"]["search_tags"] == 0.0
+    # a tag written after the turn budget is counted as a tag, not as a search
+    late = arcap_summary([TrajectoryRecord("x", "<search>a</search> <search>b</search>", [], 1)])
+    assert (late["x"]["search_calls"], late["x"]["search_tags"]) == (1.0, 2.0)
     assert s["all"]["em"] == pytest.approx(2 / 3)
     assert s["all"]["search_share"] == pytest.approx(2 / 3)
 
 
 def test_greedy_vs_sampled_hand_counted():
-    greedy = [{"index": 0, "data_source": "nq", "em": 1.0},
-              {"index": 1, "data_source": "nq", "em": 0.0},
-              {"index": 2, "data_source": "hotpotqa", "em": 0.0}]
+    greedy = [
+        {"index": 0, "data_source": "nq", "em": 1.0},
+        {"index": 1, "data_source": "nq", "em": 0.0},
+        {"index": 2, "data_source": "hotpotqa", "em": 0.0},
+    ]
     # two draws per question, rows in any order
-    sampled = [{"index": i, "data_source": s, "em": e} for i, s, e in
-               [(0, "nq", 1.0), (1, "nq", 0.0), (2, "hotpotqa", 0.0),
-                (2, "hotpotqa", 0.0), (1, "nq", 1.0), (0, "nq", 0.0)]]
+    sampled = [
+        {"index": i, "data_source": s, "em": e}
+        for i, s, e in [
+            (0, "nq", 1.0),
+            (1, "nq", 0.0),
+            (2, "hotpotqa", 0.0),
+            (2, "hotpotqa", 0.0),
+            (1, "nq", 1.0),
+            (0, "nq", 0.0),
+        ]
+    ]
     out = greedy_vs_sampled(greedy, sampled)
-    assert out["nq"] == {"greedy_em": 0.5, "sampled_em": 0.5, "pass_at_k": 1.0, "k": 2,
-                         "sampled_em_greedy_right": 0.5, "sampled_em_greedy_wrong": 0.5,
-                         "n_greedy_right": 1, "n_greedy_wrong": 1}
-    assert out["hotpotqa"] == {"greedy_em": 0.0, "sampled_em": 0.0, "pass_at_k": 0.0, "k": 2,
-                               "sampled_em_greedy_right": None, "sampled_em_greedy_wrong": 0.0,
-                               "n_greedy_right": 0, "n_greedy_wrong": 1}
+    assert out["nq"] == {
+        "greedy_em": 0.5,
+        "sampled_em": 0.5,
+        "pass_at_k": 1.0,
+        "k": 2,
+        "sampled_em_greedy_right": 0.5,
+        "sampled_em_greedy_wrong": 0.5,
+        "n_greedy_right": 1,
+        "n_greedy_wrong": 1,
+    }
+    assert out["hotpotqa"] == {
+        "greedy_em": 0.0,
+        "sampled_em": 0.0,
+        "pass_at_k": 0.0,
+        "k": 2,
+        "sampled_em_greedy_right": None,
+        "sampled_em_greedy_wrong": 0.0,
+        "n_greedy_right": 0,
+        "n_greedy_wrong": 1,
+    }
     a = out["all"]
     assert (a["greedy_em"], a["sampled_em"], a["pass_at_k"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
     assert (a["sampled_em_greedy_right"], a["sampled_em_greedy_wrong"]) == (0.5, 0.25)

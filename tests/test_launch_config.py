@@ -19,8 +19,14 @@ def _load(name):
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
-                                        if f.endswith(".py") and not f.startswith("_")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        f
+        for f in os.listdir(os.path.join(ROOT, "configs"))
+        if f.endswith(".py") and not f.startswith("_")
+    ),
+)
 def test_every_config_loads(name):
     cfg = _load(name)
     assert cfg.mode in ("train", "coldstart", "eval", "quickstart")
@@ -30,7 +36,7 @@ def test_dgpo_nq_has_reference_hyperparameters(monkeypatch):
     cfg = _load("dgpo_nq.py")
     assert (cfg.optim.actor_lr, cfg.optim.critic_lr) == (1e-6, 1e-5)
     assert (cfg.optim.actor_warmup_ratio, cfg.optim.critic_warmup_ratio) == (0.285, 0.015)
-    # The cold start (algorithms.md): AdamW lr 1e-4, cosine, no warmup, 5 epochs.
+    # The cold start (docs/algorithms.md): AdamW lr 1e-4, cosine, no warmup, 5 epochs.
     assert (cfg.coldstart.lr, cfg.coldstart.warmup_ratio, cfg.coldstart.epochs) == (1e-4, 0.0, 5)
     assert (cfg.data.batch_size, cfg.train.mini_batch_size, cfg.train.ppo_epochs) == (512, 256, 1)
     assert (cfg.sampler.max_turns, cfg.retrieval.topk, cfg.sampler.temperature) == (4, 3, 1.0)
@@ -51,22 +57,28 @@ def _valid(tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("mode", "fly", "config.mode: 'fly' is not one of"),
-    ("model.student", "", "config.model.student: is empty"),
-    ("model.student", "/nonexistent/student", "config.model.student: '/nonexistent/student' "
-                                               "does not exist"),
-    ("model.dtype", "int8", "config.model.dtype: 'int8'"),
-    ("data.train_files", "", "config.data.train_files: is empty"),
-    ("data.train_files", "a.parquet,/none/b.parquet", "config.data.train_files: 'a.parquet'"),
-    ("retrieval.index_dir", "/none", "config.retrieval.index_dir"),
-    ("train.steps", 0, "config.train.steps: must be an int >= 1"),
-    ("eval.sampled_repeats", 0, "config.eval.sampled_repeats: must be an int >= 1, got 0"),
-    ("train.mini_batch_size", 100, "config.train.mini_batch_size: 100 must divide"),
-    ("optim.schedule", "linear", "config.optim.schedule"),
-    ("coldstart.warmup_ratio", 1.0, "config.coldstart.warmup_ratio: must be in"),
-    ("mesh.rules", "embed", "mesh.rules: 'embed' is not"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mode", "fly", "config.mode: 'fly' is not one of"),
+        ("model.student", "", "config.model.student: is empty"),
+        (
+            "model.student",
+            "/nonexistent/student",
+            "config.model.student: '/nonexistent/student' does not exist",
+        ),
+        ("model.dtype", "int8", "config.model.dtype: 'int8'"),
+        ("data.train_files", "", "config.data.train_files: is empty"),
+        ("data.train_files", "a.parquet,/none/b.parquet", "config.data.train_files: 'a.parquet'"),
+        ("retrieval.index_dir", "/none", "config.retrieval.index_dir"),
+        ("train.steps", 0, "config.train.steps: must be an int >= 1"),
+        ("eval.sampled_repeats", 0, "config.eval.sampled_repeats: must be an int >= 1, got 0"),
+        ("train.mini_batch_size", 100, "config.train.mini_batch_size: 100 must divide"),
+        ("optim.schedule", "linear", "config.optim.schedule"),
+        ("coldstart.warmup_ratio", 1.0, "config.coldstart.warmup_ratio: must be in"),
+        ("mesh.rules", "embed", "mesh.rules: 'embed' is not"),
+    ],
+)
 def test_validate_names_the_field(tmp_path, field, value, message):
     cfg = _valid(tmp_path)
     validate(cfg)
@@ -78,13 +90,21 @@ def test_validate_names_the_field(tmp_path, field, value, message):
 
 def test_parse_rules():
     assert parse_rules("embed=fsdp, mlp=tensor+fsdp,vocab=") == [
-        ("embed", ("fsdp",)), ("mlp", ("tensor", "fsdp")), ("vocab", ())]
+        ("embed", ("fsdp",)),
+        ("mlp", ("tensor", "fsdp")),
+        ("vocab", ()),
+    ]
 
 
 def _launch(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "dgpo_jax.launch", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "dgpo_jax.launch", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def test_launcher_rejects_unknown_key_wrong_type_and_missing_paths():

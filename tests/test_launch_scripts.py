@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import stat
-import shutil
 import subprocess
 import sys
 import time

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
-import os
 import pkgutil
-import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 import dgpo_jax
 import retrieval_service
@@ -98,8 +94,11 @@ def test_no_import_cycles():
         # package (which Python has initialised first), are not cycles.
         graph[name] = {d for d in deps if not d.startswith(name + ".")}
     for name in graph:
-        graph[name] = {d for d in graph[name]
-                       if not (name.startswith(d + ".") and _source(d).name == "__init__.py")}
+        graph[name] = {
+            d
+            for d in graph[name]
+            if not (name.startswith(d + ".") and _source(d).name == "__init__.py")
+        }
     state, stack, cycles = {}, [], []
 
     def dfs(node: str) -> None:
@@ -107,7 +106,7 @@ def test_no_import_cycles():
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in state:
                 dfs(dep)
         stack.pop()

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dgpo_jax.launch.plan import bytes_per_device
-from dgpo_jax.models import get_preset
+from dgpo_jax.config import ConfigError, base_config, validate
+from dgpo_jax.launch.plan import abstract_params, bytes_per_device
+from dgpo_jax.learner.optim import OptimConfig, make_optimizer
+from dgpo_jax.learner.update_step import abstract_update_state, create_update_state
+from dgpo_jax.models import get_preset, init_params
+from dgpo_jax.objectives import get_objective
+from dgpo_jax.parallel.sharding import plan_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,12 +25,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bytes_per_device_counts_one_shard():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
     tree = {
-        "split": jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(
-            mesh, PartitionSpec("b", None))),
-        "both": jax.ShapeDtypeStruct((8, 12), jnp.bfloat16, sharding=NamedSharding(
-            mesh, PartitionSpec("a", "b"))),
-        "replicated": jax.ShapeDtypeStruct((10,), jnp.int32, sharding=NamedSharding(
-            mesh, PartitionSpec())),
+        "split": jax.ShapeDtypeStruct(
+            (64, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("b", None))
+        ),
+        "both": jax.ShapeDtypeStruct(
+            (8, 12), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("a", "b"))
+        ),
+        "replicated": jax.ShapeDtypeStruct(
+            (10,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())
+        ),
         "plain": jax.ShapeDtypeStruct((3, 5), jnp.float32),
     }
     assert bytes_per_device(tree) == 64 * 32 * 4 // 4 + (8 // 2) * (12 // 4) * 2 + 10 * 4 + 60
@@ -48,13 +56,22 @@ def test_plan_cli_tiny_dgpo_against_hand_count(tmp_path):
     the compiled programs' temporaries are positive; a too-small device fails the plan."""
     rows, cache_len, chunk, devices = 16, 128, 16, 4
     cmd = [
-        sys.executable, "-m", "dgpo_jax.launch", "--config=configs/dgpo_nq.py",
-        "--config.mode=plan", "--config.model.student=preset:tiny",
-        "--config.model.teacher=preset:tiny-teacher", "--config.model.dtype=float32",
-        f"--config.plan.fake_devices={devices}", "--config.plan.device_memory_gib=0.0001",
-        f"--config.workdir={tmp_path}", f"--config.data.batch_size={rows}",
-        "--config.train.mini_batch_size=8", "--config.train.micro_batch_size=4",
-        f"--config.sampler.cache_len={cache_len}", f"--config.sampler.ingest_chunk={chunk}",
+        sys.executable,
+        "-m",
+        "dgpo_jax.launch",
+        "--config=configs/dgpo_nq.py",
+        "--config.mode=plan",
+        "--config.model.student=preset:tiny",
+        "--config.model.teacher=preset:tiny-teacher",
+        "--config.model.dtype=float32",
+        f"--config.plan.fake_devices={devices}",
+        "--config.plan.device_memory_gib=0.0001",
+        f"--config.workdir={tmp_path}",
+        f"--config.data.batch_size={rows}",
+        "--config.train.mini_batch_size=8",
+        "--config.train.micro_batch_size=4",
+        f"--config.sampler.cache_len={cache_len}",
+        f"--config.sampler.ingest_chunk={chunk}",
     ]
     env = dict(os.environ, DGPO_JAX_COMPILATION_CACHE="")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
@@ -82,16 +99,17 @@ def test_plan_cli_tiny_dgpo_against_hand_count(tmp_path):
     kv = 2 * student.num_hidden_layers * b * student.num_key_value_heads * s * hd * 4
     assert comp["kv cache"] == kv + b * s + 2 * b * 4
     assert comp["update activations"] > 0 and comp["rollout step"] > 0
-    resident = sum(comp[k] for k in ("student params", "teacher params", "critic params",
-                                     "optimizer state"))
+    resident = sum(
+        comp[k] for k in ("student params", "teacher params", "critic params", "optimizer state")
+    )
     assert plan["resident"] == resident
-    assert plan["peak"] == resident + max(comp["update activations"],
-                                          comp["kv cache"] + comp["rollout step"])
+    assert plan["peak"] == resident + max(
+        comp["update activations"], comp["kv cache"] + comp["rollout step"]
+    )
     assert plan["fits"] is False
 
 
 def test_plan_rejects_bad_values():
-    from dgpo_jax.config import ConfigError, base_config, validate
 
     cfg = base_config()
     cfg.mode = "plan"
@@ -101,23 +119,19 @@ def test_plan_rejects_bad_values():
         validate(cfg)
 
 
-@pytest.mark.parametrize("preset,overrides", [("dgpo", {}), ("ppo", {"critic": "value_head"}),
-                                              ("opd", {})])
+@pytest.mark.parametrize(
+    "preset,overrides", [("dgpo", {}), ("ppo", {"critic": "value_head"}), ("opd", {})]
+)
 def test_abstract_update_state_matches_the_real_one(preset, overrides):
     """What the plan compiles against is what training builds: same tree, shapes, dtypes and
     shardings as ``create_update_state`` on real parameters."""
-    from dgpo_jax.launch.plan import abstract_params
-    from dgpo_jax.models import init_params
-    from dgpo_jax.objectives import get_objective
-    from dgpo_jax.learner.optim import OptimConfig, make_optimizer
-    from dgpo_jax.parallel.sharding import plan_from_config
-    from dgpo_jax.learner.update_step import abstract_update_state, create_update_state
 
     config = get_preset("tiny")
     plan = plan_from_config({"data": 2, "fsdp": 4})
     objective, tx = get_objective(preset, **overrides), make_optimizer(OptimConfig())
     real = create_update_state(
-        objective, plan.shard_params(config, init_params(config, jax.random.key(0))), tx, 0)
+        objective, plan.shard_params(config, init_params(config, jax.random.key(0))), tx, 0
+    )
     abstract = abstract_update_state(objective, abstract_params(config, "float32", plan), tx)
     assert jax.tree.structure(abstract) == jax.tree.structure(real)
     for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):

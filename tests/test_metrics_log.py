@@ -11,8 +11,9 @@ from dgpo_jax.launch.metrics_log import MetricsLogger, plot_curves, read_metrics
 def test_jsonl_tensorboard_and_plot(tmp_path):
     log = MetricsLogger(str(tmp_path), total_steps=3, progress=False)
     for step in range(1, 4):
-        log.write(step, {"reward": 0.1 * step, "em": 0.2, "kl_k1": 0.01, "text": "skip"},
-                  tokens=100)
+        log.write(
+            step, {"reward": 0.1 * step, "em": 0.2, "kl_k1": 0.01, "text": "skip"}, tokens=100
+        )
     png = log.close()
     recs = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [1, 2, 3]

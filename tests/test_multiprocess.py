@@ -12,14 +12,18 @@ import jax
 import numpy as np
 import pytest
 
+from dgpo_jax.checkpoint.checkpointer import Checkpointer
+from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
+from dgpo_jax.models import get_preset, init_params
+from dgpo_jax.parallel.distributed import initialize_from_env, wants_distributed
+from retrieval_service.index import build_index
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
-    from retrieval_service.index import build_index
 
     root = tmp_path_factory.mktemp("mp_world")
     world = generate_world(seed=0, num_entities=60)
@@ -37,19 +41,39 @@ def _free_port() -> int:
 
 def _command(world, workdir) -> list[str]:
     overrides = {
-        "mode": "train", "model.student": "preset:tiny", "model.teacher": "preset:tiny-teacher",
-        "model.tokenizer": world["root"] / "tok", "model.dtype": "float32",
-        "data.train_files": world["train.parquet"], "data.test_files": world["test.parquet"],
-        "data.use_chat_template": False, "data.batch_size": 4,
-        "retrieval.kind": "in_process", "retrieval.index_dir": world["root"] / "index",
-        "retrieval.topk": 1, "sampler.max_turns": 2, "sampler.max_new_tokens_per_turn": 12,
-        "sampler.max_new_tokens": 32, "sampler.max_obs_length": 32,
-        "sampler.max_prompt_length": 160, "sampler.cache_len": 256, "sampler.ingest_chunk": 16,
-        "train.mini_batch_size": 4, "train.micro_batch_size": 2, "train.steps": STEPS,
-        "train.save_every": STEPS, "eval.at_end": False, "logging.progress": False,
-        "logging.tensorboard": False, "optim.actor_lr": 1e-3, "optim.critic_lr": 1e-3,
-        "optim.actor_warmup_ratio": 0.0, "optim.critic_warmup_ratio": 0.0,
-        "mesh.shape.data": 2, "mesh.shape.fsdp": 2, "workdir": workdir,
+        "mode": "train",
+        "model.student": "preset:tiny",
+        "model.teacher": "preset:tiny-teacher",
+        "model.tokenizer": world["root"] / "tok",
+        "model.dtype": "float32",
+        "data.train_files": world["train.parquet"],
+        "data.test_files": world["test.parquet"],
+        "data.use_chat_template": False,
+        "data.batch_size": 4,
+        "retrieval.kind": "in_process",
+        "retrieval.index_dir": world["root"] / "index",
+        "retrieval.topk": 1,
+        "sampler.max_turns": 2,
+        "sampler.max_new_tokens_per_turn": 12,
+        "sampler.max_new_tokens": 32,
+        "sampler.max_obs_length": 32,
+        "sampler.max_prompt_length": 160,
+        "sampler.cache_len": 256,
+        "sampler.ingest_chunk": 16,
+        "train.mini_batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.steps": STEPS,
+        "train.save_every": STEPS,
+        "eval.at_end": False,
+        "logging.progress": False,
+        "logging.tensorboard": False,
+        "optim.actor_lr": 1e-3,
+        "optim.critic_lr": 1e-3,
+        "optim.actor_warmup_ratio": 0.0,
+        "optim.critic_warmup_ratio": 0.0,
+        "mesh.shape.data": 2,
+        "mesh.shape.fsdp": 2,
+        "workdir": workdir,
     }
     return [sys.executable, "-m", "dgpo_jax.launch", "--config=configs/dgpo_nq.py"] + [
         f"--config.{k}={v}" for k, v in overrides.items()
@@ -59,13 +83,14 @@ def _command(world, workdir) -> list[str]:
 def _env(devices: int, **extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", DGPO_JAX_COMPILATION_CACHE="", **extra)
     # Cheaper CPU compiles (the same flags on both sides, so the programs stay comparable).
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
     return env
 
 
 def _final_params(workdir) -> dict:
-    from dgpo_jax.checkpoint.checkpointer import Checkpointer
 
     with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         assert ckpt.latest_step() == STEPS
@@ -77,14 +102,33 @@ def _final_params(workdir) -> dict:
 def test_two_processes_equal_one(world, tmp_path):
     single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
     port = _free_port()
-    procs = [subprocess.Popen(_command(world, single_dir), cwd=REPO, env=_env(4),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    procs = [
+        subprocess.Popen(
+            _command(world, single_dir),
+            cwd=REPO,
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    ]
     for pid in range(2):
-        env = _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DGPO_NUM_PROCESSES="2",
-                   DGPO_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(_command(world, multi_dir), cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = _env(
+            2,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            DGPO_NUM_PROCESSES="2",
+            DGPO_PROCESS_ID=str(pid),
+        )
+        procs.append(
+            subprocess.Popen(
+                _command(world, multi_dir),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = []
     try:
         for p in procs:
@@ -106,12 +150,13 @@ def test_two_processes_equal_one(world, tmp_path):
     for a, b in zip(flat_s, flat_m):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
     # The run did train: the policy moved away from its (seeded, identical) initialisation.
-    from dgpo_jax.models import get_preset, init_params
 
     config = get_preset("tiny", vocab_size=single["policy"]["embed_tokens"].shape[0])
     init = init_params(config, jax.random.key(0))
-    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(single["policy"])))
+    moved = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(single["policy"]))
+    )
     assert moved > 1e-4
 
     # Only process 0 wrote the metrics, one record per step, equal to the single run's.
@@ -124,7 +169,6 @@ def test_two_processes_equal_one(world, tmp_path):
 
 
 def test_distributed_environment_detection_and_errors(monkeypatch):
-    from dgpo_jax.parallel.distributed import initialize_from_env, wants_distributed
 
     assert not wants_distributed({})
     assert not wants_distributed({"SLURM_NTASKS": "1", "DGPO_NUM_PROCESSES": "1"})
@@ -132,8 +176,13 @@ def test_distributed_environment_detection_and_errors(monkeypatch):
     assert wants_distributed({"DGPO_NUM_PROCESSES": "8"})  # plain Cloud TPU VMs
     assert wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
     assert wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-    for name in ("JAX_COORDINATOR_ADDRESS", "DGPO_NUM_PROCESSES", "DGPO_PROCESS_ID",
-                 "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "DGPO_NUM_PROCESSES",
+        "DGPO_PROCESS_ID",
+        "SLURM_NTASKS",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert initialize_from_env() is False  # a single process: nothing to start
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")

@@ -10,8 +10,21 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import requests
+
+from dgpo_jax.checkpoint.checkpointer import Checkpointer
+from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
+from dgpo_jax.evaluation import exact_match
+from dgpo_jax.launch.metrics_log import read_metrics
+from dgpo_jax.models import Qwen2Config, forward, get_preset, save_hf
+from dgpo_jax.models.tokenizer import load_tokenizer
+from dgpo_jax.retrieval import InProcessRetriever, information_observation, parse_action
+from retrieval_service.index import build_index
+from tests.conftest import random_params
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
@@ -60,9 +73,9 @@ def execute(name, overrides, probe, kernel_name, timeout=600):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{name}: expected one cell tagged 'parameters'"
-    assert all(
-        not c.get("outputs") for c in nb.cells if c.cell_type == "code"
-    ), f"{name} is committed with outputs"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        f"{name} is committed with outputs"
+    )
     tagged[0].source += "\n\n# --- test settings\n" + overrides
     nb.cells.append(
         nbformat.v4.new_code_cell(
@@ -88,13 +101,8 @@ def stream_text(nb, cell_id):
 
 # ------------------------------------------------------------------------------ quickstart ---
 def test_quickstart_notebook(kernel, tmp_path):
-    import torch
-    import transformers
-
-    from dgpo_jax.checkpoint.checkpointer import Checkpointer
-    from dgpo_jax.launch.metrics_log import read_metrics
-    from dgpo_jax.models import Qwen2Config, forward
-    from dgpo_jax.models.tokenizer import load_tokenizer
+    import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+    import transformers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     workdir = tmp_path / "run"
     rl_steps, teacher_steps = 2, 60
@@ -157,10 +165,6 @@ def scripted_agent(config, tokenizer, first_names, last_names, answer_tokens):
     opens <search> (2/3) or <answer> (1/3); <search> is followed by one of the
     (first_names[j], last_names[j]) pairs and </search>; <answer> by ``answer_tokens`` and
     </answer>. Attention and MLP outputs are zero, so the residual stream is the embedding."""
-    import jax
-    import jax.numpy as jnp
-
-    from tests.conftest import random_params
 
     vocab = tokenizer.get_vocab()
     chain = ["\n", "<search>", "<answer>"] + first_names + last_names + answer_tokens
@@ -193,9 +197,6 @@ def scripted_agent(config, tokenizer, first_names, last_names, answer_tokens):
 @pytest.fixture(scope="module")
 def agent_setup(tmp_path_factory):
     """A synthetic world's BM25 index, and a HF directory (model + word tokenizer)."""
-    from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
-    from dgpo_jax.models import get_preset, save_hf
-    from retrieval_service.index import build_index
 
     d = tmp_path_factory.mktemp("agent")
     world = generate_world(seed=0, num_entities=40)
@@ -257,7 +258,6 @@ def retrieval_server(agent_setup, tmp_path):
 
 
 def wait_ready(url, proc, timeout_s=120):
-    import requests
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -288,8 +288,6 @@ AGENT_SETTINGS = dict(
 # questions from a Search-R1 parquet file (with gold answers) or a list of plain questions.
 @pytest.mark.parametrize("retrieval,topk,source", [("in_process", 1, "file"), ("http", 2, "list")])
 def test_search_agent_notebook(kernel, agent_setup, retrieval, topk, source, request):
-    from dgpo_jax.evaluation import exact_match
-    from dgpo_jax.retrieval import InProcessRetriever, information_observation, parse_action
 
     rows = agent_setup["rows"]
     settings = dict(AGENT_SETTINGS, TOPK=topk, HF_DIR=agent_setup["hf"])

@@ -1,5 +1,5 @@
 """Objective building blocks against NumPy references written here from the formulas of
-algorithms.md: KL estimators, advantage estimators, losses, divergences (chunked, from a tiny
+docs/algorithms.md: KL estimators, advantage estimators, losses, divergences (chunked, from a tiny
 model's hidden states), rewards/gates, presets, schedules and config validation."""
 
 import math
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from dgpo_jax.curricula import schedules
+from dgpo_jax.learner.optim import OptimConfig, learning_rates
+from dgpo_jax.learner.update_step import _response_region
 from dgpo_jax.models import forward, forward_hidden, get_preset, lm_logits
 from dgpo_jax.objectives import advantages as adv
 from dgpo_jax.objectives import divergences as dv
@@ -17,7 +19,6 @@ from dgpo_jax.objectives import losses, presets
 from dgpo_jax.objectives.config import ObjectiveConfig
 from dgpo_jax.objectives.kl import kl_estimate
 from dgpo_jax.objectives.rewards import token_rewards, trajectory_gate
-from dgpo_jax.learner.optim import OptimConfig, learning_rates
 from tests.conftest import random_params
 
 RNG = np.random.default_rng(1234)
@@ -116,7 +117,6 @@ def test_gae_ignores_values_and_rewards_on_masked_tokens():
 def test_reference_quirk_region_includes_observations():
     """The quirk mask covers real tokens from the first student token on (observations too), so
     GAE then runs over the observation tokens; the default mask skips them."""
-    from dgpo_jax.learner.update_step import _response_region
 
     am = np.ones((2, 8), np.float32)
     am[1, -1] = 0
@@ -491,17 +491,22 @@ def test_schedules_match_hand_formulas():
     with pytest.raises(ValueError, match="unknown schedule"):
         p(1, 10, 0.5, "step")
     s = schedules.distillm_student_share
-    assert s(0.0, None, 2.0) == 0.0
-    assert s(0.0, 2.0, 2.05) == 0.0
-    assert s(0.0, 2.0, 2.2) == pytest.approx(0.1)
-    assert s(0.95, 2.0, 2.2) == 1.0
+    assert s(0.0, 2.0, 2.05) == (0.0, 2.0)  # no rise: the reference point stays
+    assert s(0.0, 2.0, 2.2) == (pytest.approx(0.1), 2.2)
+    assert s(0.95, 2.0, 2.2) == (1.0, 2.2)
+    d = schedules.distillm_data_source
+    assert [d(r, 0.5, 0.0, 3, 10) for r in (0.1, 0.6)] == ["student", "teacher"]
+    # buffer full: fresh with probability share * (1 - progress), else the buffer
+    assert [d(r, 0.5, 0.5, 10, 10) for r in (0.2, 0.3, 0.6)] == ["student", "replay", "teacher"]
+    t, mom = schedules.taid_update(0.4, 0.0, None, 2.0, progress=0.0)
+    assert (t, mom) == (0.4, 0.0)  # the first call only records the loss
     t, mom = schedules.taid_update(0.4, 0.0, 2.0, 1.8, progress=0.1)
     want_m = 0.01 * (0.2 / 2.0)
     assert mom == pytest.approx(want_m)
     want_t = max(0.4 + 0.6 * 0.1, 0.4 + 5e-4 / (1 + math.exp(-want_m)) * 0.6)
     assert t == pytest.approx(want_t)
-    t2, _ = schedules.taid_update(0.99999, 0.0, None, 1.0, progress=1.0)
-    assert t2 == 1.0
+    t2, _ = schedules.taid_update(0.69999, 0.0, 1.0, 1.0, progress=1.0, t_end=0.7)
+    assert t2 == 0.7  # capped at t_end
 
 
 def test_optimizer_schedules():

@@ -12,10 +12,14 @@ def _batch(b, t, offset):
     am = np.ones((b, t), np.int32)
     am[:, :2] = 0  # left-padded prompts
     for i in range(b):
-        am[i, t - i:] = 0  # row i has i right-padding positions
-    return {"input_ids": ids * am, "attention_mask": am,
-            "loss_mask": (am * (np.arange(t) >= 4)).astype(np.float32),
-            "rewards": np.arange(b, dtype=np.float32) + offset, "taid_t": np.float32(0.5)}
+        am[i, t - i :] = 0  # row i has i right-padding positions
+    return {
+        "input_ids": ids * am,
+        "attention_mask": am,
+        "loss_mask": (am * (np.arange(t) >= 4)).astype(np.float32),
+        "rewards": np.arange(b, dtype=np.float32) + offset,
+        "taid_t": np.float32(0.5),
+    }
 
 
 def _rows(batch):
@@ -23,8 +27,14 @@ def _rows(batch):
     out = []
     for i in range(len(batch["input_ids"])):
         w = int(np.flatnonzero(batch["attention_mask"][i])[-1]) + 1
-        out.append((tuple(batch["input_ids"][i, :w]), tuple(batch["attention_mask"][i, :w]),
-                    tuple(batch["loss_mask"][i, :w]), float(batch["rewards"][i])))
+        out.append(
+            (
+                tuple(batch["input_ids"][i, :w]),
+                tuple(batch["attention_mask"][i, :w]),
+                tuple(batch["loss_mask"][i, :w]),
+                float(batch["rewards"][i]),
+            )
+        )
     return out
 
 

@@ -13,8 +13,8 @@ import pytest
 from dgpo_jax.retrieval import Document, InProcessRetriever
 from retrieval_service import CorpusError, IndexFormatError, IndexManifest
 from retrieval_service import build_index as build_index_cli
-from retrieval_service.index import build_index
 from retrieval_service.encoders import TextEncoder, resolve_encoder_path, uses_e5_conventions
+from retrieval_service.index import build_index, load_index
 
 CORPUS = [
     {"id": "d0", "contents": "Apple Pie\nThe apple pie is sweet. Apple pie with cream."},
@@ -71,24 +71,36 @@ def test_manifest_records_the_corpus(bm25_dir, corpus_path):
     manifest = IndexManifest.read(bm25_dir)
     with open(corpus_path, "rb") as handle:
         assert manifest.corpus_sha256 == hashlib.sha256(handle.read()).hexdigest()
-    assert (manifest.kind, manifest.num_documents, manifest.dimension, manifest.encoder) == ("bm25", 5, None, None)
+    assert (manifest.kind, manifest.num_documents, manifest.dimension, manifest.encoder) == (
+        "bm25",
+        5,
+        None,
+        None,
+    )
     assert manifest.params["ignored_corpus_fields"] == ["url"]
     assert sorted(os.listdir(bm25_dir)) == ["bm25", "documents.arrow", "manifest.json"]
 
 
 def test_bm25_scores_match_the_lucene_formula(bm25_dir):
     retriever = InProcessRetriever(bm25_dir)
-    from retrieval_service.bm25 import analyze, english_stopwords
+    from retrieval_service.bm25 import analyze, english_stopwords  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+
     assert [analyze(row["contents"], english_stopwords()) for row in CORPUS] == TERMS
-    for query, terms in [("Apple pie?", ["apple", "pie"]), ("sweet bread", ["sweet", "bread"]),
-                         ("the cherry tree in a garden", ["cherry", "tree", "garden"])]:
+    for query, terms in [
+        ("Apple pie?", ["apple", "pie"]),
+        ("sweet bread", ["sweet", "bread"]),
+        ("the cherry tree in a garden", ["cherry", "tree", "garden"]),
+    ]:
         expected = lucene_bm25(terms)
         documents = retriever.retrieve([query], topk=len(CORPUS))[0]
         scores = {doc.id: doc.score for doc in documents}
         np.testing.assert_allclose([scores[str(row["id"])] for row in CORPUS], expected, rtol=1e-5)
         assert [doc.score for doc in documents] == sorted(scores.values(), reverse=True)
         best = int(np.argmax(expected))
-        assert (documents[0].id, documents[0].contents) == (str(CORPUS[best]["id"]), CORPUS[best]["contents"])
+        assert (documents[0].id, documents[0].contents) == (
+            str(CORPUS[best]["id"]),
+            CORPUS[best]["contents"],
+        )
 
 
 def test_in_process_topk_handling(bm25_dir):
@@ -97,39 +109,49 @@ def test_in_process_topk_handling(bm25_dir):
     assert len(retriever.retrieve(["apple"], topk=50)[0]) == 5  # clamped to the corpus size
     assert retriever.retrieve([]) == []
     assert retriever.search(["banana bread"], topk=1) == [
-        "Doc 1(Title: Banana Bread) Banana bread is sweet bread.\n"]
+        "Doc 1(Title: Banana Bread) Banana bread is sweet bread.\n"
+    ]
     with pytest.raises(ValueError, match="topk must be positive"):
         retriever.retrieve(["apple"], topk=0)
     with pytest.raises(TypeError, match="list of strings"):
         retriever.retrieve("apple")
 
 
-@pytest.mark.parametrize("scores, k, expected", [
-    ([0, 3, 1, 3, 0, 2], 3, [1, 3, 5]),  # a tie at the top keeps row order
-    ([5, 1, 1, 1, 0], 3, [0, 1, 2]),  # a tie across the cut keeps the lowest rows
-    ([0, 0, 0, 0, 0], 2, [0, 1]),
-    ([1, 2], 5, [1, 0]),
-])
+@pytest.mark.parametrize(
+    "scores, k, expected",
+    [
+        ([0, 3, 1, 3, 0, 2], 3, [1, 3, 5]),  # a tie at the top keeps row order
+        ([5, 1, 1, 1, 0], 3, [0, 1, 2]),  # a tie across the cut keeps the lowest rows
+        ([0, 0, 0, 0, 0], 2, [0, 1]),
+        ([1, 2], 5, [1, 0]),
+    ],
+)
 def test_top_k_rows_breaks_ties_by_row(scores, k, expected):
-    from retrieval_service.bm25 import top_k_rows
+    from retrieval_service.bm25 import top_k_rows  # noqa: PLC0415 (back end and its optional dependency loaded on use)
+
     assert top_k_rows(np.array(scores, np.float32), k).tolist() == expected
 
 
 GOOD = '{"id": "0", "contents": "A\\ntext"}'
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([GOOD, '{"id": "1"}'], r"line 2: missing field 'contents'"),
-    ([GOOD, '{"contents": "x"}'], r"line 2: missing field 'id'"),
-    ([GOOD, GOOD.replace('"0"', '"1"'), "this is not json"], r"line 3: not valid JSON"),
-    ([], r"is empty: no documents"),
-    (['{"id": "7", "contents": "a"}', GOOD, '{"id": 7, "contents": "b"}'],
-     r"line 3: duplicate id '7' \(first seen on line 1\)"),
-    ([GOOD, ""], r"line 2: empty line"),
-    (['{"id": "0", "contents": ["a"]}'], r"line 1: field 'contents' must be a string"),
-    (['{"id": null, "contents": "a"}'], r"line 1: field 'id' must be a string or an integer"),
-    (['["0", "a"]'], r"line 1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([GOOD, '{"id": "1"}'], r"line 2: missing field 'contents'"),
+        ([GOOD, '{"contents": "x"}'], r"line 2: missing field 'id'"),
+        ([GOOD, GOOD.replace('"0"', '"1"'), "this is not json"], r"line 3: not valid JSON"),
+        ([], r"is empty: no documents"),
+        (
+            ['{"id": "7", "contents": "a"}', GOOD, '{"id": 7, "contents": "b"}'],
+            r"line 3: duplicate id '7' \(first seen on line 1\)",
+        ),
+        ([GOOD, ""], r"line 2: empty line"),
+        (['{"id": "0", "contents": ["a"]}'], r"line 1: field 'contents' must be a string"),
+        (['{"id": null, "contents": "a"}'], r"line 1: field 'id' must be a string or an integer"),
+        (['["0", "a"]'], r"line 1: expected a JSON object"),
+    ],
+)
 def test_bad_corpus_is_rejected_naming_the_line(tmp_path, lines, message):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -151,8 +173,9 @@ def test_bad_utf8_and_missing_file(tmp_path):
 
 def test_build_index_cli_reports_errors(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [GOOD, '{"id": "0", "contents": "again"}'])
-    code = build_index_cli.main(["--corpus", corpus, "--out", str(tmp_path / "i"), "--kind", "bm25",
-                                 "--no-progress"])
+    code = build_index_cli.main(
+        ["--corpus", corpus, "--out", str(tmp_path / "i"), "--kind", "bm25", "--no-progress"]
+    )
     assert code == 2
     assert "line 2: duplicate id '0'" in capsys.readouterr().err
     good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
@@ -165,8 +188,13 @@ def test_build_index_cli_reports_errors(tmp_path, capsys):
 
 def test_dense_build_with_a_missing_encoder_leaves_nothing(tmp_path, corpus_path):
     with pytest.raises(FileNotFoundError, match="not a local model directory"):
-        build_index(corpus_path, tmp_path / "dense", "dense", encoder=str(tmp_path / "no-model"),
-                    show_progress=False)
+        build_index(
+            corpus_path,
+            tmp_path / "dense",
+            "dense",
+            encoder=str(tmp_path / "no-model"),
+            show_progress=False,
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -193,12 +221,14 @@ def test_e5_convention_detection():
 
 def _reference_mean_pooled(path, texts, max_length):
     """Mean pooling + L2 normalisation straight from transformers, for comparison."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -209,21 +239,34 @@ def _reference_mean_pooled(path, texts, max_length):
 def test_e5_conventions_prefix_pool_and_normalise():
     path = resolve_encoder_path(None)
     encoder = TextEncoder(path, e5=True, num_threads=1)
-    assert (encoder.max_length, encoder.query_prefix, encoder.passage_prefix) == (256, "query: ", "passage: ")
-    queries = ["who founded Avel Systems", "where was Kalo Venter born " * 80]  # the second is truncated
+    assert (encoder.max_length, encoder.query_prefix, encoder.passage_prefix) == (
+        256,
+        "query: ",
+        "passage: ",
+    )
+    queries = [
+        "who founded Avel Systems",
+        "where was Kalo Venter born " * 80,
+    ]  # the second is truncated
     expected = _reference_mean_pooled(path, ["query: " + text for text in queries], 256)
     np.testing.assert_allclose(encoder.encode_queries(queries), expected, atol=2e-5)
     expected = _reference_mean_pooled(path, ["passage: Kalo Venter\nKalo Venter is a poet."], 256)
-    np.testing.assert_allclose(encoder.encode_passages(["Kalo Venter\nKalo Venter is a poet."]), expected, atol=2e-5)
+    np.testing.assert_allclose(
+        encoder.encode_passages(["Kalo Venter\nKalo Venter is a poet."]), expected, atol=2e-5
+    )
 
 
 def test_dense_index_matches_brute_force_cosine(corpus_path, tmp_path):
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415 (retrieval extra, loaded on use)
 
     out = tmp_path / "dense"
     build_index(corpus_path, out, "dense", show_progress=False, torch_threads=1)
     manifest = IndexManifest.read(out)
-    assert (manifest.kind, manifest.dimension, manifest.encoder["name"]) == ("dense", 384, "all-MiniLM-L6-v2")
+    assert (manifest.kind, manifest.dimension, manifest.encoder["name"]) == (
+        "dense",
+        384,
+        "all-MiniLM-L6-v2",
+    )
     model = SentenceTransformer(resolve_encoder_path(None), device="cpu")
     passages = model.encode([row["contents"] for row in CORPUS], normalize_embeddings=True)
     queries = ["a sweet dessert with cream", "fruit trees", "a pond"]
@@ -235,12 +278,22 @@ def test_dense_index_matches_brute_force_cosine(corpus_path, tmp_path):
         np.testing.assert_allclose([doc.score for doc in documents], query_row[order], atol=1e-5)
         assert isinstance(documents[0], Document)
     # HNSW (approximate; exact on five vectors) and an encoder path given at load time.
-    build_index(corpus_path, tmp_path / "hnsw", "dense", faiss_index="hnsw", hnsw_m=8,
-                show_progress=False, torch_threads=1)
+    build_index(
+        corpus_path,
+        tmp_path / "hnsw",
+        "dense",
+        faiss_index="hnsw",
+        hnsw_m=8,
+        show_progress=False,
+        torch_threads=1,
+    )
     assert IndexManifest.read(tmp_path / "hnsw").params["faiss_index"] == "hnsw"
     hnsw = InProcessRetriever(tmp_path / "hnsw", torch_threads=1)
-    assert [[doc.id for doc in docs] for docs in hnsw.retrieve(queries, topk=3)] == \
-        [[doc.id for doc in docs] for docs in retriever.retrieve(queries, topk=3)]
-    from retrieval_service.index import load_index
+    assert [[doc.id for doc in docs] for docs in hnsw.retrieve(queries, topk=3)] == [
+        [doc.id for doc in docs] for docs in retriever.retrieve(queries, topk=3)
+    ]
+
     moved = load_index(out, encoder=resolve_encoder_path(None), torch_threads=1)
-    assert moved.search_documents(queries[:1], 2) == retriever.index.search_documents(queries[:1], 2)
+    assert moved.search_documents(queries[:1], 2) == retriever.index.search_documents(
+        queries[:1], 2
+    )

@@ -26,8 +26,10 @@ def world_and_corpus(tmp_path_factory):
 
 def recall_at_3(retriever, rows) -> float:
     results = retriever.retrieve([row["question"] for row in rows], topk=3)
-    hits = [row["extra_info"]["gold_doc_ids"][0] in {doc.id for doc in documents}
-            for row, documents in zip(rows, results)]
+    hits = [
+        row["extra_info"]["gold_doc_ids"][0] in {doc.id for doc in documents}
+        for row, documents in zip(rows, results)
+    ]
     return float(np.mean(hits))
 
 
@@ -47,9 +49,18 @@ def test_bm25_recall_at_3_on_single_hop_questions(world_and_corpus):
 
 def test_dense_recall_at_3_on_single_hop_questions(world_and_corpus):
     world, corpus, out = world_and_corpus
-    build_index(corpus, out / "dense", "dense", batch_size=64, show_progress=False, torch_threads=TORCH_THREADS)
+    build_index(
+        corpus,
+        out / "dense",
+        "dense",
+        batch_size=64,
+        show_progress=False,
+        torch_threads=TORCH_THREADS,
+    )
     rows = single_hop_rows(world)
-    sample = [rows[i] for i in np.random.default_rng(0).choice(len(rows), DENSE_QUESTIONS, replace=False)]
+    sample = [
+        rows[i] for i in np.random.default_rng(0).choice(len(rows), DENSE_QUESTIONS, replace=False)
+    ]
     recall = recall_at_3(InProcessRetriever(out / "dense", torch_threads=TORCH_THREADS), sample)
     print(f"dense recall@3 = {recall:.4f}")
     assert recall >= 0.9

@@ -16,11 +16,17 @@ import requests
 
 from dgpo_jax.data.synthetic import generate_world, write_world
 from dgpo_jax.retrieval import HttpRetriever, InProcessRetriever, RetrievalUnavailableError
-from retrieval_service.index import build_index
+from retrieval_service.index import build_index, load_index
+from retrieval_service.serve import create_app
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIMITS = {"max_topk": 10, "max_queries": 64, "max_query_chars": 1000, "max_body_bytes": 65536,
-          "torch_threads": 1}
+LIMITS = {
+    "max_topk": 10,
+    "max_queries": 64,
+    "max_query_chars": 1000,
+    "max_body_bytes": 65536,
+    "torch_threads": 1,
+}
 
 
 def free_port() -> int:
@@ -36,14 +42,28 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        args = [sys.executable, "-m", "retrieval_service.serve", "--index", str(index_dir),
-                "--port", str(self.port), "--log-level", "warning", *extra_args]
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1",
-                       "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+        args = [
+            sys.executable,
+            "-m",
+            "retrieval_service.serve",
+            "--index",
+            str(index_dir),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *extra_args,
+        ]
+        environment = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
+        }
         environment.update(env or {})
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            env=environment)
+            self.process = subprocess.Popen(
+                args, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment
+            )
 
     def wait_ready(self, timeout_s: float = 180.0) -> ServerProcess:
         deadline = time.monotonic() + timeout_s
@@ -92,7 +112,9 @@ def deployment(world_dir, tmp_path_factory):
     try:
         for kind in ("bm25", "dense"):  # the BM25 server starts while the dense index builds
             indexes[kind] = out / kind
-            build_index(out / "corpus.jsonl", indexes[kind], kind, show_progress=False, torch_threads=1)
+            build_index(
+                out / "corpus.jsonl", indexes[kind], kind, show_progress=False, torch_threads=1
+            )
             servers[kind] = ServerProcess(indexes[kind], logs / f"{kind}.log", limit_args)
         for server in servers.values():
             server.wait_ready()
@@ -129,20 +151,29 @@ def test_server_returns_what_the_in_process_retriever_returns(kind, servers, ind
     assert remote.retrieve(queries, topk=5) == expected
     assert remote.search(queries) == local.search(queries)
     assert all(len(documents) == 5 for documents in expected)
-    bare = requests.post(servers[kind].url + "/retrieve", json={"queries": queries[:3], "topk": 2}, timeout=30)
-    assert bare.json() == {"result": [[{"id": doc.id, "contents": doc.contents} for doc in documents[:2]]
-                                      for documents in expected[:3]]}
+    bare = requests.post(
+        servers[kind].url + "/retrieve", json={"queries": queries[:3], "topk": 2}, timeout=30
+    )
+    assert bare.json() == {
+        "result": [
+            [{"id": doc.id, "contents": doc.contents} for doc in documents[:2]]
+            for documents in expected[:3]
+        ]
+    }
     # A dead URL in the list is skipped over.
-    assert HttpRetriever([f"http://127.0.0.1:{free_port()}", servers[kind].url],
-                         backoff_s=0.01).retrieve(queries[:4], topk=5) == local.retrieve(queries[:4], topk=5)
+    assert HttpRetriever(
+        [f"http://127.0.0.1:{free_port()}", servers[kind].url], backoff_s=0.01
+    ).retrieve(queries[:4], topk=5) == local.retrieve(queries[:4], topk=5)
 
 
 def test_single_hop_questions_find_their_document_through_the_server(servers, world_dir):
     world, _ = world_dir
     rows = [row for row in world.test if row["data_source"] == "synthetic_1hop"]
     results = HttpRetriever(servers["bm25"].url).retrieve([row["question"] for row in rows], topk=3)
-    hits = [row["extra_info"]["gold_doc_ids"][0] in {doc.id for doc in documents}
-            for row, documents in zip(rows, results)]
+    hits = [
+        row["extra_info"]["gold_doc_ids"][0] in {doc.id for doc in documents}
+        for row, documents in zip(rows, results)
+    ]
     assert sum(hits) / len(hits) >= 0.9
 
 
@@ -150,7 +181,10 @@ def test_health_and_openapi(servers, world_dir):
     world, _ = world_dir
     health = requests.get(servers["dense"].url + "/health", timeout=10).json()
     assert health["status"] == "ok"
-    assert (health["index"]["kind"], health["index"]["num_documents"]) == ("dense", len(world.corpus))
+    assert (health["index"]["kind"], health["index"]["num_documents"]) == (
+        "dense",
+        len(world.corpus),
+    )
     assert health["index"]["dimension"] == 384 and health["max_topk"] == LIMITS["max_topk"]
     schema = requests.get(servers["bm25"].url + "/openapi.json", timeout=10).json()
     assert {"/retrieve", "/health"} <= set(schema["paths"])
@@ -159,33 +193,93 @@ def test_health_and_openapi(servers, world_dir):
 
 def _chunked(data: bytes, size: int = 8192):
     for start in range(0, len(data), size):
-        yield data[start:start + size]
+        yield data[start : start + size]
 
 
 BAD_REQUESTS = [
-    ("topk zero", {"json": {"queries": ["a"], "topk": 0}}, 422, "topk must be between 1 and 10, got 0"),
-    ("topk negative", {"json": {"queries": ["a"], "topk": -3}}, 422, "topk must be between 1 and 10"),
-    ("topk over limit", {"json": {"queries": ["a"], "topk": 11}}, 422, "topk must be between 1 and 10, got 11"),
-    ("topk not int", {"json": {"queries": ["a"], "topk": "3"}}, 422, "topk: Input should be a valid integer"),
+    (
+        "topk zero",
+        {"json": {"queries": ["a"], "topk": 0}},
+        422,
+        "topk must be between 1 and 10, got 0",
+    ),
+    (
+        "topk negative",
+        {"json": {"queries": ["a"], "topk": -3}},
+        422,
+        "topk must be between 1 and 10",
+    ),
+    (
+        "topk over limit",
+        {"json": {"queries": ["a"], "topk": 11}},
+        422,
+        "topk must be between 1 and 10, got 11",
+    ),
+    (
+        "topk not int",
+        {"json": {"queries": ["a"], "topk": "3"}},
+        422,
+        "topk: Input should be a valid integer",
+    ),
     ("empty queries", {"json": {"queries": []}}, 422, "queries must be a non-empty list"),
-    ("too many queries", {"json": {"queries": ["a"] * 65}}, 422, "queries holds 65 queries, the limit is 64"),
-    ("non-string query", {"json": {"queries": ["a", 5]}}, 422, "queries.1: Input should be a valid string"),
-    ("queries not a list", {"json": {"queries": "a"}}, 422, "queries: Input should be a valid list"),
+    (
+        "too many queries",
+        {"json": {"queries": ["a"] * 65}},
+        422,
+        "queries holds 65 queries, the limit is 64",
+    ),
+    (
+        "non-string query",
+        {"json": {"queries": ["a", 5]}},
+        422,
+        "queries.1: Input should be a valid string",
+    ),
+    (
+        "queries not a list",
+        {"json": {"queries": "a"}},
+        422,
+        "queries: Input should be a valid list",
+    ),
     ("no queries", {"json": {"topk": 3}}, 422, "queries: Field required"),
-    ("query too long", {"json": {"queries": ["x" * 1001]}}, 422, "queries[0] has 1001 characters, the limit is 1000"),
+    (
+        "query too long",
+        {"json": {"queries": ["x" * 1001]}},
+        422,
+        "queries[0] has 1001 characters, the limit is 1000",
+    ),
     ("body not an object", {"json": [1, 2]}, 422, "Input should be a valid dictionary"),
-    ("malformed JSON", {"data": b'{"queries": ["a"', "headers": {"Content-Type": "application/json"}},
-     400, "malformed JSON body"),
-    ("empty body", {"data": b"", "headers": {"Content-Type": "application/json"}}, 422, "request body is empty"),
+    (
+        "malformed JSON",
+        {"data": b'{"queries": ["a"', "headers": {"Content-Type": "application/json"}},
+        400,
+        "malformed JSON body",
+    ),
+    (
+        "empty body",
+        {"data": b"", "headers": {"Content-Type": "application/json"}},
+        422,
+        "request body is empty",
+    ),
     ("not JSON content type", {"data": b"queries=a"}, 422, "Content-Type: application/json"),
     ("huge body", {"json": {"queries": ["y" * 100_000]}}, 413, "exceeds the limit of 65536 bytes"),
-    ("huge chunked body", {"data": _chunked(json.dumps({"queries": ["z" * 200_000]}).encode()),
-                           "headers": {"Content-Type": "application/json"}}, 413, "exceeds the limit of 65536 bytes"),
+    (
+        "huge chunked body",
+        {
+            "data": _chunked(json.dumps({"queries": ["z" * 200_000]}).encode()),
+            "headers": {"Content-Type": "application/json"},
+        },
+        413,
+        "exceeds the limit of 65536 bytes",
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, request_kwargs, status, message", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_requests_get_a_4xx_and_the_server_stays_up(servers, name, request_kwargs, status, message):
+@pytest.mark.parametrize(
+    "name, request_kwargs, status, message", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS]
+)
+def test_bad_requests_get_a_4xx_and_the_server_stays_up(
+    servers, name, request_kwargs, status, message
+):
     server = servers["bm25"]
     response = requests.post(server.url + "/retrieve", timeout=30, **request_kwargs)
     assert response.status_code == status, response.text
@@ -197,24 +291,28 @@ def test_bad_requests_get_a_4xx_and_the_server_stays_up(servers, name, request_k
 
 
 def test_bearer_token(indexes):
-    from fastapi.testclient import TestClient
-
-    from retrieval_service.index import load_index
-    from retrieval_service.serve import create_app
+    from fastapi.testclient import TestClient  # noqa: PLC0415 (retrieval extra)
 
     client = TestClient(create_app(load_index(indexes["bm25"]), token="s3cret"))
     body = {"queries": ["a"], "topk": 1}
     assert client.post("/retrieve", json=body).status_code == 401
     wrong = client.post("/retrieve", json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "bearer token" in wrong.json()["error"]
-    assert client.post("/retrieve", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        client.post("/retrieve", json=body, headers={"Authorization": "Bearer s3cret"}).status_code
+        == 200
+    )
     assert client.get("/health").json()["auth_required"] is True
 
 
-def test_client_retries_then_gives_up_when_the_server_is_killed_mid_run(indexes, tmp_path, world_dir):
+def test_client_retries_then_gives_up_when_the_server_is_killed_mid_run(
+    indexes, tmp_path, world_dir
+):
     world, _ = world_dir
     server = ServerProcess(indexes["bm25"], tmp_path / "killed.log").wait_ready()
-    retriever = HttpRetriever(server.url, deadline=2.0, max_retries=10_000, backoff_s=0.05, max_backoff_s=0.4)
+    retriever = HttpRetriever(
+        server.url, deadline=2.0, max_retries=10_000, backoff_s=0.05, max_backoff_s=0.4
+    )
     queries = [row["question"] for row in world.train[:8]]
     killer = threading.Timer(0.5, lambda: os.kill(server.process.pid, signal.SIGKILL))
     answered = 0

@@ -8,19 +8,17 @@ logits depend on the whole context. The tokenizer is a small longest-match piece
 which ``</search>`` is TWO tokens (``</sea`` + ``rch>``) and ``</answer>`` one.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import jax.numpy as jnp
-
 import dgpo_jax
+from dgpo_jax.parallel.sharding import plan_from_config
 from dgpo_jax.retrieval.formatting import INVALID_ACTION_NOTICE
 from dgpo_jax.sampler import Sampler, SamplerConfig, stop_sequences_for
 from dgpo_jax.sampler.sampling import sampling_logprobs
 from dgpo_jax.sampler.stops import ends_with_any
-from dgpo_jax.parallel.sharding import plan_from_config
-
 from tests.conftest import make_hf_model
 
 VOCAB = 128
@@ -391,7 +389,7 @@ def test_guided_opd_teacher_turns_are_marked(chain_models):
         a = out.arrays
         spans = _turn_spans(out, row)
         assert sorted(spans) == [0, 1, 2, 3]
-        for turn, positions in spans.items():
+        for _turn, positions in spans.items():
             text = TOK.decode(a.tokens[row, positions])
             teacher_wrote = a.teacher_mask[row, positions]
             assert text in ("<search>alpha</search>", "<search>beta</search>")

@@ -46,7 +46,7 @@ def test_rules_collision_and_unknown_axis_errors():
     mesh = make_mesh({"data": 2, "fsdp": 4})
     plan = ShardingPlan(mesh, (("embed", "fsdp"), ("mlp", "fsdp"), ("batch", "data")))
     with pytest.raises(
-        ValueError, match="mesh axis 'fsdp' is used by logical axes 'embed' and " "'mlp'"
+        ValueError, match="mesh axis 'fsdp' is used by logical axes 'embed' and 'mlp'"
     ):
         plan.spec(("embed", "mlp"))
     with pytest.raises(KeyError, match="no sharding rule for logical axis 'heads'"):

@@ -6,26 +6,41 @@ import json
 import os
 import re
 
+import pyarrow.parquet as pq
 import pytest
 
 from dgpo_jax.data import synthetic
 from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
+from dgpo_jax.launch.quickstart import expert_turns
 from dgpo_jax.retrieval import (
-    INVALID_ACTION_NOTICE, Document, format_documents, information_observation)
+    INVALID_ACTION_NOTICE,
+    Document,
+    format_documents,
+    information_observation,
+)
 
 # The documents' language, written out independently of the generator's templates.
-PERSON = re.compile(r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<profession>[a-z]+) born in (?P<birthplace>[A-Z][^\n]*?) "
-                    r"in (?P<birth_year>\d{4})\. (?P=name) works for (?P<employer>[A-Z][^\n]*)\.")
-PLACE = re.compile(r"(?P<name>[^\n]+)\n(?P=name) is a town in the (?P<region>[A-Z][a-z]+) region\. "
-                   r"(?P=name) is known for its (?P<product>[a-z]+)\.")
-ORGANISATION = re.compile(r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<industry>[a-z]+) company founded by "
-                          r"(?P<founder>[A-Z][^\n]*?) in (?P<founding_year>\d{4})\. The headquarters of "
-                          r"(?P=name) are in (?P<headquarters>[A-Z][^\n]*)\.")
+PERSON = re.compile(
+    r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<profession>[a-z]+) born in (?P<birthplace>[A-Z][^\n]*?) "
+    r"in (?P<birth_year>\d{4})\. (?P=name) works for (?P<employer>[A-Z][^\n]*)\."
+)
+PLACE = re.compile(
+    r"(?P<name>[^\n]+)\n(?P=name) is a town in the (?P<region>[A-Z][a-z]+) region\. "
+    r"(?P=name) is known for its (?P<product>[a-z]+)\."
+)
+ORGANISATION = re.compile(
+    r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<industry>[a-z]+) company founded by "
+    r"(?P<founder>[A-Z][^\n]*?) in (?P<founding_year>\d{4})\. The headquarters of "
+    r"(?P=name) are in (?P<headquarters>[A-Z][^\n]*)\."
+)
 
 # Question pattern -> (attribute path): the first attribute is read from the subject's document,
 # the second (two-hop) from the document of the entity the first one names.
 QUESTIONS = [
-    (r"where is the headquarters of the organisation (.+) works for\?", ("employer", "headquarters")),
+    (
+        r"where is the headquarters of the organisation (.+) works for\?",
+        ("employer", "headquarters"),
+    ),
     (r"who founded the organisation (.+) works for\?", ("employer", "founder")),
     (r"what is the birthplace of (.+) known for\?", ("birthplace", "product")),
     (r"in which region was (.+) born\?", ("birthplace", "region")),
@@ -49,10 +64,18 @@ def read_encyclopedia(corpus):
     """name -> (doc id, kind, facts), parsed from the corpus text alone."""
     knowledge = {}
     for row in corpus:
-        matches = [(kind, pattern.fullmatch(row["contents"]))
-                   for kind, pattern in (("person", PERSON), ("place", PLACE), ("organisation", ORGANISATION))]
+        matches = [
+            (kind, pattern.fullmatch(row["contents"]))
+            for kind, pattern in (
+                ("person", PERSON),
+                ("place", PLACE),
+                ("organisation", ORGANISATION),
+            )
+        ]
         matches = [(kind, match) for kind, match in matches if match]
-        assert len(matches) == 1, f"document {row['id']} has an unexpected shape: {row['contents']!r}"
+        assert len(matches) == 1, (
+            f"document {row['id']} has an unexpected shape: {row['contents']!r}"
+        )
         kind, match = matches[0]
         facts = match.groupdict()
         name = facts.pop("name")
@@ -85,7 +108,11 @@ def test_sizes_kinds_and_ids(world):
     assert len(world.corpus) == len(world.entities) == 500
     assert [row["id"] for row in world.corpus] == [str(i) for i in range(500)]
     kinds = [kind for _, kind, _ in read_encyclopedia(world.corpus).values()]
-    assert (kinds.count("person"), kinds.count("place"), kinds.count("organisation")) == (300, 100, 100)
+    assert (kinds.count("person"), kinds.count("place"), kinds.count("organisation")) == (
+        300,
+        100,
+        100,
+    )
     assert 0.15 < len({e.doc_id for e in world.entities if e.split == "test"}) / 500 < 0.25
 
 
@@ -106,12 +133,17 @@ def test_train_and_test_share_no_entity(world):
 
     def reachable(rows):
         """Every entity a split's questions lead to, following every link of every gold document."""
-        seen, frontier = set(), [names_by_doc[d] for row in rows for d in row["extra_info"]["gold_doc_ids"]]
+        seen, frontier = (
+            set(),
+            [names_by_doc[d] for row in rows for d in row["extra_info"]["gold_doc_ids"]],
+        )
         while frontier:
             name = frontier.pop()
             if name not in seen:
                 seen.add(name)
-                frontier.extend(value for value in knowledge[name][2].values() if value in knowledge)
+                frontier.extend(
+                    value for value in knowledge[name][2].values() if value in knowledge
+                )
         return seen
 
     train, test = reachable(world.train), reachable(world.test)
@@ -123,19 +155,37 @@ def test_rows_follow_the_search_r1_format(world):
     assert {row["data_source"] for row in world.train} == {"synthetic_1hop", "synthetic_2hop"}
     for split in ("train", "test"):
         for index, row in enumerate(world.rows(split)):
-            assert set(row) == {"id", "data_source", "question", "golden_answers", "prompt", "ability",
-                                "reward_model", "extra_info"}
+            assert set(row) == {
+                "id",
+                "data_source",
+                "question",
+                "golden_answers",
+                "prompt",
+                "ability",
+                "reward_model",
+                "extra_info",
+            }
             assert row["ability"] == "fact-reasoning"
-            assert row["reward_model"] == {"style": "rule", "ground_truth": {"target": row["golden_answers"]}}
+            assert row["reward_model"] == {
+                "style": "rule",
+                "ground_truth": {"target": row["golden_answers"]},
+            }
             assert (row["extra_info"]["split"], row["extra_info"]["index"]) == (split, index)
             (message,) = row["prompt"]
             assert message["role"] == "user" and row["question"].endswith("?")
-            assert message["content"].startswith("Answer the given question. You must conduct reasoning")
-            assert message["content"].endswith(f"<answer> Beijing </answer>. Question: {row['question']}\n")
+            assert message["content"].startswith(
+                "Answer the given question. You must conduct reasoning"
+            )
+            assert message["content"].endswith(
+                f"<answer> Beijing </answer>. Question: {row['question']}\n"
+            )
     counts = {"synthetic_1hop": 0, "synthetic_2hop": 0}
     for row in world.train + world.test:
         counts[row["data_source"]] += 1
-    assert counts == {"synthetic_1hop": 500, "synthetic_2hop": 400}  # places have no two-hop questions
+    assert counts == {
+        "synthetic_1hop": 500,
+        "synthetic_2hop": 400,
+    }  # places have no two-hop questions
 
 
 def test_generation_is_deterministic_and_seeded():
@@ -145,11 +195,14 @@ def test_generation_is_deterministic_and_seeded():
     assert other.corpus != first.corpus
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_entities": 19}, "at least 20"),
-    ({"test_fraction": 1.0}, r"test_fraction must be in \(0, 1\)"),
-    ({"two_hop_per_entity": 4}, "two_hop_per_entity must be between 0 and 3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_entities": 19}, "at least 20"),
+        ({"test_fraction": 1.0}, r"test_fraction must be in \(0, 1\)"),
+        ({"two_hop_per_entity": 4}, "two_hop_per_entity must be between 0 and 3"),
+    ],
+)
 def test_bad_sizes_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_world(**kwargs)
@@ -162,10 +215,14 @@ def test_smallest_world_still_has_both_splits():
 
 
 def test_write_world_round_trips(world, tmp_path):
-    import pyarrow.parquet as pq
 
     paths = write_world(world, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl", "test.parquet", "train.parquet", "world.json"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "corpus.jsonl",
+        "test.parquet",
+        "train.parquet",
+        "world.json",
+    ]
     with open(paths["corpus.jsonl"], encoding="utf-8") as handle:
         assert [json.loads(line) for line in handle] == world.corpus
     for split in ("train", "test"):
@@ -176,7 +233,9 @@ def test_write_world_round_trips(world, tmp_path):
 
 def test_cli_writes_world_and_tokenizer(tmp_path, capsys):
     assert synthetic.main(["--out", str(tmp_path), "--num-entities", "40", "--seed", "2"]) == 0
-    assert {"corpus.jsonl", "train.parquet", "test.parquet", "world.json", "tokenizer"} <= set(os.listdir(tmp_path))
+    assert {"corpus.jsonl", "train.parquet", "test.parquet", "world.json", "tokenizer"} <= set(
+        os.listdir(tmp_path)
+    )
     assert "40 documents" in capsys.readouterr().out
 
 
@@ -189,7 +248,7 @@ def default_world_tokenizer(tmp_path_factory):
 
 
 def test_word_tokenizer_is_small_and_loads_with_transformers(default_world_tokenizer):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     default_world, out = default_world_tokenizer
     assert len(default_world.corpus) == 3000
@@ -197,24 +256,49 @@ def test_word_tokenizer_is_small_and_loads_with_transformers(default_world_token
     auto = AutoTokenizer.from_pretrained(out)
     fast = PreTrainedTokenizerFast.from_pretrained(out)
     assert len(auto) == len(fast) < 2000
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>", "<think>", "</think>", "<search>", "</search>",
-                "<information>", "</information>", "<answer>", "</answer>"]
+    specials = [
+        "<pad>",
+        "<unk>",
+        "<bos>",
+        "<eos>",
+        "<think>",
+        "</think>",
+        "<search>",
+        "</search>",
+        "<information>",
+        "</information>",
+        "<answer>",
+        "</answer>",
+    ]
     assert auto.convert_tokens_to_ids(specials) == list(range(12))
-    assert (auto.pad_token_id, auto.unk_token_id, auto.bos_token_id, auto.eos_token_id) == (0, 1, 2, 3)
+    assert (auto.pad_token_id, auto.unk_token_id, auto.bos_token_id, auto.eos_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
     assert set(specials) <= set(auto.all_special_tokens)
 
 
 def test_word_tokenizer_covers_the_protocol_text(default_world_tokenizer):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     default_world, out = default_world_tokenizer
     tokenizer = AutoTokenizer.from_pretrained(out)
     documents = [Document(row["id"], row["contents"]) for row in default_world.corpus[:5]]
-    texts = ([row["contents"] for row in default_world.corpus]
-             + [row["prompt"][0]["content"] for row in default_world.train + default_world.test]
-             + [information_observation(format_documents(documents)), INVALID_ACTION_NOTICE,
-                "<think> I need to search . </think> <search> " + default_world.test[0]["question"]
-                + " </search> <answer> " + default_world.test[0]["golden_answers"][0] + " </answer>"])
+    texts = (
+        [row["contents"] for row in default_world.corpus]
+        + [row["prompt"][0]["content"] for row in default_world.train + default_world.test]
+        + [
+            information_observation(format_documents(documents)),
+            INVALID_ACTION_NOTICE,
+            "<think> I need to search . </think> <search> "
+            + default_world.test[0]["question"]
+            + " </search> <answer> "
+            + default_world.test[0]["golden_answers"][0]
+            + " </answer>",
+        ]
+    )
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert tokenizer.unk_token_id not in ids, text
@@ -230,7 +314,7 @@ def test_word_tokenizer_takes_extra_texts(tmp_path):
 
 
 def test_word_tokenizer_splits_words_punctuation_and_tags(default_world_tokenizer):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     default_world, out = default_world_tokenizer
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -238,16 +322,44 @@ def test_word_tokenizer_splits_words_punctuation_and_tags(default_world_tokenize
     first, last = name.split(" ")
     text = f"Doc 12(Title: {name}) born.\n\n<search>{first}</search>"
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
-    assert tokens == ["Doc", "12", "(", "Title", ":", first, last, ")", "born", ".", "\n", "\n",
-                      "<search>", first, "</search>"]
+    assert tokens == [
+        "Doc",
+        "12",
+        "(",
+        "Title",
+        ":",
+        first,
+        last,
+        ")",
+        "born",
+        ".",
+        "\n",
+        "\n",
+        "<search>",
+        first,
+        "</search>",
+    ]
     assert tokenizer.convert_ids_to_tokens(tokenizer("Zzyzx qq").input_ids) == ["<unk>", "<unk>"]
 
 
 def test_evidence_quotes_the_sentence_up_to_the_answer():
-    kalo = synthetic.Entity(index=0, kind="person", name="Kalo Venter", split="train", doc_id="0",
-                            facts={"profession": "engineer", "birthplace": "Port Avel",
-                                   "birth_year": "1954", "employer": "Dumi Systems"}, links={})
-    assert synthetic.evidence(kalo, "1954") == "Kalo Venter is an engineer born in Port Avel in 1954"
+    kalo = synthetic.Entity(
+        index=0,
+        kind="person",
+        name="Kalo Venter",
+        split="train",
+        doc_id="0",
+        facts={
+            "profession": "engineer",
+            "birthplace": "Port Avel",
+            "birth_year": "1954",
+            "employer": "Dumi Systems",
+        },
+        links={},
+    )
+    assert (
+        synthetic.evidence(kalo, "1954") == "Kalo Venter is an engineer born in Port Avel in 1954"
+    )
     assert synthetic.evidence(kalo, "engineer") == "Kalo Venter is an engineer"
     assert synthetic.evidence(kalo, "Dumi Systems") == "Kalo Venter works for Dumi Systems"
     with pytest.raises(ValueError, match="does not state '195'"):
@@ -255,7 +367,6 @@ def test_evidence_quotes_the_sentence_up_to_the_answer():
 
 
 def test_expert_quotes_the_last_document_then_answers(world):
-    from dgpo_jax.launch.quickstart import expert_turns
 
     knowledge = read_encyclopedia(world.corpus)
     text_by_doc = {row["id"]: row["contents"] for row in world.corpus}

@@ -72,7 +72,7 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "I'm sure they'll say it's fine; we've seen THEY'RE and You'D too.",
     "<search> who wrote hamlet </search>",
-    "<information>Doc 1 (Title: \"Hamlet\") Hamlet is a tragedy by William Shakespeare.</information>",
+    '<information>Doc 1 (Title: "Hamlet") Hamlet is a tragedy by William Shakespeare.</information>',
     "<think>The user asks who wrote Hamlet.</think>\n<answer> William Shakespeare </answer>",
     "def f(x):\n    return x ** 2  # square\n\n\nclass A:\n\tpass\n",
     'for (int i = 0; i < n; ++i) { printf("%d\\n", a[i]); }',
@@ -94,13 +94,13 @@ CORPUS = [
     "मानक हिन्दी",
     "Mixed 中文 and English 123 with émoji 🚀!",
     "URLs https://example.com/path?q=1&r=two#frag and emails a.b@c.org",
-    "JSON {\"key\": [1, 2, {\"nested\": null}], \"b\": true}",
+    'JSON {"key": [1, 2, {"nested": null}], "b": true}',
     "!!!???...---___===+++***",
     "'s 't 're 've 'm 'll 'd 'S 'T 'RE",
     "a\u00a0non-breaking\u2003em-space\u200bzero-width",
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "text<|endoftext|>more text",
-    "<tool_call>\n{\"name\": \"search\"}\n</tool_call>",
+    '<tool_call>\n{"name": "search"}\n</tool_call>',
 ]
 
 
@@ -178,7 +178,9 @@ def test_added_tokens_ids_flags_and_config(qwen_tokenizer):
 
 def test_corpus_matches_tiktoken(qwen_tokenizer, reference_encoding):
     for text in CORPUS:
-        expected = reference_encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+        expected = reference_encoding.encode(
+            unicodedata.normalize("NFC", text), allowed_special="all"
+        )
         assert _encode(qwen_tokenizer, text) == expected, text
 
 
@@ -215,12 +217,16 @@ def test_every_vocab_entry_matches_rank_bytes(qwen_tokenizer, reference_encoding
     char_to_byte = {chr(b): b for b in keep}
     for offset, b in enumerate(b for b in range(256) if b not in keep):
         char_to_byte[chr(256 + offset)] = b
-    assert char_to_byte["Ġ"] == ord(" ") and char_to_byte["Ċ"] == ord("\n") and char_to_byte["Ā"] == 0
+    assert (
+        char_to_byte["Ġ"] == ord(" ") and char_to_byte["Ċ"] == ord("\n") and char_to_byte["Ā"] == 0
+    )
     backend = qwen_tokenizer.backend_tokenizer
     assert backend.get_vocab_size(with_added_tokens=False) == 151643
     for token_id in range(151643):
         symbols = backend.id_to_token(token_id)
-        assert bytes(char_to_byte[c] for c in symbols) == reference_encoding.decode_single_token_bytes(token_id)
+        assert bytes(
+            char_to_byte[c] for c in symbols
+        ) == reference_encoding.decode_single_token_bytes(token_id)
 
 
 def test_every_vocab_entry_encodes_like_tiktoken(qwen_tokenizer, reference_encoding):
@@ -247,7 +253,9 @@ def test_nfc_normalisation(qwen_tokenizer, reference_encoding):
     assert composed != decomposed
     assert _encode(qwen_tokenizer, decomposed) == reference_encoding.encode_ordinary(composed)
     # tiktoken alone does not normalise, so its ids for the decomposed text differ.
-    assert reference_encoding.encode_ordinary(decomposed) != reference_encoding.encode_ordinary(composed)
+    assert reference_encoding.encode_ordinary(decomposed) != reference_encoding.encode_ordinary(
+        composed
+    )
 
 
 def test_decode_round_trip(qwen_tokenizer):
@@ -308,7 +316,9 @@ def test_chat_template_default_system_and_generation_prompt(qwen_tokenizer, refe
     assert ids == reference_encoding.encode(expected, allowed_special="all")
     assert ids[0] == 151644 and ids.count(151645) == 2
     assert qwen_tokenizer.decode(ids) == expected
-    no_prompt = qwen_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    no_prompt = qwen_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False
+    )
     assert no_prompt == expected[: -len("<|im_start|>assistant\n")]
 
 
@@ -335,7 +345,9 @@ def test_chat_template_tools_branch(qwen_tokenizer):
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": "x"}}}],
+            "tool_calls": [
+                {"type": "function", "function": {"name": "search", "arguments": {"query": "x"}}}
+            ],
         },
         {"role": "tool", "content": "R1"},
         {"role": "tool", "content": "R2"},
@@ -353,7 +365,9 @@ def test_chat_template_tools_branch(qwen_tokenizer):
         "<|im_start|>user\n<tool_response>\nR1\n</tool_response>\n<tool_response>\nR2\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    text = qwen_tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False, add_generation_prompt=True)
+    text = qwen_tokenizer.apply_chat_template(
+        messages, tools=[tool], tokenize=False, add_generation_prompt=True
+    )
     assert text == expected
 
 
@@ -381,7 +395,9 @@ def test_load_checkpoint_style_directory(qwen_tokenizer, tmp_path):
     qwen_tokenizer.save_pretrained(str(tmp_path / "saved"))
     checkpoint = tmp_path / "Qwen2.5-0.5B-Instruct"
     checkpoint.mkdir()
-    (checkpoint / "tokenizer.json").write_bytes((tmp_path / "saved" / "tokenizer.json").read_bytes())
+    (checkpoint / "tokenizer.json").write_bytes(
+        (tmp_path / "saved" / "tokenizer.json").read_bytes()
+    )
     template = (tmp_path / "saved" / "chat_template.jinja").read_text(encoding="utf-8")
     config = {
         "add_prefix_space": False,
@@ -415,18 +431,21 @@ def test_load_checkpoint_style_directory(qwen_tokenizer, tmp_path):
         assert _encode(loaded, text) == _encode(qwen_tokenizer, text), text
     assert loaded.eos_token_id == 151645 and loaded.pad_token_id == 151643
     messages = [{"role": "user", "content": "hi"}]
-    assert loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True).endswith(
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert loaded.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    ).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_cache_is_reused_and_complete(qwen_tokenizer, cache_root, monkeypatch):
     entries = list((cache_root / "tokenizers").iterdir())
     assert len(entries) == 1, entries  # no leftover temporary directories
     cached = entries[0]
-    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "dgpo_jax_build.json"} <= {
-        p.name for p in cached.iterdir()
-    }
+    assert {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "dgpo_jax_build.json",
+    } <= {p.name for p in cached.iterdir()}
 
     def fail_build(*args, **kwargs):
         raise AssertionError("the cached tokenizer should have been reused")
@@ -444,7 +463,9 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setenv("DGPO_JAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(tokenizer_module, "build_qwen25_tokenizer", lambda *a, **k: HalfWritingTokenizer())
+    monkeypatch.setattr(
+        tokenizer_module, "build_qwen25_tokenizer", lambda *a, **k: HalfWritingTokenizer()
+    )
     with pytest.raises(KeyboardInterrupt):
         load_tokenizer("qwen2.5")
     assert list((tmp_path / "tokenizers").iterdir()) == []
@@ -512,7 +533,9 @@ def test_read_bpe_ranks_qwen_file(ranks_path):
     assert os.path.basename(ranks_path) == "qwen.tiktoken"
 
 
-def test_known_name_wins_over_same_named_directory(qwen_tokenizer, cache_root, tmp_path, monkeypatch):
+def test_known_name_wins_over_same_named_directory(
+    qwen_tokenizer, cache_root, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DGPO_JAX_CACHE", str(cache_root))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "qwen2.5").mkdir()

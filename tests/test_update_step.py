@@ -3,6 +3,7 @@ the non-finite guard, every preset (loss finite, params change, the objective go
 OPD lowers the KL to the teacher, reward alone teaches a bandit (DGPO, PPO, GRPO), DGPO
 leaves correct samples untouched by the KL, sharding, and bad input caught before compiling."""
 
+import importlib.util
 import os
 
 import jax
@@ -11,12 +12,18 @@ import numpy as np
 import optax
 import pytest
 
-from dgpo_jax.models import forward, get_preset
+from dgpo_jax.learner.optim import OptimConfig
+from dgpo_jax.learner.update_step import create_update_state, make_update_step
+from dgpo_jax.models import forward, get_preset, save_hf
 from dgpo_jax.objectives import get_objective
 from dgpo_jax.objectives.batch import batch_requirements
 from dgpo_jax.parallel.sharding import plan_from_config
-from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from tests.conftest import random_params
+from tests.test_reference_ports import (
+    ref_dgpo_token_level_rewards,
+    ref_gae_recursion,
+    ref_masked_whiten,
+)
 
 V, B, T, PROMPT = 48, 4, 10, 3
 # Tiny programs: spend less time in XLA's CPU optimiser (numerics are unchanged).
@@ -117,11 +124,8 @@ def max_abs_diff(a, b):
 def torch_dgpo_loss(tmp_path, models, head, batch, beta):
     """First-step DGPO loss from the plain PyTorch implementation in benchmarks/update_step.py
     (transformers student / teacher / critic loaded from the same weights)."""
-    import importlib.util
-
-    import torch
-    import transformers
-    from dgpo_jax.models import save_hf
+    import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+    import transformers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "update_step.py")
     spec = importlib.util.spec_from_file_location("bench_update_step", path)
@@ -387,7 +391,6 @@ def test_bad_input_is_caught_before_compiling(models):
 
 def test_separate_critic_learning_rate(models):
     """AdamW groups: policy lr 0 leaves the student untouched while the value head trains."""
-    from dgpo_jax.learner.optim import OptimConfig
 
     sc, sp, tc, tp = models
     cfg, _, _ = preset_step(models, "ppo")  # value head on the student trunk
@@ -413,9 +416,13 @@ def test_reward_alone_teaches_the_rewarded_token(models, name):
     presets (GAE, value head) and for GRPO's group baseline alike."""
     sc, sp, tc, tp = models
     cfg = get_objective(name, **_PRESET_OVERRIDES.get(name, {}))
-    step = make_update_step(cfg, sc, None, compiler_options=FAST,
-                            optimizer=optax.chain(optax.clip_by_global_norm(1.0),
-                                                  optax.adam(3e-3)))
+    step = make_update_step(
+        cfg,
+        sc,
+        None,
+        compiler_options=FAST,
+        optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-3)),
+    )
     n, target, resp = 64, 7, PROMPT + 2  # rows, rewarded token, sequence length
     prompts = np.asarray(jax.random.randint(jax.random.key(5), (n // 4, PROMPT), 0, V))
     prompts = np.repeat(prompts, 4, axis=0)  # 4 rollouts per prompt (the GRPO groups)
@@ -441,10 +448,16 @@ def test_reward_alone_teaches_the_rewarded_token(models, name):
         policy = state.params["policy"]
         ids = np.asarray(sample(policy, jax.random.key(i)))
         old = token_logprobs(sc, policy, ids, am)
-        batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, old_logprobs=old,
-                     rewards=(ids[:, PROMPT] == target).astype(np.float32),
-                     group_ids=np.repeat(np.arange(n // 4), 4).astype(np.int32),
-                     teacher_logprobs=token_logprobs(tc, tp, ids, am), ref_logprobs=old)
+        batch = dict(
+            input_ids=ids,
+            attention_mask=am,
+            loss_mask=lm,
+            old_logprobs=old,
+            rewards=(ids[:, PROMPT] == target).astype(np.float32),
+            group_ids=np.repeat(np.arange(n // 4), 4).astype(np.int32),
+            teacher_logprobs=token_logprobs(tc, tp, ids, am),
+            ref_logprobs=old,
+        )
         state, metrics = step(state, select(batch, cfg, False))
         assert np.isfinite(float(metrics["loss"]))
     p1 = p_target(state.params["policy"])
@@ -458,8 +471,9 @@ def test_dgpo_divergence_placement_is_the_gated_full_vocabulary_kl(models, direc
     (teacher first for "forward") averaged over every student token, counted only on the wrong
     trajectories; NumPy on the two models' full logits is the reference."""
     sc, sp, tc, tp = models
-    cfg = get_objective("dgpo", kl_placement="divergence", kl_direction=direction, beta=0.5,
-                        critic="value_head")
+    cfg = get_objective(
+        "dgpo", kl_placement="divergence", kl_direction=direction, beta=0.5, critic="value_head"
+    )
     step = make_update_step(cfg, sc, tc, optimizer=optax.sgd(0.0), compiler_options=FAST)
     batch = select(make_batch(models, seed=4), cfg, True)
     state = create_update_state(cfg, copy_params(sp), step.tx, 0)
@@ -487,18 +501,21 @@ def test_loss_without_update_is_the_skew_kl_and_the_steps_loss(models):
     cfg = get_objective("distillm")
     batch = select(make_batch(models, seed=5), cfg, True)
     ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    ls = np.asarray(jax.nn.log_softmax(forward(sc, sp, jnp.asarray(ids), jnp.asarray(am)), -1),
-                    np.float64)
-    lt = np.asarray(jax.nn.log_softmax(forward(tc, tp, jnp.asarray(ids), jnp.asarray(am)), -1),
-                    np.float64)
+    ls = np.asarray(
+        jax.nn.log_softmax(forward(sc, sp, jnp.asarray(ids), jnp.asarray(am)), -1), np.float64
+    )
+    lt = np.asarray(
+        jax.nn.log_softmax(forward(tc, tp, jnp.asarray(ids), jnp.asarray(am)), -1), np.float64
+    )
     a = cfg.skew_alpha
     pt, mix = np.exp(lt), a * np.exp(lt) + (1 - a) * np.exp(ls)
     skl = np.zeros(ids.shape)
     skl[:, 1:] = np.sum(pt[:, :-1] * (lt[:, :-1] - np.log(mix[:, :-1])), -1)
     expected = np.sum(skl * lm) / np.sum(lm)
     for m in (1, 2):
-        step = make_update_step(cfg, sc, tc, optimizer=optax.sgd(0.1), micro_batches=m,
-                                compiler_options=FAST)
+        step = make_update_step(
+            cfg, sc, tc, optimizer=optax.sgd(0.1), micro_batches=m, compiler_options=FAST
+        )
         state = create_update_state(cfg, copy_params(sp), step.tx, 0)
         out = step.loss(state, batch, tp)
         np.testing.assert_allclose(float(out["loss"]), expected, rtol=1e-4)
@@ -506,3 +523,91 @@ def test_loss_without_update_is_the_skew_kl_and_the_steps_loss(models):
         assert max_abs_diff(state.params["policy"], sp) == 0  # no update, nothing donated
         _, metrics = step(state, batch, tp)
         np.testing.assert_allclose(float(metrics["loss"]), float(out["loss"]), rtol=1e-5)
+
+
+def test_rl_step_in_the_reference_order(models):
+    """Two PPO mini-batches of one rollout batch, as veRL runs them: critic values, advantages
+    and whitening once over the whole batch at the pre-update parameters, then the updates.
+    ``prepare_rollout`` against NumPy ports of veRL's GAE and masked whitening and of DGPO's
+    KL-in-reward; the second mini-batch's policy and value losses against NumPy with those
+    fixed arrays (value-clip anchor = the pre-update values) at the parameters after the first
+    update."""
+    sc, sp, tc, tp = models
+    cfg = get_objective("dgpo", critic="value_head", beta=0.5)
+    step = make_update_step(
+        cfg, sc, None, optimizer=optax.sgd(0.5), micro_batches=2, compiler_options=FAST
+    )
+    keys = (
+        "input_ids",
+        "attention_mask",
+        "loss_mask",
+        "old_logprobs",
+        "rewards",
+        "teacher_logprobs",
+    )
+    one, two = (make_batch(models, seed=s) for s in (0, 1))
+    two["rewards"] = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+    batch = {k: np.concatenate([one[k], two[k]]) for k in keys}
+    state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+    prepared, whole = step.prepare_rollout(state, batch, None, micro_batches=4)
+    prepared = jax.device_get(prepared)
+    v0 = np.asarray(prepared["values"], np.float64)
+
+    # NumPy: token rewards, GAE over each row's student tokens, whitening over all 8 rows
+    lm = batch["loss_mask"].astype(np.float64)
+    last = np.zeros_like(lm)
+    last[np.arange(8), [np.flatnonzero(r)[-1] for r in lm]] = 1.0
+    scores = batch["rewards"][:, None].astype(np.float64) * last
+    tok_r = ref_dgpo_token_level_rewards(
+        scores,
+        batch["old_logprobs"].astype(np.float64),
+        batch["teacher_logprobs"].astype(np.float64),
+        lm,
+        0.5,
+    )
+    raw = np.zeros_like(lm)
+    for i in range(8):
+        keep = lm[i] > 0
+        raw[i, keep] = ref_gae_recursion(tok_r[i][keep][None], v0[i][keep][None], 1.0, 1.0)[0]
+    keep = lm > 0
+    want_adv = np.zeros_like(lm)
+    want_adv[keep] = ref_masked_whiten(raw[keep], np.ones(keep.sum()))
+    returns = (raw + v0) * lm
+    np.testing.assert_allclose(prepared["advantages"], want_adv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(prepared["returns"], returns, rtol=1e-4, atol=1e-4)
+
+    first = {k: v[:4] for k, v in prepared.items()}
+    second = {k: v[4:] for k, v in prepared.items()}
+    state1, _ = step(state, first, None)
+    # the second mini-batch's inputs at the parameters after the first update
+    policy1 = jax.device_get(state1.params["policy"])
+    lp1 = token_logprobs(sc, policy1, second["input_ids"], second["attention_mask"])
+    v1 = np.asarray(
+        jax.device_get(
+            step.prepare_rollout(state1, {k: second[k] for k in keys}, None, micro_batches=2)[0][
+                "values"
+            ]
+        ),
+        np.float64,
+    )
+    _, m2 = step(state1, second, None)
+    m2 = jax.device_get(m2)
+
+    def np_losses(adv, anchor):
+        lm2 = lm[4:]
+        rho = np.exp(lp1 - second["old_logprobs"])
+        pg = np.maximum(-adv * rho, -adv * np.clip(rho, 0.8, 1.2))
+        v_clip = anchor + np.clip(v1 - anchor, -0.5, 0.5)
+        vl = 0.5 * np.maximum((v1 - returns[4:]) ** 2, (v_clip - returns[4:]) ** 2)
+        return (pg * lm2).sum() / lm2.sum(), (vl * lm2).sum() / lm2.sum()
+
+    want_pg, want_vl = np_losses(want_adv[4:], v0[4:])
+    assert float(m2["policy_loss"]) == pytest.approx(want_pg, rel=1e-3, abs=1e-5)
+    assert float(m2["value_loss"]) == pytest.approx(want_vl, rel=1e-3, abs=1e-5)
+    # The mini-batch-local order (whitening over these 4 rows, values of the updated critic)
+    # gives other numbers, so the test tells the two orders apart.
+    local = np.zeros_like(lm[4:])
+    k2 = keep[4:]
+    local[k2] = ref_masked_whiten(raw[4:][k2], np.ones(k2.sum()))
+    assert abs(np_losses(local, v0[4:])[0] - want_pg) > 1e-3
+    assert float(whole["gate_share"]) == pytest.approx(5 / 8)

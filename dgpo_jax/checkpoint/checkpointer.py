@@ -121,7 +121,11 @@ def _check_json_roundtrip(value: Any, where: str = "metadata") -> None:
             _check_json_roundtrip(item, f"{where}[{index}]")
         return
     hint = " (use a list)" if isinstance(value, tuple) else ""
-    hint = " (convert with .item() or .tolist())" if isinstance(value, (np.generic, np.ndarray)) else hint
+    hint = (
+        " (convert with .item() or .tolist())"
+        if isinstance(value, (np.generic, np.ndarray))
+        else hint
+    )
     raise ValueError(
         f"{where} is a {type(value).__name__}, which does not round-trip through JSON{hint}"
     )
@@ -146,7 +150,11 @@ def _array_nbytes(leaf: Any) -> int:
 
 
 def _is_array_metadata(node: Any) -> bool:
-    return hasattr(node, "shape") and hasattr(node, "dtype") and not isinstance(node, (dict, list, tuple))
+    return (
+        hasattr(node, "shape")
+        and hasattr(node, "dtype")
+        and not isinstance(node, (dict, list, tuple))
+    )
 
 
 def _flat_shapes_dtypes(tree: PyTree, is_leaf=None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -177,7 +185,9 @@ def _check_target_matches(stored_tree: PyTree, abstract_target: PyTree, where: s
     if problems:
         more = len(problems) - _MAX_LISTED_MISMATCHES
         listed = problems[:_MAX_LISTED_MISMATCHES] + ([f"... and {more} more"] if more > 0 else [])
-        raise CheckpointMismatchError(f"restore target does not match {where}:\n  " + "\n  ".join(listed))
+        raise CheckpointMismatchError(
+            f"restore target does not match {where}:\n  " + "\n  ".join(listed)
+        )
 
 
 def _remove_tree(path: epath.Path) -> None:
@@ -302,7 +312,9 @@ class Checkpointer:
 
     # ----- save -----
 
-    def save(self, step: int, state: PyTree, metadata: dict | None = None, force: bool = False) -> bool:
+    def save(
+        self, step: int, state: PyTree, metadata: dict | None = None, force: bool = False
+    ) -> bool:
         """Writes `state` and `metadata` as checkpoint `step`.
 
         Args:
@@ -329,7 +341,11 @@ class Checkpointer:
         manager.wait_until_finished()  # orbax would wait too; the previous save may still be pruning
         latest = self.latest_step()
         if latest is not None and step <= latest:
-            what = "already exists" if step in self.all_steps() else f"is not after the latest step {latest}"
+            what = (
+                "already exists"
+                if step in self.all_steps()
+                else f"is not after the latest step {latest}"
+            )
             raise ValueError(
                 f"checkpoint step {step} {what} in {self.directory}; steps must increase "
                 "(to go back, delete the newer step directories or save to another directory)"
@@ -343,7 +359,10 @@ class Checkpointer:
         saved = manager.save(
             step,
             args=ocp.args.Composite(
-                **{_STATE_ITEM: ocp.args.StandardSave(state), _METADATA_ITEM: ocp.args.JsonSave(metadata)}
+                **{
+                    _STATE_ITEM: ocp.args.StandardSave(state),
+                    _METADATA_ITEM: ocp.args.JsonSave(metadata),
+                }
             ),
             force=True,  # the interval was checked above; orbax would also skip step <= latest silently
         )
@@ -352,7 +371,11 @@ class Checkpointer:
             verb = "started saving" if self.async_save else "saved"
             logger.info(
                 "%s checkpoint step %d (%.1f MB) to %s in %.2f s",
-                verb, step, num_bytes / 1e6, self.directory, time.perf_counter() - start,
+                verb,
+                step,
+                num_bytes / 1e6,
+                self.directory,
+                time.perf_counter() - start,
             )
             if not self.async_save:
                 self._empty_trash()
@@ -377,7 +400,9 @@ class Checkpointer:
                 )
             return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=device)
 
-        return jax.tree_util.tree_map_with_path(to_abstract, stored_tree, is_leaf=_is_array_metadata)
+        return jax.tree_util.tree_map_with_path(
+            to_abstract, stored_tree, is_leaf=_is_array_metadata
+        )
 
     def restore(self, step: int | None = None, target: PyTree | None = None) -> tuple[PyTree, dict]:
         """Reads checkpoint `step` (default: the latest committed one).
@@ -406,7 +431,9 @@ class Checkpointer:
             abstract_target = self._default_target(stored_tree, step)
         else:
             abstract_target = abstract_like(target)
-            _check_target_matches(stored_tree, abstract_target, f"checkpoint step {step} in {self.directory}")
+            _check_target_matches(
+                stored_tree, abstract_target, f"checkpoint step {step} in {self.directory}"
+            )
         start = time.perf_counter()
         restored = self._get_manager().restore(
             step,

@@ -24,15 +24,15 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgpo_jax.models import Qwen2Config, forward, load_hf, save_hf
 from dgpo_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
-from dgpo_jax.models import get_preset, init_params
+from dgpo_jax.models import Qwen2Config, forward, get_preset, init_params, load_hf, save_hf
 from dgpo_jax.models.tokenizer import load_tokenizer
-import shutil
 
 KL_TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-2, "float16": 1.5e-2}
 
@@ -50,12 +50,11 @@ def _sample_ids(config: Qwen2Config, batch=2, seq=16, seed=0) -> np.ndarray:
 
 def _torch_logits(hf_dir: str, ids: np.ndarray, dtype: str) -> np.ndarray | None:
     try:
-        import torch
-        import transformers
+        import torch  # noqa: PLC0415 (torch is optional: the test and retrieval extras)
+        import transformers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
     except ImportError:
         return None
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-              "float16": torch.float16}[dtype]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdtype).eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids)).logits.float().numpy()
@@ -73,9 +72,11 @@ def check(config: Qwen2Config, params: Any, hf_dir: str, dtype: str, label: str)
         ref = np.asarray(forward(c2, p2, ids))
     max_diff, kl = _kl_report(ref, ours)
     ok = kl <= KL_TOLERANCE[dtype]
-    print(f"[{label}] self-check vs {engine} on {ids.shape[0]}x{ids.shape[1]} tokens, {dtype}: "
-          f"max abs logit diff {max_diff:.3g}, mean per-token KL {kl:.3g} "
-          f"({'OK' if ok else 'FAILED'}; tolerance {KL_TOLERANCE[dtype]:g})")
+    print(
+        f"[{label}] self-check vs {engine} on {ids.shape[0]}x{ids.shape[1]} tokens, {dtype}: "
+        f"max abs logit diff {max_diff:.3g}, mean per-token KL {kl:.3g} "
+        f"({'OK' if ok else 'FAILED'}; tolerance {KL_TOLERANCE[dtype]:g})"
+    )
     return ok
 
 
@@ -83,14 +84,22 @@ def hf_to_ckpt(hf_dir: str, out: str, dtype: str = "bfloat16", step: int = 0) ->
     t = time.time()
     config, params = load_hf(hf_dir, dtype=dtype)
     save_params_checkpoint(config, params, out, step)
-    print(f"wrote {out} (step {step}, {config.num_params() / 1e6:.1f}M params, {dtype}) "
-          f"in {time.time() - t:.1f}s")
+    print(
+        f"wrote {out} (step {step}, {config.num_params() / 1e6:.1f}M params, {dtype}) "
+        f"in {time.time() - t:.1f}s"
+    )
     _, restored, _ = load_params_checkpoint(out, step)
     return check(config, restored, hf_dir, dtype, "hf-to-ckpt")
 
 
-def ckpt_to_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | None = None,
-               tokenizer: str | None = None, overwrite: bool = False) -> bool:
+def ckpt_to_hf(
+    ckpt_dir: str,
+    out: str,
+    step: int | None = None,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> bool:
     t = time.time()
     config, params, _ = load_params_checkpoint(ckpt_dir, step, dtype)
     dtype = dtype or str(jnp.dtype(params["embed_tokens"].dtype))
@@ -98,8 +107,9 @@ def ckpt_to_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | No
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     save_hf(config, params, out, tokenizer=tok, overwrite=overwrite)
-    print(f"wrote {out} ({config.num_params() / 1e6:.1f}M params, {dtype}) "
-          f"in {time.time() - t:.1f}s")
+    print(
+        f"wrote {out} ({config.num_params() / 1e6:.1f}M params, {dtype}) in {time.time() - t:.1f}s"
+    )
     return check(config, params, out, dtype, "ckpt-to-hf")
 
 
@@ -113,14 +123,18 @@ def demo(workdir: str) -> bool:
     save_hf(config, params, src, overwrite=True)
     print(f"demo: a random {config.num_params() / 1e6:.2f}M-parameter Qwen2 written to {src}")
     ok = hf_to_ckpt(src, os.path.join(workdir, "checkpoint"), dtype="float32")
-    ok &= ckpt_to_hf(os.path.join(workdir, "checkpoint"), os.path.join(workdir, "hf_export"),
-                     overwrite=True)
+    ok &= ckpt_to_hf(
+        os.path.join(workdir, "checkpoint"), os.path.join(workdir, "hf_export"), overwrite=True
+    )
     return ok
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dgpo_jax.checkpoint.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dgpo_jax.checkpoint.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-ckpt", help="Hugging Face directory -> orbax checkpoint")
     a.add_argument("--hf", required=True)
@@ -140,12 +154,16 @@ def main(argv=None) -> int:
     if args.cmd == "hf-to-ckpt":
         ok = hf_to_ckpt(args.hf, args.out, args.dtype, args.step)
     elif args.cmd == "ckpt-to-hf":
-        ok = ckpt_to_hf(args.ckpt, args.out, args.step, args.dtype, args.tokenizer,
-                        args.overwrite)
+        ok = ckpt_to_hf(args.ckpt, args.out, args.step, args.dtype, args.tokenizer, args.overwrite)
     else:
         ok = demo(args.workdir)
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
+def run_main() -> None:
+    """The console entry point (``dgpo-convert``)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_main()

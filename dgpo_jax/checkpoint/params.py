@@ -16,8 +16,13 @@ from dgpo_jax.models import Qwen2Config
 from dgpo_jax.models.config import parse_dtype
 
 
-def save_params_checkpoint(config: Qwen2Config, params: Any, directory: str, step: int = 0,
-                           extra_metadata: dict | None = None) -> None:
+def save_params_checkpoint(
+    config: Qwen2Config,
+    params: Any,
+    directory: str,
+    step: int = 0,
+    extra_metadata: dict | None = None,
+) -> None:
     """Write ``{"params": params}`` as checkpoint ``step`` with the model config in metadata."""
     metadata = {"model_config": config.to_hf_dict(), "kind": "params"}
     metadata.update(extra_metadata or {})
@@ -35,23 +40,27 @@ def policy_params(state: Any, source: str = "checkpoint") -> Any:
     params = state.get("params") if isinstance(state, dict) else getattr(state, "params", None)
     if params is None:
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise KeyError(f"{source}: no model weights in the checkpoint (top level: {keys}); "
-                       "expected 'params' or 'train.params'")
+        raise KeyError(
+            f"{source}: no model weights in the checkpoint (top level: {keys}); "
+            "expected 'params' or 'train.params'"
+        )
     if isinstance(params, dict) and "policy" in params:
         params = params["policy"]
     return params
 
 
-def load_params_checkpoint(directory: str, step: int | None = None, dtype: Any = None
-                           ) -> tuple[Qwen2Config, Any, dict]:
+def load_params_checkpoint(
+    directory: str, step: int | None = None, dtype: Any = None
+) -> tuple[Qwen2Config, Any, dict]:
     """Read (config, params, metadata) from any dgpo_jax checkpoint (see ``policy_params``)."""
     with Checkpointer(directory) as ckpt:
         metadata = ckpt.restore_metadata(step)
         if "model_config" not in metadata:
-            raise KeyError(f"{directory}: checkpoint metadata has no 'model_config' "
-                           f"(keys: {sorted(metadata)}); it was not written by dgpo_jax")
-        config = Qwen2Config.from_hf_dict(metadata["model_config"],
-                                          source=f"{directory} metadata")
+            raise KeyError(
+                f"{directory}: checkpoint metadata has no 'model_config' "
+                f"(keys: {sorted(metadata)}); it was not written by dgpo_jax"
+            )
+        config = Qwen2Config.from_hf_dict(metadata["model_config"], source=f"{directory} metadata")
         state, _ = ckpt.restore(step)
     params = policy_params(state, directory)
     if dtype is not None:

@@ -35,22 +35,36 @@ def build_curriculum(cfg: ml_collections.ConfigDict) -> CurriculumConfig:
     return curriculum
 
 
-def sampler_config(cfg: ml_collections.ConfigDict, tokenizer, greedy: bool = False,
-                   max_prefix_length: int = 0) -> SamplerConfig:
+def sampler_config(
+    cfg: ml_collections.ConfigDict, tokenizer, greedy: bool = False, max_prefix_length: int = 0
+) -> SamplerConfig:
     """``config.sampler`` with the tokenizer's stop sequences; ``max_prefix_length`` is the
     longest teacher prefix a rollout may carry (TrOPD: the curriculum's prefix length)."""
     s = cfg.sampler
     return SamplerConfig(
         **stop_sequences_for(tokenizer),
-        cache_len=s.cache_len, max_prompt_length=s.max_prompt_length,
-        max_new_tokens_per_turn=s.max_new_tokens_per_turn, max_new_tokens=s.max_new_tokens,
-        max_obs_length=s.max_obs_length, max_turns=s.max_turns, greedy=greedy,
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, ingest_chunk=s.ingest_chunk,
-        max_prefix_length=max_prefix_length)
+        cache_len=s.cache_len,
+        max_prompt_length=s.max_prompt_length,
+        max_new_tokens_per_turn=s.max_new_tokens_per_turn,
+        max_new_tokens=s.max_new_tokens,
+        max_obs_length=s.max_obs_length,
+        max_turns=s.max_turns,
+        greedy=greedy,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        ingest_chunk=s.ingest_chunk,
+        max_prefix_length=max_prefix_length,
+    )
 
 
-def optim_config(cfg: ml_collections.ConfigDict, total_updates: int, lr: float | None = None,
-                 schedule: str | None = None, warmup_ratio: float | None = None) -> OptimConfig:
+def optim_config(
+    cfg: ml_collections.ConfigDict,
+    total_updates: int,
+    lr: float | None = None,
+    schedule: str | None = None,
+    warmup_ratio: float | None = None,
+) -> OptimConfig:
     """``config.optim`` for a run of ``total_updates`` optimizer steps. ``lr``, ``schedule`` and
     ``warmup_ratio`` replace the actor's ``optim.actor_lr``, ``optim.schedule`` and
     ``optim.actor_warmup_ratio`` when given (the cold start's own ``coldstart.*`` values)."""
@@ -61,7 +75,13 @@ def optim_config(cfg: ml_collections.ConfigDict, total_updates: int, lr: float |
     critic_warmup = OptimConfig.warmup_from_ratio(o.critic_warmup_ratio, total_updates)
     if schedule == "constant" and (actor_warmup or critic_warmup):
         schedule = "warmup_constant"
-    return OptimConfig(lr=lr if lr is not None else o.actor_lr, critic_lr=o.critic_lr,
-                       schedule=schedule, warmup_steps=actor_warmup,
-                       critic_warmup_steps=critic_warmup, total_steps=max(total_updates, 1),
-                       weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+    return OptimConfig(
+        lr=lr if lr is not None else o.actor_lr,
+        critic_lr=o.critic_lr,
+        schedule=schedule,
+        warmup_steps=actor_warmup,
+        critic_warmup_steps=critic_warmup,
+        total_steps=max(total_updates, 1),
+        weight_decay=o.weight_decay,
+        grad_clip=o.grad_clip,
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
@@ -24,8 +24,9 @@ PACKAGED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 def available_configs() -> list[str]:
     """Names of the packaged configs."""
-    return sorted(f[:-3] for f in os.listdir(PACKAGED_DIR)
-                  if f.endswith(".py") and not f.startswith("_"))
+    return sorted(
+        f[:-3] for f in os.listdir(PACKAGED_DIR) if f.endswith(".py") and not f.startswith("_")
+    )
 
 
 def resolve_config_path(spec: str) -> str:
@@ -38,8 +39,10 @@ def resolve_config_path(spec: str) -> str:
         return os.path.join(PACKAGED_DIR, f"{name}.py") + sep + arg
     near = difflib.get_close_matches(os.path.basename(name), available_configs(), n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise ConfigError(f"--config={spec}: no such file, and no packaged config named "
-                      f"{name!r}{hint}; packaged configs: {', '.join(available_configs())}")
+    raise ConfigError(
+        f"--config={spec}: no such file, and no packaged config named "
+        f"{name!r}{hint}; packaged configs: {', '.join(available_configs())}"
+    )
 
 
 def _split_config_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
@@ -62,7 +65,7 @@ def _split_config_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str,
             if key.lstrip("-") == "config":
                 spec = value
             else:
-                overrides.append((key.lstrip("-")[len("config."):], value))
+                overrides.append((key.lstrip("-")[len("config.") :], value))
         else:
             rest.append(a)
         i += 1
@@ -105,15 +108,19 @@ def load_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[st
     or a value of the wrong type."""
     spec, overrides, rest = _split_config_args(argv[1:])
     if spec is None:
-        raise ConfigError(f"--config is required: a packaged config name "
-                          f"({', '.join(available_configs())}) or a path")
+        raise ConfigError(
+            f"--config is required: a packaged config name "
+            f"({', '.join(available_configs())}) or a path"
+        )
     path = resolve_config_path(spec)
     check_override_keys(_load_file(path), [k for k, _ in overrides])
+    parsed = [argv[0], f"--config={path}"] + [f"--config.{k}={v}" for k, v in overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "the run config", flag_values=fv,
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "the run config", flag_values=fv, lock_config=True, sys_argv=parsed
+    )
     try:
-        fv([argv[0], f"--config={path}"] + [f"--config.{k}={v}" for k, v in overrides])
+        fv(parsed)
     except flags.Error as e:
         raise ConfigError(str(e)) from None
     return fv.config, [argv[0]] + rest

@@ -25,22 +25,37 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{field}: {msg}")
 
     need(cfg.mode in MODES, "mode", f"{cfg.mode!r} is not one of {MODES}")
-    need(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype",
-         f"{cfg.model.dtype!r}: expected float32 or bfloat16")
-    need(cfg.retrieval.kind in ("http", "in_process"), "retrieval.kind",
-         f"{cfg.retrieval.kind!r}: expected http or in_process")
-    need(cfg.model.ref_model in REF_MODELS, "model.ref_model",
-         f"{cfg.model.ref_model!r} is not one of {REF_MODELS}")
+    need(
+        cfg.model.dtype in ("float32", "bfloat16"),
+        "model.dtype",
+        f"{cfg.model.dtype!r}: expected float32 or bfloat16",
+    )
+    need(
+        cfg.retrieval.kind in ("http", "in_process"),
+        "retrieval.kind",
+        f"{cfg.retrieval.kind!r}: expected http or in_process",
+    )
+    need(
+        cfg.model.ref_model in REF_MODELS,
+        "model.ref_model",
+        f"{cfg.model.ref_model!r} is not one of {REF_MODELS}",
+    )
     if cfg.mode in ("train", "plan", "coldstart"):
         objective = build_objective(cfg)
         build_curriculum(cfg)
-        need(cfg.mode != "coldstart" or not objective.uses_policy, "objective.preset",
-             f"{cfg.objective.preset!r} is on-policy; mode=coldstart trains the student on "
-             "fixed teacher trajectories (dgpo_coldstart, kd, seqkd, ...)")
+        need(
+            cfg.mode != "coldstart" or not objective.uses_policy,
+            "objective.preset",
+            f"{cfg.objective.preset!r} is on-policy; mode=coldstart trains the student on "
+            "fixed teacher trajectories (dgpo_coldstart, kd, seqkd, ...)",
+        )
         if cfg.mode != "coldstart" and objective.needs_ref_logp:
-            need(cfg.model.ref_model != "teacher_base" or cfg.model.reference,
-                 "model.reference", "is empty: model.ref_model='teacher_base' reads pi_ref from "
-                 "it (the teacher's pre-RL base model)")
+            need(
+                cfg.model.ref_model != "teacher_base" or cfg.model.reference,
+                "model.reference",
+                "is empty: model.ref_model='teacher_base' reads pi_ref from "
+                "it (the teacher's pre-RL base model)",
+            )
     if cfg.mode == "quickstart":
         return
     roles = ["student"]
@@ -48,15 +63,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         roles.append("teacher")
     for role in roles:
         src = getattr(cfg.model, role)
-        need(src, f"model.{role}", "is empty: give a HF directory, a dgpo_jax checkpoint "
-             "directory or preset:NAME (the *_nq configs read it from the environment)")
+        need(
+            src,
+            f"model.{role}",
+            "is empty: give a HF directory, a dgpo_jax checkpoint "
+            "directory or preset:NAME (the *_nq configs read it from the environment)",
+        )
         need(_model_source_ok(src), f"model.{role}", f"{src!r} does not exist")
     for role in ("teacher", "reference"):
         src = getattr(cfg.model, role)
         need(not src or _model_source_ok(src), f"model.{role}", f"{src!r} does not exist")
     tok = cfg.model.tokenizer
-    need(tok == "qwen2.5" or os.path.isdir(tok), "model.tokenizer",
-         f"{tok!r} is neither 'qwen2.5' nor a directory")
+    need(
+        tok == "qwen2.5" or os.path.isdir(tok),
+        "model.tokenizer",
+        f"{tok!r} is neither 'qwen2.5' nor a directory",
+    )
     if cfg.mode in ("train", "coldstart"):
         files = split_list(cfg.data.train_files)
         need(files, "data.train_files", "is empty: give comma-separated parquet files")
@@ -69,35 +91,68 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             need(os.path.isfile(f), "data.test_files", f"{f!r} does not exist")
     if cfg.mode in ("train", "coldstart", "eval"):
         if cfg.retrieval.kind == "in_process":
-            need(os.path.isdir(cfg.retrieval.index_dir), "retrieval.index_dir",
-                 f"{cfg.retrieval.index_dir!r} is not an index directory")
+            need(
+                os.path.isdir(cfg.retrieval.index_dir),
+                "retrieval.index_dir",
+                f"{cfg.retrieval.index_dir!r} is not an index directory",
+            )
         else:
             need(split_list(cfg.retrieval.urls), "retrieval.urls", "is empty")
-    for field in ("data.batch_size", "data.rollouts_per_prompt", "train.steps",
-                  "train.mini_batch_size", "train.micro_batch_size", "train.ppo_epochs",
-                  "retrieval.topk", "coldstart.epochs", "coldstart.batch_size",
-                  "eval.batch_size", "eval.sampled_repeats"):
+    for field in (
+        "data.batch_size",
+        "data.rollouts_per_prompt",
+        "train.steps",
+        "train.mini_batch_size",
+        "train.micro_batch_size",
+        "train.ppo_epochs",
+        "retrieval.topk",
+        "coldstart.epochs",
+        "coldstart.batch_size",
+        "eval.batch_size",
+        "eval.sampled_repeats",
+    ):
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 1, field, f"must be an int >= 1, got {value!r}")
-    need(isinstance(cfg.train.val_every, int) and cfg.train.val_every >= 0, "train.val_every",
-         f"must be an int >= 0, got {cfg.train.val_every!r}")
-    need(cfg.data.batch_size % cfg.train.mini_batch_size == 0 or
-         cfg.train.mini_batch_size >= cfg.data.batch_size, "train.mini_batch_size",
-         f"{cfg.train.mini_batch_size} must divide data.batch_size {cfg.data.batch_size}")
+    need(
+        isinstance(cfg.train.val_every, int) and cfg.train.val_every >= 0,
+        "train.val_every",
+        f"must be an int >= 0, got {cfg.train.val_every!r}",
+    )
+    need(
+        cfg.data.batch_size % cfg.train.mini_batch_size == 0
+        or cfg.train.mini_batch_size >= cfg.data.batch_size,
+        "train.mini_batch_size",
+        f"{cfg.train.mini_batch_size} must divide data.batch_size {cfg.data.batch_size}",
+    )
     for field in ("optim.actor_lr", "optim.critic_lr", "coldstart.lr"):
         section, key = field.split(".")
         need(cfg[section][key] > 0, field, f"must be > 0, got {cfg[section][key]}")
-    for field in ("optim.actor_warmup_ratio", "optim.critic_warmup_ratio",
-                  "coldstart.warmup_ratio"):
+    for field in (
+        "optim.actor_warmup_ratio",
+        "optim.critic_warmup_ratio",
+        "coldstart.warmup_ratio",
+    ):
         section, key = field.split(".")
         need(0 <= cfg[section][key] < 1, field, f"must be in [0, 1), got {cfg[section][key]}")
-    need(cfg.optim.schedule in ("constant", "cosine"), "optim.schedule",
-         f"{cfg.optim.schedule!r}: expected constant or cosine")
-    need(isinstance(cfg.mesh.num_devices, int) and cfg.mesh.num_devices >= 0,
-         "mesh.num_devices", f"must be an int >= 0, got {cfg.mesh.num_devices!r}")
+    need(
+        cfg.optim.schedule in ("constant", "cosine"),
+        "optim.schedule",
+        f"{cfg.optim.schedule!r}: expected constant or cosine",
+    )
+    need(
+        isinstance(cfg.mesh.num_devices, int) and cfg.mesh.num_devices >= 0,
+        "mesh.num_devices",
+        f"must be an int >= 0, got {cfg.mesh.num_devices!r}",
+    )
     parse_rules(cfg.mesh.rules)
-    need(isinstance(cfg.plan.fake_devices, int) and cfg.plan.fake_devices >= 0,
-         "plan.fake_devices", f"must be an int >= 0, got {cfg.plan.fake_devices!r}")
-    need(cfg.plan.device_memory_gib >= 0, "plan.device_memory_gib",
-         f"must be >= 0, got {cfg.plan.device_memory_gib}")
+    need(
+        isinstance(cfg.plan.fake_devices, int) and cfg.plan.fake_devices >= 0,
+        "plan.fake_devices",
+        f"must be an int >= 0, got {cfg.plan.fake_devices!r}",
+    )
+    need(
+        cfg.plan.device_memory_gib >= 0,
+        "plan.device_memory_gib",
+        f"must be >= 0, got {cfg.plan.device_memory_gib}",
+    )

@@ -51,7 +51,8 @@ def get_config():
     cfg.quickstart.prompt_template = (
         "Answer the question. Think inside <think> </think>, search with <search> query "
         "</search>, read <information> </information>, and answer inside <answer> </answer>. "
-        "Question: {question}\n")
+        "Question: {question}\n"
+    )
     # 4 layers x 128 (0.66M parameters) and 2 layers x 128 (0.36M), RoPE base 10^4.
     cfg.quickstart.teacher_preset = "quickstart-teacher"
     cfg.quickstart.student_preset = "quickstart-student"

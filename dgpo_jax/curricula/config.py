@@ -70,7 +70,7 @@ class CurriculumConfig:
     def mixes_student_data(self) -> bool:
         return self.student_data_fraction > 0 or self.adaptive_student_share
 
-    def replace(self, **knobs) -> "CurriculumConfig":
+    def replace(self, **knobs) -> CurriculumConfig:
         return _replace_checked(self, knobs)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -70,15 +70,19 @@ class ReplayBuffer:
         write_atomically(path, write)
 
     @classmethod
-    def load(cls, path: str) -> "ReplayBuffer":
+    def load(cls, path: str) -> ReplayBuffer:
         with np.load(path, allow_pickle=False) as z:
             buf = cls(int(z["capacity"]))
             if int(z["count"]):
                 widths = z["widths"]
-                fields = {k[len("row_"):]: z[k] for k in z.files if k.startswith("row_")}
+                fields = {k[len("row_") :]: z[k] for k in z.files if k.startswith("row_")}
                 for i, w in enumerate(widths):
-                    buf.rows.append({k: (v[i, :w].copy() if v.ndim == 2 else v[i].copy())
-                                     for k, v in fields.items()})
+                    buf.rows.append(
+                        {
+                            k: (v[i, :w].copy() if v.ndim == 2 else v[i].copy())
+                            for k, v in fields.items()
+                        }
+                    )
         return buf
 
 
@@ -89,7 +93,7 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if v0.ndim == 1:
             arr = np.zeros((len(rows), width), v0.dtype)
             for i, r in enumerate(rows):
-                arr[i, :len(r[k])] = r[k]
+                arr[i, : len(r[k])] = r[k]
         else:
             arr = np.stack([r[k] for r in rows])
         out[k] = arr
@@ -101,8 +105,9 @@ def replay_path(replay_dir: str, step: int) -> str:
     return os.path.join(replay_dir, f"replay_{step}.npz")
 
 
-def save_with_checkpoint(replay: ReplayBuffer, replay_dir: str, step: int,
-                         kept_steps: Iterable[int]) -> None:
+def save_with_checkpoint(
+    replay: ReplayBuffer, replay_dir: str, step: int, kept_steps: Iterable[int]
+) -> None:
     """The buffer as of checkpoint ``step``; the files of checkpoints no longer kept go. Call it
     before the checkpoint is saved, so that a committed checkpoint always has its buffer."""
     os.makedirs(replay_dir, exist_ok=True)
@@ -121,5 +126,6 @@ def load_for_checkpoint(replay_dir: str, step: int) -> ReplayBuffer:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"resume: checkpoint {step} has no replay buffer {path!r}; the DistiLLM run cannot "
-            "continue with the data it had")
+            "continue with the data it had"
+        )
     return ReplayBuffer.load(path)

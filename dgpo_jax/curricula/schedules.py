@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+
 def teacher_turn_probability(
     step: int, total_steps: int, p0: float, shape: str = "linear", decay_rate: float = 5.0
 ) -> float:
@@ -31,16 +32,34 @@ def teacher_turn_probability(
 
 def distillm_student_share(
     share: float,
-    previous_val_loss: float | None,
+    reference_loss: float,
     val_loss: float,
     step: float = 0.1,
     rise: float = 0.1,
-) -> float:
-    """DistiLLM adaptive student-data share: +step (capped at 1) when the validation loss rose
-    by more than ``rise`` since the previous evaluation; unchanged otherwise."""
-    if previous_val_loss is not None and val_loss - previous_val_loss > rise:
-        return min(1.0, share + step)
-    return share
+) -> tuple[float, float]:
+    """DistiLLM's adaptive student-data share after a validation: when ``val_loss >=
+    reference_loss + rise`` the share grows by ``step`` (capped at 1) and the reference moves to
+    ``val_loss``; otherwise neither changes (jongwooko/distillm ``finetune.py``: the comparison
+    point moves only when the share rises; the first reference is a validation before
+    training). Returns (share, reference_loss)."""
+    if val_loss >= reference_loss + rise:
+        return min(1.0, share + step), val_loss
+    return share, reference_loss
+
+
+def distillm_data_source(
+    r: float, share: float, progress: float, buffer_len: int, capacity: int
+) -> str:
+    """Where DistiLLM's batch comes from this step, for a uniform draw ``r``: ``"student"``
+    (fresh student samples, pushed to the replay buffer) with probability
+    ``share * (1 - progress)`` (the decreasing replay ratio) or whenever ``r < share`` while the
+    buffer is not yet full; else ``"replay"`` (a sample of the buffer) when ``r < share``; else
+    ``"teacher"`` (jongwooko/distillm ``finetune.py``, ``--replay-ratio decreasing``)."""
+    if r < share * (1.0 - progress) or (r < share and buffer_len < capacity):
+        return "student"
+    if r < share:
+        return "replay"
+    return "teacher"
 
 
 def taid_update(
@@ -53,15 +72,16 @@ def taid_update(
     t_end: float = 1.0,
     alpha: float = 5e-4,
     beta: float = 0.99,
-    eps: float = 1e-8,
 ) -> tuple[float, float]:
-    """TAID adaptive t: ``m <- beta m + (1 - beta) * (L_prev - L) / L_prev``;
-    ``t <- min(1, max(t_target, t + alpha * sigmoid(m) * (1 - t)))`` with the linear target
-    ``t_target = t_start + (t_end - t_start) * progress``. Returns (t, m)."""
-    if previous_loss is not None:
-        momentum = beta * momentum + (1 - beta) * (previous_loss - loss) / (
-            abs(previous_loss) + eps
-        )
-    target = t_start + (t_end - t_start) * min(max(progress, 0.0), 1.0)
+    """TAID's adaptive t after a step with ``loss`` (SakanaAI/TAID
+    ``src/distil_losses/taid.py`` update_t). The first call (``previous_loss`` None) only
+    records the loss: t and the momentum stay. Then ``m <- beta m + (1 - beta) (L_prev - L) /
+    (L_prev + 1e-15)`` and ``t <- min(t_end, max(t_target, t + alpha sigmoid(m) (1 - t)))``,
+    ``t_target = t_start + (t_end - t_start) progress`` with ``progress`` = the 0-based step
+    over the total. Returns (t, m)."""
+    if previous_loss is None:
+        return t, momentum
+    momentum = beta * momentum + (1 - beta) * (previous_loss - loss) / (previous_loss + 1e-15)
+    target = t_start + (t_end - t_start) * progress
     sig = 1.0 / (1.0 + math.exp(-momentum))
-    return min(1.0, max(target, t + alpha * sig * (1.0 - t))), momentum
+    return min(t_end, max(target, t + alpha * sig * (1.0 - t))), momentum

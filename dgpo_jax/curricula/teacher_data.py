@@ -4,7 +4,8 @@ validation batch."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,9 +16,14 @@ from dgpo_jax.learner.batches import SEQ_MULTIPLE, pad_batch_to, score_rollout
 log = logging.getLogger(__name__)
 
 
-def teacher_prefixes(teacher_sampler, teacher_params, prompts: Sequence[list[int]],
-                     curriculum: CurriculumConfig, seed: int,
-                     rng: np.random.Generator) -> list[Any]:
+def teacher_prefixes(
+    teacher_sampler,
+    teacher_params,
+    prompts: Sequence[list[int]],
+    curriculum: CurriculumConfig,
+    seed: int,
+    rng: np.random.Generator,
+) -> list[Any]:
     """TrOPD: for a ``teacher_prefix_share`` of the rows, the teacher's first-turn tokens (at
     most ``teacher_prefix_tokens``); None for the other rows."""
     chosen = rng.random(len(prompts)) < curriculum.teacher_prefix_share
@@ -34,8 +40,15 @@ def teacher_prefixes(teacher_sampler, teacher_params, prompts: Sequence[list[int
     return prefixes
 
 
-def validation_batch(records, tokenizer, teacher_sampler, teacher_params, seed: int,
-                     micro_batches: int, use_chat_template: bool) -> dict:
+def validation_batch(
+    records,
+    tokenizer,
+    teacher_sampler,
+    teacher_params,
+    seed: int,
+    micro_batches: int,
+    use_chat_template: bool,
+) -> dict:
     """DistiLLM's validation data: the teacher's correct rollouts of ``records`` (all of them
     when fewer than ``micro_batches`` are correct, said in the log), a whole number of
     micro-batches, fixed for the run."""
@@ -44,9 +57,13 @@ def validation_batch(records, tokenizer, teacher_sampler, teacher_params, seed: 
     scored = score_rollout(rollout, records, tokenizer)
     keep = np.flatnonzero(scored.rewards > 0)
     if len(keep) < micro_batches:
-        log.info("validation: the teacher answers %d of %d validation questions correctly; "
-                 "the validation loss uses all %d of its rollouts", len(keep), len(records),
-                 len(records))
+        log.info(
+            "validation: the teacher answers %d of %d validation questions correctly; "
+            "the validation loss uses all %d of its rollouts",
+            len(keep),
+            len(records),
+            len(records),
+        )
         keep = np.arange(len(records))
     keep = keep[: len(keep) - len(keep) % micro_batches]
     batch = {k: (v[keep] if np.ndim(v) else v) for k, v in scored.batch.items()}

@@ -8,7 +8,8 @@ exactly the same data order after a resume.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -25,9 +26,17 @@ class PromptBatches:
       process_index, process_count: this process's shard of every global batch.
     """
 
-    def __init__(self, records: Sequence[Any], batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-                 process_count: int = 1, drop_remainder: bool = True):
+    def __init__(
+        self,
+        records: Sequence[Any],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        drop_remainder: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not records:

@@ -1,6 +1,6 @@
 """Search-R1 question files (parquet): reading, validation, and the prompt template.
 
-Row format (``shared/reference/protocol.md``)::
+Row format (Search-R1's ``scripts/data_process/nq_search.py``)::
 
     data_source: str
     prompt: [{"role": "user", "content": <template filled with the question>}]
@@ -16,16 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 # The reference prompt (typo included) and question formatting live with the protocol text.
 from dgpo_jax.retrieval.formatting import SEARCH_R1_PROMPT_TEMPLATE as DEFAULT_TEMPLATE
 from dgpo_jax.retrieval.formatting import format_prompt as format_question
 
-__all__ = ["DEFAULT_TEMPLATE", "format_question", "DataError", "QARecord", "validate_row",
-           "read_search_r1_parquet", "read_question_files"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "format_question",
+    "DataError",
+    "QARecord",
+    "validate_row",
+    "read_search_r1_parquet",
+    "read_question_files",
+]
+
 
 class DataError(ValueError):
     """A data file or row does not have the expected format."""
@@ -65,8 +75,10 @@ def validate_row(row: dict, where: str) -> QARecord:
         fail("data_source", f"expected a non-empty string, got {src!r}")
     prompt = _as_list(row.get("prompt"))
     if not prompt:
-        fail("prompt", f"expected a non-empty list of {{role, content}} messages, got "
-             f"{row.get('prompt')!r}")
+        fail(
+            "prompt",
+            f"expected a non-empty list of {{role, content}} messages, got {row.get('prompt')!r}",
+        )
     messages = []
     for j, m in enumerate(prompt):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -81,19 +93,25 @@ def validate_row(row: dict, where: str) -> QARecord:
     target = gt["target"]
     golds = [target] if isinstance(target, str) else _as_list(target)
     if not golds or not all(isinstance(g, str) for g in golds):
-        fail("reward_model.ground_truth.target",
-             f"expected a non-empty list of strings, got {target!r}")
+        fail(
+            "reward_model.ground_truth.target",
+            f"expected a non-empty list of strings, got {target!r}",
+        )
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         fail("extra_info", f"expected a dict, got {extra!r}")
     index = extra.get("index", -1)
-    return QARecord(src, tuple(messages), tuple(golds), str(extra.get("split", "")),
-                    int(index) if index is not None else -1)
+    return QARecord(
+        src,
+        tuple(messages),
+        tuple(golds),
+        str(extra.get("split", "")),
+        int(index) if index is not None else -1,
+    )
 
 
 def read_search_r1_parquet(path: str | os.PathLike) -> list[QARecord]:
     """Read and validate every row of a Search-R1 parquet file."""
-    import pyarrow.parquet as pq
 
     path = os.fspath(path)
     if not os.path.isfile(path):

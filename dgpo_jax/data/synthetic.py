@@ -31,57 +31,204 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dgpo_jax.checkpoint.fileio import write_atomically
 from dgpo_jax.retrieval.formatting import (
-    INVALID_ACTION_NOTICE, PROTOCOL_TAGS, SEARCH_R1_PROMPT_TEMPLATE, format_prompt)
+    INVALID_ACTION_NOTICE,
+    PROTOCOL_TAGS,
+    SEARCH_R1_PROMPT_TEMPLATE,
+    format_prompt,
+)
 
 PERSON, PLACE, ORGANISATION = "person", "place", "organisation"
 SPLITS = ("train", "test")
 
-PROFESSIONS = ("engineer", "painter", "doctor", "teacher", "pilot", "farmer", "lawyer", "chemist",
-               "architect", "baker", "sailor", "poet", "judge", "nurse", "banker", "carpenter",
-               "singer", "writer", "librarian", "astronomer", "tailor", "miner", "potter", "surgeon")
-INDUSTRIES = ("shipping", "banking", "mining", "software", "textile", "publishing", "farming",
-              "brewing", "aviation", "insurance", "robotics", "energy", "retail", "construction",
-              "glassmaking", "printing")
-PRODUCTS = ("glass", "wine", "salt", "silk", "cheese", "timber", "copper", "wool", "pottery", "honey",
-            "marble", "tea", "leather", "paper", "olives", "clocks", "boats", "lace", "cider", "bells")
-PLACE_PREFIXES = ("Port", "Lake", "Mount", "Fort", "Glen", "Saint", "North", "South", "East", "West",
-                  "New", "Old")
-ORG_SUFFIXES = ("Systems", "Labs", "Works", "Group", "Holdings", "Partners", "Industries", "Trading",
-                "Foundry", "Studios", "Press", "Mills")
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
-           "kr", "st", "tr", "sh", "th")
+PROFESSIONS = (
+    "engineer",
+    "painter",
+    "doctor",
+    "teacher",
+    "pilot",
+    "farmer",
+    "lawyer",
+    "chemist",
+    "architect",
+    "baker",
+    "sailor",
+    "poet",
+    "judge",
+    "nurse",
+    "banker",
+    "carpenter",
+    "singer",
+    "writer",
+    "librarian",
+    "astronomer",
+    "tailor",
+    "miner",
+    "potter",
+    "surgeon",
+)
+INDUSTRIES = (
+    "shipping",
+    "banking",
+    "mining",
+    "software",
+    "textile",
+    "publishing",
+    "farming",
+    "brewing",
+    "aviation",
+    "insurance",
+    "robotics",
+    "energy",
+    "retail",
+    "construction",
+    "glassmaking",
+    "printing",
+)
+PRODUCTS = (
+    "glass",
+    "wine",
+    "salt",
+    "silk",
+    "cheese",
+    "timber",
+    "copper",
+    "wool",
+    "pottery",
+    "honey",
+    "marble",
+    "tea",
+    "leather",
+    "paper",
+    "olives",
+    "clocks",
+    "boats",
+    "lace",
+    "cider",
+    "bells",
+)
+PLACE_PREFIXES = (
+    "Port",
+    "Lake",
+    "Mount",
+    "Fort",
+    "Glen",
+    "Saint",
+    "North",
+    "South",
+    "East",
+    "West",
+    "New",
+    "Old",
+)
+ORG_SUFFIXES = (
+    "Systems",
+    "Labs",
+    "Works",
+    "Group",
+    "Holdings",
+    "Partners",
+    "Industries",
+    "Trading",
+    "Foundry",
+    "Studios",
+    "Press",
+    "Mills",
+)
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "st",
+    "tr",
+    "sh",
+    "th",
+)
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "n", "r", "l", "s")
 
 # (question type, template, attribute) per entity kind; the answer is the subject's attribute.
 SINGLE_HOP = {
-    PERSON: (("person_birthplace", "where was {name} born?", "birthplace"),
-             ("person_employer", "which organisation does {name} work for?", "employer"),
-             ("person_profession", "what is the profession of {name}?", "profession"),
-             ("person_birth_year", "in which year was {name} born?", "birth_year")),
-    PLACE: (("place_region", "in which region is {name}?", "region"),
-            ("place_product", "what is {name} known for?", "product")),
-    ORGANISATION: (("organisation_headquarters", "where is the headquarters of {name}?", "headquarters"),
-                   ("organisation_founder", "who founded {name}?", "founder"),
-                   ("organisation_industry", "what industry is {name} in?", "industry"),
-                   ("organisation_founding_year", "in which year was {name} founded?", "founding_year")),
+    PERSON: (
+        ("person_birthplace", "where was {name} born?", "birthplace"),
+        ("person_employer", "which organisation does {name} work for?", "employer"),
+        ("person_profession", "what is the profession of {name}?", "profession"),
+        ("person_birth_year", "in which year was {name} born?", "birth_year"),
+    ),
+    PLACE: (
+        ("place_region", "in which region is {name}?", "region"),
+        ("place_product", "what is {name} known for?", "product"),
+    ),
+    ORGANISATION: (
+        ("organisation_headquarters", "where is the headquarters of {name}?", "headquarters"),
+        ("organisation_founder", "who founded {name}?", "founder"),
+        ("organisation_industry", "what industry is {name} in?", "industry"),
+        ("organisation_founding_year", "in which year was {name} founded?", "founding_year"),
+    ),
 }
 # (question type, template, link to follow, attribute of the linked entity).
 TWO_HOP = {
-    PERSON: (("person_employer_headquarters",
-              "where is the headquarters of the organisation {name} works for?", "employer", "headquarters"),
-             ("person_employer_founder", "who founded the organisation {name} works for?", "employer", "founder"),
-             ("person_birthplace_region", "in which region was {name} born?", "birthplace", "region"),
-             ("person_birthplace_product", "what is the birthplace of {name} known for?", "birthplace", "product")),
+    PERSON: (
+        (
+            "person_employer_headquarters",
+            "where is the headquarters of the organisation {name} works for?",
+            "employer",
+            "headquarters",
+        ),
+        (
+            "person_employer_founder",
+            "who founded the organisation {name} works for?",
+            "employer",
+            "founder",
+        ),
+        ("person_birthplace_region", "in which region was {name} born?", "birthplace", "region"),
+        (
+            "person_birthplace_product",
+            "what is the birthplace of {name} known for?",
+            "birthplace",
+            "product",
+        ),
+    ),
     PLACE: (),
-    ORGANISATION: (("organisation_founder_birthplace", "where was the founder of {name} born?", "founder", "birthplace"),
-                   ("organisation_founder_profession", "what is the profession of the founder of {name}?",
-                    "founder", "profession"),
-                   ("organisation_headquarters_region", "in which region is the headquarters of {name}?",
-                    "headquarters", "region")),
+    ORGANISATION: (
+        (
+            "organisation_founder_birthplace",
+            "where was the founder of {name} born?",
+            "founder",
+            "birthplace",
+        ),
+        (
+            "organisation_founder_profession",
+            "what is the profession of the founder of {name}?",
+            "founder",
+            "profession",
+        ),
+        (
+            "organisation_headquarters_region",
+            "in which region is the headquarters of {name}?",
+            "headquarters",
+            "region",
+        ),
+    ),
 }
 
 
@@ -120,8 +267,26 @@ class World:
 
 
 # Words of the document templates in `_document_text`.
-_DOCUMENT_WORDS = {"is", "a", "an", "born", "in", "works", "for", "town", "the", "region", "known",
-                   "its", "company", "founded", "by", "headquarters", "of", "are"}
+_DOCUMENT_WORDS = {
+    "is",
+    "a",
+    "an",
+    "born",
+    "in",
+    "works",
+    "for",
+    "town",
+    "the",
+    "region",
+    "known",
+    "its",
+    "company",
+    "founded",
+    "by",
+    "headquarters",
+    "of",
+    "are",
+}
 
 
 def _article(word: str) -> str:
@@ -134,15 +299,21 @@ def _invented_words(rng: np.random.Generator, count: int, reserved: set[str]) ->
     seen = set(reserved)
     while len(words) < count:
         syllables = rng.choice([2, 2, 2, 3])
-        word = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
-                       + _CODAS[rng.integers(len(_CODAS))] for _ in range(syllables))
+        word = "".join(
+            _ONSETS[rng.integers(len(_ONSETS))]
+            + _VOWELS[rng.integers(len(_VOWELS))]
+            + _CODAS[rng.integers(len(_CODAS))]
+            for _ in range(syllables)
+        )
         if word not in seen:
             seen.add(word)
             words.append(word.capitalize())
     return words
 
 
-def _distinct_pairs(rng: np.random.Generator, first: list[str], second: list[str], count: int) -> list[str]:
+def _distinct_pairs(
+    rng: np.random.Generator, first: list[str], second: list[str], count: int
+) -> list[str]:
     chosen = rng.choice(len(first) * len(second), size=count, replace=False)
     return [f"{first[i // len(second)]} {second[i % len(second)]}" for i in chosen]
 
@@ -150,15 +321,21 @@ def _distinct_pairs(rng: np.random.Generator, first: list[str], second: list[str
 def _document_text(entity: Entity) -> str:
     name, facts = entity.name, entity.facts
     if entity.kind == PERSON:
-        body = (f"{name} is {_article(facts['profession'])} {facts['profession']} born in "
-                f"{facts['birthplace']} in {facts['birth_year']}. {name} works for {facts['employer']}.")
+        body = (
+            f"{name} is {_article(facts['profession'])} {facts['profession']} born in "
+            f"{facts['birthplace']} in {facts['birth_year']}. {name} works for {facts['employer']}."
+        )
     elif entity.kind == PLACE:
-        body = (f"{name} is a town in the {facts['region']} region. "
-                f"{name} is known for its {facts['product']}.")
+        body = (
+            f"{name} is a town in the {facts['region']} region. "
+            f"{name} is known for its {facts['product']}."
+        )
     else:
-        body = (f"{name} is {_article(facts['industry'])} {facts['industry']} company founded by "
-                f"{facts['founder']} in {facts['founding_year']}. "
-                f"The headquarters of {name} are in {facts['headquarters']}.")
+        body = (
+            f"{name} is {_article(facts['industry'])} {facts['industry']} company founded by "
+            f"{facts['founder']} in {facts['founding_year']}. "
+            f"The headquarters of {name} are in {facts['headquarters']}."
+        )
     return f"{name}\n{body}"
 
 
@@ -173,12 +350,19 @@ def evidence(entity: Entity, answer: str) -> str:
     for sentence in re.split(r"(?<=\.) ", body):
         found = re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", sentence)
         if found:
-            return sentence[:found.end()]
+            return sentence[: found.end()]
     raise ValueError(f"the document of {entity.name!r} does not state {answer!r}")
 
 
-def _question_row(data_source: str, split: str, question_type: str, question: str, answer: str,
-                  gold_doc_ids: list[str], prompt_template: str) -> dict:
+def _question_row(
+    data_source: str,
+    split: str,
+    question_type: str,
+    question: str,
+    answer: str,
+    gold_doc_ids: list[str],
+    prompt_template: str,
+) -> dict:
     question = question.strip()
     return {
         "data_source": data_source,
@@ -187,14 +371,25 @@ def _question_row(data_source: str, split: str, question_type: str, question: st
         "prompt": [{"role": "user", "content": format_prompt(question, prompt_template)}],
         "ability": "fact-reasoning",
         "reward_model": {"style": "rule", "ground_truth": {"target": [answer]}},
-        "extra_info": {"split": split, "index": -1, "question_type": question_type,
-                       "hops": len(gold_doc_ids), "gold_doc_ids": gold_doc_ids},
+        "extra_info": {
+            "split": split,
+            "index": -1,
+            "question_type": question_type,
+            "hops": len(gold_doc_ids),
+            "gold_doc_ids": gold_doc_ids,
+        },
     }
 
 
-def generate_world(seed: int = 0, num_entities: int = 3000, *, test_fraction: float = 0.2,
-                   single_hop_per_entity: int = 1, two_hop_per_entity: int = 1,
-                   prompt_template: str = SEARCH_R1_PROMPT_TEMPLATE) -> World:
+def generate_world(
+    seed: int = 0,
+    num_entities: int = 3000,
+    *,
+    test_fraction: float = 0.2,
+    single_hop_per_entity: int = 1,
+    two_hop_per_entity: int = 1,
+    prompt_template: str = SEARCH_R1_PROMPT_TEMPLATE,
+) -> World:
     """Generates a world of `num_entities` entities (one corpus document each).
 
     Args:
@@ -209,8 +404,10 @@ def generate_world(seed: int = 0, num_entities: int = 3000, *, test_fraction: fl
         raise ValueError(f"num_entities must be at least 20, got {num_entities}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    for name, value, limit in (("single_hop_per_entity", single_hop_per_entity, 2),
-                               ("two_hop_per_entity", two_hop_per_entity, 3)):
+    for name, value, limit in (
+        ("single_hop_per_entity", single_hop_per_entity, 2),
+        ("two_hop_per_entity", two_hop_per_entity, 3),
+    ):
         if not 0 <= value <= limit:
             raise ValueError(f"{name} must be between 0 and {limit}, got {value}")
     rng = np.random.default_rng(seed)
@@ -219,10 +416,19 @@ def generate_world(seed: int = 0, num_entities: int = 3000, *, test_fraction: fl
 
     # Names: invented words, disjoint between name parts, drawn so that at most half of the
     # possible combinations are used (names stay unique and not too crowded).
-    template_text = " ".join([SEARCH_R1_PROMPT_TEMPLATE, INVALID_ACTION_NOTICE, *PROFESSIONS,
-                              *INDUSTRIES, *PRODUCTS, *PLACE_PREFIXES, *ORG_SUFFIXES]
-                             + [question[1] for kind in SINGLE_HOP for question in SINGLE_HOP[kind]]
-                             + [question[1] for kind in TWO_HOP for question in TWO_HOP[kind]])
+    template_text = " ".join(
+        [
+            SEARCH_R1_PROMPT_TEMPLATE,
+            INVALID_ACTION_NOTICE,
+            *PROFESSIONS,
+            *INDUSTRIES,
+            *PRODUCTS,
+            *PLACE_PREFIXES,
+            *ORG_SUFFIXES,
+        ]
+        + [question[1] for kind in SINGLE_HOP for question in SINGLE_HOP[kind]]
+        + [question[1] for kind in TWO_HOP for question in TWO_HOP[kind]]
+    )
     reserved = set(re.findall(r"[a-z]+", template_text.lower())) | _DOCUMENT_WORDS
     name_parts = math.ceil(math.sqrt(2 * counts[PERSON]))
     place_roots = math.ceil(2 * counts[PLACE] / len(PLACE_PREFIXES))
@@ -233,12 +439,18 @@ def generate_world(seed: int = 0, num_entities: int = 3000, *, test_fraction: fl
     family, pool = pool[:name_parts], pool[name_parts:]
     place_root_words, pool = pool[:place_roots], pool[place_roots:]
     org_root_words, regions = pool[:org_roots], pool[org_roots:]
-    names = {PERSON: _distinct_pairs(rng, given, family, counts[PERSON]),
-             PLACE: _distinct_pairs(rng, list(PLACE_PREFIXES), place_root_words, counts[PLACE]),
-             ORGANISATION: _distinct_pairs(rng, org_root_words, list(ORG_SUFFIXES), counts[ORGANISATION])}
+    names = {
+        PERSON: _distinct_pairs(rng, given, family, counts[PERSON]),
+        PLACE: _distinct_pairs(rng, list(PLACE_PREFIXES), place_root_words, counts[PLACE]),
+        ORGANISATION: _distinct_pairs(
+            rng, org_root_words, list(ORG_SUFFIXES), counts[ORGANISATION]
+        ),
+    }
 
     # Splits: per kind, a random test_fraction of the entities (at least one per split).
-    kinds = [PERSON] * counts[PERSON] + [PLACE] * counts[PLACE] + [ORGANISATION] * counts[ORGANISATION]
+    kinds = (
+        [PERSON] * counts[PERSON] + [PLACE] * counts[PLACE] + [ORGANISATION] * counts[ORGANISATION]
+    )
     entity_names = names[PERSON] + names[PLACE] + names[ORGANISATION]
     splits = [""] * num_entities
     members: dict[tuple[str, str], list[int]] = {}
@@ -265,48 +477,85 @@ def generate_world(seed: int = 0, num_entities: int = 3000, *, test_fraction: fl
         split = splits[index]
         if kind == PERSON:
             link = {"birthplace": pick(PLACE, split), "employer": pick(ORGANISATION, split)}
-            fact = {"profession": PROFESSIONS[rng.integers(len(PROFESSIONS))],
-                    "birth_year": str(int(rng.integers(1920, 2000)))}
+            fact = {
+                "profession": PROFESSIONS[rng.integers(len(PROFESSIONS))],
+                "birth_year": str(int(rng.integers(1920, 2000))),
+            }
         elif kind == PLACE:
             link = {}
-            fact = {"region": regions[rng.integers(len(regions))],
-                    "product": PRODUCTS[rng.integers(len(PRODUCTS))]}
+            fact = {
+                "region": regions[rng.integers(len(regions))],
+                "product": PRODUCTS[rng.integers(len(PRODUCTS))],
+            }
         else:
             link = {"headquarters": pick(PLACE, split), "founder": pick(PERSON, split)}
-            fact = {"industry": INDUSTRIES[rng.integers(len(INDUSTRIES))],
-                    "founding_year": str(int(rng.integers(1850, 2000)))}
+            fact = {
+                "industry": INDUSTRIES[rng.integers(len(INDUSTRIES))],
+                "founding_year": str(int(rng.integers(1850, 2000))),
+            }
         links.append(link)
         facts.append(fact)
     entities = tuple(
-        Entity(index=i, kind=kinds[i], name=entity_names[i], split=splits[i], doc_id=doc_ids[i],
-               facts={**facts[i], **{key: entity_names[j] for key, j in links[i].items()}},
-               links=links[i])
-        for i in range(num_entities))
+        Entity(
+            index=i,
+            kind=kinds[i],
+            name=entity_names[i],
+            split=splits[i],
+            doc_id=doc_ids[i],
+            facts={**facts[i], **{key: entity_names[j] for key, j in links[i].items()}},
+            links=links[i],
+        )
+        for i in range(num_entities)
+    )
 
-    corpus = sorted(({"id": entity.doc_id, "contents": _document_text(entity)} for entity in entities),
-                    key=lambda row: int(row["id"]))
+    corpus = sorted(
+        ({"id": entity.doc_id, "contents": _document_text(entity)} for entity in entities),
+        key=lambda row: int(row["id"]),
+    )
 
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for entity in entities:
         single = SINGLE_HOP[entity.kind]
-        for choice in rng.choice(len(single), size=min(single_hop_per_entity, len(single)), replace=False):
+        for choice in rng.choice(
+            len(single), size=min(single_hop_per_entity, len(single)), replace=False
+        ):
             question_type, template, attribute = single[choice]
-            rows[entity.split].append(_question_row(
-                "synthetic_1hop", entity.split, question_type, template.format(name=entity.name),
-                entity.facts[attribute], [entity.doc_id], prompt_template))
+            rows[entity.split].append(
+                _question_row(
+                    "synthetic_1hop",
+                    entity.split,
+                    question_type,
+                    template.format(name=entity.name),
+                    entity.facts[attribute],
+                    [entity.doc_id],
+                    prompt_template,
+                )
+            )
         double = TWO_HOP[entity.kind]
-        for choice in rng.choice(len(double), size=min(two_hop_per_entity, len(double)), replace=False):
+        for choice in rng.choice(
+            len(double), size=min(two_hop_per_entity, len(double)), replace=False
+        ):
             question_type, template, link, attribute = double[choice]
             middle = entities[entity.links[link]]
-            rows[entity.split].append(_question_row(
-                "synthetic_2hop", entity.split, question_type, template.format(name=entity.name),
-                middle.facts[attribute], [entity.doc_id, middle.doc_id], prompt_template))
+            rows[entity.split].append(
+                _question_row(
+                    "synthetic_2hop",
+                    entity.split,
+                    question_type,
+                    template.format(name=entity.name),
+                    middle.facts[attribute],
+                    [entity.doc_id, middle.doc_id],
+                    prompt_template,
+                )
+            )
     for split in SPLITS:
         rows[split] = [rows[split][i] for i in rng.permutation(len(rows[split]))]
         for index, row in enumerate(rows[split]):
             row["extra_info"]["index"] = index
             row["id"] = f"{split}_{index}"
-    return World(seed=seed, entities=entities, corpus=corpus, train=rows["train"], test=rows["test"])
+    return World(
+        seed=seed, entities=entities, corpus=corpus, train=rows["train"], test=rows["test"]
+    )
 
 
 def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
@@ -314,13 +563,13 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
 
     Each file is written under a temporary name and renamed when complete. Returns the paths.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, name)
-             for name in ("corpus.jsonl", "train.parquet", "test.parquet", "world.json")}
+    paths = {
+        name: os.path.join(out_dir, name)
+        for name in ("corpus.jsonl", "train.parquet", "test.parquet", "world.json")
+    }
 
     def write_corpus(path):
         with open(path, "w", encoding="utf-8") as handle:
@@ -330,11 +579,18 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
     write_atomically(paths["corpus.jsonl"], write_corpus)
     for split in SPLITS:
         table = pa.Table.from_pylist(world.rows(split))
-        write_atomically(paths[f"{split}.parquet"], lambda path, table=table: pq.write_table(table, path))
-    summary = {"seed": world.seed, "num_documents": len(world.corpus),
-               "entities": dict(Counter(entity.kind for entity in world.entities)),
-               "questions": {split: dict(Counter(row["data_source"] for row in world.rows(split)))
-                             for split in SPLITS}}
+        write_atomically(
+            paths[f"{split}.parquet"], lambda path, table=table: pq.write_table(table, path)
+        )
+    summary = {
+        "seed": world.seed,
+        "num_documents": len(world.corpus),
+        "entities": dict(Counter(entity.kind for entity in world.entities)),
+        "questions": {
+            split: dict(Counter(row["data_source"] for row in world.rows(split)))
+            for split in SPLITS
+        },
+    }
 
     def write_summary(path):
         with open(path, "w", encoding="utf-8") as handle:
@@ -354,21 +610,61 @@ _TAG_SPLIT = re.compile("(" + "|".join(re.escape(tag) for tag in PROTOCOL_TAGS) 
 # Document numbers the observation text can show ("Doc 1(Title: ...").
 MAX_DOC_NUMBER = 20
 # Words for short reasoning inside <think> (e.g. templated demonstrations), beyond the world's own.
-THINK_WORDS = ("I", "need", "to", "find", "search", "for", "first", "then", "now", "know", "so",
-               "the", "answer", "is", "it", "says", "that", "which", "who", "where", "what", "when",
-               "document", "documents", "found", "not", "yet", "look", "up", "next", "of", "was",
-               "in", "and", "Let", "me", "The", "So", "Now", "First")
+THINK_WORDS = (
+    "I",
+    "need",
+    "to",
+    "find",
+    "search",
+    "for",
+    "first",
+    "then",
+    "now",
+    "know",
+    "so",
+    "the",
+    "answer",
+    "is",
+    "it",
+    "says",
+    "that",
+    "which",
+    "who",
+    "where",
+    "what",
+    "when",
+    "document",
+    "documents",
+    "found",
+    "not",
+    "yet",
+    "look",
+    "up",
+    "next",
+    "of",
+    "was",
+    "in",
+    "and",
+    "Let",
+    "me",
+    "The",
+    "So",
+    "Now",
+    "First",
+)
 
 
 def word_pre_tokenizer():
     """Newlines become tokens, other whitespace separates words, punctuation stands alone."""
-    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
 
 
 def _protocol_texts(world: World) -> Iterable[str]:
@@ -385,8 +681,9 @@ def _protocol_texts(world: World) -> Iterable[str]:
     yield " ".join(THINK_WORDS)
 
 
-def build_word_tokenizer(world: World, out_dir: str | os.PathLike | None = None,
-                         extra_texts: Iterable[str] = ()):
+def build_word_tokenizer(
+    world: World, out_dir: str | os.PathLike | None = None, extra_texts: Iterable[str] = ()
+):
     """A word-level tokenizer covering every text of `world` and the protocol's own text.
 
     Also covered: `THINK_WORDS` and every word of `extra_texts` (say, the text of templated
@@ -401,8 +698,8 @@ def build_word_tokenizer(world: World, out_dir: str | os.PathLike | None = None,
     Returns a `transformers.PreTrainedTokenizerFast`; with `out_dir`, also saves it there
     (tokenizer.json + tokenizer_config.json, loadable with AutoTokenizer.from_pretrained).
     """
-    from tokenizers import AddedToken, Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Tokenizer, models  # noqa: PLC0415 (transformers is slow to import; loaded on use)
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     pre_tokenizer = word_pre_tokenizer()
     counts: Counter[str] = Counter()
@@ -416,20 +713,29 @@ def build_word_tokenizer(world: World, out_dir: str | os.PathLike | None = None,
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizer
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
-                                for token in SPECIAL_TOKENS])
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN, additional_special_tokens=list(PROTOCOL_TAGS), model_max_length=8192,
-        clean_up_tokenization_spaces=True)
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        additional_special_tokens=list(PROTOCOL_TAGS),
+        model_max_length=8192,
+        clean_up_tokenization_spaces=True,
+    )
     if out_dir is not None:
         tokenizer.save_pretrained(os.fspath(out_dir))
     return tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dgpo_jax.data.synthetic",
-                                     description="Writes a synthetic world: corpus, questions, tokenizer.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dgpo_jax.data.synthetic",
+        description="Writes a synthetic world: corpus, questions, tokenizer.",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-entities", type=int, default=3000, help="= number of documents")
@@ -442,7 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = build_word_tokenizer(world, os.path.join(args.out, "tokenizer"))
         paths["tokenizer"] = os.path.join(args.out, "tokenizer")
         print(f"word tokenizer: {len(tokenizer)} tokens")
-    print(f"{len(world.corpus)} documents, {len(world.train)} train and {len(world.test)} test questions")
+    print(
+        f"{len(world.corpus)} documents, {len(world.train)} train and {len(world.test)} test questions"
+    )
     for name, path in paths.items():
         print(f"  {name}: {path}")
     return 0

@@ -1,6 +1,7 @@
 """Exact match (the outcome reward and the reported metric) and ARCap diagnostics.
 
-Follows the Search-R1 / DGPO protocol (see ``shared/reference/protocol.md``):
+Follows the Search-R1 / DGPO protocol (PeterGriffinJin/Search-R1
+``verl/utils/reward_score/qa_em.py``):
 
 * the answer is the *last* ``<answer>...</answer>`` in the response (the reference counts the
   prompt's example answer too; scoring the response alone gives the same answer whenever the
@@ -21,7 +22,7 @@ import dataclasses
 import re
 import string
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -77,9 +78,18 @@ class TrajectoryRecord:
     num_searches: int
 
 
+def search_tags(response: str) -> int:
+    """``<search>`` tags the model wrote in its response (the DGPO reference's count,
+    ``verl/trainer/main_ppo.py``, over prompt and response minus the prompt's own mention),
+    whether or not the search ran (a tag after the turn budget is not executed)."""
+    return response.count("<search>")
+
+
 def arcap_summary(records: Iterable[TrajectoryRecord]) -> dict[str, dict[str, float]]:
-    """Per data source (and ``"all"``): em, em_without_think, hit_ratio, search_calls,
-    search_share, count."""
+    """Per data source (and ``"all"``): em, em_without_think, hit_ratio, search_calls (searches
+    the sampler executed), search_share (trajectories with at least one executed search),
+    search_tags and search_tag_share (the same from the ``<search>`` tags written, the DGPO
+    reference's definition), count."""
     groups: dict[str, list[TrajectoryRecord]] = defaultdict(list)
     for r in records:
         groups[r.data_source].append(r)
@@ -96,6 +106,8 @@ def arcap_summary(records: Iterable[TrajectoryRecord]) -> dict[str, dict[str, fl
             "hit_ratio": sum(has_gold_hit(r.response, r.golds) for r in rs) / n,
             "search_calls": sum(r.num_searches for r in rs) / n,
             "search_share": sum(r.num_searches > 0 for r in rs) / n,
+            "search_tags": sum(search_tags(r.response) for r in rs) / n,
+            "search_tag_share": sum(search_tags(r.response) > 0 for r in rs) / n,
             "count": float(n),
         }
     return out
@@ -115,7 +127,7 @@ def greedy_vs_sampled(greedy: Iterable[dict], sampled: Iterable[dict]) -> dict[s
 
     Reading it: RL that only sharpens raises ``sampled_em_greedy_right`` (the greedy answer was
     already right) and leaves greedy EM where it was; learning something new shows up as
-    ``sampled_em_greedy_wrong`` and greedy EM rising (docs/quickstart.md, session 7).
+    ``sampled_em_greedy_wrong`` and greedy EM rising (docs/quickstart.md).
     """
     first: dict[int, tuple[str, float]] = {}
     for row in greedy:
@@ -131,9 +143,11 @@ def greedy_vs_sampled(greedy: Iterable[dict], sampled: Iterable[dict]) -> dict[s
         draws[i].append(float(row["em"]))
     counts = {len(v) for v in draws.values()}
     if set(draws) != set(first) or len(counts) != 1:
-        raise ValueError("greedy_vs_sampled: every question needs the same number (>= 1) of "
-                         f"sampled predictions; got counts {sorted(counts)} over "
-                         f"{len(draws)} of {len(first)} questions")
+        raise ValueError(
+            "greedy_vs_sampled: every question needs the same number (>= 1) of "
+            f"sampled predictions; got counts {sorted(counts)} over "
+            f"{len(draws)} of {len(first)} questions"
+        )
     k = counts.pop()
     groups: dict[str, list[int]] = defaultdict(list)
     for i, (source, _) in first.items():

@@ -7,7 +7,8 @@ time), ``quickstart`` (the embedded CPU demo). A config error (an unknown field,
 wrong type or out of range, a missing file) prints ``error: ...`` and exits with status 2;
 ``--debug`` (or ``DGPO_DEBUG=1``) shows the traceback. With several processes
 (``JAX_COORDINATOR_ADDRESS`` or a TPU pod / SLURM environment) ``jax.distributed.initialize``
-runs first. ``--print_config`` prints the resolved config and exits.
+runs first. ``--print_config`` prints the config and the resolved objective and curriculum, and
+exits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -38,8 +39,9 @@ def use_fake_devices(count: int) -> None:
     """``plan`` mode on a machine without the target mesh: N fake CPU devices. Must run before
     JAX initialises a backend (XLA reads the flag once)."""
     flags_now = os.environ.get("XLA_FLAGS", "")
-    flags_now = " ".join(f for f in flags_now.split()
-                         if not f.startswith("--xla_force_host_platform_device_count"))
+    flags_now = " ".join(
+        f for f in flags_now.split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     jax.config.update("jax_platforms", "cpu")
@@ -49,8 +51,10 @@ def enable_compilation_cache() -> None:
     """Persist compiled programs across runs (``DGPO_JAX_COMPILATION_CACHE``, default
     ``~/.cache/dgpo_jax/xla``; empty to disable): a second run of the same config skips most
     compilation."""
-    path = os.environ.get("DGPO_JAX_COMPILATION_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "dgpo_jax", "xla"))
+    path = os.environ.get(
+        "DGPO_JAX_COMPILATION_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "dgpo_jax", "xla"),
+    )
     if path:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
@@ -76,14 +80,15 @@ def main(argv: Sequence[str]) -> int:
     flags_left = [a for a in argv[1:] if a not in ("--debug", "--print_config")]
     cfg, rest = load_config([argv[0]] + flags_left)
     if len(rest) > 1:
-        raise ConfigError(f"unexpected arguments: {rest[1:]} (settings are "
-                          "--config.SECTION.FIELD=VALUE)")
-    if "--print_config" in argv:
-        validate(cfg)
+        raise ConfigError(
+            f"unexpected arguments: {rest[1:]} (settings are --config.SECTION.FIELD=VALUE)"
+        )
+    if "--print_config" in argv:  # before validation: it shows what a failing config holds
         print(describe(cfg))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.mode == "plan" and cfg.plan.fake_devices:
@@ -107,7 +112,8 @@ def run_main(argv: Sequence[str] | None = None) -> None:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        print("hint: --print_config shows every field; --debug shows the traceback",
-              file=sys.stderr)
+        print(
+            "hint: --print_config shows every field; --debug shows the traceback", file=sys.stderr
+        )
         code = 2
     sys.exit(code)

@@ -35,12 +35,22 @@ def run_coldstart(cfg) -> dict:
     sampler = run.sampler(run.teacher_config, greedy=cfg.coldstart.greedy)
     seqs = _collect_correct(run, sampler, run.teacher_params, records, cfg.eval.batch_size)
     if not len(seqs["input_ids"]):
-        raise RuntimeError(f"the teacher answered none of {len(records)} training questions "
-                           "correctly: nothing to distill")
-    log.info("cold start: %d correct teacher trajectories of %d", len(seqs["input_ids"]),
-             len(records))
-    state = kd_train(cfg, run, seqs, cfg.coldstart.epochs, cfg.coldstart.lr,
-                     cfg.coldstart.batch_size, objective=objective)
+        raise RuntimeError(
+            f"the teacher answered none of {len(records)} training questions "
+            "correctly: nothing to distill"
+        )
+    log.info(
+        "cold start: %d correct teacher trajectories of %d", len(seqs["input_ids"]), len(records)
+    )
+    state = kd_train(
+        cfg,
+        run,
+        seqs,
+        cfg.coldstart.epochs,
+        cfg.coldstart.lr,
+        cfg.coldstart.batch_size,
+        objective=objective,
+    )
     out = os.path.join(cfg.workdir, "student_coldstart")
     shutil.rmtree(out, ignore_errors=True)
     save_params_checkpoint(run.student_config, state.params["policy"], out)
@@ -50,38 +60,68 @@ def run_coldstart(cfg) -> dict:
 
 def _collect_correct(run, sampler, params, records, batch_size) -> dict[str, np.ndarray]:
     parts = []
-    for scored, _ in rollout_records(sampler, params, records, run.tokenizer, batch_size,
-                                     run.cfg.seed, run.cfg.data.use_chat_template):
+    for scored, _ in rollout_records(
+        sampler,
+        params,
+        records,
+        run.tokenizer,
+        batch_size,
+        run.cfg.seed,
+        run.cfg.data.use_chat_template,
+    ):
         keep = np.flatnonzero(scored.rewards > 0)
-        parts.append({k: scored.batch[k][keep] for k in ("input_ids", "attention_mask",
-                                                          "loss_mask")})
+        parts.append(
+            {k: scored.batch[k][keep] for k in ("input_ids", "attention_mask", "loss_mask")}
+        )
     width = max(p["input_ids"].shape[1] for p in parts)
     width += (-width) % SEQ_MULTIPLE
-    return {k: np.concatenate([np.pad(p[k], ((0, 0), (0, width - p[k].shape[1])))
-                               for p in parts]) for k in parts[0]}
+    return {
+        k: np.concatenate([np.pad(p[k], ((0, 0), (0, width - p[k].shape[1]))) for p in parts])
+        for k in parts[0]
+    }
 
 
-def kd_train(cfg, run, seqs: dict[str, np.ndarray], epochs: int, lr: float, batch_size: int,
-             objective: ObjectiveConfig, logger_prefix: str = "coldstart_"):
+def kd_train(
+    cfg,
+    run,
+    seqs: dict[str, np.ndarray],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    objective: ObjectiveConfig,
+    logger_prefix: str = "coldstart_",
+):
     """Epochs of an off-policy KD objective over fixed sequences (teacher forward in-program)."""
     n = len(seqs["input_ids"])
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     total = max(1, epochs * steps_per_epoch)
-    update = make_update_step(objective, run.student_config, run.teacher_config,
-                              optimizer=optim_config(cfg, total, lr=lr, schedule="cosine",
-                                                     warmup_ratio=cfg.coldstart.warmup_ratio),
-                              micro_batches=micro_batches(batch_size, cfg.train.micro_batch_size),
-                              plan=run.plan)
+    update = make_update_step(
+        objective,
+        run.student_config,
+        run.teacher_config,
+        optimizer=optim_config(
+            cfg, total, lr=lr, schedule="cosine", warmup_ratio=cfg.coldstart.warmup_ratio
+        ),
+        micro_batches=micro_batches(batch_size, cfg.train.micro_batch_size),
+        plan=run.plan,
+    )
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
-    logger = MetricsLogger(cfg.workdir, total, 0, cfg.logging.tensorboard, None,
-                           progress=cfg.logging.progress, prefix=logger_prefix)
+    logger = MetricsLogger(
+        cfg.workdir,
+        total,
+        0,
+        cfg.logging.tensorboard,
+        None,
+        progress=cfg.logging.progress,
+        prefix=logger_prefix,
+    )
     rng = np.random.default_rng(cfg.seed)
     step = 0
     for _ in range(epochs):
         order = rng.permutation(n)
         for lo in range(0, steps_per_epoch * batch_size, batch_size):
-            idx = order[lo:lo + batch_size]
+            idx = order[lo : lo + batch_size]
             batch = trim_to_bucket({k: v[idx] for k, v in seqs.items()})
             state, m = update(state, batch, run.teacher_params)
             step += 1

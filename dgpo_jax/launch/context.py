@@ -31,25 +31,33 @@ def make_plan(cfg) -> ShardingPlan:
     return plan_from_config(shape, parse_rules(cfg.mesh.rules), devices=devices)
 
 
-def load_model(source: str, dtype: str, vocab_size: int, plan: ShardingPlan | None = None,
-               seed: int = 0, role: str = "model") -> tuple[Qwen2Config, Any]:
+def load_model(
+    source: str,
+    dtype: str,
+    vocab_size: int,
+    plan: ShardingPlan | None = None,
+    seed: int = 0,
+    role: str = "model",
+) -> tuple[Qwen2Config, Any]:
     """A model from a HF directory, a dgpo_jax checkpoint directory, or ``preset:NAME``.
 
     Presets get random weights and the tokenizer's vocabulary size.
     """
     if source.startswith("preset:"):
-        config = get_preset(source[len("preset:"):], vocab_size=vocab_size)
+        config = get_preset(source[len("preset:") :], vocab_size=vocab_size)
         params = init_params(config, jax.random.key(seed), jnp.dtype(dtype))
     elif os.path.isfile(os.path.join(source, "config.json")):
         config, params = load_hf(source, dtype=dtype)
     elif os.path.isdir(source):
         config, params, _ = load_params_checkpoint(source, dtype=dtype)
     else:
-        raise FileNotFoundError(f"{role} {source!r}: not a HF directory, a checkpoint directory "
-                                "or preset:NAME")
+        raise FileNotFoundError(
+            f"{role} {source!r}: not a HF directory, a checkpoint directory or preset:NAME"
+        )
     if config.vocab_size < vocab_size:
-        raise ValueError(f"{role} {source!r} has vocab_size {config.vocab_size} < the "
-                         f"tokenizer's {vocab_size}")
+        raise ValueError(
+            f"{role} {source!r} has vocab_size {config.vocab_size} < the tokenizer's {vocab_size}"
+        )
     if plan is not None:
         params = plan.shard_params(config, params)
     return config, params
@@ -59,8 +67,12 @@ def build_retriever(cfg):
     """``config.retrieval``: an in-process index or HTTP servers."""
     if cfg.retrieval.kind == "in_process":
         return InProcessRetriever(cfg.retrieval.index_dir, topk=cfg.retrieval.topk)
-    return HttpRetriever(split_list(cfg.retrieval.urls), topk=cfg.retrieval.topk,
-                         timeout=cfg.retrieval.timeout_s, max_retries=cfg.retrieval.max_retries)
+    return HttpRetriever(
+        split_list(cfg.retrieval.urls),
+        topk=cfg.retrieval.topk,
+        timeout=cfg.retrieval.timeout_s,
+        max_retries=cfg.retrieval.max_retries,
+    )
 
 
 def eval_records(cfg):
@@ -97,17 +109,20 @@ class RunContext:
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         vocab = len(self.tokenizer)
         self.student_config, self.student_params = load_model(
-            cfg.model.student, cfg.model.dtype, vocab, self.plan, cfg.seed, "model.student")
+            cfg.model.student, cfg.model.dtype, vocab, self.plan, cfg.seed, "model.student"
+        )
         if cfg.model.remat != "none":
             self.student_config = self.student_config.replace(remat=cfg.model.remat)
         self.teacher_config = self.teacher_params = None
         if need_teacher:
             if not cfg.model.teacher:
-                raise ValueError(f"objective {cfg.objective.preset!r} / mode {cfg.mode!r} needs "
-                                 "a teacher: set config.model.teacher")
+                raise ValueError(
+                    f"objective {cfg.objective.preset!r} / mode {cfg.mode!r} needs "
+                    "a teacher: set config.model.teacher"
+                )
             self.teacher_config, self.teacher_params = load_model(
-                cfg.model.teacher, cfg.model.dtype, vocab, self.plan, cfg.seed + 1,
-                "model.teacher")
+                cfg.model.teacher, cfg.model.dtype, vocab, self.plan, cfg.seed + 1, "model.teacher"
+            )
         self.retriever = build_retriever(cfg)
         os.makedirs(cfg.workdir, exist_ok=True)
 
@@ -117,16 +132,30 @@ class RunContext:
 
     def sampler(self, model_config, greedy=False, teacher=False, max_prefix_length=0):
         scfg = sampler_config(self.cfg, self.tokenizer, greedy, max_prefix_length)
-        return Sampler(model_config, scfg, self.tokenizer, self.retriever, plan=self.plan,
-                       teacher_config=self.teacher_config if teacher else None,
-                       topk=self.cfg.retrieval.topk)
+        return Sampler(
+            model_config,
+            scfg,
+            self.tokenizer,
+            self.retriever,
+            plan=self.plan,
+            teacher_config=self.teacher_config if teacher else None,
+            topk=self.cfg.retrieval.topk,
+        )
 
     def evaluate(self, params, name: str, model_config=None) -> dict:
         cfg = self.cfg
-        results = evaluate(model_config or self.student_config, params, eval_records(cfg),
-                           self.tokenizer, self.retriever,
-                           eval_sampler_configs(cfg, self.tokenizer), cfg.eval.batch_size,
-                           cfg.seed, self.plan, cfg.data.use_chat_template,
-                           sampled_repeats=cfg.eval.sampled_repeats)
+        results = evaluate(
+            model_config or self.student_config,
+            params,
+            eval_records(cfg),
+            self.tokenizer,
+            self.retriever,
+            eval_sampler_configs(cfg, self.tokenizer),
+            cfg.eval.batch_size,
+            cfg.seed,
+            self.plan,
+            cfg.data.use_chat_template,
+            sampled_repeats=cfg.eval.sampled_repeats,
+        )
         write_results(cfg.workdir, name, results)
         return results

@@ -23,7 +23,13 @@ def run_export(cfg) -> str:
     config = Qwen2Config.from_hf_dict(meta["model_config"], source=f"{ck.directory} metadata")
     params = policy_params(state, ck.directory)
     out = cfg.export.out or os.path.join(cfg.workdir, f"export_{step}")
-    save_hf(config, params, out, tokenizer=load_tokenizer(cfg.model.tokenizer),
-            dtype=cfg.export.dtype or None, overwrite=True)
+    save_hf(
+        config,
+        params,
+        out,
+        tokenizer=load_tokenizer(cfg.model.tokenizer),
+        dtype=cfg.export.dtype or None,
+        overwrite=True,
+    )
     log.info("exported step %d to %s", step, out)
     return out

@@ -21,9 +21,12 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,20 @@ def _scalar(v: Any) -> float | None:
 class MetricsLogger:
     """Writes scalar metrics to JSON lines, TensorBoard and (optionally) W&B, with progress."""
 
-    def __init__(self, workdir: str, total_steps: int | None = None, start_step: int = 0,
-                 tensorboard: bool = True, wandb_project: str | None = None,
-                 run_name: str | None = None, config: Mapping | None = None,
-                 progress: bool = True, prefix: str = "", primary: bool | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int | None = None,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        run_name: str | None = None,
+        config: Mapping | None = None,
+        progress: bool = True,
+        prefix: str = "",
+        primary: bool | None = None,
+    ):
         if primary is None:  # several processes: only process 0 writes (the metrics agree)
-            import jax
             primary = jax.process_index() == 0
         self.primary = primary
         self.workdir = workdir
@@ -57,25 +68,34 @@ class MetricsLogger:
             tensorboard, wandb_project, progress = False, None, False
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional logging dependency, loaded on use)
+
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", prefix.strip("_")))
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard event files")
         self._wandb = None
         if wandb_project:
             try:
-                import wandb
-                self._wandb = wandb.init(project=wandb_project, name=run_name,
-                                         config=dict(config or {}), resume="allow")
+                import wandb  # noqa: PLC0415 (optional logging dependency, loaded on use)
+
+                self._wandb = wandb.init(
+                    project=wandb_project, name=run_name, config=dict(config or {}), resume="allow"
+                )
             except ImportError:
-                log.warning("wandb_project=%r but wandb is not installed: not logging to W&B",
-                            wandb_project)
+                log.warning(
+                    "wandb_project=%r but wandb is not installed: not logging to W&B", wandb_project
+                )
         self._bar = None
         if progress and total_steps:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=prefix.strip("_") or
-                             "train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                             mininterval=1.0)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc=prefix.strip("_") or "train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
         self._t0 = time.time()
         self._tokens = 0
 
@@ -95,8 +115,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
         if self._bar is not None:
-            shown = {k: clean[k] for k in ("reward", "em", "loss", "kl", "tokens_per_s")
-                     if k in clean}
+            shown = {
+                k: clean[k] for k in ("reward", "em", "loss", "kl", "tokens_per_s") if k in clean
+            }
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self._bar.n = int(step)
             self._bar.refresh()
@@ -110,8 +131,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         if plot and self.primary:
-            return plot_curves(self.path, os.path.join(self.workdir,
-                                                       os.path.basename(self.path) + ".png"))
+            return plot_curves(
+                self.path, os.path.join(self.workdir, os.path.basename(self.path) + ".png")
+            )
         return None
 
 
@@ -140,24 +162,32 @@ PLOT_GROUPS = (
 )
 
 
-def plot_curves(metrics_path: str, out_png: str,
-                groups: Iterable[tuple[str, Iterable[str]]] = PLOT_GROUPS) -> str | None:
+def plot_curves(
+    metrics_path: str, out_png: str, groups: Iterable[tuple[str, Iterable[str]]] = PLOT_GROUPS
+) -> str | None:
     """Plot every metric whose name contains a group's keyword; returns the PNG path."""
     if not os.path.exists(metrics_path):
         return None
     records = read_metrics(metrics_path)
     if not records:
         return None
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional logging dependency, loaded on use)
+
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional logging dependency, loaded on use)
 
     groups = list(groups)
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.6 * len(groups)), sharex=True)
     keys = sorted({k for r in records for k in r if k not in ("step", "time")})
     for ax, (title, names) in zip(np.atleast_1d(axes), groups):
-        wanted = [k for k in keys if any(k == n or k.endswith("/" + n) or k.startswith(n + "_")
-                                         or k.startswith(n) for n in names)]
+        wanted = [
+            k
+            for k in keys
+            if any(
+                k == n or k.endswith("/" + n) or k.startswith(n + "_") or k.startswith(n)
+                for n in names
+            )
+        ]
         for k in wanted:
             pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
             if pts:

@@ -126,8 +126,16 @@ class MemoryPlan:
     @property
     def resident(self) -> int:
         c = self.components
-        return sum(c.get(k, 0) for k in ("student params", "critic params", "teacher params",
-                                          "reference params", "optimizer state"))
+        return sum(
+            c.get(k, 0)
+            for k in (
+                "student params",
+                "critic params",
+                "teacher params",
+                "reference params",
+                "optimizer state",
+            )
+        )
 
     @property
     def update_peak(self) -> int:
@@ -148,24 +156,34 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(resident=self.resident, update_peak=self.update_peak,
-                   rollout_peak=self.rollout_peak, peak=self.peak, fits=self.fits)
+        out.update(
+            resident=self.resident,
+            update_peak=self.update_peak,
+            rollout_peak=self.rollout_peak,
+            peak=self.peak,
+            fits=self.fits,
+        )
         return out
 
     def table(self) -> str:
         rows = [(k, v, self.notes.get(k, "")) for k, v in self.components.items()]
-        rows += [("= resident (params + optimizer)", self.resident, ""),
-                 ("= update phase peak", self.update_peak, "resident + update activations"),
-                 ("= rollout phase peak", self.rollout_peak, "resident + kv cache + step"),
-                 ("= PEAK", self.peak, "")]
+        rows += [
+            ("= resident (params + optimizer)", self.resident, ""),
+            ("= update phase peak", self.update_peak, "resident + update activations"),
+            ("= rollout phase peak", self.rollout_peak, "resident + kv cache + step"),
+            ("= PEAK", self.peak, ""),
+        ]
         width = max(len(r[0]) for r in rows) + 2
-        lines = [f"memory plan per device: mesh {self.mesh} over {self.devices} "
-                 f"{self.platform} devices"]
+        lines = [
+            f"memory plan per device: mesh {self.mesh} over {self.devices} {self.platform} devices"
+        ]
         lines += [f"  {name.ljust(width)}{_fmt(b):>12}  {note}" for name, b, note in rows]
         if self.device_memory:
             verdict = "fits" if self.fits else "DOES NOT FIT"
-            lines.append(f"  device memory {_fmt(self.device_memory)}: {verdict} "
-                         f"({self.peak / self.device_memory:.0%} used)")
+            lines.append(
+                f"  device memory {_fmt(self.device_memory)}: {verdict} "
+                f"({self.peak / self.device_memory:.0%} used)"
+            )
         return "\n".join(lines)
 
 
@@ -183,13 +201,19 @@ def _temp_bytes(compiled) -> int:
     return int(stats.temp_size_in_bytes)
 
 
-def plan_update(objective, student, teacher, tx, plan, rows: int, seq: int,
-                micro_batches: int, dtype) -> tuple[object, int]:
+def plan_update(
+    objective, student, teacher, tx, plan, rows: int, seq: int, micro_batches: int, dtype
+) -> tuple[object, int]:
     """(abstract update state, temporary bytes per device of the compiled update step)."""
     teacher_in_program = objective.teacher_in_update
-    update = make_update_step(objective, student["config"],
-                              teacher["config"] if teacher_in_program else None,
-                              optimizer=tx, micro_batches=micro_batches, plan=plan)
+    update = make_update_step(
+        objective,
+        student["config"],
+        teacher["config"] if teacher_in_program else None,
+        optimizer=tx,
+        micro_batches=micro_batches,
+        plan=plan,
+    )
     state = abstract_update_state(objective, student["params"], update.tx)
     required, _ = batch_requirements(objective, teacher_in_program)
     batch = {}
@@ -226,9 +250,12 @@ def build_memory_plan(cfg) -> MemoryPlan:
     cache_slots = cfg.sampler.cache_len
     seq = -(-cfg.sampler.cache_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
 
-    result = MemoryPlan(mesh=dict(plan.mesh.shape), devices=int(devices),
-                        platform=plan.mesh.devices.flat[0].platform,
-                        device_memory=int(cfg.plan.device_memory_gib * GiB))
+    result = MemoryPlan(
+        mesh=dict(plan.mesh.shape),
+        devices=int(devices),
+        platform=plan.mesh.devices.flat[0].platform,
+        device_memory=int(cfg.plan.device_memory_gib * GiB),
+    )
 
     def model(role, source):
         config = model_config_from_source(source, f"model.{role}")
@@ -236,8 +263,9 @@ def build_memory_plan(cfg) -> MemoryPlan:
 
     student = model("student", cfg.model.student)
     result.components["student params"] = bytes_per_device(student["params"])
-    result.notes["student params"] = (f"{student['config'].num_params() / 1e6:.0f}M x "
-                                      f"{jnp.dtype(dtype).name}")
+    result.notes["student params"] = (
+        f"{student['config'].num_params() / 1e6:.0f}M x {jnp.dtype(dtype).name}"
+    )
     teacher = None
     if needs_teacher_model(objective, curriculum):
         if not cfg.model.teacher:
@@ -255,18 +283,21 @@ def build_memory_plan(cfg) -> MemoryPlan:
 
     tx = optim_config(cfg, cfg.train.steps)
     micro = micro_batches(mini_rows, cfg.train.micro_batch_size)
-    log.info("compiling the update step for %d x %d tokens (%d micro-batches) ...",
-             mini_rows, seq, micro)
-    state, update_temp = plan_update(objective, student, teacher, tx, plan, mini_rows, seq,
-                                     micro, dtype)
+    log.info(
+        "compiling the update step for %d x %d tokens (%d micro-batches) ...", mini_rows, seq, micro
+    )
+    state, update_temp = plan_update(
+        objective, student, teacher, tx, plan, mini_rows, seq, micro, dtype
+    )
     critic = {k: v for k, v in state.train.params.items() if k != "policy"}
     result.components["critic params"] = bytes_per_device(critic)
     result.notes["critic params"] = objective.critic
     result.components["optimizer state"] = bytes_per_device(state.train.opt_state)
     result.notes["optimizer state"] = "AdamW moments (float32 like the params' dtype) + counters"
     result.components["update activations"] = update_temp
-    result.notes["update activations"] = (f"compiled update step, {mini_rows} rows x {seq} "
-                                          f"positions, {micro} micro-batches")
+    result.notes["update activations"] = (
+        f"compiled update step, {mini_rows} rows x {seq} positions, {micro} micro-batches"
+    )
 
     cache = abstract_cache(student["config"], rollout_rows, cache_slots, dtype, plan)
     kv = bytes_per_device(cache)
@@ -279,7 +310,8 @@ def build_memory_plan(cfg) -> MemoryPlan:
     result.notes["kv cache"] = note
     log.info("compiling a rollout decode step ...")
     result.components["rollout step"] = plan_rollout_step(
-        student["config"], student["params"], cache, 1, plan)
+        student["config"], student["params"], cache, 1, plan
+    )
     result.notes["rollout step"] = f"one compiled decode step of all {rollout_rows} rows"
     return result
 
@@ -293,10 +325,19 @@ def run_plan(cfg) -> dict:
     with open(os.path.join(cfg.workdir, "memory_plan.json"), "w") as f:
         json.dump(out, f, indent=1)
     if result.fits is False:
-        raise SystemExit(f"memory plan: peak {_fmt(result.peak)} per device exceeds "
-                         f"plan.device_memory_gib={cfg.plan.device_memory_gib}")
+        raise SystemExit(
+            f"memory plan: peak {_fmt(result.peak)} per device exceeds "
+            f"plan.device_memory_gib={cfg.plan.device_memory_gib}"
+        )
     return out
 
 
-__all__ = ["MemoryPlan", "build_memory_plan", "run_plan", "bytes_per_device", "abstract_params",
-           "abstract_cache", "model_config_from_source"]
+__all__ = [
+    "MemoryPlan",
+    "build_memory_plan",
+    "run_plan",
+    "bytes_per_device",
+    "abstract_params",
+    "abstract_cache",
+    "model_config_from_source",
+]

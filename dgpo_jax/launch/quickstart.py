@@ -22,17 +22,18 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from dgpo_jax.checkpoint.fileio import write_text_atomically
 from dgpo_jax.checkpoint.params import save_params_checkpoint
-from dgpo_jax.data.search_r1 import validate_row
-from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
-from dgpo_jax.data.synthetic import evidence
 from dgpo_jax.data.prompts import encode_prompt
+from dgpo_jax.data.search_r1 import validate_row
+from dgpo_jax.data.synthetic import build_word_tokenizer, evidence, generate_world, write_world
 from dgpo_jax.launch.coldstart import run_coldstart
 from dgpo_jax.launch.evaluate import run_eval
 from dgpo_jax.launch.metrics_log import MetricsLogger
@@ -40,13 +41,10 @@ from dgpo_jax.launch.train import run_train
 from dgpo_jax.learner.batches import trim_to_bucket
 from dgpo_jax.learner.optim import OptimConfig
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
-from dgpo_jax.models import get_preset
-from dgpo_jax.models import init_params
+from dgpo_jax.models import get_preset, init_params
 from dgpo_jax.objectives.presets import get_objective
-from dgpo_jax.retrieval import InProcessRetriever
-from dgpo_jax.retrieval import information_observation
+from dgpo_jax.retrieval import InProcessRetriever, information_observation
 from retrieval_service.index import build_index
-import shutil
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +82,9 @@ def expert_turns(world, row: dict) -> tuple[list[str], list[str]]:
     return turns, queries
 
 
-def expert_sequences(world, rows, tokenizer, retriever, max_obs_length: int,
-                     use_chat_template: bool) -> dict[str, np.ndarray]:
+def expert_sequences(
+    world, rows, tokenizer, retriever, max_obs_length: int, use_chat_template: bool
+) -> dict[str, np.ndarray]:
     """Token ids, attention and loss masks of the expert trajectories (right-padded)."""
 
     seqs, masks = [], []
@@ -95,7 +94,7 @@ def expert_sequences(world, rows, tokenizer, retriever, max_obs_length: int,
         all_queries.extend(q)
     docs = {}
     for lo in range(0, len(all_queries), 256):
-        batch = all_queries[lo:lo + 256]
+        batch = all_queries[lo : lo + 256]
         docs.update(zip(batch, retriever.search(batch)))
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)
     for i, (row, (turns, queries)) in enumerate(zip(rows, plans)):
@@ -113,13 +112,15 @@ def expert_sequences(world, rows, tokenizer, retriever, max_obs_length: int,
         masks.append(mask)
     width = max(len(s) for s in seqs)
     width += (-width) % 64
-    out = {"input_ids": np.zeros((len(seqs), width), np.int32),
-           "attention_mask": np.zeros((len(seqs), width), np.int32),
-           "loss_mask": np.zeros((len(seqs), width), np.float32)}
+    out = {
+        "input_ids": np.zeros((len(seqs), width), np.int32),
+        "attention_mask": np.zeros((len(seqs), width), np.int32),
+        "loss_mask": np.zeros((len(seqs), width), np.float32),
+    }
     for i, (s, m) in enumerate(zip(seqs, masks)):
-        out["input_ids"][i, :len(s)] = s
-        out["attention_mask"][i, :len(s)] = 1
-        out["loss_mask"][i, :len(s)] = m
+        out["input_ids"][i, : len(s)] = s
+        out["attention_mask"][i, : len(s)] = 1
+        out["loss_mask"][i, : len(s)] = m
     return out
 
 
@@ -128,13 +129,24 @@ def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str):
 
     objective = get_objective("seqkd")
     steps = qcfg.teacher_steps
-    update = make_update_step(objective, model_config, None, optimizer=OptimConfig(
-        lr=qcfg.teacher_lr, schedule="cosine", warmup_steps=steps // 20, total_steps=steps,
-        weight_decay=0.0, grad_clip=1.0))
+    update = make_update_step(
+        objective,
+        model_config,
+        None,
+        optimizer=OptimConfig(
+            lr=qcfg.teacher_lr,
+            schedule="cosine",
+            warmup_steps=steps // 20,
+            total_steps=steps,
+            weight_decay=0.0,
+            grad_clip=1.0,
+        ),
+    )
     params = init_params(model_config, jax.random.key(seed), jnp.float32)
     state = create_update_state(objective, params, update.tx, seed)
-    logger = MetricsLogger(workdir, steps, 0, tensorboard=True, progress=True,
-                           prefix="teacher_sft_")
+    logger = MetricsLogger(
+        workdir, steps, 0, tensorboard=True, progress=True, prefix="teacher_sft_"
+    )
     rng = np.random.default_rng(seed)
     n = len(seqs["input_ids"])
     bs = min(qcfg.teacher_batch_size, n)
@@ -177,15 +189,18 @@ def _em(results: dict, decoding: str = "greedy") -> dict[str, float]:
 def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, teacher_dir):
 
     rows = world.train[: q.teacher_questions] if q.teacher_questions else world.train
-    seqs = expert_sequences(world, rows, tokenizer, retriever, cfg.sampler.max_obs_length,
-                            cfg.data.use_chat_template)
-    print(f"{len(rows)} expert trajectories, {seqs['input_ids'].shape[1]} positions, "
-          f"{teacher_config.num_params() / 1e6:.2f}M-parameter teacher")
-    teacher_params = train_teacher(q, teacher_config, seqs, cfg.seed,
-                                   os.path.join(cfg.workdir, "teacher_sft"))
+    seqs = expert_sequences(
+        world, rows, tokenizer, retriever, cfg.sampler.max_obs_length, cfg.data.use_chat_template
+    )
+    print(
+        f"{len(rows)} expert trajectories, {seqs['input_ids'].shape[1]} positions, "
+        f"{teacher_config.num_params() / 1e6:.2f}M-parameter teacher"
+    )
+    teacher_params = train_teacher(
+        q, teacher_config, seqs, cfg.seed, os.path.join(cfg.workdir, "teacher_sft")
+    )
     shutil.rmtree(teacher_dir, ignore_errors=True)
     save_params_checkpoint(teacher_config, teacher_params, teacher_dir)
-
 
 
 def run_quickstart(cfg) -> dict:
@@ -197,8 +212,11 @@ def run_quickstart(cfg) -> dict:
 
     _stage(f"1/6 synthetic world ({q.num_entities} entities), tokenizer, BM25 index")
     t = time.time()
-    world = generate_world(seed=cfg.seed, num_entities=q.num_entities,
-                           prompt_template=q.prompt_template or cfg.data.prompt_template)
+    world = generate_world(
+        seed=cfg.seed,
+        num_entities=q.num_entities,
+        prompt_template=q.prompt_template or cfg.data.prompt_template,
+    )
     paths = write_world(world, os.path.join(cfg.workdir, "world"))
     tok_dir = os.path.join(cfg.workdir, "tokenizer")
     expert_text = [" ".join(t for t in expert_turns(world, r)[0]) for r in world.train[:50]]
@@ -207,15 +225,24 @@ def run_quickstart(cfg) -> dict:
     if not os.path.isdir(index_dir):
         build_index(paths["corpus.jsonl"], index_dir, "bm25")
     retriever = InProcessRetriever(index_dir, topk=cfg.retrieval.topk)
-    base = _sub(cfg, ".", **{"model.tokenizer": tok_dir, "retrieval.kind": "in_process",
-                             "retrieval.index_dir": index_dir,
-                             "data.train_files": paths["train.parquet"],
-                             "data.test_files": paths["test.parquet"]})
+    base = _sub(
+        cfg,
+        ".",
+        **{
+            "model.tokenizer": tok_dir,
+            "retrieval.kind": "in_process",
+            "retrieval.index_dir": index_dir,
+            "data.train_files": paths["train.parquet"],
+            "data.test_files": paths["test.parquet"],
+        },
+    )
     with base.unlocked():
         base.workdir = cfg.workdir
     vocab = len(tokenizer)
-    print(f"corpus {len(world.corpus)} docs, {len(world.train)} train / {len(world.test)} test "
-          f"questions, vocabulary {vocab}")
+    print(
+        f"corpus {len(world.corpus)} docs, {len(world.train)} train / {len(world.test)} test "
+        f"questions, vocabulary {vocab}"
+    )
     timings["world"] = time.time() - t
 
     _stage("2/6 teacher: supervised on scripted expert trajectories")
@@ -232,32 +259,60 @@ def run_quickstart(cfg) -> dict:
     _stage("3/6 evaluate the teacher and the untrained student")
     t = time.time()
     student_src = f"preset:{q.student_preset}"
-    table["teacher"] = _em(run_eval(_sub(base, "eval_teacher", **{
-        "model.student": teacher_dir}))["final_eval"])
-    table["student (untrained)"] = _em(run_eval(_sub(base, "eval_student", **{
-        "model.student": student_src}))["final_eval"])
+    table["teacher"] = _em(
+        run_eval(_sub(base, "eval_teacher", **{"model.student": teacher_dir}))["final_eval"]
+    )
+    table["student (untrained)"] = _em(
+        run_eval(_sub(base, "eval_student", **{"model.student": student_src}))["final_eval"]
+    )
     timings["eval"] = time.time() - t
     print(json.dumps(table, indent=1))
 
     _stage("4/6 cold start: KD of the student on the teacher's correct trajectories")
     t = time.time()
-    cs = run_coldstart(_sub(base, "coldstart", **{
-        "mode": "coldstart", "model.student": student_src, "model.teacher": teacher_dir,
-        "objective.preset": "dgpo_coldstart"}))
+    cs = run_coldstart(
+        _sub(
+            base,
+            "coldstart",
+            **{
+                "mode": "coldstart",
+                "model.student": student_src,
+                "model.teacher": teacher_dir,
+                "objective.preset": "dgpo_coldstart",
+            },
+        )
+    )
     table["student + KD cold start"] = _em(cs["final_eval"])
     timings["coldstart"] = time.time() - t
-    print(f"{cs['num_sequences']} correct teacher trajectories; EM "
-          f"{table['student + KD cold start']}")
+    print(
+        f"{cs['num_sequences']} correct teacher trajectories; EM {table['student + KD cold start']}"
+    )
 
     _stage("5/6 DGPO from the cold start")
     t = time.time()
-    rl = {"train.steps": q.rl_steps, "data.batch_size": q.rl_batch_size,
-          "train.mini_batch_size": q.rl_batch_size, "train.ppo_epochs": 1,
-          "train.eval_every": 0, "train.save_every": max(1, q.rl_steps // 2),
-          "optim.actor_lr": q.rl_actor_lr, "optim.critic_lr": q.rl_critic_lr}
-    dg = run_train(_sub(base, "dgpo", **{
-        "mode": "train", "model.student": cs["checkpoint"], "model.teacher": teacher_dir,
-        "objective.preset": "dgpo", **rl}))
+    rl = {
+        "train.steps": q.rl_steps,
+        "data.batch_size": q.rl_batch_size,
+        "train.mini_batch_size": q.rl_batch_size,
+        "train.ppo_epochs": 1,
+        "train.eval_every": 0,
+        "train.save_every": max(1, q.rl_steps // 2),
+        "optim.actor_lr": q.rl_actor_lr,
+        "optim.critic_lr": q.rl_critic_lr,
+    }
+    dg = run_train(
+        _sub(
+            base,
+            "dgpo",
+            **{
+                "mode": "train",
+                "model.student": cs["checkpoint"],
+                "model.teacher": teacher_dir,
+                "objective.preset": "dgpo",
+                **rl,
+            },
+        )
+    )
     table["student + KD + DGPO"] = _em(dg["final_eval"])
     timings["dgpo"] = time.time() - t
 
@@ -265,9 +320,19 @@ def run_quickstart(cfg) -> dict:
     if q.ppo_baseline and elapsed + timings["dgpo"] <= q.time_budget_s:
         _stage("6/6 baseline: PPO from the same cold start")
         t = time.time()
-        pp = run_train(_sub(base, "ppo", **{
-            "mode": "train", "model.student": cs["checkpoint"], "model.teacher": "",
-            "objective.preset": "ppo", **rl}))
+        pp = run_train(
+            _sub(
+                base,
+                "ppo",
+                **{
+                    "mode": "train",
+                    "model.student": cs["checkpoint"],
+                    "model.teacher": "",
+                    "objective.preset": "ppo",
+                    **rl,
+                },
+            )
+        )
         table["student + KD + PPO"] = _em(pp["final_eval"])
         timings["ppo"] = time.time() - t
     else:
@@ -275,8 +340,13 @@ def run_quickstart(cfg) -> dict:
 
     timings = {k: round(v, 1) for k, v in timings.items()}
     timings["total"] = round(time.time() - t_start, 1)
-    result = {"table": table, "decoding": "greedy", "split": "test (held-out entities)",
-              "seconds": timings, "config": cfg.to_dict()}
+    result = {
+        "table": table,
+        "decoding": "greedy",
+        "split": "test (held-out entities)",
+        "seconds": timings,
+        "config": cfg.to_dict(),
+    }
     write_text_atomically(os.path.join(cfg.workdir, "results.json"), json.dumps(result, indent=1))
     print_table(table)
     print(f"\nresults: {os.path.join(cfg.workdir, 'results.json')}  ({timings['total']:.0f}s)")

@@ -23,6 +23,7 @@ from dgpo_jax.config import build_curriculum, build_objective, optim_config, spl
 from dgpo_jax.curricula.config import needs_teacher_model
 from dgpo_jax.curricula.replay import ReplayBuffer, load_for_checkpoint, save_with_checkpoint
 from dgpo_jax.curricula.schedules import (
+    distillm_data_source,
     distillm_student_share,
     taid_update,
     teacher_turn_probability,
@@ -33,7 +34,13 @@ from dgpo_jax.data.prompts import encode_prompt
 from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.launch.context import RunContext, load_model
 from dgpo_jax.launch.metrics_log import MetricsLogger
-from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches, pad_batch_to, score_rollout
+from dgpo_jax.learner.batches import (
+    SEQ_MULTIPLE,
+    micro_batches,
+    pad_batch_to,
+    pad_rows_to,
+    score_rollout,
+)
 from dgpo_jax.learner.scoring import sequence_logprobs
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.parallel.distributed import to_host
@@ -51,30 +58,45 @@ def run_train(cfg) -> dict:
     updates_per_step = (rows // mini_rows) * cfg.train.ppo_epochs
     total_updates = cfg.train.steps * updates_per_step
     in_program_teacher = run.teacher_config if objective.teacher_in_update else None
-    update = make_update_step(objective, run.student_config, in_program_teacher,
-                              optimizer=optim_config(cfg, total_updates),
-                              micro_batches=micro_batches(mini_rows, cfg.train.micro_batch_size),
-                              plan=run.plan)
+    update = make_update_step(
+        objective,
+        run.student_config,
+        in_program_teacher,
+        optimizer=optim_config(cfg, total_updates),
+        micro_batches=micro_batches(mini_rows, cfg.train.micro_batch_size),
+        plan=run.plan,
+    )
     ref_params = None
     if objective.needs_ref_logp:
         if cfg.model.ref_model == "initial_student":
             ref_params = jax.tree.map(jnp.copy, run.student_params)
             ref_config = run.student_config
         else:  # teacher_base: validate() made sure model.reference is set
-            ref_config, ref_params = load_model(cfg.model.reference, cfg.model.dtype, len(tok),
-                                                run.plan, role="model.reference")
-        log.info("reference log-probs (pi_ref) from %s", "the initial student"
-                 if cfg.model.ref_model == "initial_student"
-                 else f"model.reference={cfg.model.reference!r}")
+            ref_config, ref_params = load_model(
+                cfg.model.reference, cfg.model.dtype, len(tok), run.plan, role="model.reference"
+            )
+        log.info(
+            "reference log-probs (pi_ref) from %s",
+            "the initial student"
+            if cfg.model.ref_model == "initial_student"
+            else f"model.reference={cfg.model.reference!r}",
+        )
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     records = read_question_files(split_list(cfg.data.train_files))
     # Every process holds the same global batch (dgpo_jax.parallel.distributed); shard_batch places it.
     data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
-    start, extra = 0, {"taid_t": curriculum.taid_t_start, "taid_m": 0.0, "taid_loss": None,
-                       "student_share": curriculum.student_data_fraction, "val_loss": None}
-    replay = (ReplayBuffer(curriculum.replay_buffer_size) if curriculum.replay_buffer_size
-              else None)
+    start, extra = (
+        0,
+        {
+            "taid_t": curriculum.taid_t_start,
+            "taid_m": 0.0,
+            "taid_loss": None,
+            "student_share": curriculum.student_data_fraction,
+            "val_loss": None,
+        },
+    )
+    replay = ReplayBuffer(curriculum.replay_buffer_size) if curriculum.replay_buffer_size else None
     replay_dir = os.path.join(cfg.workdir, "replay")
     if cfg.resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(target=abstract_like(state))
@@ -86,38 +108,76 @@ def run_train(cfg) -> dict:
     elif cfg.resume:
         log.info("resume requested but %s has no checkpoint: starting fresh", ckpt.directory)
 
-    student_sampler = run.sampler(run.student_config, teacher=curriculum.guided_p0 > 0,
-                                  max_prefix_length=curriculum.teacher_prefix_tokens)
-    teacher_sampler = (run.sampler(run.teacher_config) if not objective.uses_policy
-                       or curriculum.teacher_prefix_share > 0 else None)
-    logger = MetricsLogger(cfg.workdir, cfg.train.steps, start, cfg.logging.tensorboard,
-                           cfg.logging.wandb_project or None, config=cfg.to_dict(),
-                           progress=cfg.logging.progress)
-    metadata = lambda step: {"step": step, "data_state": data.state(), "extra": extra,
-                             "model_config": run.student_config.to_hf_dict(),
-                             "objective": objective.name}
+    student_sampler = run.sampler(
+        run.student_config,
+        teacher=curriculum.guided_p0 > 0,
+        max_prefix_length=curriculum.teacher_prefix_tokens,
+    )
+    teacher_sampler = (
+        run.sampler(run.teacher_config)
+        if not objective.uses_policy or curriculum.teacher_prefix_share > 0
+        else None
+    )
+    logger = MetricsLogger(
+        cfg.workdir,
+        cfg.train.steps,
+        start,
+        cfg.logging.tensorboard,
+        cfg.logging.wandb_project or None,
+        config=cfg.to_dict(),
+        progress=cfg.logging.progress,
+    )
+    metadata = lambda step: {
+        "step": step,
+        "data_state": data.state(),
+        "extra": extra,
+        "model_config": run.student_config.to_hf_dict(),
+        "objective": objective.name,
+    }
     val_batch, val_every = None, 0
     if curriculum.adaptive_student_share:
         val_every = cfg.train.val_every or max(1, cfg.train.steps // 10)
         # One PPO mini-batch of test questions, so its micro-batches are no larger than the
         # update's.
         val_records = read_question_files(split_list(cfg.data.test_files))[
-            : min(cfg.data.batch_size, cfg.train.mini_batch_size)]
-        val_batch = validation_batch(val_records, tok, teacher_sampler, run.teacher_params,
-                                     cfg.seed, micro_batches(mini_rows,
-                                                             cfg.train.micro_batch_size),
-                                     cfg.data.use_chat_template)
+            : min(cfg.data.batch_size, cfg.train.mini_batch_size)
+        ]
+        val_batch = validation_batch(
+            val_records,
+            tok,
+            teacher_sampler,
+            run.teacher_params,
+            cfg.seed,
+            micro_batches(mini_rows, cfg.train.micro_batch_size),
+            cfg.data.use_chat_template,
+        )
 
     def validate_if_due(step: int, metrics: dict) -> None:
         """DistiLLM: the validation loss after this step, and the share it implies."""
         if val_batch is None or (step + 1) % val_every:
             return
-        val = float(update.loss(state, val_batch, run.teacher_params if in_program_teacher
-                                else None)["loss"])
-        extra["student_share"] = distillm_student_share(
-            extra["student_share"], extra["val_loss"], val,
-            curriculum.distillm_share_step, curriculum.distillm_loss_rise)
-        extra["val_loss"] = metrics["val_loss"] = val
+        val = float(
+            update.loss(state, val_batch, run.teacher_params if in_program_teacher else None)[
+                "loss"
+            ]
+        )
+        extra["student_share"], extra["val_loss"] = distillm_student_share(
+            extra["student_share"],
+            extra["val_loss"],
+            val,
+            curriculum.distillm_share_step,
+            curriculum.distillm_loss_rise,
+        )
+        metrics["val_loss"] = val
+
+    if val_batch is not None and extra["val_loss"] is None:
+        # DistiLLM's first comparison point: a validation before training.
+        extra["val_loss"] = float(
+            update.loss(state, val_batch, run.teacher_params if in_program_teacher else None)[
+                "loss"
+            ]
+        )
+    per_micro = max(1, mini_rows // update.micro_batches)
 
     for step in range(start, cfg.train.steps):
         t0 = time.time()
@@ -129,35 +189,48 @@ def run_train(cfg) -> dict:
         prompts = [encode_prompt(r, tok, cfg.data.use_chat_template) for r in expanded]
         seed = cfg.seed * 1_000_003 + step
         policy = state.params["policy"]
-        use_student_data = objective.uses_policy or rng.random() < extra["student_share"]
+        source = _data_source(
+            objective, curriculum, extra["student_share"], rng, replay, step / cfg.train.steps
+        )
         kw = {}
         if curriculum.guided_p0 > 0:
-            kw = dict(teacher_params=run.teacher_params,
-                      teacher_turn_prob=teacher_turn_probability(
-                          step, cfg.train.steps, curriculum.guided_p0,
-                          curriculum.guided_schedule, curriculum.guided_decay_rate))
+            kw = dict(
+                teacher_params=run.teacher_params,
+                teacher_turn_prob=teacher_turn_probability(
+                    step,
+                    cfg.train.steps,
+                    curriculum.guided_p0,
+                    curriculum.guided_schedule,
+                    curriculum.guided_decay_rate,
+                ),
+            )
         if curriculum.teacher_prefix_share > 0:
-            kw["prefixes"] = teacher_prefixes(teacher_sampler, run.teacher_params, prompts,
-                                              curriculum, seed, rng)
-        if use_student_data:
-            rollout = student_sampler.generate(policy, prompts, seed=seed, **kw)
+            kw["prefixes"] = teacher_prefixes(
+                teacher_sampler, run.teacher_params, prompts, curriculum, seed, rng
+            )
+        metrics = {}
+        if source == "replay":  # DistiLLM: a sample of the replay buffer, no rollout
+            batch = replay.sample(len(expanded), rng)
         else:
-            rollout = teacher_sampler.generate(run.teacher_params, prompts, seed=seed)
-        scored = score_rollout(rollout, expanded, tok, groups)
-        batch = scored.batch
-        if not use_student_data:  # KD on the teacher's correct trajectories only
-            keep = np.flatnonzero(scored.rewards > 0)
-            keep = keep[: len(keep) - len(keep) % max(1, micro_batches(
-                len(keep), cfg.train.micro_batch_size))]
-            batch = {k: (v[keep] if np.ndim(v) else v) for k, v in batch.items()}
-        if use_student_data and replay is not None:  # DistiLLM: train on the replay buffer
-            replay.add(batch)
-            batch = replay.sample(len(batch["input_ids"]), rng)
-        metrics = {"reward": float(scored.rewards.mean()),
-                   "searches": float(scored.num_searches.mean()),
-                   "response_tokens": scored.generated_tokens / max(len(expanded), 1)}
+            if source == "student":
+                rollout = student_sampler.generate(policy, prompts, seed=seed, **kw)
+            else:
+                rollout = teacher_sampler.generate(run.teacher_params, prompts, seed=seed)
+            scored = score_rollout(rollout, expanded, tok, groups)
+            batch = scored.batch
+            metrics.update(
+                reward=float(scored.rewards.mean()),
+                searches=float(scored.num_searches.mean()),
+                response_tokens=scored.generated_tokens / max(len(expanded), 1),
+            )
+            if source == "teacher":  # KD on the teacher's correct trajectories only
+                keep = np.flatnonzero(scored.rewards > 0)
+                batch = {k: (v[keep] if np.ndim(v) else v) for k, v in batch.items()}
+            elif replay is not None:  # DistiLLM: fresh student samples go to the buffer too
+                replay.add(batch)
         if curriculum.mixes_student_data:
-            metrics["student_data"] = float(use_student_data)
+            metrics["student_data"] = float(source != "teacher")
+            metrics["replay_data"] = float(source == "replay")
             metrics["student_share"] = float(extra["student_share"])
         if len(batch["input_ids"]) == 0:
             metrics["skipped_no_data"] = 1.0
@@ -165,32 +238,56 @@ def run_train(cfg) -> dict:
             logger.write(step + 1, metrics)
             continue
         batch = pad_batch_to(batch, SEQ_MULTIPLE)
+        # Every row trains: pad to whole micro-batches with rows that carry no token (counted).
+        batch, metrics["padded_rows"] = pad_rows_to(batch, update.micro_batches)
         if objective.uses_policy:
-            batch["old_logprobs"] = to_host(sequence_logprobs(
-                run.student_config, policy, *run.place(batch["input_ids"],
-                                                       batch["attention_mask"])))
+            batch["old_logprobs"] = to_host(
+                sequence_logprobs(
+                    run.student_config,
+                    policy,
+                    *run.place(batch["input_ids"], batch["attention_mask"]),
+                )
+            )
         if ref_params is not None:
-            batch["ref_logprobs"] = to_host(sequence_logprobs(
-                ref_config, ref_params, *run.place(batch["input_ids"],
-                                                   batch["attention_mask"])))
+            batch["ref_logprobs"] = to_host(
+                sequence_logprobs(
+                    ref_config, ref_params, *run.place(batch["input_ids"], batch["attention_mask"])
+                )
+            )
         if objective.divergence == "taid":
             batch["taid_t"] = np.float32(extra["taid_t"])
-        update_metrics = []
         rows_now = len(batch["input_ids"])
+        # The reference's order: values, advantages and whitening over the whole rollout batch
+        # at the pre-update parameters, then the mini-batch updates.
+        batch, whole = update.prepare_rollout(
+            state,
+            batch,
+            run.teacher_params if in_program_teacher else None,
+            micro_batches(rows_now, per_micro),
+        )
+        batch = to_host(batch)
+        update_metrics = []
         mb = min(mini_rows, rows_now)
         for _ in range(cfg.train.ppo_epochs):
-            for lo in range(0, rows_now - mb + 1, mb):
-                part = {k: (v[lo:lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
-                state, m = update(state, part, run.teacher_params if in_program_teacher
-                                  else None)
+            for lo in range(0, rows_now, mb):
+                part = {k: (v[lo : lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
+                state, m = update(state, part, run.teacher_params if in_program_teacher else None)
                 update_metrics.append(to_host(m))
         for k in update_metrics[0]:
             metrics[k] = float(np.mean([u[k] for u in update_metrics]))
+        metrics.update({k: float(v) for k, v in to_host(whole).items()})
         if objective.divergence == "taid":
             extra["taid_t"], extra["taid_m"] = taid_update(
-                extra["taid_t"], extra["taid_m"], extra["taid_loss"], metrics["loss"],
-                (step + 1) / cfg.train.steps, curriculum.taid_t_start, curriculum.taid_t_end,
-                curriculum.taid_alpha, curriculum.taid_momentum)
+                extra["taid_t"],
+                extra["taid_m"],
+                extra["taid_loss"],
+                metrics["loss"],
+                step / cfg.train.steps,  # the 0-based step, as TAID's global_step
+                curriculum.taid_t_start,
+                curriculum.taid_t_end,
+                curriculum.taid_alpha,
+                curriculum.taid_momentum,
+            )
             extra["taid_loss"] = metrics["loss"]
         validate_if_due(step, metrics)
         metrics["step_seconds"] = time.time() - t0
@@ -208,3 +305,17 @@ def run_train(cfg) -> dict:
     logger.close()
     ckpt.close()
     return {"final_eval": final, "state": state}
+
+
+def _data_source(
+    objective, curriculum, share: float, rng: np.random.Generator, replay, progress: float
+) -> str:
+    """This step's training data: "student" rollouts (every on-policy objective; the KD
+    family with probability ``share``), DistiLLM's "replay" buffer, or the "teacher"'s
+    correct rollouts."""
+    if objective.uses_policy:
+        return "student"
+    r = rng.random()
+    if replay is not None:
+        return distillm_data_source(r, share, progress, len(replay), replay.capacity)
+    return "student" if r < share else "teacher"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,8 +35,9 @@ class ScoredRollouts:
     generated_tokens: int
 
 
-def score_rollout(rollout, records: Sequence[QARecord], tokenizer,
-                  group_ids: Sequence[int] | None = None) -> ScoredRollouts:
+def score_rollout(
+    rollout, records: Sequence[QARecord], tokenizer, group_ids: Sequence[int] | None = None
+) -> ScoredRollouts:
     """EM rewards and the update batch (prompt left-padded + response right-padded)."""
     arr = rollout.arrays
     prompt_ids, prompt_mask = np.asarray(rollout.prompt_ids), np.asarray(rollout.prompt_mask)
@@ -53,17 +54,27 @@ def score_rollout(rollout, records: Sequence[QARecord], tokenizer,
     batch = {
         "input_ids": np.concatenate([prompt_ids, np.asarray(arr.tokens)], 1).astype(np.int32),
         "attention_mask": np.concatenate([prompt_mask, resp_mask], 1).astype(np.int32),
-        "loss_mask": np.concatenate([np.zeros((b, p)), np.asarray(arr.loss_mask)],
-                                    1).astype(np.float32),
-        "teacher_mask": np.concatenate([np.zeros((b, p)), np.asarray(arr.teacher_mask)],
-                                       1).astype(np.float32),
-        "sampler_logprobs": np.concatenate([np.zeros((b, p)), np.asarray(arr.logprobs)],
-                                           1).astype(np.float32),
+        "loss_mask": np.concatenate([np.zeros((b, p)), np.asarray(arr.loss_mask)], 1).astype(
+            np.float32
+        ),
+        "teacher_mask": np.concatenate([np.zeros((b, p)), np.asarray(arr.teacher_mask)], 1).astype(
+            np.float32
+        ),
+        "sampler_logprobs": np.concatenate([np.zeros((b, p)), np.asarray(arr.logprobs)], 1).astype(
+            np.float32
+        ),
         "rewards": rewards,
         "group_ids": np.asarray(group_ids if group_ids is not None else np.arange(b), np.int32),
     }
-    return ScoredRollouts(batch, responses, answers, rewards, np.asarray(arr.num_searches),
-                          list(rollout.finish_reasons), int(np.asarray(arr.generated).sum()))
+    return ScoredRollouts(
+        batch,
+        responses,
+        answers,
+        rewards,
+        np.asarray(arr.num_searches),
+        list(rollout.finish_reasons),
+        int(np.asarray(arr.generated).sum()),
+    )
 
 
 def pad_batch_to(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
@@ -84,3 +95,23 @@ def trim_to_bucket(batch: dict[str, np.ndarray], multiple: int = 64) -> dict[str
     longest = int(np.asarray(batch["attention_mask"]).sum(1).max())
     width = min(batch["input_ids"].shape[1], longest + (-longest) % multiple)
     return {k: (v[:, :width] if np.ndim(v) == 2 else v) for k, v in batch.items()}
+
+
+def pad_rows_to(batch: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
+    """Append all-zero rows (no attention, no loss token, reward 0) up to a multiple of
+    ``multiple`` rows, so that no row is dropped to fill whole micro-batches; the padded rows
+    add nothing to any masked sum or count. Returns (batch, rows added)."""
+    rows = len(batch["input_ids"])
+    extra = (-rows) % multiple
+    if not extra:
+        return batch, 0
+    out = {}
+    for k, v in batch.items():
+        if np.ndim(v) == 0:
+            out[k] = v
+        else:
+            pad = np.zeros((extra,) + v.shape[1:], v.dtype)
+            if k == "group_ids":  # padded rows are groups of their own
+                pad = np.arange(extra, dtype=v.dtype) + (int(v.max()) + 1 if len(v) else 0)
+            out[k] = np.concatenate([v, pad])
+    return out, extra

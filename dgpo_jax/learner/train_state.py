@@ -121,7 +121,9 @@ def _as_typed_key(rng: jax.Array) -> jax.Array:
     rng = jnp.asarray(rng)
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         if rng.shape != ():
-            raise ValueError(f"rng must be a single key of shape (), got a key array of shape {rng.shape}")
+            raise ValueError(
+                f"rng must be a single key of shape (), got a key array of shape {rng.shape}"
+            )
         return rng
     if rng.dtype == jnp.uint32 and rng.shape == (2,):
         return jax.random.wrap_key_data(rng)
@@ -131,7 +133,9 @@ def _as_typed_key(rng: jax.Array) -> jax.Array:
     )
 
 
-def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(
+    params: PyTree, tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
     """Builds step 0 of training. Call it outside `jax.jit` (it reads the params' shardings).
 
     Args:
@@ -154,7 +158,9 @@ def create_train_state(params: PyTree, tx: optax.GradientTransformation, rng: ja
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
-def apply_gradients(state: TrainState, grads: PyTree, tx: optax.GradientTransformation) -> TrainState:
+def apply_gradients(
+    state: TrainState, grads: PyTree, tx: optax.GradientTransformation
+) -> TrainState:
     """One optimizer update (pure; jit it with `tx` closed over or static).
 
     Args:

@@ -20,7 +20,8 @@ the input state's shardings.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -28,7 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dgpo_jax.parallel.distributed import device_put_global, tree_device_put_global
+from dgpo_jax.learner.optim import OptimConfig, make_optimizer
+from dgpo_jax.learner.train_state import (
+    TrainState,
+    create_train_state,
+    optimizer_state_shardings,
+    replicated_sharding_like,
+)
 from dgpo_jax.models import Qwen2Config, forward_hidden, lm_logits
 from dgpo_jax.objectives import advantages as adv_lib
 from dgpo_jax.objectives.batch import validate_batch
@@ -44,9 +51,7 @@ from dgpo_jax.objectives.losses import (
     value_loss,
 )
 from dgpo_jax.objectives.rewards import token_rewards, trajectory_gate
-from dgpo_jax.learner.optim import OptimConfig, make_optimizer
-from dgpo_jax.learner.train_state import TrainState, create_train_state, replicated_sharding_like
-from dgpo_jax.learner.train_state import optimizer_state_shardings
+from dgpo_jax.parallel.distributed import device_put_global, tree_device_put_global
 
 f32 = jnp.float32
 
@@ -92,7 +97,9 @@ def create_update_state(
             if critic_params is not None
             else init_value_head(embed.shape[1], head_rng, embed.dtype)
         )
-        params["value_head"] = tree_device_put_global(head, replicated)  # tiny: replicated on the mesh
+        params["value_head"] = tree_device_put_global(
+            head, replicated
+        )  # tiny: replicated on the mesh
     elif objective.critic == "separate":
         params["critic"] = (
             critic_params if critic_params is not None else init_critic(policy_params, head_rng)
@@ -200,6 +207,7 @@ class UpdateStep:
         self._compiler_options = compiler_options
         self._jitted = None
         self._jitted_loss = None
+        self._jitted_prepare = None
 
     # --- public -------------------------------------------------------------------------------
     def __call__(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None):
@@ -221,12 +229,35 @@ class UpdateStep:
             self._jitted_loss = jax.jit(self._loss_only)
         return self._jitted_loss(state, batch, teacher_params)
 
-    def prepare_batch(self, batch, teacher_params=None) -> dict:
+    def prepare_rollout(
+        self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None, micro_batches=1
+    ) -> tuple[dict, dict]:
+        """The reference's order for one RL step (veRL's ``ray_trainer.fit``): critic values,
+        teacher log-probs, token rewards, GAE/GRPO advantages and whitening over the *whole*
+        rollout batch at the pre-update parameters, before the PPO mini-batches. Returns
+        (``batch`` plus ``advantages``, ``policy_gate``, and for GAE ``returns`` and ``values``
+        (the value-clip anchor); the step then uses them as they are, mini-batch after
+        mini-batch) and the whole-batch metrics. ``micro_batches`` splits the no-gradient pass
+        over the whole batch (keep its rows per micro-batch those of the update). Objectives
+        without whole-batch advantages get the batch back unchanged."""
+        cfg = self.objective
+        if not (cfg.uses_policy and cfg.global_advantage):
+            return dict(batch), {}
+        placed = self.prepare_batch(batch, teacher_params, micro_batches)
+        if self.teacher_config is None:
+            teacher_params = None
+        if self._jitted_prepare is None:
+            self._jitted_prepare = jax.jit(self._prepare, static_argnames=("micro",))
+        out, metrics = self._jitted_prepare(state, placed, teacher_params, micro=micro_batches)
+        return dict(batch, **out), metrics
+
+    def prepare_batch(self, batch, teacher_params=None, micro_batches=None) -> dict:
         """Validation (before any compilation) and placement."""
         in_program = self.teacher_config is not None
         if in_program and teacher_params is None:
             raise ValueError("this update step was built with teacher_config: pass teacher_params")
-        batch = validate_batch(batch, self.objective, in_program, self.micro_batches)
+        micro = self.micro_batches if micro_batches is None else micro_batches
+        batch = validate_batch(batch, self.objective, in_program, micro)
         if self.plan is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
         # Host arrays go straight to the mesh (with several processes each sends its shards).
@@ -256,9 +287,11 @@ class UpdateStep:
             lambda x: lm_logits(config, params, x), h, ids, chunk=self.objective.seq_chunk
         )["logp"]
 
-    def _prepass(self, params, teacher_params, ids, am, want_teacher: bool, want_values: bool):
+    def _prepass(
+        self, params, teacher_params, ids, am, want_teacher: bool, want_values: bool, micro=None
+    ):
         """No-gradient pass over micro-batches: teacher log-probs and/or critic values [B, T]."""
-        m = self.micro_batches
+        m = self.micro_batches if micro is None else micro
         cfg = self.objective
 
         def one(x):
@@ -313,9 +346,11 @@ class UpdateStep:
         return adv, returns
 
     # --- the program --------------------------------------------------------------------------
-    def _rows(self, state: UpdateState, batch: dict, teacher_params):
+    def _rows(self, state: UpdateState, batch: dict, teacher_params, micro=None):
         """Steps 1-2 of the update: the pre-pass and the whole-batch quantities (gates,
-        denominators, advantages) that every micro-batch's loss reads."""
+        denominators, advantages) that every micro-batch's loss reads. Advantages (and returns,
+        old values, the policy token gate) given in the batch by ``prepare_rollout`` are used
+        as they are."""
         cfg = self.objective
         params = state.train.params
         ids = batch["input_ids"].astype(jnp.int32)
@@ -328,10 +363,12 @@ class UpdateStep:
         ref_lp = batch.get("ref_logprobs")
         old_lp = batch.get("old_logprobs")
         values = batch.get("values")
+        prepared = "advantages" in batch
 
         # 1. pre-pass (no gradient)
         want_teacher = (
             cfg.global_advantage
+            and not prepared
             and teacher_lp is None
             and (
                 cfg.token_reward_needs_teacher
@@ -340,7 +377,7 @@ class UpdateStep:
         )
         want_values = cfg.critic != "none" and values is None
         if want_teacher or want_values:
-            pre = self._prepass(params, teacher_params, ids, am, want_teacher, want_values)
+            pre = self._prepass(params, teacher_params, ids, am, want_teacher, want_values, micro)
             teacher_lp = pre.get("teacher_logp", teacher_lp)
             values = pre.get("values", values)
 
@@ -377,7 +414,11 @@ class UpdateStep:
         metrics_pre = {
             "gate_share": jnp.sum(gate * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1)
         }
-        if cfg.uses_policy and cfg.global_advantage:
+        if cfg.uses_policy and cfg.global_advantage and prepared:
+            per_row.update(adv=batch["advantages"].astype(f32), pgate=batch["policy_gate"])
+            if "returns" in batch:
+                per_row.update(returns=batch["returns"].astype(f32), old_values=values.astype(f32))
+        elif cfg.uses_policy and cfg.global_advantage:
             tok_r, pgate = token_rewards(
                 cfg,
                 lm,
@@ -407,8 +448,7 @@ class UpdateStep:
 
     def _step(self, state: UpdateState, batch: dict, teacher_params):
         m = self.micro_batches
-        params, per_row, dens, n_tok, taid_t, metrics_pre = self._rows(
-            state, batch, teacher_params)
+        params, per_row, dens, n_tok, taid_t, metrics_pre = self._rows(state, batch, teacher_params)
 
         # 3. gradient pass over micro-batches
         def mb_loss(p, mb):
@@ -455,21 +495,37 @@ class UpdateStep:
         metrics = self._metrics(sums, dens, n_tok, grads, finite, skipped, metrics_pre)
         return new_state, metrics
 
+    def _prepare(self, state: UpdateState, batch: dict, teacher_params, micro: int):
+        """The whole rollout batch's advantages (whitened over the batch), returns, pre-update
+        critic values and teacher log-probs, computed once before any mini-batch update."""
+        _, per_row, _, _, _, metrics = self._rows(state, batch, teacher_params, micro)
+        out = {"advantages": per_row["adv"], "policy_gate": per_row["pgate"]}
+        if "returns" in per_row:
+            out.update(returns=per_row["returns"], values=per_row["old_values"])
+        if "teacher_logprobs" in per_row and "teacher_logprobs" not in batch:
+            out["teacher_logprobs"] = per_row["teacher_logprobs"]
+        return out, metrics
+
     def _loss_only(self, state: UpdateState, batch: dict, teacher_params):
         params, per_row, dens, n_tok, taid_t, _ = self._rows(state, batch, teacher_params)
         m = self.micro_batches
         if m == 1:
             _, sums = self._micro_loss(params, teacher_params, per_row, dens, taid_t)
         else:
+
             def body(acc, mb):
                 _, sums = self._micro_loss(params, teacher_params, mb, dens, taid_t)
                 return jax.tree.map(jnp.add, acc, sums), None
 
             mbs = jax.tree.map(lambda x: _split_micro(x, m), per_row)
-            first = jax.eval_shape(lambda: self._micro_loss(
-                params, teacher_params, jax.tree.map(lambda x: x[0], mbs), dens, taid_t)[1])
+            first = jax.eval_shape(
+                lambda: self._micro_loss(
+                    params, teacher_params, jax.tree.map(lambda x: x[0], mbs), dens, taid_t
+                )[1]
+            )
             sums, _ = jax.lax.scan(
-                body, jax.tree.map(lambda x: jnp.zeros(x.shape, f32), first), mbs)
+                body, jax.tree.map(lambda x: jnp.zeros(x.shape, f32), first), mbs
+            )
         out = {"loss": sums["loss"], "num_tokens": n_tok}
         for k in ("policy_loss", "kl_loss", "divergence"):
             if k in sums:

@@ -60,7 +60,7 @@ class Qwen2Config:
         """Query heads per KV head (grouped-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads
 
-    def replace(self, **kw) -> "Qwen2Config":
+    def replace(self, **kw) -> Qwen2Config:
         """``dataclasses.replace``; a head_dim that was derived (hidden_size // heads) is derived
         again when hidden_size or num_attention_heads changes, an explicit one is kept."""
         shape_changed = "hidden_size" in kw or "num_attention_heads" in kw
@@ -109,7 +109,7 @@ class Qwen2Config:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "Qwen2Config":
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Qwen2Config:
         """Reads both the old (top-level ``rope_theta``) and transformers-5 formats."""
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
@@ -163,7 +163,7 @@ class Qwen2Config:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: str) -> "Qwen2Config":
+    def from_hf_dir(cls, path: str) -> Qwen2Config:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             raise FileNotFoundError(

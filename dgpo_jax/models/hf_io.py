@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,6 @@ _FILE_DTYPES = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16}
 # maps an HF tensor to our layout, ``to_hf`` back.
 # ----------------------------------------------------------------------------------------------
 class _Leaf:
-
     def __init__(
         self, path: tuple[str, ...], hf: str, to_ours: Callable, to_hf: Callable, per_layer: bool
     ):
@@ -256,8 +256,7 @@ def _validate(files: _SafetensorsDir, layout, shapes, config: Qwen2Config) -> No
         got, dt = files.shape_dtype(k)
         if got != want:
             raise ValueError(
-                f"{files.path}: tensor {k} has shape {got}, expected {want} "
-                f"for this config.json"
+                f"{files.path}: tensor {k} has shape {got}, expected {want} for this config.json"
             )
         if dt not in _FILE_DTYPES:
             raise ValueError(

@@ -18,7 +18,8 @@ step may run on a subset of the rows (``rows=``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -150,8 +151,8 @@ def _attention_window(q, keys, values, mask, dtype):
     keys, values = keys.astype(dtype), values.astype(dtype)
     if t == 1:
         # One query per row (decoding): multiply-and-reduce in float32 fuses into a few loops
-        # over the keys/values; XLA:CPU runs the equivalent batched [G, Dh] x [Dh, W] dots far
-        # slower (a whole decode step of the benchmark model: 1.2-1.4x faster this way).
+        # over the keys/values, where XLA:CPU runs the equivalent batched [G, Dh] x [Dh, W]
+        # dots slower (measured in docs/sampler.md).
         prod = q[:, 0, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32)
         scores = jnp.sum(prod, axis=-1) * (hd**-0.5)  # [M, K, G, W]
         scores = jnp.where(mask[:, :, None, :], scores, _NEG)  # mask [M, 1, W]

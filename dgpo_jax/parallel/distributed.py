@@ -87,7 +87,7 @@ def to_host(tree: Any) -> Any:
             return x
         if x.is_fully_addressable or x.is_fully_replicated:
             return np.asarray(jax.device_get(x))
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # noqa: PLC0415 (libtpu topologies only when asked for)
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

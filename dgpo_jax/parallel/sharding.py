@@ -17,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from dgpo_jax.models import qwen2
-from dgpo_jax.parallel.distributed import device_put_global
-from dgpo_jax.parallel.distributed import tree_device_put_global
+from dgpo_jax.parallel.distributed import device_put_global, tree_device_put_global
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def make_mesh(
     if -1 in sizes:
         if len(devices) % known:
             raise ValueError(
-                f"mesh shape {dict(zip(axis_names, sizes))} does not divide "
-                f"{len(devices)} devices"
+                f"mesh shape {dict(zip(axis_names, sizes))} does not divide {len(devices)} devices"
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):

@@ -74,7 +74,8 @@ def check_queries(queries: Sequence[str]) -> list[str]:
     if isinstance(queries, str) or not isinstance(queries, Sequence):
         raise TypeError(
             f"queries must be a list of strings, got {type(queries).__name__}"
-            + (" (wrap a single query in a list)" if isinstance(queries, str) else ""))
+            + (" (wrap a single query in a list)" if isinstance(queries, str) else "")
+        )
     for position, query in enumerate(queries):
         if not isinstance(query, str):
             raise TypeError(f"queries[{position}] must be a str, got {type(query).__name__}")
@@ -111,20 +112,25 @@ def document_from_json(item: Any, where: str) -> Document:
             raise RetrievalResponseError(f"{where}.score: expected a number, got {score!r}")
         if not isinstance(document, dict):
             raise RetrievalResponseError(
-                f"{where}.document: expected a JSON object, got {type(document).__name__}")
+                f"{where}.document: expected a JSON object, got {type(document).__name__}"
+            )
     contents = document.get("contents")
     if contents is None and isinstance(document.get("text"), str):
         title = document.get("title")
         contents = document["text"] if title is None else f'"{title}"\n{document["text"]}'
     if not isinstance(contents, str):
         raise RetrievalResponseError(
-            f"{where}: the document has no string 'contents' field (keys: {sorted(document)})")
+            f"{where}: the document has no string 'contents' field (keys: {sorted(document)})"
+        )
     doc_id = document.get("id", "")
-    return Document(id=str(doc_id), contents=contents,
-                    score=None if score is None else float(score))
+    return Document(
+        id=str(doc_id), contents=contents, score=None if score is None else float(score)
+    )
 
 
-def documents_from_response(payload: Any, num_queries: int, source: str = "response") -> list[list[Document]]:
+def documents_from_response(
+    payload: Any, num_queries: int, source: str = "response"
+) -> list[list[Document]]:
     """Reads a ``POST /retrieve`` answer: ``{"result": [[entry, ...] per query]}``.
 
     Raises RetrievalResponseError naming the offending position when the answer does not follow
@@ -132,18 +138,24 @@ def documents_from_response(payload: Any, num_queries: int, source: str = "respo
     """
     if not isinstance(payload, dict) or "result" not in payload:
         keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise RetrievalResponseError(f"{source}: expected an object with a 'result' field, got {keys}")
+        raise RetrievalResponseError(
+            f"{source}: expected an object with a 'result' field, got {keys}"
+        )
     result = payload["result"]
     if not isinstance(result, list):
-        raise RetrievalResponseError(f"{source}.result: expected a list, got {type(result).__name__}")
+        raise RetrievalResponseError(
+            f"{source}.result: expected a list, got {type(result).__name__}"
+        )
     if len(result) != num_queries:
         raise RetrievalResponseError(
-            f"{source}.result: {len(result)} result lists for {num_queries} queries")
+            f"{source}.result: {len(result)} result lists for {num_queries} queries"
+        )
     documents = []
     for query_index, entries in enumerate(result):
         where = f"{source}.result[{query_index}]"
         if not isinstance(entries, list):
             raise RetrievalResponseError(f"{where}: expected a list, got {type(entries).__name__}")
-        documents.append([document_from_json(entry, f"{where}[{rank}]")
-                          for rank, entry in enumerate(entries)])
+        documents.append(
+            [document_from_json(entry, f"{where}[{rank}]") for rank, entry in enumerate(entries)]
+        )
     return documents

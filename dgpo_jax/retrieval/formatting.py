@@ -41,8 +41,14 @@ INVALID_ACTION_NOTICE = (
 
 # The protocol's special tags, in the order they usually appear.
 PROTOCOL_TAGS = (
-    "<think>", "</think>", "<search>", "</search>",
-    "<information>", "</information>", "<answer>", "</answer>",
+    "<think>",
+    "</think>",
+    "<search>",
+    "</search>",
+    "<information>",
+    "</information>",
+    "<answer>",
+    "</answer>",
 )
 
 ACTION_PATTERN = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)

@@ -13,9 +13,17 @@ from collections.abc import Sequence
 import requests
 
 from dgpo_jax.retrieval.documents import (
-    Document, FormattingRetriever, check_queries, check_topk, documents_from_response)
+    Document,
+    FormattingRetriever,
+    check_queries,
+    check_topk,
+    documents_from_response,
+)
 from dgpo_jax.retrieval.errors import (
-    RetrievalRequestError, RetrievalResponseError, RetrievalUnavailableError)
+    RetrievalRequestError,
+    RetrievalResponseError,
+    RetrievalUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +65,31 @@ class HttpRetriever(FormattingRetriever):
       max_batch_size: most queries per request (the server's --max-queries must allow it).
     """
 
-    def __init__(self, urls: str | Sequence[str], *, topk: int = 3, timeout: float = 30.0,
-                 connect_timeout: float = 3.0, max_retries: int = 5, deadline: float = 120.0,
-                 backoff_s: float = 0.2, max_backoff_s: float = 5.0, token: str | None = None,
-                 max_batch_size: int = 512):
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        topk: int = 3,
+        timeout: float = 30.0,
+        connect_timeout: float = 3.0,
+        max_retries: int = 5,
+        deadline: float = 120.0,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        token: str | None = None,
+        max_batch_size: int = 512,
+    ):
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("HttpRetriever needs at least one URL")
         self.urls = [normalize_url(url) for url in url_list]
         self.topk = check_topk(topk, 3)
-        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
-                            ("deadline", deadline), ("max_batch_size", max_batch_size)):
+        for name, value in (
+            ("timeout", timeout),
+            ("connect_timeout", connect_timeout),
+            ("deadline", deadline),
+            ("max_batch_size", max_batch_size),
+        ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if max_retries < 0:
@@ -89,8 +111,9 @@ class HttpRetriever(FormattingRetriever):
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=len(self.urls), pool_maxsize=4,
-                                                    max_retries=0)
+            adapter = requests.adapters.HTTPAdapter(
+                pool_connections=len(self.urls), pool_maxsize=4, max_retries=0
+            )
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -109,7 +132,7 @@ class HttpRetriever(FormattingRetriever):
         started = time.monotonic()
         documents: list[list[Document]] = []
         for start in range(0, len(queries), self.max_batch_size):
-            chunk = queries[start:start + self.max_batch_size]
+            chunk = queries[start : start + self.max_batch_size]
             payload = {"queries": chunk, "topk": topk, "return_scores": True}
             documents.extend(self._post(payload, len(chunk), started))
         return documents
@@ -122,7 +145,9 @@ class HttpRetriever(FormattingRetriever):
         while True:
             remaining = self.deadline - (time.monotonic() - started)
             if remaining <= 0:
-                raise self._unavailable(f"the deadline of {self.deadline:g} s passed", attempts, errors)
+                raise self._unavailable(
+                    f"the deadline of {self.deadline:g} s passed", attempts, errors
+                )
             with self._lock:
                 url = self.urls[next(self._next_url) % len(self.urls)]
             attempts += 1
@@ -141,40 +166,54 @@ class HttpRetriever(FormattingRetriever):
                 remaining = self.deadline - (time.monotonic() - started)
                 if pause >= remaining:
                     time.sleep(max(remaining, 0.0))
-                    raise self._unavailable(f"the deadline of {self.deadline:g} s passed",
-                                            attempts, errors)
+                    raise self._unavailable(
+                        f"the deadline of {self.deadline:g} s passed", attempts, errors
+                    )
                 time.sleep(pause)
 
-    def _try_once(self, url: str, payload: dict, num_queries: int,
-                  remaining: float) -> list[list[Document]]:
+    def _try_once(
+        self, url: str, payload: dict, num_queries: int, remaining: float
+    ) -> list[list[Document]]:
         """One request. Raises _RetryableFailure when another attempt may succeed."""
         timeout = (min(self.connect_timeout, remaining), min(self.timeout, remaining))
         try:
-            response = self._session().post(url, json=payload, headers=self._headers, timeout=timeout)
+            response = self._session().post(
+                url, json=payload, headers=self._headers, timeout=timeout
+            )
         except requests.exceptions.Timeout as exc:
             raise _RetryableFailure(f"timed out ({type(exc).__name__})") from exc
-        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        except (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.ChunkedEncodingError,
+        ) as exc:
             raise _RetryableFailure(
-                f"connection failed ({type(exc).__name__}: {_first_line(exc)})") from exc
+                f"connection failed ({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
         if response.status_code in _RETRYABLE_STATUS:
             raise _RetryableFailure(f"HTTP {response.status_code}: {_error_message(response)}")
         if 400 <= response.status_code < 600:
             raise RetrievalRequestError(
                 f"retrieval server {url} rejected the request with HTTP {response.status_code}: "
-                f"{_error_message(response)}", status_code=response.status_code)
+                f"{_error_message(response)}",
+                status_code=response.status_code,
+            )
         try:
             body = response.json()
         except ValueError as exc:
             raise RetrievalResponseError(
                 f"retrieval server {url} answered HTTP {response.status_code} with a body that is "
-                f"not JSON: {response.text[:200]!r}") from exc
+                f"not JSON: {response.text[:200]!r}"
+            ) from exc
         return documents_from_response(body, num_queries, source=f"answer of {url}")
 
     def _unavailable(self, why: str, attempts: int, errors: list[str]) -> RetrievalUnavailableError:
         last = errors[-1] if errors else "no attempt could be made"
         return RetrievalUnavailableError(
             f"retrieval failed: {why} ({attempts} attempts to {len(self.urls)} server(s): "
-            f"{', '.join(self.urls)}); last error: {last}", attempts=attempts, errors=errors)
+            f"{', '.join(self.urls)}); last error: {last}",
+            attempts=attempts,
+            errors=errors,
+        )
 
 
 class _RetryableFailure(Exception):

@@ -27,12 +27,23 @@ class InProcessRetriever(FormattingRetriever):
         Inside a busy training process 1 is usually fastest (see docs/retrieval.md).
     """
 
-    def __init__(self, index_dir: str | os.PathLike, *, topk: int = 3, device: str | None = None,
-                 encode_batch_size: int = 64, torch_threads: int | None = None):
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        *,
+        topk: int = 3,
+        device: str | None = None,
+        encode_batch_size: int = 64,
+        torch_threads: int | None = None,
+    ):
 
         self.topk = check_topk(topk, 3)
-        self.index = load_index(index_dir, device=device, encode_batch_size=encode_batch_size,
-                                torch_threads=torch_threads)
+        self.index = load_index(
+            index_dir,
+            device=device,
+            encode_batch_size=encode_batch_size,
+            torch_threads=torch_threads,
+        )
 
     @property
     def num_documents(self) -> int:
@@ -41,6 +52,10 @@ class InProcessRetriever(FormattingRetriever):
     def retrieve(self, queries: list[str], topk: int | None = None) -> list[list[Document]]:
         queries = check_queries(queries)
         topk = check_topk(topk, self.topk)
-        return [[Document(id=doc_id, contents=contents, score=score)
-                 for doc_id, contents, score in documents]
-                for documents in self.index.search_documents(queries, topk)]
+        return [
+            [
+                Document(id=doc_id, contents=contents, score=score)
+                for doc_id, contents, score in documents
+            ]
+            for documents in self.index.search_documents(queries, topk)
+        ]

@@ -121,8 +121,7 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.teacher_turn_prob <= 1.0:
             raise ValueError(
-                f"SamplerConfig.teacher_turn_prob must be in [0, 1], got "
-                f"{self.teacher_turn_prob}"
+                f"SamplerConfig.teacher_turn_prob must be in [0, 1], got {self.teacher_turn_prob}"
             )
         if not self.search_stops:
             raise ValueError(
@@ -140,7 +139,7 @@ class SamplerConfig:
         """Longest stop sequence (the generated-token suffix kept for matching)."""
         return max(len(s) for s in self.search_stops + self.answer_stops + ((0,),))
 
-    def replace(self, **kw) -> "SamplerConfig":
+    def replace(self, **kw) -> SamplerConfig:
         return dataclasses.replace(self, **kw)
 
 

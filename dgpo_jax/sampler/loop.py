@@ -224,8 +224,7 @@ def rollout_program(
     has_teacher = teacher_config is not None
     if has_teacher and teacher_config.vocab_size != model_config.vocab_size:
         raise ValueError(
-            f"teacher vocab {teacher_config.vocab_size} != student vocab "
-            f"{model_config.vocab_size}"
+            f"teacher vocab {teacher_config.vocab_size} != student vocab {model_config.vocab_size}"
         )
     chunk = cfg.ingest_chunk
     resp_slots = cfg.cache_len - prompt_width
@@ -516,9 +515,11 @@ def rollout_program(
         # compiled step) as rows stop generating: within this phase their number only falls ...
         for size, smaller in zip(decode_sizes, decode_sizes[1:] + (0,)):
             s = jax.lax.while_loop(
-                lambda x, smaller=smaller: under_limit(x)
-                & (jnp.sum(x.phase == C.GENERATING) > smaller)
-                & ~any_phase(x, C.AWAITING_HOST),
+                lambda x, smaller=smaller: (
+                    under_limit(x)
+                    & (jnp.sum(x.phase == C.GENERATING) > smaller)
+                    & ~any_phase(x, C.AWAITING_HOST)
+                ),
                 functools.partial(decode, rows_per_step=size),
                 s,
             )

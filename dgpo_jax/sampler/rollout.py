@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgpo_jax.parallel.distributed import to_host
 from dgpo_jax.models.config import Qwen2Config
+from dgpo_jax.parallel.distributed import to_host
 from dgpo_jax.sampler.config import FINISH_REASONS, RUNNING, SamplerConfig
 from dgpo_jax.sampler.host import (
     RolloutHost,
@@ -155,8 +155,7 @@ class Sampler:
             raise ValueError(f"row_ids: shape {row_ids.shape}, expected ({batch},)")
         for i in np.flatnonzero(~active):
             log.warning(
-                "prompt %d has more than max_prompt_length=%d tokens: finished as "
-                "prompt_too_long",
+                "prompt %d has more than max_prompt_length=%d tokens: finished as prompt_too_long",
                 i,
                 cfg.max_prompt_length,
             )
