@@ -56,7 +56,6 @@ log = logging.getLogger("benchmarks.rollout")
 
 
 def build_world(tmp: str, num_entities: int):
-
     world = generate_world(0, num_entities)
     tokenizer = build_word_tokenizer(world)
     corpus = os.path.join(tmp, "corpus.jsonl")

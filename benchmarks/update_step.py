@@ -46,7 +46,6 @@ BETA, CLIP, ENT, VCLIP, LR, CRITIC_LR, WD = 0.001, 0.2, 0.001, 0.5, 1e-6, 1e-5, 
 
 
 def model_config(name, vocab=None):
-
     if name in SIZES:
         v, d, f, l, h, k = SIZES[name]
         return Qwen2Config(
@@ -122,7 +121,7 @@ def torch_step_fn(student, teacher, critic, head, opt_actor, opt_critic, batch, 
             idx = torch.arange(t)[None].expand(b, t)
             last_pos = torch.where(lm > 0, idx, -1).max(1).values
             last[torch.arange(b), last_pos.clamp(min=0)] = (last_pos >= 0).float()
-            gate = (rewards < 0.5).float()
+            gate = (rewards < 0.1).float()  # create_reward_based_mask: score < 0.1
             tok_r = (
                 rewards[:, None] * last
                 + beta * gate[:, None] * torch.clamp(t_lp - old, -20, 20) * lm

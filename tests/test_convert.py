@@ -54,7 +54,6 @@ def test_checkpoint_holds_config_and_params(hf_models, tmp_path):
 
 
 def test_checkpoint_without_model_config_is_refused(tmp_path):
-
     with Checkpointer(str(tmp_path / "ck")) as ck:
         ck.save(0, {"params": {"w": np.ones(3, np.float32)}}, {"note": "not a model"}, force=True)
     with pytest.raises(KeyError, match="no 'model_config'"):

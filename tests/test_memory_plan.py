@@ -110,7 +110,6 @@ def test_plan_cli_tiny_dgpo_against_hand_count(tmp_path):
 
 
 def test_plan_rejects_bad_values():
-
     cfg = base_config()
     cfg.mode = "plan"
     cfg.model.student = "preset:tiny"

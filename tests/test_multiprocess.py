@@ -24,7 +24,6 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-
     root = tmp_path_factory.mktemp("mp_world")
     world = generate_world(seed=0, num_entities=60)
     paths = write_world(world, str(root / "world"))
@@ -91,7 +90,6 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _final_params(workdir) -> dict:
-
     with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         assert ckpt.latest_step() == STEPS
         state, meta = ckpt.restore(STEPS)
@@ -169,7 +167,6 @@ def test_two_processes_equal_one(world, tmp_path):
 
 
 def test_distributed_environment_detection_and_errors(monkeypatch):
-
     assert not wants_distributed({})
     assert not wants_distributed({"SLURM_NTASKS": "1", "DGPO_NUM_PROCESSES": "1"})
     assert wants_distributed({"SLURM_NTASKS": "4"})

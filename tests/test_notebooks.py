@@ -258,7 +258,6 @@ def retrieval_server(agent_setup, tmp_path):
 
 
 def wait_ready(url, proc, timeout_s=120):
-
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         assert proc.poll() is None, f"retrieval server exited with {proc.returncode}"
@@ -288,7 +287,6 @@ AGENT_SETTINGS = dict(
 # questions from a Search-R1 parquet file (with gold answers) or a list of plain questions.
 @pytest.mark.parametrize("retrieval,topk,source", [("in_process", 1, "file"), ("http", 2, "list")])
 def test_search_agent_notebook(kernel, agent_setup, retrieval, topk, source, request):
-
     rows = agent_setup["rows"]
     settings = dict(AGENT_SETTINGS, TOPK=topk, HF_DIR=agent_setup["hf"])
     if source == "file":

@@ -33,7 +33,6 @@ TEMPLATE = "Answer with <search> q </search> or <answer> a </answer>. Question: 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-
     d = tmp_path_factory.mktemp("world")
     w = generate_world(seed=0, num_entities=40, prompt_template=TEMPLATE)
     paths = write_world(w, d / "world")
@@ -83,7 +82,6 @@ TRAIN_PRESETS = sorted(set(OBJECTIVE_PRESETS) - {"dgpo_coldstart"})
 
 @pytest.mark.parametrize("preset", TRAIN_PRESETS)
 def test_every_preset_smoke(world, tmp_path, preset):
-
     run_train(tiny_config(world, tmp_path, preset))
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -101,7 +99,6 @@ def _policy(workdir, step):
 
 
 def test_kill9_and_resume_matches_uninterrupted(world, tmp_path):
-
     steps = 3
     run_train(tiny_config(world, tmp_path / "straight", steps=steps))
     # The same run in a subprocess, killed with SIGKILL once step 1 is committed.

@@ -215,7 +215,6 @@ def test_smallest_world_still_has_both_splits():
 
 
 def test_write_world_round_trips(world, tmp_path):
-
     paths = write_world(world, tmp_path)
     assert sorted(os.listdir(tmp_path)) == [
         "corpus.jsonl",
@@ -367,7 +366,6 @@ def test_evidence_quotes_the_sentence_up_to_the_answer():
 
 
 def test_expert_quotes_the_last_document_then_answers(world):
-
     knowledge = read_encyclopedia(world.corpus)
     text_by_doc = {row["id"]: row["contents"] for row in world.corpus}
     names_by_doc = {doc_id: name for name, (doc_id, _, _) in knowledge.items()}

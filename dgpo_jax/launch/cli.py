@@ -86,8 +86,12 @@ def main(argv: Sequence[str]) -> int:
     if "--print_config" in argv:  # before validation: it shows what a failing config holds
         print(describe(cfg))
         return 0
+    # force: imported libraries (absl) may have put a handler on the root logger already
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -187,7 +187,6 @@ def _em(results: dict, decoding: str = "greedy") -> dict[str, float]:
 
 
 def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, teacher_dir):
-
     rows = world.train[: q.teacher_questions] if q.teacher_questions else world.train
     seqs = expert_sequences(
         world, rows, tokenizer, retriever, cfg.sampler.max_obs_length, cfg.data.use_chat_template
@@ -204,7 +203,6 @@ def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, te
 
 
 def run_quickstart(cfg) -> dict:
-
     q = cfg.quickstart
     t_start = time.time()
     os.makedirs(cfg.workdir, exist_ok=True)

@@ -183,11 +183,9 @@ class ShardingPlan:
         )
 
     def param_shardings(self, config) -> Any:
-
         return self.tree_shardings(qwen2.param_logical_axes(config), qwen2.param_shapes(config))
 
     def shard_params(self, config, params) -> Any:
-
         return tree_device_put_global(params, self.param_shardings(config))
 
     def batch_sharding(self, ndim: int, shape=None) -> NamedSharding:

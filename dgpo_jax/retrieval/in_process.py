@@ -36,7 +36,6 @@ class InProcessRetriever(FormattingRetriever):
         encode_batch_size: int = 64,
         torch_threads: int | None = None,
     ):
-
         self.topk = check_topk(topk, 3)
         self.index = load_index(
             index_dir,
