@@ -66,6 +66,9 @@ def tiny_config(world, workdir, preset="dgpo", steps=1):
     cfg.objective.preset = preset
     if preset == "grpo":
         cfg.data.rollouts_per_prompt = 2
+    if preset in ("dgpo", "grpo"):
+        # two PPO mini-batches: the loop's whole-batch pass (UpdateStep.prepare_rollout) runs
+        cfg.train.mini_batch_size = 2
     if preset == "tropd":
         cfg.curriculum.teacher_prefix_share = 0.5
         cfg.curriculum.teacher_prefix_tokens = 4

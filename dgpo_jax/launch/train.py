@@ -257,17 +257,20 @@ def run_train(cfg) -> dict:
         if objective.divergence == "taid":
             batch["taid_t"] = np.float32(extra["taid_t"])
         rows_now = len(batch["input_ids"])
-        # The reference's order: values, advantages and whitening over the whole rollout batch
-        # at the pre-update parameters, then the mini-batch updates.
-        batch, whole = update.prepare_rollout(
-            state,
-            batch,
-            run.teacher_params if in_program_teacher else None,
-            micro_batches(rows_now, per_micro),
-        )
-        batch = to_host(batch)
-        update_metrics = []
         mb = min(mini_rows, rows_now)
+        whole = {}
+        if -(-rows_now // mb) * cfg.train.ppo_epochs > 1:
+            # The reference's order: values, advantages and whitening over the whole rollout
+            # batch at the pre-update parameters, then the mini-batch updates. (One update per
+            # step computes exactly that inside the step, so it needs no separate pass.)
+            batch, whole = update.prepare_rollout(
+                state,
+                batch,
+                run.teacher_params if in_program_teacher else None,
+                micro_batches(rows_now, per_micro),
+            )
+            batch = to_host(batch)
+        update_metrics = []
         for _ in range(cfg.train.ppo_epochs):
             for lo in range(0, rows_now, mb):
                 part = {k: (v[lo : lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
