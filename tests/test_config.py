@@ -226,6 +226,8 @@ def test_launcher_by_name_from_another_directory(tmp_path):
         "error: --config=nonexistent: no such file, and no packaged config named 'nonexistent'"
     )
     assert "dgpo_nq" in out.stderr and "Traceback" not in out.stderr
+    out = _launch("--help", cwd=tmp_path)
+    assert out.returncode == 0 and "packaged configs: " in out.stdout and "dgpo_nq" in out.stdout
 
 
 def _config_table() -> list[tuple[str, str, object, str]]:

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 
 import jax
 
-from dgpo_jax.config import ConfigError, build_curriculum, build_objective, load_config, validate
+from dgpo_jax.config import (
+    ConfigError,
+    available_configs,
+    build_curriculum,
+    build_objective,
+    load_config,
+    validate,
+)
 from dgpo_jax.launch import coldstart, evaluate, export, plan, quickstart, train
 from dgpo_jax.parallel.distributed import initialize_from_env
 
@@ -77,6 +84,10 @@ def describe(cfg) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(f"packaged configs: {', '.join(available_configs())}")
+        return 0
     flags_left = [a for a in argv[1:] if a not in ("--debug", "--print_config")]
     cfg, rest = load_config([argv[0]] + flags_left)
     if len(rest) > 1:

@@ -81,6 +81,12 @@ def run_train(cfg) -> dict:
             if cfg.model.ref_model == "initial_student"
             else f"model.reference={cfg.model.reference!r}",
         )
+        if cfg.model.reference and cfg.model.ref_model == "initial_student":
+            log.warning(
+                "model.reference=%r is not used: model.ref_model='initial_student' (set "
+                "--config.model.ref_model=teacher_base to take pi_ref from it)",
+                cfg.model.reference,
+            )
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     records = read_question_files(split_list(cfg.data.train_files))
     # Every process holds the same global batch (dgpo_jax.parallel.distributed); shard_batch places it.
