@@ -12,6 +12,7 @@ from dgpo_jax.models import (
     PRESETS,
     KVCache,
     Qwen2Config,
+    cast_params,
     forward,
     forward_hidden,
     forward_with_cache,
@@ -21,6 +22,7 @@ from dgpo_jax.models import (
     init_params,
     lm_logits,
     load_hf,
+    positions_from_segments,
     save_hf,
 )
 from dgpo_jax.parallel.sharding import ShardingPlan, make_mesh, plan_from_config

@@ -135,6 +135,26 @@ def test_command_line_knobs_change_the_built_objects():
     assert (curriculum.guided_p0, curriculum.guided_schedule) == (0.25, "cosine")
 
 
+def test_precision_attention_and_packing_knobs_from_the_command_line():
+    cfg, _ = load_config(
+        [
+            "prog",
+            "--config=dgpo_nq",
+            "--config.model.param_dtype=bfloat16",
+            "--config.model.attention=chunked",
+            "--config.train.pack=False",
+            "--config.train.score_micro_batch_size=4",
+        ]
+    )
+    assert (cfg.model.param_dtype, cfg.model.attention) == ("bfloat16", "chunked")
+    assert (cfg.train.pack, cfg.train.score_micro_batch_size) == (False, 4)
+    with pytest.raises(ConfigError, match="did you mean --config.model.param_dtype\\?"):
+        load_config(["prog", "--config=dgpo_nq", "--config.model.params_dtype=float32"])
+    # The quickstart computes and keeps its weights in float32 on unpacked rows, as before.
+    cfg, _ = load_config(["prog", "--config=quickstart"])
+    assert (cfg.model.param_dtype, cfg.model.dtype, cfg.train.pack) == ("float32", "float32", False)
+
+
 @pytest.mark.parametrize(
     "flag, nearest",
     [

@@ -5,9 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from dgpo_jax.config import ConfigError, base_config, nq_config, parse_rules, validate
+from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world
+from dgpo_jax.launch.context import RunContext, batch_shards
+from dgpo_jax.parallel.sharding import plan_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +81,17 @@ def _valid(tmp_path):
         ("optim.schedule", "linear", "config.optim.schedule"),
         ("coldstart.warmup_ratio", 1.0, "config.coldstart.warmup_ratio: must be in"),
         ("mesh.rules", "embed", "mesh.rules: 'embed' is not"),
+        ("model.param_dtype", "float16", "config.model.param_dtype: 'float16': expected float32"),
+        ("model.attention", "flash", "config.model.attention: 'flash' is not one of"),
+        (
+            "model.attention",
+            "cudnn",
+            "config.model.attention: attention='cudnn' needs a GPU backend; this process runs "
+            "on cpu",
+        ),
+        ("model.attention", "splash", "attention='splash' needs a TPU backend; this process"),
+        ("train.score_micro_batch_size", -1, "config.train.score_micro_batch_size: must be an int"),
+        ("train.pack_width_multiple", 0, "config.train.pack_width_multiple: must be an int >= 1"),
     ],
 )
 def test_validate_names_the_field(tmp_path, field, value, message):
@@ -86,6 +101,65 @@ def test_validate_names_the_field(tmp_path, field, value, message):
     (cfg[section] if section else cfg)[key] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(cfg)
+
+
+def test_mixed_precision_and_attention_defaults(tmp_path, caplog):
+    cfg = _valid(tmp_path)
+    assert (cfg.model.param_dtype, cfg.model.dtype, cfg.model.attention) == (
+        "float32",
+        "bfloat16",
+        "auto",
+    )
+    assert (cfg.train.pack, cfg.train.pack_width_multiple, cfg.train.score_micro_batch_size) == (
+        True,
+        64,
+        0,
+    )
+    with caplog.at_level("WARNING"):
+        validate(cfg)
+    assert "param_dtype" not in caplog.text
+    # bfloat16 masters are allowed, with a warning saying why they are a bad idea
+    cfg.model.param_dtype = "bfloat16"
+    with caplog.at_level("WARNING"):
+        validate(cfg)
+    assert "model.param_dtype='bfloat16'" in caplog.text and "rounds away" in caplog.text
+
+
+def test_plan_target_is_the_backend_an_attention_kernel_needs(tmp_path):
+    cfg = _valid(tmp_path)
+    cfg.mode = "plan"
+    cfg.model.attention = "splash"
+    with pytest.raises(ConfigError, match="needs a TPU backend; this process runs on cpu"):
+        validate(cfg)
+    cfg.plan.target = "tpu:v5e-16"  # compiled for a TPU slice on this CPU host
+    validate(cfg)
+    cfg.model.attention = "cudnn"
+    with pytest.raises(ConfigError, match="needs a GPU backend; plan.target compiles for tpu"):
+        validate(cfg)
+
+
+def test_run_context_keeps_masters_in_param_dtype_and_computes_in_dtype(tmp_path):
+    """The student a mode trains is loaded in model.param_dtype, the teacher (never trained)
+    and an evaluated student in model.dtype; both models get model.attention."""
+    build_word_tokenizer(generate_world(seed=0, num_entities=20), tmp_path / "tok")
+    cfg = _valid(tmp_path)
+    cfg.workdir = str(tmp_path / "run")
+    cfg.model.student, cfg.model.teacher = "preset:tiny", "preset:tiny-teacher"
+    cfg.model.tokenizer = str(tmp_path / "tok")
+    cfg.model.attention = "chunked"
+    cfg.mesh.num_devices = 1
+    cfg.retrieval.kind = "http"  # a client only; nothing is retrieved here
+    run = RunContext(cfg, need_teacher=True)
+    dtypes = lambda p: {x.dtype.name for x in jax.tree.leaves(p)}
+    assert dtypes(run.student_params) == {"float32"}
+    assert dtypes(run.teacher_params) == {"bfloat16"}
+    assert dtypes(run.compute(run.student_params)) == {"bfloat16"}
+    assert run.student_config.attention == run.teacher_config.attention == "chunked"
+    assert run.batch_shards == 1
+    # rows of a batch split over the data and fsdp axes (packed rows are a multiple of this)
+    assert batch_shards(plan_from_config({"data": 2, "fsdp": 2, "tensor": 2})) == 4
+    run = RunContext(cfg, need_teacher=False, train_student=False)
+    assert dtypes(run.student_params) == {"bfloat16"}
 
 
 def test_parse_rules():

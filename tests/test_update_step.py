@@ -1,7 +1,8 @@
 """The fused update step on tiny models: micro-batching is exact, float32 / bfloat16 paths,
 the non-finite guard, every preset (loss finite, params change, the objective goes down),
 OPD lowers the KL to the teacher, reward alone teaches a bandit (DGPO, PPO, GRPO), DGPO
-leaves correct samples untouched by the KL, sharding, and bad input caught before compiling."""
+leaves correct samples untouched by the KL, sharding, bad input caught before compiling, and
+the step compiled ahead of time from abstract arguments."""
 
 import importlib.util
 import os
@@ -13,8 +14,12 @@ import optax
 import pytest
 
 from dgpo_jax.learner.optim import OptimConfig
-from dgpo_jax.learner.update_step import create_update_state, make_update_step
-from dgpo_jax.models import forward, get_preset, save_hf
+from dgpo_jax.learner.update_step import (
+    abstract_update_state,
+    create_update_state,
+    make_update_step,
+)
+from dgpo_jax.models import forward, get_preset, param_shapes, save_hf
 from dgpo_jax.objectives import get_objective
 from dgpo_jax.objectives.batch import batch_requirements
 from dgpo_jax.parallel.sharding import plan_from_config
@@ -611,3 +616,49 @@ def test_rl_step_in_the_reference_order(models):
     local[k2] = ref_masked_whiten(raw[4:][k2], np.ones(k2.sum()))
     assert abs(np_losses(local, v0[4:])[0] - want_pg) > 1e-3
     assert float(whole["gate_share"]) == pytest.approx(5 / 8)
+
+
+BACKEND_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, *_, **__: (
+        BACKEND_COMPILES.append(event)
+        if event == "/jax/core/compile/backend_compile_duration"
+        else None
+    )
+)
+
+
+def test_compile_ahead_of_time_on_a_mesh_then_run_that_program(models):
+    """``UpdateStep.compile`` from abstract arguments only (the state of
+    ``abstract_update_state`` and the batch of ``abstract_batch``, sharded over a 2x4 mesh)
+    gives a compiled program with a memory analysis; the step called with concrete arguments
+    of those shapes and shardings runs it without compiling again, and computes what the
+    jitted step computes."""
+    sc, sp, tc, tp = models
+    cfg = get_objective("grpo")
+    plan = plan_from_config({"data": 2, "fsdp": -1})
+    tx = optax.sgd(0.1)
+    step = make_update_step(cfg, sc, optimizer=tx, plan=plan, compiler_options=FAST)
+    shapes, shardings = param_shapes(sc), plan.param_shardings(sc)
+    abstract_params = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    abstract_state = abstract_update_state(cfg, abstract_params, tx)
+    abstract_batch = step.abstract_batch(B, T, packed=False)
+    compiled = step.compile(abstract_state, abstract_batch)
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    assert step.compile(abstract_state, abstract_batch) is compiled  # kept, not recompiled
+
+    batch = {k: v for k, v in make_batch(models).items() if k in abstract_batch}
+    state = create_update_state(cfg, plan.shard_params(sc, copy_params(sp)), tx, 0)
+    n = len(BACKEND_COMPILES)
+    new_state, metrics = step(state, batch)
+    assert len(BACKEND_COMPILES) == n, "the call compiled the step again"
+    assert float(metrics["skipped"]) == 0 and int(new_state.step) == 1
+
+    jitted = make_update_step(cfg, sc, optimizer=tx, plan=plan, compiler_options=FAST)
+    state = create_update_state(cfg, plan.shard_params(sc, copy_params(sp)), tx, 0)
+    _, want = jitted(state, batch)
+    assert len(BACKEND_COMPILES) > n  # (the listener does see compiles)
+    for k in ("loss", "grad_norm", "kl_loss", "entropy"):
+        np.testing.assert_allclose(float(metrics[k]), float(want[k]), rtol=1e-6, err_msg=k)

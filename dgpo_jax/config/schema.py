@@ -76,8 +76,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.ref_model = "initial_student"
     c.model.reference = ""  # the model read by ref_model="teacher_base" (a model source)
     c.model.tokenizer = "qwen2.5"  # "qwen2.5" or a local tokenizer directory
-    c.model.dtype = "bfloat16"  # parameter/activation dtype: float32 | bfloat16
+    # Mixed precision: every trained model (the student / policy and the critic) keeps its
+    # master weights and optimizer state in param_dtype; the programs compute in dtype (the
+    # update step casts the masters inside its loss; sampler, scoring and evaluation get a
+    # cast copy once per step). Models never trained (teacher, reference) are stored in dtype.
+    # Checkpoints hold the masters. (docs/training_at_scale.md)
+    c.model.param_dtype = "float32"  # float32 | bfloat16 (bfloat16 masters: updates vanish)
+    c.model.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
     c.model.remat = "none"  # none | full | dots: rematerialisation in the update step
+    # Attention kernel of training and scoring (student and teacher; the KV-cache decode path
+    # has its own): auto | xla | chunked | cudnn (GPU) | splash (TPU); dgpo_jax.models.attention.
+    c.model.attention = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # comma-separated Search-R1 parquet files
@@ -131,7 +140,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1005
     c.train.mini_batch_size = 256  # PPO mini-batch (prompts); one optimizer step each
     c.train.ppo_epochs = 1
-    c.train.micro_batch_size = 16  # sequences per gradient-accumulation micro-batch
+    c.train.micro_batch_size = 16  # rows per gradient-accumulation micro-batch
+    # Pack several trajectories into each update row (segment ids; dgpo_jax.learner.packing):
+    # rows of the batch's longest trajectory rounded up to pack_width_multiple positions, and
+    # at most micro_batch_size of them per micro-batch. False: one trajectory per row, padded.
+    c.train.pack = True
+    c.train.pack_width_multiple = 64  # coarser: fewer distinct widths (compilations)
+    # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
+    # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.
+    c.train.score_micro_batch_size = 0
     c.train.eval_every = 100  # 0 = only at the end
     # DistiLLM's adaptive student-data share: the objective's loss on the teacher's correct
     # rollouts of the first train.mini_batch_size test questions, every val_every steps
@@ -179,6 +196,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan = ml_collections.ConfigDict()  # mode=plan: the memory plan (dgpo_jax.launch.plan)
     c.plan.fake_devices = 0  # > 0: plan on this many fake CPU devices (set before JAX starts)
     c.plan.device_memory_gib = 0.0  # per device; > 0: exit non-zero when the peak exceeds it
+    # "" = this process's (or the fake) devices; "tpu:v5e-16", "tpu:v5p-16", "tpu:v6e-8",
+    # "tpu:v4-16" or "tpu:KIND:TOPOLOGY" (e.g. tpu:v5e:4x4): compile for that TPU slice on this
+    # host with libtpu (the tpu extra); device_memory_gib then defaults to the chip's HBM.
+    c.plan.target = ""
+    # Packed update batches (train.pack): mean real tokens per trajectory the rows are planned
+    # for (0 = sampler.cache_len, the worst case); packing adds ~15% padding on top.
+    c.plan.tokens_per_trajectory = 0
+    c.plan.prompt_width = 0  # prompt positions the rollouts compile for (0 = max_prompt_length)
+    c.plan.peak_tflops = 0.0  # bf16 TFLOP/s per chip for the ideal step time (0 = TPU table)
+    # Program groups to compile, comma-separated (rollout, score, prepare, update, loss, eval);
+    # "" = every program of the step.
+    c.plan.programs = ""
 
     c.quickstart = ml_collections.ConfigDict()  # mode=quickstart (dgpo_jax.launch.quickstart)
     c.quickstart.num_entities = 1000  # size of the synthetic world

@@ -3,14 +3,30 @@ mode needs), before anything heavy starts. Errors are ``ConfigError`` naming the
 
 from __future__ import annotations
 
+import logging
 import os
 
+import jax
 import ml_collections
 
 from dgpo_jax.config.build import build_curriculum, build_objective
 from dgpo_jax.config.schema import MODES, ConfigError, parse_rules, split_list
+from dgpo_jax.models.config import ATTENTION_KERNELS
+
+log = logging.getLogger(__name__)
 
 REF_MODELS = ("initial_student", "teacher_base")
+# Attention kernels that exist on some backends only (the others run everywhere).
+KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+
+
+def attention_backend(cfg: ml_collections.ConfigDict) -> str:
+    """The backend the run's programs compile for: this process's, or in ``mode=plan`` the
+    platform of ``plan.target`` (e.g. ``tpu:v5e-16``) when one is set."""
+    target = str(cfg.plan.get("target", "") or "") if "plan" in cfg else ""
+    if cfg.mode == "plan" and target:
+        return target.split(":", 1)[0]
+    return jax.default_backend()
 
 
 def _model_source_ok(src: str) -> bool:
@@ -30,6 +46,38 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "model.dtype",
         f"{cfg.model.dtype!r}: expected float32 or bfloat16",
     )
+    need(
+        cfg.model.param_dtype in ("float32", "bfloat16"),
+        "model.param_dtype",
+        f"{cfg.model.param_dtype!r}: expected float32 or bfloat16 (the master weights and "
+        "optimizer state of the trained models)",
+    )
+    if cfg.model.param_dtype == "bfloat16" and cfg.mode in ("train", "coldstart"):
+        log.warning(
+            "model.param_dtype='bfloat16': the master weights and AdamW moments are bfloat16, so "
+            "an update smaller than half a bfloat16 ulp of its weight (lr 1e-6 on any weight "
+            "above ~5e-4) rounds away and the second moment stops decaying; float32 masters "
+            "are the default (docs/training_at_scale.md)"
+        )
+    need(
+        cfg.model.attention in ATTENTION_KERNELS,
+        "model.attention",
+        f"{cfg.model.attention!r} is not one of {ATTENTION_KERNELS}",
+    )
+    backends = KERNEL_BACKENDS.get(cfg.model.attention)
+    if backends:
+        backend = attention_backend(cfg)
+        need(
+            backend in backends,
+            "model.attention",
+            f"attention={cfg.model.attention!r} needs a {backends[0].upper()} backend; "
+            + (
+                f"plan.target compiles for {backend}"
+                if cfg.mode == "plan" and backend != jax.default_backend()
+                else f"this process runs on {backend}"
+            )
+            + " (auto, chunked and xla run everywhere)",
+        )
     need(
         cfg.retrieval.kind in ("http", "in_process"),
         "retrieval.kind",
@@ -114,10 +162,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 1, field, f"must be an int >= 1, got {value!r}")
+    for field in ("train.val_every", "train.score_micro_batch_size"):
+        section, key = field.split(".")
+        value = cfg[section][key]
+        need(isinstance(value, int) and value >= 0, field, f"must be an int >= 0, got {value!r}")
     need(
-        isinstance(cfg.train.val_every, int) and cfg.train.val_every >= 0,
-        "train.val_every",
-        f"must be an int >= 0, got {cfg.train.val_every!r}",
+        isinstance(cfg.train.pack_width_multiple, int) and cfg.train.pack_width_multiple >= 1,
+        "train.pack_width_multiple",
+        f"must be an int >= 1, got {cfg.train.pack_width_multiple!r}",
     )
     need(
         cfg.data.batch_size % cfg.train.mini_batch_size == 0

@@ -43,6 +43,10 @@ def get_config():
     cfg.coldstart.warmup_ratio = 0.05
     cfg.coldstart.batch_size = 8
     cfg.train.micro_batch_size = 32
+    # One trajectory per row, as when docs/quickstart.md was measured: rollouts here are of
+    # similar length (little padding to save), and the CPU run is compile-bound (packed rows
+    # change shape from step to step; docs/training_at_scale.md).
+    cfg.train.pack = False
     cfg.logging.progress = True
 
     # The quickstart's own stages (dgpo_jax.config.schema documents each field).

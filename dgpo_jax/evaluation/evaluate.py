@@ -15,6 +15,7 @@ from dgpo_jax.data.prompts import encode_prompt
 from dgpo_jax.data.search_r1 import QARecord
 from dgpo_jax.evaluation import TrajectoryRecord, arcap_summary, greedy_vs_sampled
 from dgpo_jax.learner.batches import score_rollout
+from dgpo_jax.models import cast_params
 from dgpo_jax.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def evaluate(
     use_chat_template: bool = True,
     num_samples: int = 8,
     sampled_repeats: int = 1,
+    dtype=None,
 ) -> dict[str, dict]:
     """``sampler_configs``: {"greedy": SamplerConfig, "sampled": SamplerConfig, ...}.
 
@@ -84,9 +86,13 @@ def evaluate(
     draw); its metrics average over all draws (``count`` counts draws). When a greedy decoding
     is evaluated too, each sampling decoding also gets ``"_vs_greedy"``:
     `greedy_vs_sampled` per data source (pass@k, sampled EM where greedy is right / wrong).
+
+    ``dtype``: the compute dtype; float32 master weights are cast to it once, before decoding.
     """
     if not (isinstance(sampled_repeats, int) and sampled_repeats >= 1):
         raise ValueError(f"sampled_repeats must be an int >= 1, got {sampled_repeats!r}")
+    if dtype is not None:
+        params = cast_params(params, dtype)
     results: dict[str, dict] = {}
     for name, scfg in sampler_configs.items():
         t = time.time()

@@ -15,9 +15,10 @@ from dgpo_jax.checkpoint.params import save_params_checkpoint
 from dgpo_jax.config import build_objective, optim_config, split_list
 from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.evaluation.evaluate import rollout_records
-from dgpo_jax.launch.context import RunContext
+from dgpo_jax.launch.context import RunContext, UpdateSteps
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches, trim_to_bucket
+from dgpo_jax.learner.packing import pack_for_update, pack_width, trajectory_lengths
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.objectives.config import ObjectiveConfig
 
@@ -91,21 +92,34 @@ def kd_train(
     objective: ObjectiveConfig,
     logger_prefix: str = "coldstart_",
 ):
-    """Epochs of an off-policy KD objective over fixed sequences (teacher forward in-program)."""
+    """Epochs of an off-policy KD objective over fixed sequences (teacher forward in-program).
+
+    With ``train.pack`` each step's sequences are packed into rows as wide as the longest of
+    all the sequences (one width for the whole run: few compilations); otherwise each step's
+    rows are trimmed to its longest sequence. The student's master weights stay in
+    ``model.param_dtype``; the step computes in ``model.dtype``."""
     n = len(seqs["input_ids"])
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     total = max(1, epochs * steps_per_epoch)
-    update = make_update_step(
-        objective,
-        run.student_config,
-        run.teacher_config,
-        optimizer=optim_config(
-            cfg, total, lr=lr, schedule="cosine", warmup_ratio=cfg.coldstart.warmup_ratio
-        ),
-        micro_batches=micro_batches(batch_size, cfg.train.micro_batch_size),
-        plan=run.plan,
+
+    def build_step(micro: int, optimizer):
+        return make_update_step(
+            objective,
+            run.student_config,
+            run.teacher_config,
+            optimizer=optimizer,
+            micro_batches=micro,
+            plan=run.plan,
+            compute_dtype=run.compute_dtype,
+        )
+
+    update = build_step(
+        micro_batches(batch_size, cfg.train.micro_batch_size),
+        optim_config(cfg, total, lr=lr, schedule="cosine", warmup_ratio=cfg.coldstart.warmup_ratio),
     )
+    steps = UpdateSteps(update, build_step)  # packed batches: one step per micro-batch count
+    width = pack_width(trajectory_lengths(seqs["attention_mask"]), cfg.train.pack_width_multiple)
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     logger = MetricsLogger(
         cfg.workdir,
@@ -122,9 +136,23 @@ def kd_train(
         order = rng.permutation(n)
         for lo in range(0, steps_per_epoch * batch_size, batch_size):
             idx = order[lo : lo + batch_size]
-            batch = trim_to_bucket({k: v[idx] for k, v in seqs.items()})
-            state, m = update(state, batch, run.teacher_params)
+            part = {k: v[idx] for k, v in seqs.items()}
+            if cfg.train.pack:
+                batch, layout, micro = pack_for_update(
+                    part, width, cfg.train.micro_batch_size, run.batch_shards
+                )
+                state, m = steps(micro)(state, batch, run.teacher_params)
+                m = dict(jax.device_get(m))
+                m["padded_positions_per_real_token"] = layout.stats[
+                    "padded_positions_per_real_token"
+                ]
+            else:
+                batch = trim_to_bucket(part)
+                state, m = update(state, batch, run.teacher_params)
+                m = dict(jax.device_get(m))
+                real = max(int(batch["attention_mask"].sum()), 1)
+                m["padded_positions_per_real_token"] = (batch["input_ids"].size - real) / real
             step += 1
-            logger.write(step, jax.device_get(m), tokens=int(seqs["attention_mask"][idx].sum()))
+            logger.write(step, m, tokens=int(seqs["attention_mask"][idx].sum()))
     logger.close()
     return state

@@ -4,6 +4,7 @@ retriever, samplers and the evaluation of a policy."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -14,7 +15,7 @@ from dgpo_jax.checkpoint.params import load_params_checkpoint
 from dgpo_jax.config import parse_rules, sampler_config, split_list, validate
 from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.evaluation.evaluate import evaluate, write_results
-from dgpo_jax.models import Qwen2Config, get_preset, init_params
+from dgpo_jax.models import Qwen2Config, cast_params, get_preset, init_params
 from dgpo_jax.models.hf_io import load_hf
 from dgpo_jax.models.tokenizer import load_tokenizer
 from dgpo_jax.parallel.sharding import ShardingPlan, plan_from_config
@@ -99,20 +100,53 @@ def eval_sampler_configs(cfg, tokenizer) -> dict:
     return out
 
 
-class RunContext:
-    """Everything a mode needs, built once: mesh, tokenizer, student (and teacher), retriever."""
+def batch_shards(plan: ShardingPlan) -> int:
+    """How many ways the plan splits a batch's rows (the mesh axes of the ``batch`` rule)."""
+    spec = plan.spec(("batch",))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return math.prod(int(plan.mesh.shape[a]) for a in axes)
 
-    def __init__(self, cfg, need_teacher: bool):
+
+class UpdateSteps:
+    """Update steps that differ only in their micro-batch count, built on first use: packed
+    batches split their rows into as many micro-batches as their row count needs
+    (``dgpo_jax.learner.packing.plan_rows``). Every step shares the first one's optimizer
+    transformation, so they all update the same state."""
+
+    def __init__(self, first, build):
+        self._build = build  # micro_batches -> UpdateStep (given the optimizer to share)
+        self._steps = {first.micro_batches: first}
+        self.first = first
+
+    def __call__(self, micro_batches: int):
+        if micro_batches not in self._steps:
+            self._steps[micro_batches] = self._build(micro_batches, self.first.tx)
+        return self._steps[micro_batches]
+
+
+class RunContext:
+    """Everything a mode needs, built once: mesh, tokenizer, student (and teacher), retriever.
+
+    Mixed precision: a student that this mode trains (``train_student``) is loaded in
+    ``model.param_dtype`` (its master weights), otherwise in ``model.dtype``, the compute dtype
+    the teacher is always stored in; ``compute`` casts a policy to it. ``model.attention`` is
+    the student's and the teacher's attention kernel.
+    """
+
+    def __init__(self, cfg, need_teacher: bool, train_student: bool = True):
         validate(cfg)
         self.cfg = cfg
         self.plan = make_plan(cfg)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
+        self.compute_dtype = jnp.dtype(cfg.model.dtype)
+        self.param_dtype = jnp.dtype(cfg.model.param_dtype if train_student else cfg.model.dtype)
         vocab = len(self.tokenizer)
         self.student_config, self.student_params = load_model(
-            cfg.model.student, cfg.model.dtype, vocab, self.plan, cfg.seed, "model.student"
+            cfg.model.student, self.param_dtype.name, vocab, self.plan, cfg.seed, "model.student"
         )
         if cfg.model.remat != "none":
             self.student_config = self.student_config.replace(remat=cfg.model.remat)
+        self.student_config = self.with_attention(self.student_config)
         self.teacher_config = self.teacher_params = None
         if need_teacher:
             if not cfg.model.teacher:
@@ -123,8 +157,23 @@ class RunContext:
             self.teacher_config, self.teacher_params = load_model(
                 cfg.model.teacher, cfg.model.dtype, vocab, self.plan, cfg.seed + 1, "model.teacher"
             )
+            self.teacher_config = self.with_attention(self.teacher_config)
         self.retriever = build_retriever(cfg)
         os.makedirs(cfg.workdir, exist_ok=True)
+
+    def with_attention(self, config: Qwen2Config) -> Qwen2Config:
+        """``config`` with the run's attention kernel (``model.attention``)."""
+        return config.replace(attention=self.cfg.model.attention)
+
+    def compute(self, params):
+        """``params`` in the compute dtype (a cast copy of float32 masters; the same arrays
+        when they are in it already): what the sampler, the scoring passes and evaluation
+        run."""
+        return cast_params(params, self.compute_dtype)
+
+    @property
+    def batch_shards(self) -> int:
+        return batch_shards(self.plan)
 
     def place(self, *arrays):
         """Host arrays -> the global mesh, batch dimension over the data axes."""
@@ -156,6 +205,7 @@ class RunContext:
             self.plan,
             cfg.data.use_chat_template,
             sampled_repeats=cfg.eval.sampled_repeats,
+            dtype=self.compute_dtype,
         )
         write_results(cfg.workdir, name, results)
         return results

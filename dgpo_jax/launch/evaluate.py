@@ -14,7 +14,9 @@ from dgpo_jax.launch.context import RunContext
 
 
 def run_eval(cfg) -> dict:
-    run = RunContext(cfg, need_teacher=False)
+    # Nothing is trained: the student is loaded in the compute dtype, and a checkpoint's
+    # master weights are cast to it by the evaluation.
+    run = RunContext(cfg, need_teacher=False, train_student=False)
     params = run.student_params
     ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
     step = None

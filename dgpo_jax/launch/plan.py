@@ -1,52 +1,189 @@
-"""The memory plan: bytes per device of a run, found ahead of time, before a pod run starts.
+"""The memory plan: bytes per device of every program of one RL step, found ahead of time.
 
 ``python -m dgpo_jax.launch --config=configs/dgpo_nq.py --config.mode=plan
 --config.model.student=preset:qwen2.5-0.5b --config.model.teacher=preset:qwen2.5-3b
 --config.plan.fake_devices=8``
 
 Nothing is allocated: every model is abstract (``jax.ShapeDtypeStruct`` leaves carrying their
-shardings on the configured mesh), and the programs that dominate memory are compiled ahead of
-time for that mesh (``jit(...).lower(...).compile()``). Per device:
+shardings on the configured mesh), and each program the training loop runs is compiled ahead of
+time for that mesh from the same jitted function the loop calls (``.lower(...).compile()``):
 
-* parameters: student, teacher, reference and critic, from the shardings' shard shapes;
-* optimizer state: AdamW's moments (sharded like their parameters) and counters;
-* update activations: XLA's temporary buffers of the compiled fused update step for one PPO
-  mini-batch at the longest sequence (``sampler.cache_len`` rounded up to 64 positions) --
-  activations, gradients and the micro-batch accumulators;
-* KV cache: the sampler's cache for the whole rollout batch (``[L, B, K, S, Dh]`` for k and v,
-  student and, for Guided-OPD, teacher), from its sharding;
-* rollout step: XLA's temporary buffers of one compiled decode step over the whole batch (the
-  largest step the sampler runs; observations are ingested one row at a time).
+* ``rollout``: the sampler's one compiled program (``dgpo_jax.sampler.loop.rollout_program``:
+  prefill, the decode loops and observation ingestion, with the student's KV cache and, for
+  Guided-OPD, the teacher's), over the whole rollout batch; ``rollout (teacher)`` when the
+  teacher samples (KD data, TrOPD prefixes);
+* ``score: ...``: the behaviour (and reference) log-prob passes (``sequence_logprobs``) over
+  the whole batch, micro-batched;
+* ``prepare (whole batch)``: ``UpdateStep.prepare_rollout``'s program (values, teacher
+  log-probs, advantages over the whole batch) when a step makes more than one update;
+* ``update (mini-batch)``: the fused update step for one PPO mini-batch
+  (``UpdateStep.compile``, the program training runs);
+* ``loss (validation)``: DistiLLM's validation loss, where the curriculum uses it;
+* ``eval: ...``: the evaluation rollouts (one program per decoding), ``eval.batch_size`` rows.
 
-The peak is the resident state (parameters + optimizer state) plus the larger of the update
-phase and the rollout phase. With ``plan.fake_devices=N`` the launcher runs on N fake CPU
-devices, so a plan for a 64-chip mesh runs on a laptop. ``WORKDIR/memory_plan.json`` gets the
-figures; the command exits non-zero when the peak exceeds ``plan.device_memory_gib``.
+Each program's bytes per device come from ``compiled.memory_analysis()`` (arguments,
+temporaries, outputs, aliased), its FLOPs from ``compiled.cost_analysis()``. The resident
+state (every model's parameters, the optimizer state) lives through the whole step; the peak
+is the resident state plus the largest program's bytes beyond it (its arguments that are not
+resident state -- batch, prompts, a compute-dtype copy of the policy -- + temporaries + outputs
+that do not reuse a donated argument).
+
+Targets: the configured mesh on this process's devices (``plan.fake_devices=N``: N fake CPU
+devices, compiled by XLA:CPU, GPU-shaped), or ``plan.target=tpu:v5e-16`` (v4, v5e, v5p, v6e):
+the programs compiled by the TPU compiler (libtpu, the ``tpu`` extra) for that topology on this
+host (``jax.experimental.topologies``), bytes per chip, and the step's FLOPs as an ideal step
+time at the chip's bf16 peak. ``WORKDIR/memory_plan.json`` gets the figures; the command exits
+non-zero, naming the program, when the peak exceeds ``plan.device_memory_gib`` (for a TPU
+target: the chip's HBM unless given). docs/scaleout.md has the figures and how to read them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import os
+import re
+import time
 from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
-from dgpo_jax.config import build_curriculum, build_objective, optim_config
+from dgpo_jax.config import (
+    build_curriculum,
+    build_objective,
+    optim_config,
+    parse_rules,
+    sampler_config,
+)
 from dgpo_jax.curricula.config import needs_teacher_model
-from dgpo_jax.launch.context import make_plan
 from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches
+from dgpo_jax.learner.packing import plan_rows
 from dgpo_jax.learner.update_step import abstract_update_state, make_update_step
-from dgpo_jax.models import Qwen2Config, get_preset, param_shapes
-from dgpo_jax.models.qwen2 import KVCache, forward_with_cache, init_cache
-from dgpo_jax.objectives.batch import BATCH_FIELDS, batch_requirements
+from dgpo_jax.models import Qwen2Config, cast_params, get_preset, param_shapes, resolve_kernel
+from dgpo_jax.models.qwen2 import KVCache, init_cache
+from dgpo_jax.objectives.batch import abstract_batch, batch_requirements
+from dgpo_jax.parallel.sharding import ShardingPlan, plan_from_config
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
+MiB = 1024**2
+
+
+# ------------------------------------------------------------------------------ TPU targets ---
+@dataclass(frozen=True)
+class TpuKind:
+    """A TPU generation: libtpu's topology prefix, what the slice name's number counts, the bf16
+    peak (FLOP/s per chip, dense) and HBM per chip (GiB)."""
+
+    name: str
+    counts: str  # "chips" (v5e-16 = 16 chips) or "cores" (v5p-16 = 8 chips of 2 TensorCores)
+    peak_tflops: float
+    hbm_gib: float
+    dims: int  # 2: an X x Y torus; 3: X x Y x Z
+
+
+# Public figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm, per chip, bf16 dense).
+TPU_KINDS = {
+    "v4": TpuKind("v4", "cores", 275.0, 32.0, 3),
+    "v5e": TpuKind("v5e", "chips", 197.0, 16.0, 2),
+    "v5p": TpuKind("v5p", "cores", 459.0, 95.0, 3),
+    "v6e": TpuKind("v6e", "chips", 918.0, 32.0, 2),
+}
+KNOWN_TARGETS = (
+    "tpu:v4-N (N TensorCores: 8, 16, 32, ...), tpu:v5e-N (N chips: 4, 8, 16, ..., 256), "
+    "tpu:v5p-N (N TensorCores: 8, 16, ...), tpu:v6e-N (N chips: 4, 8, ..., 256), or "
+    "tpu:KIND:TOPOLOGY (e.g. tpu:v5e:4x4, tpu:v5p:2x2x2)"
+)
+
+
+def _grid(chips: int, dims: int) -> str:
+    """The most even power-of-two torus of ``chips`` chips: 16 -> 4x4 (2-D), 8 -> 2x2x2."""
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError(f"{chips} chips is not a power of two")
+    sides = [1] * dims
+    for i in range(int(math.log2(chips))):
+        sides[i % dims] *= 2
+    return "x".join(str(s) for s in sorted(sides))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the programs are compiled for: this process's devices, or a TPU topology."""
+
+    name: str  # "" = local devices
+    kind: TpuKind | None = None
+    topology: str = ""  # libtpu's name, e.g. "v5e:4x4"
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.kind is not None
+
+
+def parse_target(text: str) -> Target:
+    """``""`` (local devices), ``tpu:v5e-16`` or ``tpu:v5e:4x4``. A name outside the known
+    kinds and sizes is a ValueError listing the known ones."""
+    text = (text or "").strip()
+    if not text:
+        return Target("")
+    match = re.fullmatch(r"tpu:(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+){1,2}))", text)
+    kind = TPU_KINDS.get(match.group(1)) if match else None
+    if kind is None:
+        raise ValueError(
+            f"plan.target={text!r} is not a TPU target libtpu knows; known: {KNOWN_TARGETS}"
+        )
+    if match.group(3):
+        return Target(text, kind, f"{kind.name}:{match.group(3)}")
+    count = int(match.group(2))
+    chips = count // 2 if kind.counts == "cores" else count
+    try:
+        grid = _grid(chips, kind.dims)
+    except ValueError:
+        grid = ""
+    if not grid or chips < 4:
+        raise ValueError(
+            f"plan.target={text!r}: {count} {kind.counts} is not a {kind.name} slice size; "
+            f"known: {KNOWN_TARGETS}"
+        )
+    return Target(text, kind, f"{kind.name}:{grid}")
+
+
+def target_devices(target: Target) -> list:
+    """The devices of ``target``: a TPU topology's (compile-only; needs libtpu), else the local
+    ones."""
+    if not target.is_tpu:
+        return jax.devices()
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(
+            f"plan.target={target.name!r} compiles with the TPU compiler, which needs libtpu: "
+            "install the tpu extra (pip install -e '.[tpu]')"
+        )
+    # Compile-only: no chip is opened, so other processes using libtpu (its lockfile) do not
+    # conflict.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies  # noqa: PLC0415 (only for TPU targets)
+
+    try:
+        return list(topologies.get_topology_desc(target.topology, "tpu").devices)
+    except Exception as error:  # libtpu's errors are runtime errors with its own text
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"plan.target={target.name!r} (topology {target.topology}): libtpu says: {first}; "
+            f"known: {KNOWN_TARGETS}"
+        ) from None
+
+
+def libtpu_version() -> str:
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return version("libtpu")
+    except Exception:
+        return "unknown"
 
 
 # ------------------------------------------------------------------------------- counting ---
@@ -113,211 +250,782 @@ def model_config_from_source(source: str, role: str) -> Qwen2Config:
 
 # ---------------------------------------------------------------------------------- plan ---
 @dataclass
+class ProgramPlan:
+    """One compiled program: bytes per device from ``memory_analysis``, FLOPs per device from
+    ``cost_analysis`` (a ``while`` loop's body counted once)."""
+
+    name: str
+    function: str  # the jitted Python function compiled, as jax names it ("rollout_program")
+    arguments: int
+    temporaries: int
+    outputs: int
+    aliased: int  # outputs written into donated arguments
+    inputs: int  # bytes of its arguments that are not resident state (batch, prompts, copies)
+    flops: float
+    calls: int  # times one RL step runs it (0: not every step, e.g. evaluation)
+    note: str = ""
+    compile_seconds: float = 0.0
+    same_as: str = ""  # the program it is (the same compiled program, other arguments)
+    kernels: list = field(default_factory=list)  # custom calls inside (TPU: Pallas kernels)
+
+    @property
+    def live(self) -> int:
+        """Bytes per device while it runs, beyond the resident state."""
+        return self.inputs + self.temporaries + self.outputs - self.aliased
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), live=self.live)
+
+
+@dataclass
 class MemoryPlan:
-    """Bytes per device of each component, and the phases' peaks."""
+    """Bytes per device of the resident state and of each program; the peak."""
 
     mesh: dict
     devices: int
     platform: str
-    components: dict = field(default_factory=dict)  # name -> bytes per device
-    notes: dict = field(default_factory=dict)  # name -> what was counted
+    compiler: str
+    target: str = ""
+    device_kind: str = ""
+    devices_per_chip: int = 1
+    components: dict = field(default_factory=dict)  # resident state: name -> bytes per device
+    notes: dict = field(default_factory=dict)  # component name -> what was counted
+    programs: dict = field(default_factory=dict)  # name -> ProgramPlan
+    assumptions: dict = field(default_factory=dict)  # the shapes the programs were compiled for
     device_memory: int = 0  # bytes per device available (0 = unknown)
+    peak_tflops: float = 0.0  # bf16 peak per chip, for the ideal step time (0 = unknown)
 
     @property
     def resident(self) -> int:
-        c = self.components
-        return sum(
-            c.get(k, 0)
-            for k in (
-                "student params",
-                "critic params",
-                "teacher params",
-                "reference params",
-                "optimizer state",
-            )
-        )
+        return sum(self.components.values())
 
     @property
-    def update_peak(self) -> int:
-        return self.resident + self.components.get("update activations", 0)
-
-    @property
-    def rollout_peak(self) -> int:
-        c = self.components
-        return self.resident + c.get("kv cache", 0) + c.get("rollout step", 0)
+    def peak_program(self) -> str:
+        return max(self.programs.values(), key=lambda p: p.live).name if self.programs else ""
 
     @property
     def peak(self) -> int:
-        return max(self.update_peak, self.rollout_peak)
+        return self.resident + max((p.live for p in self.programs.values()), default=0)
 
     @property
     def fits(self) -> bool | None:
         return None if not self.device_memory else self.peak <= self.device_memory
 
+    @property
+    def step_flops(self) -> float:
+        """FLOPs of one RL step's dense programs over all devices (scoring, whole-batch pass,
+        updates: per-device FLOPs x devices x calls per step). Rollouts are left out: their
+        decode loops are ``while`` loops whose trip count the compiler does not know."""
+        per_device = sum(
+            p.flops * p.calls for p in self.programs.values() if p.function != "rollout_program"
+        )
+        return per_device * self.devices
+
+    @property
+    def ideal_step_seconds(self) -> float | None:
+        if not self.peak_tflops:
+            return None
+        chips = self.devices / self.devices_per_chip
+        return self.step_flops / (chips * self.peak_tflops * 1e12)
+
     def to_dict(self) -> dict:
         out = asdict(self)
+        out["programs"] = {k: p.to_dict() for k, p in self.programs.items()}
         out.update(
             resident=self.resident,
-            update_peak=self.update_peak,
-            rollout_peak=self.rollout_peak,
             peak=self.peak,
+            peak_program=self.peak_program,
+            peak_per_chip=self.peak * self.devices_per_chip,
             fits=self.fits,
+            step_flops=self.step_flops,
+            ideal_step_seconds=self.ideal_step_seconds,
         )
         return out
 
     def table(self) -> str:
-        rows = [(k, v, self.notes.get(k, "")) for k, v in self.components.items()]
-        rows += [
-            ("= resident (params + optimizer)", self.resident, ""),
-            ("= update phase peak", self.update_peak, "resident + update activations"),
-            ("= rollout phase peak", self.rollout_peak, "resident + kv cache + step"),
-            ("= PEAK", self.peak, ""),
-        ]
-        width = max(len(r[0]) for r in rows) + 2
+        unit = "chip" if self.devices_per_chip > 1 else "device"
+        scale = self.devices_per_chip
+        where = f"{self.devices} {self.platform} devices"
+        if self.target:
+            where = f"{self.target} ({self.devices} x {self.device_kind})"
+        names = list(self.components) + list(self.programs)
+        width = max([len(k) for k in names] + [20]) + 2
         lines = [
-            f"memory plan per device: mesh {self.mesh} over {self.devices} {self.platform} devices"
+            f"memory plan per {unit}: mesh {self.mesh} over {where}, compiled by {self.compiler}"
         ]
-        lines += [f"  {name.ljust(width)}{_fmt(b):>12}  {note}" for name, b, note in rows]
+        lines.append("  resident state")
+        for name, b in self.components.items():
+            note = self.notes.get(name, "")
+            lines.append(f"    {name.ljust(width)}{_fmt(b * scale):>11}  {note}")
+        lines.append(f"    {'= resident'.ljust(width)}{_fmt(self.resident * scale):>11}")
+        head = ("arguments", "temporaries", "outputs", "+resident", "GFLOP")
+        lines.append("  programs" + " " * (width - 4) + "".join(f"{h:>12}" for h in head))
+        for p in self.programs.values():
+            cols = (p.arguments, p.temporaries, p.outputs - p.aliased, self.resident + p.live)
+            row = "".join(f"{_fmt(c * scale):>12}" for c in cols)
+            row += f"{p.flops * scale / 1e9:>12.4g}"
+            mark = "  <- peak" if p.name == self.peak_program else ""
+            lines.append(f"    {p.name.ljust(width)}{row}{mark}")
+        lines.append(
+            f"  PEAK {_fmt(self.peak * scale)} per {unit}: the resident state + "
+            f"{self.peak_program} (outputs: beyond donated arguments; +resident: the peak while "
+            "it runs)"
+        )
         if self.device_memory:
             verdict = "fits" if self.fits else "DOES NOT FIT"
             lines.append(
-                f"  device memory {_fmt(self.device_memory)}: {verdict} "
+                f"  {unit} memory {_fmt(self.device_memory * scale)}: {verdict} "
                 f"({self.peak / self.device_memory:.0%} used)"
             )
+        if self.ideal_step_seconds is not None:
+            lines.append(
+                f"  step: {self.step_flops / 1e12:.1f} TFLOP in scoring, whole-batch pass and "
+                f"updates = {self.ideal_step_seconds:.2f} s at {self.peak_tflops:g} TFLOP/s per "
+                "chip (ideal; rollouts not counted)"
+            )
+        lines.append("  compiled for")
+        lines += [f"    {p.name}: {p.note}" for p in self.programs.values() if p.note]
+        lines += [f"    {k}: {v}" for k, v in self.assumptions.items()]
         return "\n".join(lines)
 
 
-def _fmt(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
+def _fmt(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+    return f"{int(n)} B"
 
 
-def _temp_bytes(compiled) -> int:
-    stats = compiled.memory_analysis()
-    if stats is None:
-        raise RuntimeError("this backend gives no memory analysis for compiled programs")
-    return int(stats.temp_size_in_bytes)
+def _flops(compiled) -> float:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend answers
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
 
 
-def plan_update(
-    objective, student, teacher, tx, plan, rows: int, seq: int, micro_batches: int, dtype
-) -> tuple[object, int]:
-    """(abstract update state, temporary bytes per device of the compiled update step)."""
-    teacher_in_program = objective.teacher_in_update
+def _kernels(compiled) -> list[str]:
+    """Custom-call targets of a program compiled for TPU (``tpu_custom_call``: a Pallas kernel
+    such as splash attention); [] elsewhere (the XLA:CPU text of a large program is slow to
+    print)."""
+    try:
+        sharding = jax.tree.leaves(compiled.input_shardings)[0]
+        if next(iter(sharding.device_set)).platform != "tpu":
+            return []
+    except (IndexError, AttributeError, StopIteration, TypeError):
+        return []
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
+
+
+@dataclass
+class Compiler:
+    """How this plan compiles: extra XLA options (XLA:CPU: LLVM's optimisation level, which
+    changes the generated code but not the buffers, so compiles are cheaper and the bytes the
+    same)."""
+
+    options: dict | None = None
+
+    def measure(self, name, function, lowered, inputs, calls, note="") -> ProgramPlan:
+        """Compile ``lowered`` (or take a ``jax.stages.Compiled``) and read its analyses."""
+        t0 = time.perf_counter()
+        if isinstance(lowered, jax.stages.Compiled):
+            compiled = lowered
+        else:
+            compiled = lowered.compile(self.options) if self.options else lowered.compile()
+        seconds = time.perf_counter() - t0
+        return self.read(name, function, compiled, inputs, calls, note, seconds)
+
+    @staticmethod
+    def read(name, function, compiled, inputs, calls, note="", seconds=0.0) -> ProgramPlan:
+        stats = compiled.memory_analysis()
+        if stats is None:
+            raise RuntimeError(f"{name}: this backend gives no memory analysis for its programs")
+        log.info("compiled %s (%s) in %.1f s", name, function, seconds)
+        return ProgramPlan(
+            name=name,
+            function=function,
+            arguments=int(stats.argument_size_in_bytes),
+            temporaries=int(stats.temp_size_in_bytes),
+            outputs=int(stats.output_size_in_bytes),
+            aliased=int(stats.alias_size_in_bytes),
+            inputs=int(inputs),
+            flops=_flops(compiled),
+            calls=calls,
+            note=note,
+            compile_seconds=round(seconds, 2),
+            kernels=_kernels(compiled),
+        )
+
+
+# ------------------------------------------------------------------------------- shapes ---
+# Padded positions per real token that packing is planned with (the issue's target: within
+# ~15% of the real tokens on a realistic length mix; the run reports the measured
+# padded_positions_per_real_token).
+PACK_SLACK = 0.15
+
+
+@dataclass
+class StepShapes:
+    """The shapes one RL step's scoring and update programs are compiled for."""
+
+    trajectories: int  # rollouts per step
+    mini_trajectories: int  # per PPO mini-batch
+    width: int  # positions per row
+    rows: int  # rows of the whole batch (scoring, whole-batch pass)
+    whole_micro: int  # micro-batches of the whole-batch pass
+    score_micro_rows: int  # rows per micro-batch of the scoring passes
+    mini_rows: int  # rows of one PPO mini-batch
+    micro: int  # micro-batches of the update
+    packed: bool
+    tokens_per_trajectory: int = 0  # real tokens per trajectory packing is planned for
+    updates: int = 1  # update steps per RL step
+
+    @property
+    def micro_rows(self) -> int:
+        return self.mini_rows // self.micro
+
+    def describe(self) -> str:
+        how = (
+            f"packed, ~{self.tokens_per_trajectory} real tokens per trajectory "
+            f"(plan.tokens_per_trajectory) + {PACK_SLACK:.0%} padding, rows as the packer "
+            "rounds them"
+            if self.packed
+            else "unpacked, one trajectory per row"
+        )
+        return (
+            f"{how}; rows of {self.width} positions (the longest context: sampler.cache_len "
+            f"rounded up to {SEQ_MULTIPLE}); {self.trajectories} trajectories -> {self.rows} "
+            f"rows ({self.score_micro_rows} per scoring micro-batch, {self.whole_micro} "
+            f"micro-batches in the whole-batch pass); {self.updates} updates of "
+            f"{self.mini_trajectories} trajectories -> {self.mini_rows} rows in {self.micro} "
+            f"micro-batches of {self.micro_rows}"
+        )
+
+
+def step_shapes(cfg, shards: int) -> StepShapes:
+    """Rows and width of the scoring and update programs, as ``dgpo_jax.launch.train`` forms
+    them, for the longest context (``sampler.cache_len``). Unpacked: one trajectory per row
+    (padded up to whole micro-batches). Packed (``train.pack``): rows holding
+    ``plan.tokens_per_trajectory`` real tokens per trajectory plus ``PACK_SLACK``, counted as
+    ``dgpo_jax.learner.packing.plan_rows`` counts them. ``shards``: ways the batch rows split
+    over the mesh."""
+    n = cfg.data.rollouts_per_prompt
+    trajectories = cfg.data.batch_size * n
+    mini = min(cfg.train.mini_batch_size, cfg.data.batch_size) * n
+    updates = -(-trajectories // mini) * cfg.train.ppo_epochs
+    width = -(-cfg.sampler.cache_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    per_micro = max(1, int(cfg.train.micro_batch_size))
+    score_rows = int(cfg.train.get("score_micro_batch_size", 0) or 0)
+    if not cfg.train.get("pack", False):
+        micro = micro_batches(mini, per_micro)
+        rows = -(-trajectories // micro) * micro  # pad_rows_to: whole micro-batches
+        per_micro = mini // micro
+        return StepShapes(
+            trajectories,
+            mini,
+            width,
+            rows,
+            micro_batches(rows, per_micro),
+            score_rows or per_micro,
+            mini,
+            micro,
+            False,
+            updates=updates,
+        )
+    tokens = int(cfg.plan.get("tokens_per_trajectory", 0) or 0) or width
+
+    def needed(count: int) -> int:
+        return max(1, math.ceil(count * min(tokens, width) * (1 + PACK_SLACK) / width))
+
+    rows, whole_micro = plan_rows(needed(trajectories), per_micro, shards)
+    mini_rows, micro = plan_rows(needed(mini), per_micro, shards)
+    return StepShapes(
+        trajectories,
+        mini,
+        width,
+        rows,
+        whole_micro,
+        score_rows or rows // whole_micro,
+        mini_rows,
+        micro,
+        True,
+        tokens,
+        updates,
+    )
+
+
+def _batch_arg(plan: ShardingPlan, shape, dtype):
+    """An abstract array placed as ``plan.shard_batch`` places it (scalars replicated)."""
+    sharding = plan.batch_sharding(len(shape), shape) if shape else plan.sharding(())
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def _batch_shards(plan: ShardingPlan) -> int:
+    spec = plan.spec(("batch",))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return math.prod(int(plan.mesh.shape[a]) for a in axes)
+
+
+# ---------------------------------------------------------------------------- the programs ---
+def plan_rollout(
+    compiler: Compiler,
+    name: str,
+    model_config: Qwen2Config,
+    sampler_cfg,
+    params,
+    rows: int,
+    prompt_width: int,
+    plan: ShardingPlan,
+    params_resident: bool,
+    calls: int,
+    teacher_config: Qwen2Config | None = None,
+    teacher_params=None,
+) -> ProgramPlan:
+    """The sampler's compiled rollout (``rollout_program``, as ``Sampler.generate`` calls it)
+    for ``rows`` prompts of ``prompt_width`` positions: prefill, the decode and ingest loops,
+    the KV cache(s). ``params_resident``: ``params`` are resident state (else a copy made for
+    this program); teacher params always are."""
+    from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415 (plan-only, heavy)
+
+    static = sampler_cfg.replace(teacher_turn_prob=0.0)  # as generate(): the coin is traced
+    args = (
+        params,
+        teacher_params if teacher_config is not None else None,
+        _batch_arg(plan, (rows, prompt_width), jnp.int32),
+        _batch_arg(plan, (rows, prompt_width), jnp.bool_),
+        _batch_arg(plan, (rows,), jnp.bool_),
+        _batch_arg(plan, (rows, max(static.max_prefix_length, 1)), jnp.int32),
+        _batch_arg(plan, (rows,), jnp.int32),
+        _batch_arg(plan, (), jnp.uint32),
+        _batch_arg(plan, (rows,), jnp.int32),
+        _batch_arg(plan, (), jnp.int32),
+        _batch_arg(plan, (), jnp.float32),
+    )
+    lowered = rollout_program.lower(model_config, static, plan, teacher_config, *args)
+    inputs = bytes_per_device(args[2:]) + (0 if params_resident else bytes_per_device(params))
+    dtype = params["embed_tokens"].dtype
+    cache = bytes_per_device(abstract_cache(model_config, rows, static.cache_len, dtype, plan))
+    note = f"{rows} rows, prompt {prompt_width} + {static.cache_len - prompt_width} slots"
+    if teacher_config is not None:
+        tdtype = teacher_params["embed_tokens"].dtype
+        cache += bytes_per_device(
+            abstract_cache(teacher_config, rows, static.cache_len, tdtype, plan)
+        )
+        note += ", student + teacher caches"
+    note += f"; its temporaries hold the KV cache, {_fmt(cache)} per device"
+    return compiler.measure(name, "rollout_program", lowered, inputs, calls, note)
+
+
+def plan_scoring(
+    compiler: Compiler,
+    name: str,
+    config: Qwen2Config,
+    params,
+    shapes: StepShapes,
+    plan: ShardingPlan,
+    params_resident: bool,
+) -> ProgramPlan:
+    """A log-prob pass (``sequence_logprobs``) over the whole batch, as the loop calls it.
+    ``params_resident``: ``params`` are resident state (else a copy made for it)."""
+    from dgpo_jax.learner.scoring import sequence_logprobs  # noqa: PLC0415
+
+    rows, width = shapes.rows, shapes.width
+    ids = _batch_arg(plan, (rows, width), jnp.int32)
+    mask = _batch_arg(plan, (rows, width), jnp.int32)
+    kwargs = dict(micro_batch=shapes.score_micro_rows, plan=plan)
+    if shapes.packed:
+        kwargs["segment_ids"] = _batch_arg(plan, (rows, width), jnp.int32)
+    lowered = sequence_logprobs.lower(config, params, ids, mask, **kwargs)
+    inputs = bytes_per_device((ids, mask, kwargs.get("segment_ids")))
+    inputs += 0 if params_resident else bytes_per_device(params)
+    note = (
+        f"{rows} {'packed ' if shapes.packed else ''}rows x {width}, "
+        f"{shapes.score_micro_rows} rows at a time"
+    )
+    return compiler.measure(name, "sequence_logprobs", lowered, inputs, 1, note)
+
+
+def _used_fields(objective, teacher_in_program: bool, fields) -> tuple[str, ...]:
+    """Of ``fields`` (what the loop hands over), those the update step keeps."""
+    required, optional = batch_requirements(objective, teacher_in_program)
+    return tuple(f for f in fields if f in optional and f not in required)
+
+
+def _loop_fields(objective, has_ref: bool, prepared: bool) -> tuple[str, ...]:
+    """The batch fields the loop hands to the update step (before validation drops unused
+    ones): the scored rollout, behaviour / reference log-probs, TAID's t, and the whole-batch
+    pass's outputs when it ran."""
+    fields = ["teacher_mask", "sampler_logprobs", "rewards", "group_ids"]
+    if objective.uses_policy:
+        fields.append("old_logprobs")
+    if has_ref:
+        fields.append("ref_logprobs")
+    if objective.divergence == "taid":
+        fields.append("taid_t")
+    if prepared:
+        fields += ["advantages", "policy_gate", "returns", "values", "teacher_logprobs"]
+    return tuple(fields)
+
+
+def plan_update_programs(
+    compiler: Compiler,
+    cfg,
+    objective,
+    curriculum,
+    student: dict,
+    teacher: dict | None,
+    plan: ShardingPlan,
+    shapes: StepShapes,
+    has_ref: bool,
+    wanted: set[str],
+):
+    """(abstract update state, [prepare, update, loss programs] of those ``wanted``)."""
+    in_program = objective.teacher_in_update and teacher is not None
+    tx = optim_config(cfg, cfg.train.steps * shapes.updates)
     update = make_update_step(
         objective,
         student["config"],
-        teacher["config"] if teacher_in_program else None,
+        teacher["config"] if in_program else None,
         optimizer=tx,
-        micro_batches=micro_batches,
+        micro_batches=shapes.micro,
         plan=plan,
+        compute_dtype=jnp.dtype(cfg.model.dtype),
+        compiler_options=compiler.options,
     )
     state = abstract_update_state(objective, student["params"], update.tx)
-    required, _ = batch_requirements(objective, teacher_in_program)
-    batch = {}
-    for name in required:
-        kind, integer = BATCH_FIELDS[name]
-        shape = {"BT": (rows, seq), "B": (rows,), "": ()}[kind]
-        dt = jnp.int32 if integer else jnp.float32
-        sharding = plan.batch_sharding(len(shape), shape) if shape else plan.sharding(())
-        batch[name] = jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-    teacher_params = teacher["params"] if teacher_in_program else None
-    compiled = update._compiled(state).lower(state, batch, teacher_params).compile()
-    return state, _temp_bytes(compiled)
+    teacher_params = teacher["params"] if in_program else None
+    with_teacher = ", teacher in the program" if in_program else ""
+    programs = []
+    prepared = objective.uses_policy and objective.global_advantage and shapes.updates > 1
+    if prepared and "prepare" in wanted:
+        fields = _used_fields(objective, in_program, _loop_fields(objective, has_ref, False))
+        batch = abstract_batch(
+            objective,
+            shapes.rows,
+            shapes.width,
+            in_program,
+            plan,
+            packed=shapes.packed,
+            trajectories=shapes.trajectories,
+            fields=fields,
+        )
+        # The program prepare_rollout jits (UpdateStep._prepare), micro-batched as the loop
+        # asks.
+        lowered = jax.jit(update._prepare, static_argnames=("micro",)).lower(
+            state, batch, teacher_params, micro=shapes.whole_micro
+        )
+        note = f"{shapes.rows} rows x {shapes.width}, {shapes.whole_micro} micro-batches"
+        inputs = bytes_per_device(batch)
+        programs.append(
+            compiler.measure(
+                "prepare (whole batch)", "_prepare", lowered, inputs, 1, note + with_teacher
+            )
+        )
+    fields = _used_fields(objective, in_program, _loop_fields(objective, has_ref, prepared))
+    batch = abstract_batch(
+        objective,
+        shapes.mini_rows,
+        shapes.width,
+        in_program,
+        plan,
+        packed=shapes.packed,
+        trajectories=shapes.mini_trajectories,
+        fields=fields,
+    )
+    if "update" in wanted:
+        t0 = time.perf_counter()
+        compiled = update.compile(state, batch, teacher_params)
+        note = (
+            f"{shapes.mini_rows} rows x {shapes.width}, {shapes.micro} micro-batches of "
+            f"{shapes.micro_rows} rows, remat={student['config'].remat}" + with_teacher
+        )
+        programs.append(
+            compiler.read(
+                "update (mini-batch)",
+                "_step",
+                compiled,
+                bytes_per_device(batch),
+                shapes.updates,
+                note,
+                time.perf_counter() - t0,
+            )
+        )
+    if curriculum.adaptive_student_share and "loss" in wanted:
+        lowered = jax.jit(update._loss_only).lower(state, batch, teacher_params)
+        note = "DistiLLM's validation loss on one mini-batch"
+        programs.append(
+            compiler.measure(
+                "loss (validation)", "_loss_only", lowered, bytes_per_device(batch), 0, note
+            )
+        )
+    return state, programs
 
 
-def plan_rollout_step(config: Qwen2Config, params, cache: KVCache, chunk: int, plan) -> int:
-    """Temporary bytes per device of one compiled cache step of ``chunk`` tokens for every row."""
-    rows = cache.end.shape[0]
-    sh = plan.batch_sharding(2, (rows, chunk))
-    ids = jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=sh)
-    mask = jax.ShapeDtypeStruct((rows, chunk), jnp.bool_, sharding=sh)
-    fn = jax.jit(lambda p, i, c, m: forward_with_cache(config, p, i, c, m, plan))
-    return _temp_bytes(fn.lower(params, ids, cache, mask).compile())
+def _with_attention(config: Qwen2Config, kernel: str, plan: ShardingPlan) -> Qwen2Config:
+    """The model config with the run's attention kernel (``model.attention``); cudnn, which
+    needs a GPU, compiles as ``chunked`` on a CPU plan (fake GPU-shaped devices): its memory
+    stand-in, O(T x block) like cuDNN's flash attention."""
+    if kernel == "cudnn" and plan.mesh.devices.flat[0].platform == "cpu":
+        kernel = "chunked"
+    return config.replace(attention=kernel)
+
+
+def _attention_note(kernel: str, config: Qwen2Config, plan: ShardingPlan, width: int) -> str:
+    platform = plan.mesh.devices.flat[0].platform
+    runs = resolve_kernel(config.attention, width, plan, jnp.bfloat16, config.dim_per_head)
+    note = f"model.attention={kernel}: {runs} at {width} positions on {platform}"
+    if kernel != config.attention:
+        note += " (cudnn's memory stand-in: it needs a GPU)"
+    return note
+
+
+PROGRAM_GROUPS = ("rollout", "score", "prepare", "update", "loss", "eval")
+
+
+def _wanted(cfg) -> set[str]:
+    """``plan.programs``: the program groups to compile ("" = all)."""
+    names = {n.strip() for n in str(cfg.plan.get("programs", "") or "").split(",") if n.strip()}
+    unknown = sorted(names - set(PROGRAM_GROUPS))
+    if unknown:
+        raise ValueError(
+            f"plan.programs: unknown program group(s) {unknown}; known: {', '.join(PROGRAM_GROUPS)}"
+        )
+    return names or set(PROGRAM_GROUPS)
 
 
 def build_memory_plan(cfg) -> MemoryPlan:
     """The plan for a run config (see the module docstring)."""
-    plan = make_plan(cfg)
-    devices = plan.mesh.devices.size
-    dtype = cfg.model.dtype
-    objective, curriculum = build_objective(cfg), build_curriculum(cfg)
-    n = cfg.data.rollouts_per_prompt
-    rollout_rows = cfg.data.batch_size * n
-    mini_rows = min(cfg.train.mini_batch_size, cfg.data.batch_size) * n
-    cache_slots = cfg.sampler.cache_len
-    seq = -(-cfg.sampler.cache_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    from dgpo_jax.launch.context import eval_sampler_configs  # noqa: PLC0415 (import cycle)
+    from dgpo_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415
 
+    target = parse_target(cfg.plan.get("target", ""))
+    wanted = _wanted(cfg)
+    devices = target_devices(target)
+    if cfg.mesh.num_devices and not target.is_tpu:
+        devices = devices[: cfg.mesh.num_devices]
+    shape = {k: int(v) for k, v in cfg.mesh.shape.items()}
+    plan = plan_from_config(shape, parse_rules(cfg.mesh.rules), devices=devices)
+    n_devices = int(plan.mesh.devices.size)
+    first = plan.mesh.devices.flat[0]
+    per_chip, memory_gib = 1, cfg.plan.device_memory_gib
+    peak_tflops = float(cfg.plan.get("peak_tflops", 0.0) or 0.0)
+    if target.is_tpu:
+        compiler = Compiler()
+        compiler_name = f"the TPU compiler (libtpu {libtpu_version()})"
+        chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
+        per_chip = max(1, n_devices // max(chips, 1))
+        memory_gib = memory_gib or target.kind.hbm_gib
+        peak_tflops = peak_tflops or target.kind.peak_tflops
+    else:
+        cpu = first.platform == "cpu"
+        compiler = Compiler(
+            {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+            if cpu
+            else None
+        )
+        compiler_name = f"XLA:{first.platform.upper()}"
     result = MemoryPlan(
         mesh=dict(plan.mesh.shape),
-        devices=int(devices),
-        platform=plan.mesh.devices.flat[0].platform,
-        device_memory=int(cfg.plan.device_memory_gib * GiB),
+        devices=n_devices,
+        platform=first.platform,
+        compiler=compiler_name,
+        target=target.name,
+        device_kind=getattr(first, "device_kind", first.platform),
+        devices_per_chip=per_chip,
+        device_memory=int(memory_gib * GiB / per_chip),
+        peak_tflops=peak_tflops,
     )
+    objective, curriculum = build_objective(cfg), build_curriculum(cfg)
+    compute_dtype, param_dtype = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
+    kernel = cfg.model.attention
 
-    def model(role, source):
-        config = model_config_from_source(source, f"model.{role}")
+    def model(role, source, dtype):
+        config = _with_attention(model_config_from_source(source, f"model.{role}"), kernel, plan)
         return {"config": config, "params": abstract_params(config, dtype, plan)}
 
-    student = model("student", cfg.model.student)
-    result.components["student params"] = bytes_per_device(student["params"])
-    result.notes["student params"] = (
-        f"{student['config'].num_params() / 1e6:.0f}M x {jnp.dtype(dtype).name}"
-    )
+    # --- the resident state -------------------------------------------------------------------
+    student = model("student", cfg.model.student, param_dtype)
+    if cfg.model.remat != "none":
+        student["config"] = student["config"].replace(remat=cfg.model.remat)
+    shapes = step_shapes(cfg, _batch_shards(plan))
+    result.assumptions["attention"] = _attention_note(kernel, student["config"], plan, shapes.width)
+    result.assumptions["update batches"] = shapes.describe()
+    resident = {}
     teacher = None
     if needs_teacher_model(objective, curriculum):
         if not cfg.model.teacher:
             raise ValueError(f"objective {objective.name!r} needs config.model.teacher")
-        teacher = model("teacher", cfg.model.teacher)
-        result.components["teacher params"] = bytes_per_device(teacher["params"])
-        result.notes["teacher params"] = f"{teacher['config'].num_params() / 1e6:.0f}M"
+        teacher = model("teacher", cfg.model.teacher, compute_dtype)
+        resident["teacher params"] = bytes_per_device(teacher["params"])
+        result.notes["teacher params"] = (
+            f"{teacher['config'].num_params() / 1e6:.0f}M x {compute_dtype.name}"
+        )
+    reference = None
     if objective.needs_ref_logp:
         if cfg.model.ref_model == "initial_student":
-            result.components["reference params"] = result.components["student params"]
-            result.notes["reference params"] = "a copy of the initial student"
+            params = cast_params(student["params"], compute_dtype)
+            reference = {"config": student["config"], "params": params}
+            note = "a copy of the initial student"
         else:
-            ref = model("reference", cfg.model.reference)
-            result.components["reference params"] = bytes_per_device(ref["params"])
-
-    tx = optim_config(cfg, cfg.train.steps)
-    micro = micro_batches(mini_rows, cfg.train.micro_batch_size)
-    log.info(
-        "compiling the update step for %d x %d tokens (%d micro-batches) ...", mini_rows, seq, micro
+            reference = model("reference", cfg.model.reference, compute_dtype)
+            note = cfg.model.reference
+        resident["reference params"] = bytes_per_device(reference["params"])
+        result.notes["reference params"] = f"{note}, {compute_dtype.name}"
+    state, update_programs = plan_update_programs(
+        compiler,
+        cfg,
+        objective,
+        curriculum,
+        student,
+        teacher,
+        plan,
+        shapes,
+        reference is not None,
+        wanted,
     )
-    state, update_temp = plan_update(
-        objective, student, teacher, tx, plan, mini_rows, seq, micro, dtype
-    )
+    policy_bytes = bytes_per_device(state.train.params["policy"])
     critic = {k: v for k, v in state.train.params.items() if k != "policy"}
-    result.components["critic params"] = bytes_per_device(critic)
-    result.notes["critic params"] = objective.critic
-    result.components["optimizer state"] = bytes_per_device(state.train.opt_state)
-    result.notes["optimizer state"] = "AdamW moments (float32 like the params' dtype) + counters"
-    result.components["update activations"] = update_temp
-    result.notes["update activations"] = (
-        f"compiled update step, {mini_rows} rows x {seq} positions, {micro} micro-batches"
+    critic_bytes = bytes_per_device(critic)
+    result.components["student params"] = policy_bytes
+    result.notes["student params"] = (
+        f"{student['config'].num_params() / 1e6:.0f}M x {param_dtype.name} (masters)"
     )
+    if critic:
+        result.components["critic params"] = critic_bytes
+        result.notes["critic params"] = f"{objective.critic} critic, {param_dtype.name}"
+    # The optimizer state with the update state's counters (step, rng, skipped steps).
+    result.components["optimizer state"] = bytes_per_device(state) - policy_bytes - critic_bytes
+    result.notes["optimizer state"] = f"AdamW moments ({param_dtype.name}) + counters"
+    result.components.update(resident)
 
-    cache = abstract_cache(student["config"], rollout_rows, cache_slots, dtype, plan)
-    kv = bytes_per_device(cache)
-    note = f"{rollout_rows} rows x {cache_slots} slots"
-    if curriculum.guided_p0 > 0 and teacher is not None:
-        teacher_cache = abstract_cache(teacher["config"], rollout_rows, cache_slots, dtype, plan)
-        kv += bytes_per_device(teacher_cache)
-        note += ", student + teacher"
-    result.components["kv cache"] = kv
-    result.notes["kv cache"] = note
-    log.info("compiling a rollout decode step ...")
-    result.components["rollout step"] = plan_rollout_step(
-        student["config"], student["params"], cache, 1, plan
+    # The policy the sampler and the scoring passes read: its compute-dtype copy (the masters
+    # themselves when they are in the compute dtype: then it is resident).
+    policy = cast_params(student["params"], compute_dtype)
+    policy_resident = param_dtype == compute_dtype
+    if not policy_resident:
+        result.assumptions["policy compute copy"] = (
+            f"{_fmt(bytes_per_device(policy))} per device ({compute_dtype.name}, cast once per "
+            "step): an argument of the rollout, scoring and evaluation programs"
+        )
+
+    # --- the programs, in the order the loop runs them ----------------------------------------
+    tok = load_tokenizer(cfg.model.tokenizer)
+    prompt_width = int(cfg.plan.get("prompt_width", 0) or 0) or cfg.sampler.max_prompt_length
+    prompt_width = min(-(-prompt_width // 8) * 8, cfg.sampler.max_prompt_length)
+    result.assumptions["prompt width"] = (
+        f"{prompt_width} positions (plan.prompt_width; a rollout compiles for its batch's "
+        f"longest prompt rounded up to 8, at most sampler.max_prompt_length="
+        f"{cfg.sampler.max_prompt_length})"
     )
-    result.notes["rollout step"] = f"one compiled decode step of all {rollout_rows} rows"
+    programs: list[ProgramPlan] = []
+    guided = curriculum.guided_p0 > 0 and teacher is not None
+    teacher_samples = teacher is not None and (
+        not objective.uses_policy or curriculum.teacher_prefix_share > 0
+    )
+    rows = shapes.trajectories
+    if "rollout" in wanted:
+        scfg = sampler_config(cfg, tok, max_prefix_length=curriculum.teacher_prefix_tokens)
+        programs.append(
+            plan_rollout(
+                compiler,
+                "rollout",
+                student["config"],
+                scfg,
+                policy,
+                rows,
+                prompt_width,
+                plan,
+                policy_resident,
+                1,
+                teacher["config"] if guided else None,
+                teacher["params"] if guided else None,
+            )
+        )
+        if teacher_samples:
+            programs.append(
+                plan_rollout(
+                    compiler,
+                    "rollout (teacher)",
+                    teacher["config"],
+                    sampler_config(cfg, tok),
+                    teacher["params"],
+                    rows,
+                    prompt_width,
+                    plan,
+                    True,
+                    1,
+                )
+            )
+    if "score" in wanted:
+        behaviour = None
+        if objective.uses_policy:
+            behaviour = plan_scoring(
+                compiler,
+                "score: behaviour log-probs",
+                student["config"],
+                policy,
+                shapes,
+                plan,
+                policy_resident,
+            )
+            programs.append(behaviour)
+        if reference is not None:
+            if behaviour is not None and reference["config"] == student["config"]:
+                # The initial student's copy has the policy's config, shapes and dtype: the
+                # same compiled program as the behaviour pass.
+                programs.append(
+                    dataclasses.replace(
+                        behaviour,
+                        name="score: reference log-probs",
+                        # its params are the resident reference, not a copy made for it
+                        inputs=behaviour.inputs
+                        - (0 if policy_resident else bytes_per_device(policy)),
+                        same_as=behaviour.name,
+                    )
+                )
+            else:
+                programs.append(
+                    plan_scoring(
+                        compiler,
+                        "score: reference log-probs",
+                        reference["config"],
+                        reference["params"],
+                        shapes,
+                        plan,
+                        True,
+                    )
+                )
+    programs += update_programs
+    if (cfg.train.eval_every or cfg.eval.at_end) and "eval" in wanted:
+        for name, scfg in eval_sampler_configs(cfg, tok).items():
+            programs.append(
+                plan_rollout(
+                    compiler,
+                    f"eval: {name}",
+                    student["config"],
+                    scfg,
+                    policy,
+                    cfg.eval.batch_size,
+                    prompt_width,
+                    plan,
+                    policy_resident,
+                    0,
+                )
+            )
+    result.programs = {p.name: p for p in programs}
     return result
 
 
 def run_plan(cfg) -> dict:
-    """The launcher's ``plan`` mode: print the table, write ``WORKDIR/memory_plan.json``."""
+    """The launcher's ``plan`` mode: print the table, write ``WORKDIR/memory_plan.json``; a plan
+    that does not fit exits non-zero naming its largest program."""
+    target = parse_target(cfg.plan.get("target", ""))
+    if target.is_tpu and not jax._src.xla_bridge.backends_are_initialized():
+        # The TPU devices are libtpu's compile-only topology; this host runs on its CPU
+        # (starting the TPU runtime on a machine without TPUs only waits and warns).
+        jax.config.update("jax_platforms", "cpu")
     result = build_memory_plan(cfg)
     print(result.table(), flush=True)
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -325,19 +1033,31 @@ def run_plan(cfg) -> dict:
     with open(os.path.join(cfg.workdir, "memory_plan.json"), "w") as f:
         json.dump(out, f, indent=1)
     if result.fits is False:
+        worst = result.programs[result.peak_program]
+        unit = "chip" if result.devices_per_chip > 1 else "device"
+        scale = result.devices_per_chip
         raise SystemExit(
-            f"memory plan: peak {_fmt(result.peak)} per device exceeds "
-            f"plan.device_memory_gib={cfg.plan.device_memory_gib}"
+            f"memory plan: {worst.name} ({worst.function}) needs {_fmt(worst.live * scale)} "
+            f"on top of the resident {_fmt(result.resident * scale)}: the peak "
+            f"{_fmt(result.peak * scale)} per {unit} exceeds plan.device_memory_gib="
+            f"{result.device_memory * scale / GiB:g}"
         )
     return out
 
 
 __all__ = [
+    "KNOWN_TARGETS",
     "MemoryPlan",
-    "build_memory_plan",
-    "run_plan",
-    "bytes_per_device",
-    "abstract_params",
+    "ProgramPlan",
+    "StepShapes",
+    "TPU_KINDS",
     "abstract_cache",
+    "abstract_params",
+    "build_memory_plan",
+    "bytes_per_device",
     "model_config_from_source",
+    "parse_target",
+    "run_plan",
+    "step_shapes",
+    "target_devices",
 ]

@@ -6,6 +6,12 @@ PPO + masked KL, optax) on each PPO mini-batch -> metrics; periodically evaluati
 orbax checkpoint holding the update state, the data-iterator state and the configs, so
 ``--config.resume=True`` continues with the same data order. The curriculum (teacher turns and
 prefixes, student-data share, replay, TAID's t) is applied between steps.
+
+Mixed precision: the update state holds the policy's (and critic's) master weights in
+``model.param_dtype``; the sampler and the scoring passes get the policy cast to the compute
+dtype ``model.dtype`` once per step, and the update step casts inside its loss. With
+``train.pack`` (the default) the scoring passes and the updates run on packed rows
+(``dgpo_jax.learner.packing``; docs/training_at_scale.md).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dgpo_jax.curricula.teacher_data import teacher_prefixes, validation_batch
 from dgpo_jax.data.pipeline import PromptBatches
 from dgpo_jax.data.prompts import encode_prompt
 from dgpo_jax.data.search_r1 import read_question_files
-from dgpo_jax.launch.context import RunContext, load_model
+from dgpo_jax.launch.context import RunContext, UpdateSteps, load_model
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import (
     SEQ_MULTIPLE,
@@ -40,6 +46,12 @@ from dgpo_jax.learner.batches import (
     pad_batch_to,
     pad_rows_to,
     score_rollout,
+)
+from dgpo_jax.learner.packing import (
+    pack_for_update,
+    pack_width,
+    take_trajectories,
+    trajectory_lengths,
 )
 from dgpo_jax.learner.scoring import sequence_logprobs
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
@@ -58,23 +70,37 @@ def run_train(cfg) -> dict:
     updates_per_step = (rows // mini_rows) * cfg.train.ppo_epochs
     total_updates = cfg.train.steps * updates_per_step
     in_program_teacher = run.teacher_config if objective.teacher_in_update else None
-    update = make_update_step(
-        objective,
-        run.student_config,
-        in_program_teacher,
-        optimizer=optim_config(cfg, total_updates),
-        micro_batches=micro_batches(mini_rows, cfg.train.micro_batch_size),
-        plan=run.plan,
+    teacher_arg = run.teacher_params if in_program_teacher else None
+
+    def build_step(micro: int, optimizer):
+        # The float32 masters are cast to the compute dtype inside the step's loss.
+        return make_update_step(
+            objective,
+            run.student_config,
+            in_program_teacher,
+            optimizer=optimizer,
+            micro_batches=micro,
+            plan=run.plan,
+            compute_dtype=run.compute_dtype,
+        )
+
+    update = build_step(
+        micro_batches(mini_rows, cfg.train.micro_batch_size), optim_config(cfg, total_updates)
     )
-    ref_params = None
+    steps = UpdateSteps(update, build_step)  # packed batches: one step per micro-batch count
+    ref_params = ref_config = None
     if objective.needs_ref_logp:
         if cfg.model.ref_model == "initial_student":
-            ref_params = jax.tree.map(jnp.copy, run.student_params)
+            # A frozen copy in the compute dtype (the masters are donated to the update).
+            ref_params = run.compute(run.student_params)
+            if run.compute_dtype == run.param_dtype:
+                ref_params = jax.tree.map(jnp.copy, ref_params)
             ref_config = run.student_config
         else:  # teacher_base: validate() made sure model.reference is set
             ref_config, ref_params = load_model(
                 cfg.model.reference, cfg.model.dtype, len(tok), run.plan, role="model.reference"
             )
+            ref_config = run.with_attention(ref_config)
         log.info(
             "reference log-probs (pi_ref) from %s",
             "the initial student"
@@ -162,11 +188,7 @@ def run_train(cfg) -> dict:
         """DistiLLM: the validation loss after this step, and the share it implies."""
         if val_batch is None or (step + 1) % val_every:
             return
-        val = float(
-            update.loss(state, val_batch, run.teacher_params if in_program_teacher else None)[
-                "loss"
-            ]
-        )
+        val = float(update.loss(state, val_batch, teacher_arg)["loss"])
         extra["student_share"], extra["val_loss"] = distillm_student_share(
             extra["student_share"],
             extra["val_loss"],
@@ -178,12 +200,12 @@ def run_train(cfg) -> dict:
 
     if val_batch is not None and extra["val_loss"] is None:
         # DistiLLM's first comparison point: a validation before training.
-        extra["val_loss"] = float(
-            update.loss(state, val_batch, run.teacher_params if in_program_teacher else None)[
-                "loss"
-            ]
-        )
-    per_micro = max(1, mini_rows // update.micro_batches)
+        extra["val_loss"] = float(update.loss(state, val_batch, teacher_arg)["loss"])
+    scorers = {}
+    if objective.uses_policy:
+        scorers["old_logprobs"] = run.student_config  # with this step's policy
+    if ref_params is not None:
+        scorers["ref_logprobs"] = ref_config
 
     for step in range(start, cfg.train.steps):
         t0 = time.time()
@@ -194,7 +216,8 @@ def run_train(cfg) -> dict:
         groups = np.repeat(np.arange(len(recs)), n)
         prompts = [encode_prompt(r, tok, cfg.data.use_chat_template) for r in expanded]
         seed = cfg.seed * 1_000_003 + step
-        policy = state.params["policy"]
+        # The policy in the compute dtype, cast once per step: rollouts and scoring passes.
+        policy = run.compute(state.params["policy"])
         source = _data_source(
             objective, curriculum, extra["student_share"], rng, replay, step / cfg.train.steps
         )
@@ -244,44 +267,19 @@ def run_train(cfg) -> dict:
             logger.write(step + 1, metrics)
             continue
         batch = pad_batch_to(batch, SEQ_MULTIPLE)
-        # Every row trains: pad to whole micro-batches with rows that carry no token (counted).
-        batch, metrics["padded_rows"] = pad_rows_to(batch, update.micro_batches)
-        if objective.uses_policy:
-            batch["old_logprobs"] = to_host(
-                sequence_logprobs(
-                    run.student_config,
-                    policy,
-                    *run.place(batch["input_ids"], batch["attention_mask"]),
-                )
-            )
-        if ref_params is not None:
-            batch["ref_logprobs"] = to_host(
-                sequence_logprobs(
-                    ref_config, ref_params, *run.place(batch["input_ids"], batch["attention_mask"])
-                )
-            )
         if objective.divergence == "taid":
             batch["taid_t"] = np.float32(extra["taid_t"])
-        rows_now = len(batch["input_ids"])
-        mb = min(mini_rows, rows_now)
-        whole = {}
-        if -(-rows_now // mb) * cfg.train.ppo_epochs > 1:
-            # The reference's order: values, advantages and whitening over the whole rollout
-            # batch at the pre-update parameters, then the mini-batch updates. (One update per
-            # step computes exactly that inside the step, so it needs no separate pass.)
-            batch, whole = update.prepare_rollout(
-                state,
-                batch,
-                run.teacher_params if in_program_teacher else None,
-                micro_batches(rows_now, per_micro),
-            )
-            batch = to_host(batch)
-        update_metrics = []
-        for _ in range(cfg.train.ppo_epochs):
-            for lo in range(0, rows_now, mb):
-                part = {k: (v[lo : lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
-                state, m = update(state, part, run.teacher_params if in_program_teacher else None)
-                update_metrics.append(to_host(m))
+        scoring = {
+            k: (c, policy if k == "old_logprobs" else ref_params) for k, c in scorers.items()
+        }
+        update_pass = _packed_updates if cfg.train.pack else _padded_updates
+        t_update = time.time()
+        state, update_metrics, whole, pad_stats = update_pass(
+            cfg, run, steps, state, batch, scoring, teacher_arg, mini_rows
+        )
+        metrics.update(pad_stats)
+        # scoring passes, the whole-batch pass and the updates (the rollout not included)
+        metrics["update_seconds"] = time.time() - t_update
         for k in update_metrics[0]:
             metrics[k] = float(np.mean([u[k] for u in update_metrics]))
         metrics.update({k: float(v) for k, v in to_host(whole).items()})
@@ -301,8 +299,10 @@ def run_train(cfg) -> dict:
         validate_if_due(step, metrics)
         metrics["step_seconds"] = time.time() - t0
         tokens = int(batch["attention_mask"].sum())
+        # real (not padding) tokens through the scoring and update passes per second
+        metrics["real_tokens_per_s"] = tokens / max(metrics["update_seconds"], 1e-9)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            res = run.evaluate(state.params["policy"], f"step_{step + 1}")
+            res = run.evaluate(state.params["policy"], f"step_{step + 1}")  # cast inside
             metrics.update({f"eval/{d}_em": r["all"]["em"] for d, r in res.items()})
         logger.write(step + 1, metrics, tokens=tokens)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
@@ -314,6 +314,93 @@ def run_train(cfg) -> dict:
     logger.close()
     ckpt.close()
     return {"final_eval": final, "state": state}
+
+
+def _padded_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
+    """``train.pack=False``: one trajectory per row, padded to the rollout's width. Scoring
+    passes, the whole-batch pass (when the step makes more than one update) and the PPO
+    mini-batches. Returns (state, per-update metrics, whole-batch metrics, padding metrics)."""
+    update = steps.first
+    per_micro = max(1, mini_rows // update.micro_batches)
+    # Every row trains: pad to whole micro-batches with rows that carry no token (counted).
+    batch, padded_rows = pad_rows_to(dict(batch), update.micro_batches)
+    rows_now = len(batch["input_ids"])
+    score_rows = cfg.train.score_micro_batch_size or per_micro
+    ids, mask = run.place(batch["input_ids"], batch["attention_mask"])
+    for key, (config, params) in scoring.items():
+        batch[key] = to_host(
+            sequence_logprobs(config, params, ids, mask, micro_batch=score_rows, plan=run.plan)
+        )
+    mb = min(mini_rows, rows_now)
+    whole = {}
+    if -(-rows_now // mb) * cfg.train.ppo_epochs > 1:
+        # The reference's order: values, advantages and whitening over the whole rollout
+        # batch at the pre-update parameters, then the mini-batch updates. (One update per
+        # step computes exactly that inside the step, so it needs no separate pass.)
+        batch, whole = update.prepare_rollout(
+            state, batch, teacher, micro_batches(rows_now, per_micro)
+        )
+        batch = to_host(batch)
+    update_metrics = []
+    for _ in range(cfg.train.ppo_epochs):
+        for lo in range(0, rows_now, mb):
+            part = {k: (v[lo : lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
+            state, m = update(state, part, teacher)
+            update_metrics.append(to_host(m))
+    real = max(int(batch["attention_mask"].sum()), 1)
+    positions = batch["input_ids"].size
+    pad = {"padded_rows": padded_rows, "padded_positions_per_real_token": (positions - real) / real}
+    return state, update_metrics, whole, pad
+
+
+def _packed_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
+    """``train.pack=True``: the same passes on packed rows (``dgpo_jax.learner.packing``).
+
+    The trajectories are split into PPO mini-batches as they come (GRPO groups stay whole);
+    every packed batch of the step has the width of the step's longest trajectory. The scoring
+    passes and the whole-batch pass run on the whole batch packed; their per-token outputs are
+    unpacked into the trajectory layout and packed again with each mini-batch. Returns (state,
+    per-update metrics, whole-batch metrics, padding metrics)."""
+    batch = dict(batch)
+    n_traj = len(batch["input_ids"])
+    mb = min(mini_rows, n_traj)
+    minis = [np.arange(lo, min(lo + mb, n_traj)) for lo in range(0, n_traj, mb)]
+    width = pack_width(trajectory_lengths(batch["attention_mask"]), cfg.train.pack_width_multiple)
+    shards = run.batch_shards
+    pack = lambda part: pack_for_update(part, width, cfg.train.micro_batch_size, shards)
+
+    # The whole batch: micro-batches of at most score_micro_batch_size rows (default: the
+    # update's micro_batch_size) for the scoring passes and the whole-batch pass.
+    score_rows = cfg.train.score_micro_batch_size or cfg.train.micro_batch_size
+    whole, layout, whole_micro = pack_for_update(batch, width, score_rows, shards)
+    score_rows = len(whole["input_ids"]) // whole_micro
+    ids, mask, seg = run.place(whole["input_ids"], whole["attention_mask"], whole["segment_ids"])
+    for key, (config, params) in scoring.items():
+        whole[key] = to_host(
+            sequence_logprobs(
+                config, params, ids, mask, segment_ids=seg, micro_batch=score_rows, plan=run.plan
+            )
+        )
+        batch[key] = layout.unpack(whole[key])
+    whole_metrics = {}
+    if len(minis) * cfg.train.ppo_epochs > 1:
+        # The reference's order (see _padded_updates), on the whole batch packed.
+        prepared, whole_metrics = steps.first.prepare_rollout(state, whole, teacher, whole_micro)
+        added = {k: to_host(v) for k, v in prepared.items() if k not in whole}
+        whole.update(added)
+        batch.update({k: layout.unpack(v) for k, v in added.items()})
+    if len(minis) == 1:  # the whole batch is the mini-batch
+        parts = [(whole, layout, whole_micro)]
+    else:
+        parts = [pack(take_trajectories(batch, idx)) for idx in minis]
+    update_metrics = []
+    for _ in range(cfg.train.ppo_epochs):
+        for packed, _, micro in parts:
+            state, m = steps(micro)(state, packed, teacher)
+            update_metrics.append(to_host(m))
+    real = max(sum(p[1].stats["real_tokens"] for p in parts), 1)
+    padded = sum(p[1].stats["padded_positions"] for p in parts)
+    return state, update_metrics, whole_metrics, {"padded_positions_per_real_token": padded / real}
 
 
 def _data_source(

@@ -1,21 +1,39 @@
-"""The fused update step: one jitted program per objective config.
+"""The fused update step: one compiled program per objective config.
 
 ``make_update_step(objective, student_config, ...)`` returns an ``UpdateStep``; calling it with
 ``(state, batch[, teacher_params])`` runs, inside one compiled program:
 
 1. (only when needed) a no-gradient pre-pass over micro-batches: in-program teacher log-probs
    for whole-batch advantages (DGPO with GAE) and the critic's values when the batch has none;
-2. rewards, gates and advantages on the whole batch (GAE / GRPO / reward-to-go / whitening);
-3. a ``lax.scan`` over micro-batches: student forward -> chunked log-probs, entropy and
-   divergences (teacher forward without gradient when the objective needs teacher logits),
-   critic values, the loss, and its gradient, accumulated in float32. Every mean's denominator
-   comes from the batch masks and is known before the scan, so the micro-batched loss and
-   gradient equal the full-batch ones exactly;
+2. the prepared batch (``dgpo_jax.learner.prepared``): per-trajectory quantities put on their
+   trajectory's tokens (the DGPO gate u(tau), the outcome reward on the last student token,
+   sequence-mean weights), denominators, and whole-batch advantages (GAE / GRPO /
+   reward-to-go / whitening), all before the micro-batch split;
+3. one micro-batch accumulator (``lax.scan``): student forward -> chunked log-probs, entropy
+   and divergences (teacher forward without gradient when the objective needs teacher
+   logits), critic values, then the loss terms (``dgpo_jax.learner.loss_terms``: policy, KL,
+   entropy, divergence, teacher-token, critic) and, for the step, the gradient, accumulated in
+   float32. The loss-only path (``UpdateStep.loss``) runs the same accumulator without
+   gradients. Every mean's denominator belongs to the whole batch, so the micro-batched loss
+   and gradient equal the full-batch ones exactly;
 4. a non-finite guard: a step whose loss or gradient is not finite changes nothing but the
    ``skipped_steps`` counter; otherwise the optax update.
 
+Batches may pack several trajectories per row (``segment_ids``, ``traj_index``: see
+``dgpo_jax.objectives.batch``); every per-trajectory quantity is computed per trajectory, so a
+packed batch gives the padded batch's loss and gradients.
+
+Mixed precision: with ``compute_dtype`` (e.g. bfloat16) the trainable params in the state are
+the float32 masters; the program casts the policy and critic trunks to ``compute_dtype`` once
+per step (value heads stay float32: they are read in float32), differentiates the loss with
+respect to that copy, accumulates the gradient in float32 and applies the optimizer to the
+masters (moments float32). The cast's gradient is the cast of the copy's gradient, so this
+equals differentiating through the cast.
+
 The state is donated; with a ``plan`` the batch is placed by the plan and the new state keeps
-the input state's shardings.
+the input state's shardings. ``UpdateStep.compile`` compiles the step ahead of time from
+concrete or abstract arguments; calls with the same shapes, dtypes and shardings run that
+compiled program.
 """
 
 from __future__ import annotations
@@ -29,31 +47,38 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dgpo_jax.learner import loss_terms
 from dgpo_jax.learner.optim import OptimConfig, make_optimizer
+from dgpo_jax.learner.prepared import (
+    Denominators,
+    PreparedBatch,
+    TokenRows,
+    merge_micro,
+    split_micro,
+)
 from dgpo_jax.learner.train_state import (
     TrainState,
     create_train_state,
     optimizer_state_shardings,
     replicated_sharding_like,
 )
-from dgpo_jax.models import Qwen2Config, forward_hidden, lm_logits
+from dgpo_jax.models import Qwen2Config, cast_params, forward_hidden, lm_logits
 from dgpo_jax.objectives import advantages as adv_lib
-from dgpo_jax.objectives.batch import validate_batch
+from dgpo_jax.objectives.batch import (
+    abstract_batch,
+    field_dtype,
+    field_sharding,
+    validate_batch,
+)
 from dgpo_jax.objectives.config import ObjectiveConfig
 from dgpo_jax.objectives.critic import critic_values, init_critic, init_value_head
 from dgpo_jax.objectives.divergences import chunked_token_stats
-from dgpo_jax.objectives.kl import kl_estimate
-from dgpo_jax.objectives.losses import (
-    importance_sampling_loss,
-    ppo_clip_loss,
-    reinforce_loss,
-    truncated_is_weight,
-    value_loss,
-)
 from dgpo_jax.objectives.rewards import token_rewards, trajectory_gate
+from dgpo_jax.objectives.trajectories import Trajectories
 from dgpo_jax.parallel.distributed import device_put_global, tree_device_put_global
 
 f32 = jnp.float32
+_split_micro, _merge_micro = split_micro, merge_micro  # the names older code imports
 
 
 @flax.struct.dataclass
@@ -80,13 +105,22 @@ def create_update_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
     critic_params=None,
+    *,
+    param_dtype=None,
 ) -> UpdateState:
     """Initial state. A missing critic is built: a fresh value head (``value_head``) or a copy of
-    the student trunk plus a value head (``separate``, as DGPO initialises its critic)."""
+    the student trunk plus a value head (``separate``, as DGPO initialises its critic), in the
+    policy params' dtype. ``param_dtype`` (e.g. float32): the master dtype the trained params
+    (and so the optimizer moments) are held in; the given policy / critic params are cast to it
+    (None: kept as given)."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     elif not jax.dtypes.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
+    if param_dtype is not None:
+        policy_params = cast_params(policy_params, param_dtype)
+        if critic_params is not None:
+            critic_params = cast_params(critic_params, param_dtype)
     params = {"policy": policy_params}
     head_rng = jax.random.fold_in(rng, 7)
     embed = policy_params["embed_tokens"]
@@ -116,18 +150,22 @@ def create_update_state(
 
 
 def abstract_update_state(
-    objective: ObjectiveConfig, policy_params, tx: optax.GradientTransformation
+    objective: ObjectiveConfig, policy_params, tx: optax.GradientTransformation, param_dtype=None
 ) -> UpdateState:
     """The state ``create_update_state`` would build, as ``jax.ShapeDtypeStruct`` leaves with
     their shardings, from abstract (or concrete) policy params: nothing is allocated. Used to
-    compile the update step ahead of time (``dgpo_jax.launch.plan``)."""
+    compile the update step ahead of time (``UpdateStep.compile``, ``dgpo_jax.launch.plan``).
+    ``param_dtype``: the master dtype of the trained params (e.g. float32 when the policy params
+    are given in the bfloat16 compute dtype); None keeps the policy params' dtype."""
 
     def sds(x, sharding):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    policy = jax.tree.map(lambda x: sds(x, x.sharding), policy_params)
+    policy = jax.tree.map(lambda x: sds(x, getattr(x, "sharding", None)), policy_params)
+    if param_dtype is not None:
+        policy = cast_params(policy, param_dtype)
     replicated = replicated_sharding_like(policy_params)
-    embed = policy_params["embed_tokens"]
+    embed = policy["embed_tokens"]
     head = jax.tree.map(
         lambda x: sds(x, replicated),
         jax.eval_shape(lambda: init_value_head(embed.shape[1], jax.random.key(0), embed.dtype)),
@@ -145,22 +183,59 @@ def abstract_update_state(
     return UpdateState(train=train, skipped_steps=scalar)
 
 
-def _split_micro(x, m: int):
-    """``[B, ...] -> [m, B/m, ...]``; micro-batch i holds rows i, i+m, ... (each micro-batch
-    keeps rows from every data shard)."""
-    b = x.shape[0]
-    return jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
-
-
-def _merge_micro(x):
-    m, bm = x.shape[:2]
-    return jnp.swapaxes(x, 0, 1).reshape((m * bm,) + x.shape[2:])
-
-
-def _response_region(attention_mask, loss_mask):
-    """Real tokens from the first student token on (observations included): the reference
-    code's mask for GAE / whitening / the critic loss (``reference_quirk``)."""
+def _response_region(attention_mask, loss_mask, trajectories=None):
+    """Real tokens from the (trajectory's) first student token on (observations included): the
+    reference code's mask for GAE / whitening / the critic loss (``reference_quirk``)."""
+    if trajectories is not None:
+        return attention_mask * trajectories.from_first(loss_mask)
     return attention_mask * (jnp.cumsum(loss_mask, axis=1) > 0).astype(f32)
+
+
+# --- ahead-of-time programs -------------------------------------------------------------------
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _signature(args):
+    """(tree structure, per leaf (shape, dtype, weak type, sharding)) of a call's arguments."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (
+            tuple(x.shape),
+            x.dtype,
+            bool(getattr(x, "weak_type", False)),
+            getattr(x, "sharding", None) or _default_sharding(),
+        )
+        for x in leaves
+    )
+
+
+def _same_signature(a, b) -> bool:
+    (tree_a, leaves_a), (tree_b, leaves_b) = a, b
+    if tree_a != tree_b or len(leaves_a) != len(leaves_b):
+        return False
+    for (shape, dtype, weak, sh_a), (shape_b, dtype_b, weak_b, sh_b) in zip(leaves_a, leaves_b):
+        if shape != shape_b or dtype != dtype_b or weak != weak_b:
+            return False
+        if sh_a != sh_b and not sh_a.is_equivalent_to(sh_b, len(shape)):
+            return False
+    return True
+
+
+def _is_abstract(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _with_default_shardings(tree):
+    """Abstract leaves without a sharding go on the default device (as uncommitted arrays)."""
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_default_sharding())
+            if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None
+            else x
+        ),
+        tree,
+    )
 
 
 class UpdateStep:
@@ -178,6 +253,7 @@ class UpdateStep:
         plan=None,
         donate: bool = True,
         compiler_options: dict | None = None,
+        compute_dtype=None,
     ):
         if not isinstance(objective, ObjectiveConfig):
             raise TypeError(f"objective must be an ObjectiveConfig, got {type(objective).__name__}")
@@ -195,12 +271,21 @@ class UpdateStep:
                 f"teacher vocab_size {teacher_config.vocab_size} != student vocab_size "
                 f"{student_config.vocab_size}"
             )
+        if compute_dtype is not None:
+            try:
+                compute_dtype = jnp.dtype(compute_dtype)
+            except TypeError as e:
+                raise ValueError(f"compute_dtype={compute_dtype!r} is not a dtype") from e
+            if not jnp.issubdtype(compute_dtype, jnp.floating):
+                raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
         self.objective = objective
         self.student_config = student_config
         self.teacher_config = teacher_config
         self.critic_config = critic_config or student_config
         self.micro_batches = micro_batches
         self.plan = plan
+        self.compute_dtype = compute_dtype
+        self.terms = loss_terms.active_terms(objective)
         optimizer = OptimConfig() if optimizer is None else optimizer
         self.tx = make_optimizer(optimizer) if isinstance(optimizer, OptimConfig) else optimizer
         self._donate = (0,) if donate else ()
@@ -208,20 +293,75 @@ class UpdateStep:
         self._jitted = None
         self._jitted_loss = None
         self._jitted_prepare = None
+        self._programs: list = []  # (signature, jax.stages.Compiled) from `compile`
 
     # --- public -------------------------------------------------------------------------------
     def __call__(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None):
         batch = self.prepare_batch(batch, teacher_params)
         if self.teacher_config is None:
             teacher_params = None
-        return self._compiled(state)(state, batch, teacher_params)
+        args = (state, batch, teacher_params)
+        compiled = self._find_program(args)
+        if compiled is not None:
+            return compiled(*args)
+        return self._compiled(state)(*args)
+
+    def compile(
+        self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None
+    ) -> jax.stages.Compiled:
+        """Compiles the step ahead of time for these arguments -- concrete, or abstract
+        (``jax.ShapeDtypeStruct`` with shardings: ``abstract_update_state``,
+        ``self.abstract_batch`` or ``dgpo_jax.objectives.batch.abstract_batch``, abstract
+        teacher params) -- and keeps the program: a later call whose arguments have the same
+        shapes, dtypes and shardings runs it (no second compile). Returns the
+        ``jax.stages.Compiled`` (``memory_analysis()``, ``cost_analysis()``)."""
+        in_program = self.teacher_config is not None
+        if in_program and teacher_params is None:
+            raise ValueError("this update step was built with teacher_config: pass teacher_params")
+        if not in_program:
+            teacher_params = None
+        if _is_abstract(batch):
+            batch = self._abstract_batch_arg(batch)
+        else:
+            batch = self.prepare_batch(batch, teacher_params)
+        if self.plan is None:
+            state = _with_default_shardings(state)
+            teacher_params = _with_default_shardings(teacher_params)
+        args = (state, batch, teacher_params)
+        found = self._find_program(args)
+        if found is not None:
+            return found
+        compiled = self._compiled(state).lower(*args).compile()
+        self._programs.append((_signature(args), compiled))
+        return compiled
+
+    def abstract_batch(
+        self,
+        rows: int,
+        width: int,
+        packed: bool = True,
+        trajectories: int | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> dict:
+        """This step's batch as ``jax.ShapeDtypeStruct`` leaves placed as ``prepare_batch``
+        places them (see ``dgpo_jax.objectives.batch.abstract_batch``), for ``compile``."""
+        return abstract_batch(
+            self.objective,
+            rows,
+            width,
+            self.teacher_config is not None,
+            self.plan,
+            packed=packed,
+            trajectories=trajectories,
+            fields=fields,
+        )
 
     def loss(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None) -> dict:
         """The objective's loss on ``batch`` at ``state``'s parameters, without an update: a
         validation loss (DistiLLM's adaptive student-data share reads it). The same program
         pieces as the step, so it equals the ``loss`` metric the step reports for the same
-        batch and parameters. Returns {"loss", "num_tokens", and "divergence" /
-        "policy_loss" / "kl_loss" where the objective has them} as device scalars."""
+        batch and parameters. Returns {"loss", "num_tokens", "policy_loss", and "divergence" /
+        "kl_loss" where the objective has them} as device scalars."""
         batch = self.prepare_batch(batch, teacher_params)
         if self.teacher_config is None:
             teacher_params = None
@@ -239,7 +379,8 @@ class UpdateStep:
         (the value-clip anchor); the step then uses them as they are, mini-batch after
         mini-batch) and the whole-batch metrics. ``micro_batches`` splits the no-gradient pass
         over the whole batch (keep its rows per micro-batch those of the update). Objectives
-        without whole-batch advantages get the batch back unchanged."""
+        without whole-batch advantages get the batch back unchanged. A packed batch gives
+        per-token outputs in its packed layout (unpack them with the packing layout)."""
         cfg = self.objective
         if not (cfg.uses_policy and cfg.global_advantage):
             return dict(batch), {}
@@ -252,19 +393,54 @@ class UpdateStep:
         return dict(batch, **out), metrics
 
     def prepare_batch(self, batch, teacher_params=None, micro_batches=None) -> dict:
-        """Validation (before any compilation) and placement."""
+        """Validation (before any compilation), the dtypes the step reads (int32, float32:
+        ``field_dtype``) and placement."""
         in_program = self.teacher_config is not None
         if in_program and teacher_params is None:
             raise ValueError("this update step was built with teacher_config: pass teacher_params")
         micro = self.micro_batches if micro_batches is None else micro_batches
         batch = validate_batch(batch, self.objective, in_program, micro)
-        if self.plan is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}
-        # Host arrays go straight to the mesh (with several processes each sends its shards).
-        host = {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in batch.items()}
-        replicated = self.plan.sharding(())
-        scalars = {k: device_put_global(v, replicated) for k, v in host.items() if v.ndim == 0}
-        return dict(self.plan.shard_batch({k: v for k, v in host.items() if v.ndim}), **scalars)
+        packed = "traj_index" in batch
+        out = {}
+        for name, x in batch.items():
+            dtype = field_dtype(name)
+            if self.plan is None:
+                out[name] = jnp.asarray(x, dtype)
+                continue
+            # Host arrays go straight to the mesh (with several processes each sends its shards).
+            x = x if isinstance(x, jax.Array) else np.asarray(x)
+            x = x if x.dtype == dtype else x.astype(dtype)
+            out[name] = device_put_global(x, field_sharding(self.plan, name, x.shape, packed))
+        return out
+
+    def _abstract_batch_arg(self, batch) -> dict:
+        """An abstract batch for ``compile``: validated, in the step's dtypes, placed as
+        ``prepare_batch`` places a concrete one where a leaf has no sharding."""
+        batch = validate_batch(
+            batch, self.objective, self.teacher_config is not None, self.micro_batches
+        )
+        packed = "traj_index" in batch
+        out = {}
+        for name, x in batch.items():
+            shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+            sharding = getattr(x, "sharding", None)
+            if sharding is None:
+                sharding = (
+                    _default_sharding()
+                    if self.plan is None
+                    else field_sharding(self.plan, name, shape, packed)
+                )
+            out[name] = jax.ShapeDtypeStruct(shape, field_dtype(name), sharding=sharding)
+        return out
+
+    def _find_program(self, args):
+        if not self._programs:
+            return None
+        sig = _signature(args)
+        for known, compiled in self._programs:
+            if _same_signature(sig, known):
+                return compiled
+        return None
 
     def _compiled(self, state):
         if self._jitted is None:
@@ -278,49 +454,67 @@ class UpdateStep:
         return self._jitted
 
     # --- helpers inside the program -----------------------------------------------------------
-    def _hidden(self, config, params, ids, attention_mask):
-        return forward_hidden(config, params, ids, attention_mask, self.plan)
+    def _compute_params(self, params):
+        """The trained params as the forward passes read them: the policy and critic trunks in
+        ``compute_dtype`` (value heads stay as they are: they are applied in float32)."""
+        if self.compute_dtype is None:
+            return params
+        out = dict(params)
+        out["policy"] = cast_params(params["policy"], self.compute_dtype)
+        if "critic" in params:
+            trunk = cast_params(params["critic"]["trunk"], self.compute_dtype)
+            out["critic"] = dict(params["critic"], trunk=trunk)
+        return out
 
-    def _token_logprobs(self, config, params, ids, attention_mask):
-        h = self._hidden(config, params, ids, attention_mask)
+    def _hidden(self, config, params, ids, attention_mask, segment_ids=None):
+        if segment_ids is None:
+            return forward_hidden(config, params, ids, attention_mask, self.plan)
+        return forward_hidden(
+            config, params, ids, attention_mask, self.plan, segment_ids=segment_ids
+        )
+
+    def _token_logprobs(self, config, params, ids, attention_mask, segment_ids=None):
+        h = self._hidden(config, params, ids, attention_mask, segment_ids)
         return chunked_token_stats(
             lambda x: lm_logits(config, params, x), h, ids, chunk=self.objective.seq_chunk
         )["logp"]
 
     def _prepass(
-        self, params, teacher_params, ids, am, want_teacher: bool, want_values: bool, micro=None
+        self, params, teacher_params, ids, am, seg, want_teacher: bool, want_values: bool, micro
     ):
         """No-gradient pass over micro-batches: teacher log-probs and/or critic values [B, T]."""
         m = self.micro_batches if micro is None else micro
         cfg = self.objective
 
         def one(x):
-            ids_mb, am_mb = x
+            ids_mb, am_mb, *seg_mb = x
+            seg_mb = seg_mb[0] if seg_mb else None
             out = {}
             if want_teacher:
                 out["teacher_logp"] = self._token_logprobs(
-                    self.teacher_config, teacher_params, ids_mb, am_mb
+                    self.teacher_config, teacher_params, ids_mb, am_mb, seg_mb
                 )
             if want_values:
                 h = (
-                    self._hidden(self.student_config, params["policy"], ids_mb, am_mb)
+                    self._hidden(self.student_config, params["policy"], ids_mb, am_mb, seg_mb)
                     if cfg.critic == "value_head"
                     else None
                 )
                 out["values"] = critic_values(
-                    cfg.critic, params, self.critic_config, ids_mb, am_mb, h, self.plan
+                    cfg.critic, params, self.critic_config, ids_mb, am_mb, h, self.plan, seg_mb
                 )
             return out
 
-        out = jax.lax.map(one, (_split_micro(ids, m), _split_micro(am, m)))
-        return jax.tree.map(lambda x: jax.lax.stop_gradient(_merge_micro(x)), out)
+        xs = (ids, am) + (() if seg is None else (seg,))
+        out = jax.lax.map(one, tuple(split_micro(x, m) for x in xs))
+        return jax.tree.map(lambda x: jax.lax.stop_gradient(merge_micro(x)), out)
 
-    def _advantages(self, cfg, tok_r, values, loss_mask, crit_mask, rewards, group_ids):
-        """Whole-batch advantages (and returns for GAE)."""
+    def _advantages(self, cfg, tok_r, values, loss_mask, crit_mask, rewards, group_ids, traj):
+        """Whole-batch advantages (and returns for GAE), per trajectory."""
         returns = None
         if cfg.advantage == "gae":
             adv, returns = adv_lib.gae_advantages(
-                tok_r, values, crit_mask, cfg.gamma, cfg.gae_lambda
+                tok_r, values, crit_mask, cfg.gamma, cfg.gae_lambda, trajectories=traj
             )
             white_mask = crit_mask
         elif cfg.advantage == "grpo":
@@ -331,44 +525,46 @@ class UpdateStep:
                 cfg.grpo_eps,
                 cfg.grpo_std_ddof,
                 cfg.grpo_scale_by_std,
+                trajectories=traj,
             )
             white_mask = loss_mask
         elif cfg.advantage == "rtg":
             adv = adv_lib.reward_to_go_advantages(
-                tok_r, loss_mask, cfg.gamma, cfg.rtg_length_normalize
+                tok_r, loss_mask, cfg.gamma, cfg.rtg_length_normalize, trajectories=traj
             )
             white_mask = loss_mask
         else:
             adv = adv_lib.immediate_advantages(tok_r, loss_mask)
             white_mask = loss_mask
-        if cfg.whiten_advantages:
+        if cfg.whiten_advantages:  # over tokens: the same for any row layout
             adv = adv_lib.masked_whiten(adv, white_mask, cfg.whiten_shift_mean)
         return adv, returns
 
     # --- the program --------------------------------------------------------------------------
-    def _rows(self, state: UpdateState, batch: dict, teacher_params, micro=None):
+    def _prepared(self, params, batch: dict, teacher_params, micro=None) -> PreparedBatch:
         """Steps 1-2 of the update: the pre-pass and the whole-batch quantities (gates,
-        denominators, advantages) that every micro-batch's loss reads. Advantages (and returns,
-        old values, the policy token gate) given in the batch by ``prepare_rollout`` are used
-        as they are."""
+        denominators, advantages) that every micro-batch's loss reads, per token. Advantages
+        (and returns, old values, the policy token gate) given in the batch by
+        ``prepare_rollout`` are used as they are."""
         cfg = self.objective
-        params = state.train.params
         ids = batch["input_ids"].astype(jnp.int32)
         am = batch["attention_mask"].astype(f32)
         lm = batch["loss_mask"].astype(f32) * am
-        b, t = ids.shape
-        crit_mask = _response_region(am, lm) if cfg.reference_quirk else lm
+        seg = batch.get("segment_ids")
+        traj = Trajectories.of_batch(am, seg, batch.get("traj_index"))
+        seg = None if seg is None else traj.segments
+        crit_mask = _response_region(am, lm, traj) if cfg.reference_quirk else lm
         rewards = batch["rewards"].astype(f32) if "rewards" in batch else None
         teacher_lp = batch.get("teacher_logprobs")
         ref_lp = batch.get("ref_logprobs")
         old_lp = batch.get("old_logprobs")
         values = batch.get("values")
-        prepared = "advantages" in batch
+        given = "advantages" in batch
 
         # 1. pre-pass (no gradient)
         want_teacher = (
             cfg.global_advantage
-            and not prepared
+            and not given
             and teacher_lp is None
             and (
                 cfg.token_reward_needs_teacher
@@ -377,54 +573,63 @@ class UpdateStep:
         )
         want_values = cfg.critic != "none" and values is None
         if want_teacher or want_values:
-            pre = self._prepass(params, teacher_params, ids, am, want_teacher, want_values, micro)
+            pre = self._prepass(
+                params, teacher_params, ids, am, seg, want_teacher, want_values, micro
+            )
             teacher_lp = pre.get("teacher_logp", teacher_lp)
             values = pre.get("values", values)
 
-        # 2. whole-batch quantities
-        gate = trajectory_gate(cfg, rewards, b)
-        has_tokens = (jnp.sum(lm, axis=1) > 0).astype(f32)
-        if cfg.loss_aggregation == "token_mean":
-            tok_w, den_s = lm, jnp.maximum(jnp.sum(lm), 1.0)
+        # 2. whole-batch quantities, per trajectory, on the tokens
+        if cfg.trajectory_gate == "none":
+            gate = am
         else:
-            tok_w = lm / jnp.maximum(jnp.sum(lm, axis=1, keepdims=True), 1.0)
-            den_s = jnp.maximum(jnp.sum(has_tokens), 1.0)
+            gate = traj.gather(trajectory_gate(cfg, rewards, rewards.shape[0]))
         n_tok = jnp.maximum(jnp.sum(lm), 1.0)
+        if cfg.loss_aggregation == "token_mean":
+            tok_w, den_s = lm, n_tok
+        else:  # each trajectory's mean, averaged over the trajectories with student tokens
+            tok_w = lm / jnp.maximum(traj.total(lm), 1.0)
+            den_s = jnp.maximum(traj.count(lm), 1.0)
         tmask = batch["teacher_mask"].astype(f32) * am if "teacher_mask" in batch else None
-        den_t = jnp.maximum(jnp.sum(tmask), 1.0) if tmask is not None else None
-        den_v = jnp.maximum(jnp.sum(crit_mask), 1.0)
-
-        per_row = {
-            "ids": ids,
-            "am": am,
-            "lm": lm,
-            "tok_w": tok_w,
-            "crit_mask": crit_mask,
-            "gate": gate,
-        }
-        for k in ("old_logprobs", "ref_logprobs", "sampler_logprobs"):
-            if k in batch:
-                per_row[k] = batch[k].astype(f32)
-        if teacher_lp is not None:
-            per_row["teacher_logprobs"] = teacher_lp.astype(f32)
-        if rewards is not None:
-            per_row["rewards"] = rewards
-        if tmask is not None:
-            per_row["tmask"] = tmask
-        metrics_pre = {
-            "gate_share": jnp.sum(gate * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1)
-        }
-        if cfg.uses_policy and cfg.global_advantage and prepared:
-            per_row.update(adv=batch["advantages"].astype(f32), pgate=batch["policy_gate"])
+        dens = Denominators(
+            student=den_s,
+            tokens=n_tok,
+            critic=jnp.maximum(jnp.sum(crit_mask), 1.0),
+            teacher=None if tmask is None else jnp.maximum(jnp.sum(tmask), 1.0),
+        )
+        opt = lambda k: batch[k].astype(f32) if k in batch else None
+        rows = TokenRows(
+            ids=ids,
+            attention_mask=am,
+            loss_mask=lm,
+            token_weight=tok_w,
+            critic_mask=crit_mask,
+            gate=gate,
+            segment_ids=seg,
+            old_logprobs=opt("old_logprobs"),
+            ref_logprobs=opt("ref_logprobs"),
+            sampler_logprobs=opt("sampler_logprobs"),
+            teacher_logprobs=None if teacher_lp is None else teacher_lp.astype(f32),
+            teacher_mask=tmask,
+        )
+        metrics = {"gate_share": traj.mean_of(gate, lm)}
+        placed = None if rewards is None else adv_lib.place_outcome_reward(rewards, lm, traj)
+        if cfg.uses_policy and cfg.global_advantage and given:
+            rows = rows.replace(
+                advantages=batch["advantages"].astype(f32),
+                policy_gate=batch["policy_gate"].astype(f32),
+            )
             if "returns" in batch:
-                per_row.update(returns=batch["returns"].astype(f32), old_values=values.astype(f32))
+                rows = rows.replace(
+                    returns=batch["returns"].astype(f32), old_values=values.astype(f32)
+                )
         elif cfg.uses_policy and cfg.global_advantage:
             tok_r, pgate = token_rewards(
                 cfg,
                 lm,
-                rewards,
+                placed,
                 gate,
-                old_lp.astype(f32),
+                None if old_lp is None else old_lp.astype(f32),
                 None if teacher_lp is None else teacher_lp.astype(f32),
                 None if ref_lp is None else ref_lp.astype(f32),
             )
@@ -436,48 +641,53 @@ class UpdateStep:
                 crit_mask,
                 rewards,
                 batch.get("group_ids"),
+                traj,
             )
-            per_row.update(adv=adv, pgate=pgate)
-            metrics_pre["token_reward_mean"] = jnp.sum(tok_r * lm) / n_tok
-            metrics_pre["advantage_mean"] = jnp.sum(adv * lm) / n_tok
+            rows = rows.replace(advantages=adv, policy_gate=pgate)
+            metrics["token_reward_mean"] = jnp.sum(tok_r * lm) / n_tok
+            metrics["advantage_mean"] = jnp.sum(adv * lm) / n_tok
             if returns is not None:
-                per_row.update(returns=returns, old_values=values.astype(f32))
+                rows = rows.replace(returns=returns, old_values=values.astype(f32))
+        elif cfg.uses_policy:  # immediate token rewards, per micro-batch
+            rows = rows.replace(outcome=placed)
         taid_t = batch["taid_t"].astype(f32) if "taid_t" in batch else None
-        dens = {"s": den_s, "t": den_t, "v": den_v}
-        return params, per_row, dens, n_tok, taid_t, metrics_pre
+        return PreparedBatch(rows=rows, dens=dens, taid_t=taid_t, metrics=metrics)
+
+    def _accumulate(self, params, teacher_params, prep: PreparedBatch, with_grad: bool):
+        """Step 3: (metric sums, float32 gradients or None) over the micro-batches."""
+        m = self.micro_batches
+
+        def loss_fn(p, rows):
+            return self._micro_loss(p, teacher_params, rows, prep.dens, prep.taid_t)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def one(rows):
+            if not with_grad:
+                return loss_fn(params, rows)[1], None
+            (_, sums), grads = grad_fn(params, rows)
+            return sums, jax.tree.map(lambda g: g.astype(f32), grads)
+
+        if m == 1:
+            return one(prep.rows)
+        mbs = jax.tree.map(lambda x: split_micro(x, m), prep.rows)
+        first = jax.eval_shape(lambda: one(jax.tree.map(lambda x: x[0], mbs)))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, f32), first)
+
+        def body(acc, mb):
+            return jax.tree.map(jnp.add, acc, one(mb)), None
+
+        out, _ = jax.lax.scan(body, zeros, mbs)
+        return out
 
     def _step(self, state: UpdateState, batch: dict, teacher_params):
-        m = self.micro_batches
-        params, per_row, dens, n_tok, taid_t, metrics_pre = self._rows(state, batch, teacher_params)
+        params = state.train.params  # the masters
+        cparams = self._compute_params(params)
+        prep = self._prepared(cparams, batch, teacher_params)
+        sums, grads = self._accumulate(cparams, teacher_params, prep, with_grad=True)
 
-        # 3. gradient pass over micro-batches
-        def mb_loss(p, mb):
-            return self._micro_loss(p, teacher_params, mb, dens, taid_t)
-
-        grad_fn = jax.value_and_grad(mb_loss, has_aux=True)
-        if m == 1:
-            (_, sums), grads = grad_fn(params, per_row)
-            grads = jax.tree.map(lambda g: g.astype(f32), grads)
-        else:
-            mbs = jax.tree.map(lambda x: _split_micro(x, m), per_row)
-            zero_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, f32), params)
-            zero_sums = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, f32),
-                jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], mbs))[0][1]),
-            )
-
-            def body(carry, mb):
-                g_acc, s_acc = carry
-                (_, sums), grads = grad_fn(params, mb)
-                g_acc = jax.tree.map(lambda a, g: a + g.astype(f32), g_acc, grads)
-                s_acc = jax.tree.map(jnp.add, s_acc, sums)
-                return (g_acc, s_acc), None
-
-            (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), mbs)
-
-        # 4. guard + update
-        loss = sums["loss"]
-        finite = jnp.isfinite(loss)
+        # 4. guard + update (on the masters)
+        finite = jnp.isfinite(sums["loss"])
         for g in jax.tree.leaves(grads):
             finite = finite & jnp.all(jnp.isfinite(g))
         grads_p = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -491,57 +701,42 @@ class UpdateStep:
         )
         skipped = state.skipped_steps + (~finite).astype(jnp.int32)
         new_state = UpdateState(train=train, skipped_steps=skipped)
-
-        metrics = self._metrics(sums, dens, n_tok, grads, finite, skipped, metrics_pre)
-        return new_state, metrics
+        return new_state, self._metrics(sums, prep, grads, finite, skipped)
 
     def _prepare(self, state: UpdateState, batch: dict, teacher_params, micro: int):
         """The whole rollout batch's advantages (whitened over the batch), returns, pre-update
         critic values and teacher log-probs, computed once before any mini-batch update."""
-        _, per_row, _, _, _, metrics = self._rows(state, batch, teacher_params, micro)
-        out = {"advantages": per_row["adv"], "policy_gate": per_row["pgate"]}
-        if "returns" in per_row:
-            out.update(returns=per_row["returns"], values=per_row["old_values"])
-        if "teacher_logprobs" in per_row and "teacher_logprobs" not in batch:
-            out["teacher_logprobs"] = per_row["teacher_logprobs"]
-        return out, metrics
+        params = self._compute_params(state.train.params)
+        prep = self._prepared(params, batch, teacher_params, micro)
+        rows = prep.rows
+        out = {"advantages": rows.advantages, "policy_gate": rows.policy_gate}
+        if rows.returns is not None:
+            out.update(returns=rows.returns, values=rows.old_values)
+        if rows.teacher_logprobs is not None and "teacher_logprobs" not in batch:
+            out["teacher_logprobs"] = rows.teacher_logprobs
+        return out, prep.metrics
 
     def _loss_only(self, state: UpdateState, batch: dict, teacher_params):
-        params, per_row, dens, n_tok, taid_t, _ = self._rows(state, batch, teacher_params)
-        m = self.micro_batches
-        if m == 1:
-            _, sums = self._micro_loss(params, teacher_params, per_row, dens, taid_t)
-        else:
-
-            def body(acc, mb):
-                _, sums = self._micro_loss(params, teacher_params, mb, dens, taid_t)
-                return jax.tree.map(jnp.add, acc, sums), None
-
-            mbs = jax.tree.map(lambda x: _split_micro(x, m), per_row)
-            first = jax.eval_shape(
-                lambda: self._micro_loss(
-                    params, teacher_params, jax.tree.map(lambda x: x[0], mbs), dens, taid_t
-                )[1]
-            )
-            sums, _ = jax.lax.scan(
-                body, jax.tree.map(lambda x: jnp.zeros(x.shape, f32), first), mbs
-            )
-        out = {"loss": sums["loss"], "num_tokens": n_tok}
-        for k in ("policy_loss", "kl_loss", "divergence"):
+        params = self._compute_params(state.train.params)
+        prep = self._prepared(params, batch, teacher_params)
+        sums, _ = self._accumulate(params, teacher_params, prep, with_grad=False)
+        out = {"loss": sums["loss"], "num_tokens": prep.dens.tokens}
+        out["policy_loss"] = sums.get("policy_loss", jnp.zeros((), f32)) / prep.dens.student
+        for k in ("kl_loss", "divergence"):
             if k in sums:
-                out[k] = sums[k] / dens["s"]
+                out[k] = sums[k] / prep.dens.student
         return out
 
-    def _micro_loss(self, params, teacher_params, mb, dens, taid_t):
+    def _micro_loss(self, params, teacher_params, rows: TokenRows, dens, taid_t):
         """Loss of one micro-batch (every mean divided by the whole batch's denominator) and the
-        metric numerators."""
+        metric numerators: the student (and teacher) forward, then the loss terms."""
         cfg = self.objective
         sc = self.student_config
-        ids, am, lm, tok_w, gate = mb["ids"], mb["am"], mb["lm"], mb["tok_w"], mb["gate"]
+        ids, am, seg = rows.ids, rows.attention_mask, rows.segment_ids
         sp = params["policy"]
-        h = self._hidden(sc, sp, ids, am)
+        h = self._hidden(sc, sp, ids, am, seg)
 
-        lp_missing = self.teacher_config is not None and "teacher_logprobs" not in mb
+        lp_missing = self.teacher_config is not None and rows.teacher_logprobs is None
         need_teacher_fwd = cfg.needs_teacher_logits or (
             lp_missing and (cfg.needs_teacher_logp or cfg.trust_threshold is not None)
         )
@@ -554,7 +749,7 @@ class UpdateStep:
         th = tp = None
         if need_teacher_fwd:
             tp = jax.lax.stop_gradient(teacher_params)
-            th = jax.lax.stop_gradient(self._hidden(self.teacher_config, tp, ids, am))
+            th = jax.lax.stop_gradient(self._hidden(self.teacher_config, tp, ids, am, seg))
         stats = chunked_token_stats(
             lambda x: lm_logits(sc, sp, x),
             h,
@@ -571,115 +766,28 @@ class UpdateStep:
         )
         logp = stats["logp"]
         entropy = stats["entropy"] if cfg.entropy_coef else jax.lax.stop_gradient(stats["entropy"])
-        l_t = mb.get("teacher_logprobs", stats.get("teacher_logp"))
-        l_ref = mb.get("ref_logprobs")
-        old = mb.get("old_logprobs")
-        zeros = jnp.zeros_like(lm)
-        sums = {}
-
-        # policy term
-        pg = clipped = zeros
-        pgate = lm
-        if cfg.uses_policy:
-            if cfg.global_advantage:
-                adv, pgate = mb["adv"], mb["pgate"]
-            else:
-                l_s = old if cfg.reward_logprob_source == "old" else jax.lax.stop_gradient(logp)
-                tok_r, pgate = token_rewards(cfg, lm, mb.get("rewards"), gate, l_s, l_t, l_ref)
-                adv = adv_lib.immediate_advantages(tok_r, lm)
-            if cfg.policy_loss == "ppo_clip":
-                pg, clipped = ppo_clip_loss(
-                    logp, old, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.log_ratio_clamp
-                )
-            elif cfg.policy_loss == "is":
-                pg = importance_sampling_loss(logp, old, adv, cfg.log_ratio_clamp)
-            else:
-                pg = reinforce_loss(logp, adv)
-            if cfg.tis_threshold is not None:
-                pg = pg * truncated_is_weight(
-                    old, mb["sampler_logprobs"], cfg.tis_threshold, cfg.log_ratio_clamp
-                )
-            pg = pg * pgate
-            sums["clip_frac"] = jnp.sum(clipped * lm)
-            sums["approx_kl_old"] = jnp.sum(
-                kl_estimate(logp, old, "k3", "reverse", cfg.log_ratio_clamp) * lm
-            )
-            sums["advantage_abs"] = jnp.sum(jnp.abs(adv) * lm)
-        student_term = pg
-        sums["policy_loss"] = jnp.sum(pg * tok_w)
-
-        # KL in the loss (gated by u(tau))
-        if cfg.kl_loss_coef:
-            target = l_t if cfg.kl_loss_target == "teacher" else l_ref
-            kl = (
-                kl_estimate(
-                    logp, target, cfg.kl_loss_estimator, cfg.kl_loss_direction, cfg.log_ratio_clamp
-                )
-                * gate[:, None]
-            )
-            student_term = student_term + cfg.kl_loss_coef * kl
-            sums["kl_loss"] = jnp.sum(kl * tok_w)
-
-        # entropy bonus
-        if cfg.entropy_coef:
-            student_term = student_term - cfg.entropy_coef * entropy
-        sums["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * lm)
-
-        # divergence on student tokens
-        if cfg.divergence != "none":
-            div = -logp if cfg.divergence == "nll" else stats["div"]
-            if cfg.trust_threshold is not None and cfg.outlier_handling == "divergence":
-                div = div * (1.0 - pgate)
-            if cfg.divergence_gate == "trajectory":
-                div = div * gate[:, None]
-            student_term = student_term + cfg.divergence_coef * div
-            sums["divergence"] = jnp.sum(div * tok_w)
-        loss = jnp.sum(student_term * tok_w) / dens["s"]
-
-        if cfg.trust_threshold is not None:
-            sums["trust_share"] = jnp.sum(pgate * lm)
-
-        # teacher tokens (Guided-OPD teacher turns, TrOPD prefixes)
-        if cfg.teacher_token_loss != "none":
-            ttl = -logp if cfg.teacher_token_loss == "sft" else stats["tdiv"]
-            sums["teacher_token_loss"] = jnp.sum(ttl * mb["tmask"])
-            loss = loss + cfg.teacher_token_coef * sums["teacher_token_loss"] / dens["t"]
-
-        # critic
+        l_t = (
+            rows.teacher_logprobs
+            if rows.teacher_logprobs is not None
+            else stats.get("teacher_logp")
+        )
+        adv, pgate = loss_terms.policy_inputs(cfg, rows, logp, l_t)
+        values = None
         if cfg.critic != "none" and cfg.uses_policy:
-            crit_mask = mb["crit_mask"]
-            v_new = critic_values(cfg.critic, params, self.critic_config, ids, am, h, self.plan)
-            vl = value_loss(v_new, mb["old_values"], mb["returns"], cfg.value_clip)
-            sums["value_loss"] = jnp.sum(vl * crit_mask)
-            loss = loss + cfg.value_coef * sums["value_loss"] / dens["v"]
-            ret, err = mb["returns"], mb["returns"] - jax.lax.stop_gradient(v_new)
-            sums.update(
-                ev_n=jnp.sum(crit_mask),
-                ev_r=jnp.sum(ret * crit_mask),
-                ev_r2=jnp.sum(ret * ret * crit_mask),
-                ev_e=jnp.sum(err * crit_mask),
-                ev_e2=jnp.sum(err * err * crit_mask),
+            values = critic_values(
+                cfg.critic, params, self.critic_config, ids, am, h, self.plan, seg
             )
+        x = loss_terms.TermInputs(cfg, rows, logp, entropy, stats, l_t, adv, pgate, values)
+        return loss_terms.combine([term(x, dens) for _, term in self.terms], rows, dens)
 
-        # KL of the current student to the teacher (else the reference), each estimator
-        kl_target = l_t if l_t is not None else l_ref
-        if kl_target is not None:
-            for est in ("k1", "k2", "k3"):
-                sums[f"kl_{est}"] = jnp.sum(
-                    jax.lax.stop_gradient(
-                        kl_estimate(logp, kl_target, est, "reverse", cfg.log_ratio_clamp)
-                    )
-                    * lm
-                )
-        sums["loss"] = loss
-        return loss, jax.tree.map(lambda x: jax.lax.stop_gradient(x).astype(f32), sums)
-
-    def _metrics(self, sums, dens, n_tok, grads, finite, skipped, metrics_pre):
-        out = dict(metrics_pre)
+    def _metrics(self, sums, prep: PreparedBatch, grads, finite, skipped):
+        dens = prep.dens
+        out = dict(prep.metrics)
         out["loss"] = sums["loss"]
-        for k in ("policy_loss", "kl_loss", "divergence"):
+        out["policy_loss"] = sums.get("policy_loss", jnp.zeros((), f32)) / dens.student
+        for k in ("kl_loss", "divergence"):
             if k in sums:
-                out[k] = sums[k] / dens["s"]
+                out[k] = sums[k] / dens.student
         for k in (
             "clip_frac",
             "approx_kl_old",
@@ -691,11 +799,11 @@ class UpdateStep:
             "advantage_abs",
         ):
             if k in sums:
-                out[k] = sums[k] / n_tok
+                out[k] = sums[k] / dens.tokens
         if "teacher_token_loss" in sums:
-            out["teacher_token_loss"] = sums["teacher_token_loss"] / dens["t"]
+            out["teacher_token_loss"] = sums["teacher_token_loss"] / dens.teacher
         if "value_loss" in sums:
-            out["value_loss"] = sums["value_loss"] / dens["v"]
+            out["value_loss"] = sums["value_loss"] / dens.critic
             n = jnp.maximum(sums["ev_n"], 1.0)
             var_r = sums["ev_r2"] / n - jnp.square(sums["ev_r"] / n)
             var_e = sums["ev_e2"] / n - jnp.square(sums["ev_e"] / n)
@@ -707,7 +815,7 @@ class UpdateStep:
         out["grad_norm"] = optax.tree.norm(grads)
         out["skipped"] = (~finite).astype(f32)
         out["skipped_steps"] = skipped
-        out["num_tokens"] = n_tok
+        out["num_tokens"] = dens.tokens
         return out
 
 
@@ -722,6 +830,7 @@ def make_update_step(
     plan=None,
     donate: bool = True,
     compiler_options: dict | None = None,
+    compute_dtype=None,
 ) -> UpdateStep:
     """Builds the fused update step for ``objective`` (see the module docstring).
 
@@ -738,6 +847,8 @@ def make_update_step(
       donate: donate the input state's buffers.
       compiler_options: XLA options for this program (the tests lower the CPU optimisation
         level to compile faster).
+      compute_dtype: the dtype the forward and backward passes run in (e.g. ``"bfloat16"``),
+        with the state's trained params as the (float32) masters; None: the params' own dtype.
     """
     return UpdateStep(
         objective,
@@ -749,4 +860,5 @@ def make_update_step(
         plan,
         donate,
         compiler_options,
+        compute_dtype,
     )

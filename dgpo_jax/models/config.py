@@ -10,11 +10,14 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """Architecture of a Qwen2-family decoder (every field mirrors HF ``Qwen2Config``).
+    """Architecture of a Qwen2-family decoder (every field up to ``eos_token_id`` mirrors HF
+    ``Qwen2Config``; the compute-graph knobs after it are neither written to nor read from
+    ``config.json``).
 
     Frozen and hashable, so it can be a static argument of ``jax.jit``.
     """
@@ -34,6 +37,10 @@ class Qwen2Config:
     eos_token_id: int | None = 151643
     # Compute-graph knobs (not part of the HF architecture).
     remat: str = "none"  # "none" | "full" | "dots": rematerialisation policy per layer.
+    # Attention kernel of the uncached (training / scoring) path, see dgpo_jax.models.attention:
+    # "auto" | "xla" | "chunked" | "cudnn" | "splash". The KV-cache path does not use it.
+    attention: str = "auto"
+    attention_block: int = 512  # query/key block size of "chunked" and "splash"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -50,6 +57,18 @@ class Qwen2Config:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_KERNELS)}; got {self.attention!r}"
+            )
+        if (
+            not isinstance(self.attention_block, int)
+            or isinstance(self.attention_block, bool)
+            or self.attention_block < 1
+        ):
+            raise ValueError(
+                f"attention_block must be a positive int, got {self.attention_block!r}"
+            )
 
     @property
     def dim_per_head(self) -> int:

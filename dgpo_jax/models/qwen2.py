@@ -13,6 +13,10 @@ window of slots chosen per step (`span_buckets`), so a step never copies the cac
 only the context in use. Every row has its own write offset, so rows can be at different
 lengths (the multi-turn sampler appends observations to some rows while others decode), and a
 step may run on a subset of the rows (``rows=``).
+
+Without a cache (training, scoring) a row may pack several sequences (``segment_ids``): RoPE
+positions restart per sequence and attention stays within it, computed by the kernel that
+``config.attention`` names (`dgpo_jax.models.attention`: xla, chunked, cudnn, splash).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dgpo_jax.models.attention import attention as attend
 from dgpo_jax.models.config import Qwen2Config
 
 Array = jax.Array
@@ -134,15 +139,6 @@ def span_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
     return tuple(widths) + (max_len,)
 
 
-def _attention_uncached(q, keys, values, mask, dtype):
-    """Training/scoring attention: q ``[B, T, K, G, Dh]``; keys/values ``[B, T, K, Dh]``; mask
-    ``[B, T, T]`` -> ``[B, T, K, G, Dh]`` (float32). Scores and softmax in float32."""
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores * (q.shape[-1] ** -0.5), _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
-
-
 def _attention_window(q, keys, values, mask, dtype):
     """Attention over a window of the cache: q ``[M, T, K, G, Dh]``; keys/values ``[M, K, W,
     Dh]``; mask ``[M, T, W]`` -> ``[M, T, K, G, Dh]`` (float32). Scores and softmax in float32,
@@ -202,11 +198,13 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None, layer=None, cache_io=None):
         """Grouped-query attention with q/k/v biases.
 
-        x ``[M, T, D]``; cos/sin ``[M, T, Dh]``; mask ``[M, T, S]`` bool (S = T without a cache).
-        cache: None, or the stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written
-        into layer `layer` at ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``,
-        span ``[]``) before attending (see `_cached_attention`). Returns (out ``[M, T, D]``,
-        the updated (k, v) or None).
+        x ``[M, T, D]``; cos/sin ``[M, T, Dh]``. Without a cache, mask is ``segment_ids [M, T]``
+        int (0 = padding; causal attention within a segment, by the kernel
+        ``config.attention``); with one, mask is ``[M, T, S]`` bool. cache: None, or the
+        stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written into layer `layer` at
+        ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``) before
+        attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated (k, v) or
+        None).
         """
         c = self.config
         d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.dim_per_head
@@ -237,7 +235,9 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         qg = q.reshape(b, t, kv, c.num_groups, hd)
         if cache is None:
-            attn = _attention_uncached(qg, k, v, mask, x.dtype)
+            attn = attend(
+                qg, k, v, mask, kernel=c.attention, block=c.attention_block, plan=self.plan
+            )
         else:
             rows, slots, span = cache_io
             ck = _scatter_kv(cache[0], k, layer, rows, slots)
@@ -337,7 +337,8 @@ class Qwen2(nn.Module):
         return rms_norm(h, self.final_norm, self.config.rms_norm_eps)
 
     def hidden(self, input_ids, positions, mask, cache_kv=None, cache_io=None):
-        """Final-norm hidden states ``[B, T, D]`` (and the new cache k/v, or None)."""
+        """Final-norm hidden states ``[B, T, D]`` (and the new cache k/v, or None). mask:
+        ``segment_ids [B, T]`` without a cache, ``[B, T, S]`` bool with one (see `Attention`)."""
         c = self.config
         h = self.embed(input_ids)
         cos, sin = rope_tables(positions, c.dim_per_head, c.rope_theta)
@@ -371,26 +372,34 @@ def _module(config: Qwen2Config, params_or_dtype=jnp.float32, plan=None) -> Qwen
     return Qwen2(config, jnp.dtype(params_or_dtype), plan)
 
 
+def _init_module(config: Qwen2Config, dtype=jnp.float32) -> Qwen2:
+    # Initialisation runs one token through the reference attention: the parameter tree does not
+    # depend on the kernel, and a config for another backend (cudnn, splash) inits anywhere.
+    return _module(config.replace(attention="xla"), dtype)
+
+
 def _dummy_inputs():
     ids = jnp.zeros((1, 1), jnp.int32)
-    return ids, ids, jnp.ones((1, 1, 1), bool)
+    return ids, ids, jnp.ones((1, 1), jnp.int32)
 
 
 def init_params(config: Qwen2Config, rng: Array, dtype=jnp.float32) -> Params:
     """Random parameters (normal(0.02) weights, zero biases, unit norms) as a plain dict."""
-    variables = _module(config, dtype).init(rng, *_dummy_inputs())
+    variables = _init_module(config, dtype).init(rng, *_dummy_inputs())
     return nn.meta.unbox(variables["params"])
 
 
 def param_shapes(config: Qwen2Config, dtype=jnp.float32) -> Params:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (nothing is allocated)."""
-    boxed = jax.eval_shape(lambda: _module(config, dtype).init(jax.random.key(0), *_dummy_inputs()))
+    boxed = jax.eval_shape(
+        lambda: _init_module(config, dtype).init(jax.random.key(0), *_dummy_inputs())
+    )
     return nn.meta.unbox(boxed["params"])
 
 
 def param_logical_axes(config: Qwen2Config) -> Params:
     """Logical axis names of every parameter, as ``PartitionSpec`` leaves (same tree)."""
-    boxed = jax.eval_shape(lambda: _module(config).init(jax.random.key(0), *_dummy_inputs()))
+    boxed = jax.eval_shape(lambda: _init_module(config).init(jax.random.key(0), *_dummy_inputs()))
     return nn.get_partition_spec(boxed["params"])
 
 
@@ -427,6 +436,36 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: Array) -> Array:
+    """RoPE positions ``[B, T]`` int32 for packed rows: 0 at each segment's first token, counting
+    up within the segment (each segment's tokens are contiguous); padding (segment 0) gets 0."""
+    segment_ids = jnp.asarray(segment_ids)
+    t = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.concatenate(
+        [jnp.full_like(segment_ids[..., :1], -1), segment_ids[..., :-1]], axis=-1
+    )
+    starts = jnp.where(segment_ids != previous, index, 0)
+    positions = index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
+    return jnp.where(segment_ids > 0, positions, 0).astype(jnp.int32)
+
+
+def cast_params(params: Params, dtype) -> Params:
+    """The parameters with every floating leaf in ``dtype`` (integer leaves untouched; leaves
+    already in ``dtype`` are returned as they are). ``jax.ShapeDtypeStruct`` leaves give
+    ``ShapeDtypeStruct`` leaves (same sharding), for abstract compiles."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, params)
+
+
 def causal_mask(attention_mask: Array) -> Array:
     """``[B, T]`` padding mask -> ``[B, T, T]`` bool (query t sees real keys s <= t)."""
     t = attention_mask.shape[-1]
@@ -441,18 +480,26 @@ def forward_hidden(
     input_ids: Array,
     attention_mask: Array | None = None,
     plan=None,
+    segment_ids: Array | None = None,
 ) -> Array:
-    """Final hidden states ``[B, T, D]`` (use with ``lm_logits`` to chunk over the vocabulary)."""
-    if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    """Final hidden states ``[B, T, D]`` (use with ``lm_logits`` to chunk over the vocabulary).
+    Arguments as `forward`."""
+    if segment_ids is None:
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        positions = positions_from_mask(attention_mask)
+        segment_ids = attention_mask.astype(jnp.int32)
+    else:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"segment_ids: shape {segment_ids.shape}, expected {input_ids.shape} like input_ids"
+            )
+        if attention_mask is not None:
+            segment_ids = jnp.where(attention_mask.astype(bool), segment_ids, 0)
+        positions = positions_from_segments(segment_ids)
     m = _module(config, params, plan)
-    h, _ = m.apply(
-        {"params": params},
-        input_ids,
-        positions_from_mask(attention_mask),
-        causal_mask(attention_mask),
-        method=Qwen2.hidden,
-    )
+    h, _ = m.apply({"params": params}, input_ids, positions, segment_ids, method=Qwen2.hidden)
     return h
 
 
@@ -469,14 +516,23 @@ def forward(
     input_ids: Array,
     attention_mask: Array | None = None,
     plan=None,
+    segment_ids: Array | None = None,
 ) -> Array:
     """Logits ``[B, T, V]`` (float32) for a batch of token ids ``[B, T]``.
 
     ``attention_mask [B, T]`` (1 = real token) handles left or right padding: positions are
-    counted over real tokens only, and padded keys are never attended to. Logits at padded
-    positions are meaningless.
+    counted over real tokens only, and padded keys are never attended to.
+
+    ``segment_ids [B, T]`` int (packed rows): 0 = padding, k > 0 = the k-th sequence packed into
+    the row, each sequence's tokens contiguous. RoPE positions restart at 0 at each segment's
+    first token (`positions_from_segments`) and a token attends only to earlier tokens of its
+    own segment. Without it, the segments are ``attention_mask`` (one per row). Where both are
+    given, tokens with ``attention_mask`` 0 are padding.
+
+    Logits at padded positions are meaningless. The attention kernel is ``config.attention``
+    (`dgpo_jax.models.attention`); the activation dtype is the parameters' (see `cast_params`).
     """
-    h = forward_hidden(config, params, input_ids, attention_mask, plan)
+    h = forward_hidden(config, params, input_ids, attention_mask, plan, segment_ids)
     return lm_logits(config, params, h)
 
 

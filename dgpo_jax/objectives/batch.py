@@ -23,6 +23,18 @@ Fields (B rows, T positions):
                                  and ``values`` as given instead of computing them
   policy_gate      [B, T] float  the policy loss's token gate (loss_mask x TrOPD trust)
   returns          [B, T] float  GAE returns (the critic's targets)
+  segment_ids      [B, T] int    packed rows: 0 = padding, k > 0 = the row's k-th trajectory
+                                 (contiguous); the models attend within a segment and restart
+                                 positions at its first token
+  traj_index       [B, T] int    packed rows: the trajectory (0..N-1) of each token, -1 on
+                                 padding. With it, the per-trajectory fields (``rewards``,
+                                 ``group_ids``) are ``[N]``; without it each row is one
+                                 trajectory (N = B)
+
+A packed batch (``dgpo_jax.learner.packing``) has ``segment_ids`` and ``traj_index`` and
+``attention_mask = segment_ids > 0``; every per-trajectory quantity of the objective is then
+computed per trajectory (``dgpo_jax.objectives.trajectories``), so it gives the padded batch's
+loss and gradients.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dgpo_jax.objectives.config import ObjectiveConfig
@@ -51,7 +65,12 @@ BATCH_FIELDS: dict[str, tuple[str, bool]] = {
     "advantages": ("BT", False),
     "policy_gate": ("BT", False),
     "returns": ("BT", False),
+    "segment_ids": ("BT", True),
+    "traj_index": ("BT", True),
 }
+# Fields with one entry per trajectory ([N]; N = B unless the batch is packed).
+TRAJECTORY_FIELDS = tuple(k for k, (kind, _) in BATCH_FIELDS.items() if kind == "B")
+PACKING_FIELDS = ("segment_ids", "traj_index")
 
 
 def batch_requirements(
@@ -80,8 +99,8 @@ def batch_requirements(
         opt.append("values")
     if cfg.uses_policy and cfg.global_advantage:
         opt.extend(["advantages", "policy_gate"] + (["returns"] if cfg.advantage == "gae" else []))
-    # Metrics use teacher / reference log-probs when given.
-    for f in ("teacher_logprobs", "ref_logprobs"):
+    # Metrics use teacher / reference log-probs when given; any objective takes packed rows.
+    for f in ("teacher_logprobs", "ref_logprobs") + PACKING_FIELDS:
         if f not in req and f not in opt:
             opt.append(f)
     return tuple(req), tuple(opt)
@@ -119,23 +138,27 @@ def validate_batch(
                 f"batch has 'advantages' but not {absent}: pass the whole output of "
                 "UpdateStep.prepare_rollout"
             )
-    ids_shape = tuple(np.shape(batch["input_ids"]))
+    ids_shape = _shape(batch["input_ids"])
     if len(ids_shape) != 2 or ids_shape[1] < 2:
         raise ValueError(f"batch['input_ids'] must be [B, T] with T >= 2, got shape {ids_shape}")
     b, t = ids_shape
     if b % micro_batches:
         raise ValueError(f"batch size {b} is not divisible by micro_batches={micro_batches}")
+    fields = list(req) + [f for f in opt if f in batch]
+    n = _trajectories(batch, fields, b)
     out = {}
-    for name in list(req) + [f for f in opt if f in batch]:
+    for name in fields:
         x = batch[name]
         kind, integer = BATCH_FIELDS[name]
-        want = {"BT": (b, t), "B": (b,), "": ()}[kind]
-        if tuple(np.shape(x)) != want:
+        want = {"BT": (b, t), "B": (n,), "": ()}[kind]
+        if _shape(x) != want:
+            what = f"B={b}, T={t}" if kind != "B" or n == b else f"N={n} trajectories"
             raise ValueError(
-                f"batch[{name!r}] has shape {tuple(np.shape(x))}, expected {want} "
-                f"([{', '.join(kind) or 'scalar'}] with B={b}, T={t})"
+                f"batch[{name!r}] has shape {_shape(x)}, expected {want} "
+                f"([{', '.join(kind) or 'scalar'}] with {what})"
             )
-        dt = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+        dt = getattr(x, "dtype", None)
+        dt = np.dtype(np.asarray(x).dtype if dt is None else dt)
         if integer and not np.issubdtype(dt, np.integer):
             raise ValueError(f"batch[{name!r}] must be an integer array, got dtype {dt}")
         if not integer and not (
@@ -146,4 +169,107 @@ def validate_batch(
         ):
             raise ValueError(f"batch[{name!r}] must be numeric, got dtype {dt}")
         out[name] = x
+    if "traj_index" in out:
+        _check_packing(out, n)
+    return out
+
+
+def field_dtype(name: str):
+    """The dtype the update step reads ``name`` in (``UpdateStep.prepare_batch`` converts to
+    it, so a batch's compiled program does not depend on the dtypes it arrived in): int32 for
+    integer fields, float32 for the rest (masks included)."""
+    return jnp.dtype(jnp.int32 if BATCH_FIELDS[name][1] else jnp.float32)
+
+
+def field_sharding(plan, name: str, shape: tuple[int, ...], packed: bool):
+    """Where ``UpdateStep.prepare_batch`` puts field ``name`` on ``plan``'s mesh: per-token
+    fields (and per-row ones of a padded batch) by rows over the batch axes; scalars, and a
+    packed batch's per-trajectory fields (small, read by every row), replicated."""
+    kind = BATCH_FIELDS[name][0]
+    if kind == "BT" or (kind == "B" and not packed):
+        return plan.batch_sharding(len(shape), shape)
+    return plan.sharding(())
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _trajectories(batch: Mapping[str, Any], fields: list[str], rows: int) -> int | None:
+    """N, the number of trajectories: B for a padded batch; a packed batch's per-trajectory
+    fields must agree on it (None: a packed batch without such fields)."""
+    # every per-trajectory field given, used or not: N is known even when the objective reads
+    # none of them (KD objectives), for the traj_index check
+    per_traj = [f for f in batch if f in TRAJECTORY_FIELDS]
+    packed = "traj_index" in batch
+    if "segment_ids" in batch and not packed and per_traj:
+        raise ValueError(
+            f"batch has 'segment_ids' and per-trajectory field(s) {per_traj} but no "
+            "'traj_index': a packed batch needs traj_index to place them on their tokens"
+        )
+    if packed and "segment_ids" not in batch:
+        raise ValueError("batch has 'traj_index' but no 'segment_ids': pass both (packed rows)")
+    if not packed:
+        return rows
+    if not per_traj:
+        return None  # nothing per trajectory to check against
+    sizes = {f: _shape(batch[f]) for f in per_traj}
+    first = sizes[per_traj[0]]
+    if len(first) != 1 or any(s != first for s in sizes.values()):
+        raise ValueError(f"packed batch: per-trajectory fields must all be [N]; got shapes {sizes}")
+    return first[0]
+
+
+def _check_packing(batch: dict, n: int | None) -> None:
+    """Host-side checks of a packed batch given as host arrays (device arrays are trusted)."""
+    arrays = [batch[k] for k in ("segment_ids", "traj_index", "attention_mask")]
+    if any(isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) for x in arrays):
+        return
+    seg, idx, am = (np.asarray(x) for x in arrays)
+    if not np.array_equal(seg > 0, am > 0):
+        raise ValueError("packed batch: attention_mask must equal segment_ids > 0")
+    if np.any((idx >= 0) != (seg > 0)):
+        raise ValueError("packed batch: traj_index must be -1 exactly on padding (segment 0)")
+    if n is not None and idx.size and idx.max() >= n:
+        raise ValueError(
+            f"packed batch: traj_index holds {int(idx.max())} but the per-trajectory fields "
+            f"have N={n} entries"
+        )
+
+
+def abstract_batch(
+    cfg: ObjectiveConfig,
+    rows: int,
+    width: int,
+    teacher_in_program: bool,
+    plan=None,
+    packed: bool = True,
+    trajectories: int | None = None,
+    fields: tuple[str, ...] = (),
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The update batch of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves (nothing allocated), for
+    compiling the update step ahead of time (``UpdateStep.compile``, the memory plan).
+
+    ``rows`` x ``width`` token positions; ``packed`` adds ``segment_ids`` and ``traj_index`` and
+    makes the per-trajectory fields ``[trajectories]`` (default: ``rows``), replicated; else
+    they are ``[rows]``. The required fields of the objective plus ``fields`` (e.g. the outputs
+    of ``prepare_rollout``: ``("advantages", "policy_gate", "returns", "values")``). With a
+    ``plan``, per-token fields are sharded by rows over the batch axes, as
+    ``UpdateStep.prepare_batch`` places them.
+    """
+    required, optional = batch_requirements(cfg, teacher_in_program)
+    unknown = [f for f in fields if f not in BATCH_FIELDS]
+    if unknown:
+        raise ValueError(f"abstract_batch: unknown field(s) {unknown}; known: {list(BATCH_FIELDS)}")
+    names = list(required) + [f for f in fields if f not in required]
+    if packed:
+        names += [f for f in PACKING_FIELDS if f not in names]
+    n = rows if trajectories is None or not packed else trajectories
+    out = {}
+    for name in names:
+        kind, integer = BATCH_FIELDS[name]
+        shape = {"BT": (rows, width), "B": (n,), "": ()}[kind]
+        dtype = field_dtype(name)
+        sharding = None if plan is None else field_sharding(plan, name, shape, packed)
+        out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     return out

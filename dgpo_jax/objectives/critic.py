@@ -47,13 +47,18 @@ def critic_values(
     attention_mask,
     student_hidden=None,
     plan=None,
+    segment_ids=None,
 ) -> jax.Array:
-    """Values ``[B, T]`` from ``params`` (the full ``{"policy", ...}`` tree)."""
+    """Values ``[B, T]`` from ``params`` (the full ``{"policy", ...}`` tree). ``segment_ids``:
+    rows that pack several trajectories (the critic trunk attends within each)."""
     if critic_kind == "value_head":
         if student_hidden is None:
             raise ValueError("value_head critic needs the student hidden states")
         return value_head_apply(params["value_head"], student_hidden)
     if critic_kind == "separate":
-        h = forward_hidden(critic_config, params["critic"]["trunk"], ids, attention_mask, plan)
+        kwargs = {} if segment_ids is None else {"segment_ids": segment_ids}
+        h = forward_hidden(
+            critic_config, params["critic"]["trunk"], ids, attention_mask, plan, **kwargs
+        )
         return value_head_apply(params["critic"]["value_head"], h)
     raise ValueError(f"no critic for critic={critic_kind!r}")

@@ -2,7 +2,10 @@
 
   r_t = c_R * R * [t = last] + c_D * u(tau) * ( lam*(l^T_t - l^ref_t) - (l^S_t - l^ref_t) )
 
-All arrays ``[B, T]`` aligned with ``input_ids``; ``rewards``/gates ``[B]``.
+All arrays ``[B, T]`` aligned with ``input_ids``; ``rewards``/gates ``[B]`` per row, or, for
+rows that pack several trajectories, ``[N]`` per trajectory and put on the tokens first
+(``dgpo_jax.objectives.trajectories``): ``token_rewards`` takes per-token ``[B, T]`` rewards
+(already placed) and gates as well.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dgpo_jax.objectives.kl import clamp_log_ratio, kl_estimate
 
 
 def trajectory_gate(cfg: ObjectiveConfig, rewards, batch_size: int):
-    """u(tau) ``[B]``: 1 everywhere, or DGPO's ``[R < gate_threshold]`` (wrong answers)."""
+    """u(tau) ``[B]`` (one per trajectory): 1 everywhere, or DGPO's ``[R < gate_threshold]``
+    (wrong answers)."""
     if cfg.trajectory_gate == "none":
         return jnp.ones((batch_size,), jnp.float32)
     return (rewards.astype(jnp.float32) < cfg.gate_threshold).astype(jnp.float32)
@@ -56,14 +60,19 @@ def token_rewards(
 ):
     """Returns (token rewards ``[B, T]``, policy token gate g ``[B, T]``).
 
-    ``gate`` is u(tau) ``[B]``. Outliers of the trust region get g = 0 ("mask", "divergence")
-    or their term clipped below at ``-outlier_clip`` ("clip"; UNVERIFIED form).
+    ``rewards``: outcome rewards ``[B]`` (placed on each row's last ``loss_mask`` token) or
+    ``[B, T]`` already placed. ``gate``: u(tau) ``[B]`` per row or ``[B, T]`` per token.
+    Outliers of the trust region get g = 0 ("mask", "divergence") or their term clipped below
+    at ``-outlier_clip`` ("clip"; UNVERIFIED form).
     """
     mask = loss_mask.astype(jnp.float32)
     out = jnp.zeros(mask.shape, jnp.float32)
     policy_gate = mask
     if cfg.outcome_reward_coef and rewards is not None:
-        out = out + cfg.outcome_reward_coef * place_outcome_reward(rewards, mask)
+        placed = rewards.astype(jnp.float32) if rewards.ndim == 2 else None
+        if placed is None:
+            placed = place_outcome_reward(rewards, mask)
+        out = out + cfg.outcome_reward_coef * placed
     if cfg.uses_token_reward:
         term = teacher_token_term(
             cfg,
@@ -77,6 +86,9 @@ def token_rewards(
                 term = jnp.where(trusted > 0, term, jnp.maximum(term, -cfg.outlier_clip))
             else:
                 policy_gate = mask * trusted
-        u = jnp.ones((mask.shape[0],), jnp.float32) if gate is None else gate
-        out = out + cfg.token_reward_coef * u[:, None] * term * mask
+        if gate is None:
+            u = jnp.ones((mask.shape[0], 1), jnp.float32)
+        else:
+            u = gate if gate.ndim == 2 else gate[:, None]
+        out = out + cfg.token_reward_coef * u * term * mask
     return out, policy_gate

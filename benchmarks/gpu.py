@@ -1,0 +1,342 @@
+"""The GPU benchmark: one command for a machine with one H100/H200 (under 8 minutes there).
+
+    python benchmarks/gpu.py --out DIR          # on the GPU machine
+    python benchmarks/gpu.py --quick            # tiny shapes on any backend (< 1 minute on CPU)
+
+Stages, each writing ``DIR/<stage>.json`` as soon as it finishes (a run cut short keeps what it
+measured), in this order:
+
+1. ``update``: the fused DGPO update step of the Qwen2.5-0.5B student with the Qwen2.5-3B
+   teacher forward inside (bfloat16 compute, float32 master weights and AdamW moments, a
+   separate critic, full remat), on packed rows of a Search-R1-like length mix: real tokens/s
+   and MFU against the chip's bfloat16 peak (FLOPs counted from the shapes: 6N per trained
+   token for the policy and the critic, 2N per teacher token, plus attention within segments).
+2. ``memory``: that step's compiled bytes (arguments + temporaries + outputs - aliased, what
+   the memory plan adds up) against ``memory_stats()["peak_bytes_in_use"]`` after its first
+   real step. It runs first in the process because that peak never goes down.
+3. ``decode``: the 0.5B student's single-token KV-cache decode step at batch 256, in ms per
+   step, against the HBM roofline (weights + the KV read once per step).
+4. ``attention``: the training/scoring attention kernels (xla, chunked, cudnn) at 2048 and 8704
+   positions, forward + backward: milliseconds and the compiled program's temporary bytes.
+
+Random weights from the model presets: nothing is downloaded. It imports only jax, flax,
+optax, numpy, safetensors and this package's models/learner/objectives (no ml_collections,
+grain or tokenizer), so it runs on a bare JAX GPU image; `pip install -e . --no-deps` is not
+even needed when run from the repository root. The last stdout line is one JSON object with
+every stage's figures and the machine's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import attention as attention_bench  # noqa: E402 (benchmarks/attention.py, beside this file)
+
+from dgpo_jax.learner.optim import OptimConfig  # noqa: E402
+from dgpo_jax.learner.packing import pack_trajectories  # noqa: E402
+from dgpo_jax.learner.update_step import create_update_state, make_update_step  # noqa: E402
+from dgpo_jax.models import (  # noqa: E402
+    Qwen2Config,
+    cast_params,
+    forward_with_cache,
+    get_preset,
+    init_cache,
+    init_params,
+)
+from dgpo_jax.objectives import get_objective  # noqa: E402
+
+# Dense bfloat16 peaks (datasheet, per chip) and HBM bandwidth, by device_kind substring.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+HBM_BYTES_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+TINY = Qwen2Config(
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+TINY_TEACHER = TINY.replace(hidden_size=256, num_hidden_layers=3)
+
+
+def _lookup(table: dict, kind: str):
+    return next((v for k, v in table.items() if k in kind), None)
+
+
+class Stages:
+    """Writes each stage's figures to ``out/<stage>.json`` and keeps them for the summary."""
+
+    def __init__(self, out: str, budget_s: float):
+        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+        self.results: dict[str, dict] = {}
+        os.makedirs(out, exist_ok=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def run(self, name: str, fn, *args):
+        if self.elapsed() > self.budget_s:
+            result = {"skipped": f"time budget {self.budget_s:.0f} s spent"}
+        else:
+            t0 = time.perf_counter()
+            try:
+                result = dict(fn(*args), stage_s=round(time.perf_counter() - t0, 1))
+            except Exception as e:  # a failed stage must not lose the others' figures
+                result = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        self.record(name, result)
+
+    def record(self, name: str, result: dict):
+        self.results[name] = result
+        with open(os.path.join(self.out, f"{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"[gpu] {name}: {json.dumps(result)}", flush=True)
+
+
+# ------------------------------------------------------------------------------ attention ---
+def stage_attention(quick: bool, dtype) -> dict:
+    backend = jax.default_backend()
+    kernels = ["xla", "chunked"] + (["cudnn"] if backend == "gpu" else [])
+    lengths = (256, 1024) if quick else (2048, 8704)
+    rows = []
+    for length in lengths:
+        for kernel in kernels:
+            rows.append(attention_bench.run(kernel, 1, length, 14, 2, 64, dtype, 512, 3, 60.0))
+    return {"dtype": jnp.dtype(dtype).name, "heads": "14 q / 2 kv, head dim 64", "results": rows}
+
+
+# --------------------------------------------------------------------------------- update ---
+def length_mix(n: int, longest: int, rng: np.random.Generator) -> np.ndarray:
+    """Search-R1-like trajectory lengths: a prompt of ~200 tokens and a skewed response (most a
+    few hundred tokens, a tail to ~2000), capped at ``longest``."""
+    lengths = 200 + rng.lognormal(mean=6.0, sigma=0.6, size=n).astype(np.int64)
+    return np.minimum(lengths, longest)
+
+
+def synthetic_rollouts(n: int, longest: int, vocab: int, seed: int = 0) -> dict:
+    """An unpacked DGPO rollout batch: n trajectories right-padded to ``longest``; the first
+    200 tokens are the prompt (no loss), half the trajectories are correct."""
+    rng = np.random.default_rng(seed)
+    lengths = length_mix(n, longest, rng)
+    pos = np.arange(longest)[None]
+    am = (pos < lengths[:, None]).astype(np.int32)
+    lm = (am * (pos >= 200)).astype(np.float32)
+    return {
+        "input_ids": rng.integers(0, vocab, (n, longest)).astype(np.int32) * am,
+        "attention_mask": am,
+        "loss_mask": lm,
+        "old_logprobs": (-rng.random((n, longest)) * 4 * lm).astype(np.float32),
+        "rewards": (np.arange(n) % 2).astype(np.float32),
+    }
+
+
+def flops_trained(config: Qwen2Config, tokens: int, attended_pairs: float, backward: bool):
+    """Matmul FLOPs: 2N per token forward (N = non-embedding weights + the LM head), attention
+    scores and values 4 x layers x heads x head_dim per attended (query, key) pair; x3 with the
+    backward pass."""
+    head = config.vocab_size * config.hidden_size
+    n = config.num_params() - head * (0 if config.tie_word_embeddings else 1)  # head counted once
+    n = n - config.vocab_size * config.hidden_size + head  # embedding lookup is no matmul
+    attn = 4 * config.num_hidden_layers * config.num_attention_heads * config.dim_per_head
+    forward = 2 * n * tokens + attn * attended_pairs
+    return forward * (3 if backward else 1)
+
+
+def stage_update(quick: bool) -> dict:
+    """The update step's throughput, and (``memory``) its compiled bytes against the device's
+    measured peak after its first real step. It runs first in the process, so that the peak
+    is this program's (``peak_bytes_in_use`` never goes down)."""
+    device = jax.devices()[0]
+    kind = device.device_kind
+    if quick:
+        sc, tc, n, longest, micro_rows = TINY, TINY_TEACHER, 8, 384, 2
+    else:
+        sc, tc = get_preset("qwen2.5-0.5b"), get_preset("qwen2.5-3b")
+        n, longest, micro_rows = 64, 4096, 4
+    sc = sc.replace(remat="full")
+    compute = jnp.bfloat16 if device.platform != "cpu" else jnp.float32
+    batch = synthetic_rollouts(n, longest, sc.vocab_size)
+    packed, layout = pack_trajectories(batch, longest, rows_multiple=micro_rows)
+    rows = packed["input_ids"].shape[0]
+    objective = get_objective("dgpo")
+    step = make_update_step(
+        objective,
+        sc,
+        tc,
+        optimizer=OptimConfig(lr=1e-6, critic_lr=1e-5, schedule="constant"),
+        micro_batches=rows // micro_rows,
+        compute_dtype=compute,
+    )
+    init = jax.jit(init_params, static_argnums=(0, 2))
+    policy = init(sc, jax.random.key(0), jnp.float32)  # float32 masters
+    teacher = init(tc, jax.random.key(1), compute)  # never trained: stored in compute dtype
+    state = create_update_state(objective, policy, step.tx, 0)
+    t0 = time.perf_counter()
+    compiled = step.compile(state, packed, teacher)
+    compile_s = time.perf_counter() - t0
+    stats = compiled.memory_analysis()
+    planned = (
+        stats.argument_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    state, metrics = step(state, packed, teacher)
+    jax.block_until_ready(state)
+    peak = (
+        (device.memory_stats() or {}).get("peak_bytes_in_use") if device.platform != "cpu" else None
+    )
+    memory = {
+        "program": "update step (DGPO, compiled with UpdateStep.compile)",
+        "planned_gib": round(planned / 2**30, 3),
+        "temp_gib": round(stats.temp_size_in_bytes / 2**30, 3),
+        "measured_peak_gib": None if peak is None else round(peak / 2**30, 3),
+        "measured_over_planned": None if peak is None else round(peak / planned, 3),
+        "note": None if peak is not None else "memory_stats() needs an accelerator",
+    }
+    repeats = 1 if quick else 3
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        state, metrics = step(state, packed, teacher)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / repeats
+    real = int(layout.stats["real_tokens"])
+    lengths = batch["attention_mask"].sum(1).astype(np.float64)
+    pairs = float(np.sum(lengths * (lengths + 1) / 2))  # causal pairs within each trajectory
+    flops = (
+        flops_trained(sc, real, pairs, backward=True)  # policy
+        + flops_trained(sc, real, pairs, backward=True)  # separate critic (same trunk shape)
+        + flops_trained(tc, real, pairs, backward=False)  # teacher forward
+    )
+    peak_flops = _lookup(PEAK_BF16, kind)
+    return {
+        "student": "tiny" if quick else "qwen2.5-0.5b",
+        "teacher": "tiny-teacher" if quick else "qwen2.5-3b",
+        "compute_dtype": jnp.dtype(compute).name,
+        "master_dtype": "float32",
+        "trajectories": n,
+        "packed_rows": rows,
+        "width": longest,
+        "micro_batches": rows // micro_rows,
+        "padded_positions_per_real_token": layout.stats["padded_positions_per_real_token"],
+        "compile_s": round(compile_s, 1),
+        "step_s": round(step_s, 3),
+        "real_tokens_per_s": round(real / step_s, 1),
+        "model_tflops_per_step": round(flops / 1e12, 3),
+        "mfu": None if peak_flops is None else round(flops / step_s / peak_flops, 4),
+        "peak_bf16_flops": peak_flops,
+        "loss": float(metrics["loss"]),
+        "memory": memory,
+    }
+
+
+# --------------------------------------------------------------------------------- decode ---
+def stage_decode(quick: bool) -> dict:
+    kind = jax.devices()[0].device_kind
+    dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    config = TINY if quick else get_preset("qwen2.5-0.5b")
+    batch, prompt, steps = (8, 64, 32) if quick else (256, 512, 256)
+    cache_len = prompt + steps
+    params = cast_params(
+        jax.jit(init_params, static_argnums=(0, 2))(config, jax.random.key(0)), dtype
+    )
+    ids = jax.random.randint(jax.random.key(1), (batch, prompt), 0, config.vocab_size)
+
+    @jax.jit
+    def prefill(params, ids):
+        cache = init_cache(config, batch, cache_len, dtype)
+        logits, cache = forward_with_cache(config, params, ids, cache)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+    @jax.jit
+    def decode(params, token, cache):
+        def body(carry, _):
+            token, cache = carry
+            logits, cache = forward_with_cache(config, params, token[:, None], cache)
+            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
+
+        (token, cache), _ = jax.lax.scan(body, (token, cache), None, length=steps)
+        return token, cache
+
+    token, cache = prefill(params, ids)
+    t0 = time.perf_counter()
+    jax.block_until_ready(decode(params, token, cache))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(decode(params, token, cache))
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    mean_context = prompt + steps / 2
+    kv_bytes = (
+        (2 * config.num_hidden_layers * batch * config.num_key_value_heads * config.dim_per_head)
+        * mean_context
+        * jnp.dtype(dtype).itemsize
+    )
+    bandwidth = _lookup(HBM_BYTES_S, kind)
+    roofline_ms = None if bandwidth is None else 1000 * (weight_bytes + kv_bytes) / bandwidth
+    return {
+        "model": "tiny" if quick else "qwen2.5-0.5b",
+        "dtype": jnp.dtype(dtype).name,
+        "batch": batch,
+        "context": f"{prompt} prompt + {steps} decoded",
+        "ms_per_step": round(ms, 3),
+        "first_call_s": round(compile_s, 1),
+        "bytes_per_step": int(weight_bytes + kv_bytes),
+        "roofline_ms": None if roofline_ms is None else round(roofline_ms, 3),
+        "share_of_roofline": None if roofline_ms is None else round(roofline_ms / ms, 3),
+        "hbm_bytes_s": bandwidth,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes on any backend")
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_bench"))
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip stages started after")
+    p.add_argument("--stages", default="update,decode,attention")
+    args = p.parse_args(argv)
+    device = jax.devices()[0]
+    machine = attention_bench.machine()
+    print(f"[gpu] {machine}, jax {jax.__version__}, backend {device.platform}", flush=True)
+    stages = Stages(args.out, args.budget_s)
+    dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
+    todo = {
+        "update": (stage_update, args.quick),
+        "decode": (stage_decode, args.quick),
+        "attention": (stage_attention, args.quick, dtype),
+    }
+    for name in args.stages.split(","):
+        if name not in todo:
+            raise SystemExit(f"--stages: unknown stage {name!r}; known: {sorted(todo)}")
+        fn, *fn_args = todo[name]
+        stages.run(name, fn, *fn_args)
+        if name == "update" and "memory" in stages.results["update"]:
+            stages.record("memory", stages.results["update"].pop("memory"))
+    summary = {
+        "benchmark": "gpu",
+        "machine": machine,
+        "jax": jax.__version__,
+        "quick": args.quick,
+        "total_s": round(stages.elapsed(), 1),
+        **stages.results,
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

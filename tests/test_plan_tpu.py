@@ -1,0 +1,54 @@
+"""The memory plan for a TPU target, compiled on this CPU host by the TPU compiler (libtpu): the
+tiny update step on a v5e 2x2 slice, with splash attention inside, and without it."""
+
+import importlib.util
+
+import jax
+import pytest
+
+from dgpo_jax.config import base_config
+from dgpo_jax.launch.plan import TPU_KINDS, build_memory_plan
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (install the tpu extra: pip install -e '.[tpu]'); "
+    "TPU targets compile with the TPU compiler it holds",
+)
+
+if not jax._src.xla_bridge.backends_are_initialized():
+    # The TPU devices are libtpu's compile-only topology; this host computes on its CPU.
+    jax.config.update("jax_platforms", "cpu")
+
+
+def tiny_tpu_config(tmp_path, attention: str):
+    cfg = base_config()
+    cfg.mode, cfg.workdir = "plan", str(tmp_path)
+    cfg.objective.preset = "dgpo"
+    cfg.model.student, cfg.model.teacher = "preset:tiny", "preset:tiny-teacher"
+    cfg.model.attention = attention
+    cfg.data.batch_size, cfg.train.mini_batch_size, cfg.train.micro_batch_size = 8, 8, 4
+    cfg.train.pack = False
+    cfg.sampler.cache_len, cfg.sampler.max_prompt_length = 256, 64
+    cfg.plan.target = "tpu:v5e-4"
+    cfg.plan.programs = "update"
+    return cfg
+
+
+def test_tiny_update_step_compiles_for_v5e_with_splash(tmp_path):
+    splash = build_memory_plan(tiny_tpu_config(tmp_path, "splash"))
+    assert splash.compiler.startswith("the TPU compiler (libtpu")
+    assert splash.devices == 4 and splash.device_kind == "TPU v5 lite"
+    assert splash.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert list(splash.programs) == ["update (mini-batch)"]
+    update = splash.programs["update (mini-batch)"]
+    assert "tpu_custom_call" in update.kernels  # the Pallas splash kernel, forward and backward
+    assert update.temporaries > 0 and update.flops > 0
+    # v5e: 16 GiB of HBM per chip (the fit check's default) and 197 TFLOP/s of bf16.
+    assert splash.device_memory == 16 * 1024**3 and splash.fits
+    assert splash.ideal_step_seconds == pytest.approx(
+        update.flops * update.calls * 4 / (4 * TPU_KINDS["v5e"].peak_tflops * 1e12)
+    )
+    # The materialised reference has no Pallas kernel inside: the kernel list can tell them
+    # apart.
+    xla = build_memory_plan(tiny_tpu_config(tmp_path, "xla"))
+    assert "tpu_custom_call" not in xla.programs["update (mini-batch)"].kernels
