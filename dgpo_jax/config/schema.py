@@ -181,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.step = -1  # -1 = the latest checkpoint
     c.export.out = ""  # HF directory to write; default WORKDIR/export_STEP
-    c.export.dtype = ""  # default: the checkpoint's
+    c.export.dtype = ""  # default: the checkpoint's (a run's master weights: model.param_dtype)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})

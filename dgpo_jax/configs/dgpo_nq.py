@@ -32,4 +32,21 @@ def get_config():
     cfg.train.ppo_epochs = 1  # Y
     cfg.train.steps = 1000  # TD trainer.total_training_steps
     cfg.sampler.temperature, cfg.sampler.top_p = 1.0, 1.0  # TD
+    memory_defaults(cfg)
+    return cfg
+
+
+def memory_defaults(cfg):
+    """How the run fits an 8 x 80 GB node at the 0.5B/3B shapes (the memory plan:
+    ``--config.mode=plan``, figures in docs/scaleout.md). None of these change the algorithm."""
+    cfg.model.param_dtype, cfg.model.dtype = "float32", "bfloat16"  # float32 masters
+    cfg.model.attention = "auto"  # cudnn on GPU, splash on TPU: O(T x block), not O(T^2)
+    cfg.model.remat = "dots"  # keep matmul outputs, recompute the rest in the backward
+    cfg.train.pack = True  # trajectories packed into rows of the longest one (segment ids)
+    cfg.train.micro_batch_size = 8  # packed rows per micro-batch: one 8704-position row/GPU
+    # What the plan assumes (the run measures padded_positions_per_real_token itself): real
+    # tokens per trajectory (prompt ~200 + turns + observations; the context allows 8704) and
+    # the longest prompt (the Search-R1 template + an NQ/HotpotQA question is ~200 tokens).
+    cfg.plan.tokens_per_trajectory = 2048
+    cfg.plan.prompt_width = 256
     return cfg

@@ -389,8 +389,8 @@ def _packed_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
         added = {k: to_host(v) for k, v in prepared.items() if k not in whole}
         whole.update(added)
         batch.update({k: layout.unpack(v) for k, v in added.items()})
-    if len(minis) == 1:  # the whole batch is the mini-batch
-        parts = [(whole, layout, whole_micro)]
+    if len(minis) == 1 and cfg.train.score_micro_batch_size in (0, cfg.train.micro_batch_size):
+        parts = [(whole, layout, whole_micro)]  # the whole batch is the mini-batch
     else:
         parts = [pack(take_trajectories(batch, idx)) for idx in minis]
     update_metrics = []

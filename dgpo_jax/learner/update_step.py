@@ -404,13 +404,14 @@ class UpdateStep:
         out = {}
         for name, x in batch.items():
             dtype = field_dtype(name)
+            if not isinstance(x, jax.Array):
+                x = np.asarray(x)  # converted on the host: no conversion program to compile
+            if x.dtype != dtype:
+                x = x.astype(dtype)
             if self.plan is None:
-                out[name] = jnp.asarray(x, dtype)
-                continue
-            # Host arrays go straight to the mesh (with several processes each sends its shards).
-            x = x if isinstance(x, jax.Array) else np.asarray(x)
-            x = x if x.dtype == dtype else x.astype(dtype)
-            out[name] = device_put_global(x, field_sharding(self.plan, name, x.shape, packed))
+                out[name] = jax.device_put(x)
+            else:  # host arrays go straight to the mesh (each process sends its shards)
+                out[name] = device_put_global(x, field_sharding(self.plan, name, x.shape, packed))
         return out
 
     def _abstract_batch_arg(self, batch) -> dict:
@@ -453,7 +454,7 @@ class UpdateStep:
             self._jitted = jax.jit(self._step, donate_argnums=self._donate, **kwargs)
         return self._jitted
 
-    # --- helpers inside the program -----------------------------------------------------------
+    # --- pieces of the program -------------------------------------------------------------------
     def _compute_params(self, params):
         """The trained params as the forward passes read them: the policy and critic trunks in
         ``compute_dtype`` (value heads stay as they are: they are applied in float32)."""
