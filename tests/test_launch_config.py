@@ -91,7 +91,7 @@ def _valid(tmp_path):
         ),
         ("model.attention", "splash", "attention='splash' needs a TPU backend; this process"),
         ("train.score_micro_batch_size", -1, "config.train.score_micro_batch_size: must be an int"),
-        ("train.pack_width_multiple", 0, "config.train.pack_width_multiple: must be an int >= 1"),
+        ("train.pack_width", 8, "config.train.pack_width: 8 is shorter than sampler.cache_len"),
     ],
 )
 def test_validate_names_the_field(tmp_path, field, value, message):
@@ -110,11 +110,7 @@ def test_mixed_precision_and_attention_defaults(tmp_path, caplog):
         "bfloat16",
         "auto",
     )
-    assert (cfg.train.pack, cfg.train.pack_width_multiple, cfg.train.score_micro_batch_size) == (
-        True,
-        64,
-        0,
-    )
+    assert (cfg.train.pack, cfg.train.pack_width, cfg.train.score_micro_batch_size) == (True, 0, 0)
     with caplog.at_level("WARNING"):
         validate(cfg)
     assert "param_dtype" not in caplog.text

@@ -14,13 +14,12 @@ from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world
 from dgpo_jax.launch.coldstart import kd_train
 from dgpo_jax.launch.context import RunContext
 from dgpo_jax.learner.packing import (
-    bucket_rows,
     first_fit_decreasing,
+    pack_for_update,
     pack_trajectories,
     pack_width,
-    plan_rows,
-    trajectory_lengths,
 )
+from dgpo_jax.learner.update_step import split_micro
 
 
 def _batch(lengths, prompt_lengths, t, seed=0):
@@ -102,12 +101,6 @@ def test_first_fit_decreasing_by_hand():
 
 def test_widths_rows_and_bad_input():
     assert pack_width([1, 64]) == 64 and pack_width([65, 3]) == 128 and pack_width([0]) == 64
-    assert [bucket_rows(r) for r in (1, 16, 17, 33, 63, 65, 130)] == [1, 16, 17, 34, 64, 68, 136]
-    # 47 rows of at most 16 per micro-batch: 3 micro-batches of 16 rows, a multiple of 2
-    assert plan_rows(47, 16, multiple=2) == (48, 3)
-    assert plan_rows(5, 16) == (5, 1)
-    # 17 rows, at most 4 per micro-batch: 5 micro-batches would need 20 rows, 6 need 18
-    assert plan_rows(17, 4) == (18, 6)
     batch, _ = _small()
     packed, _ = pack_trajectories(batch, width=24)
     with pytest.raises(ValueError, match="packed already"):
@@ -116,6 +109,30 @@ def test_widths_rows_and_bad_input():
         pack_trajectories(dict(batch, rewards=np.zeros(3)), width=24)
     with pytest.raises(ValueError, match="trajectory 1 has 17 real tokens"):
         pack_trajectories(batch, width=16)
+    with pytest.raises(ValueError, match="need 4 packed rows of width 24, more than the 2 rows"):
+        pack_for_update(batch, width=24, rows=2, micro_batches=1)
+    with pytest.raises(ValueError, match="rows 9 is not a multiple of micro_batches 2"):
+        pack_for_update(batch, width=24, rows=9, micro_batches=2)
+
+
+def test_fixed_shape_fills_the_first_micro_batches():
+    """9 trajectories (8 non-empty) into 12 rows of 24 in 3 micro-batches of 4 rows. First-fit
+    decreasing by hand: 20 -> row 0, 17 -> row 1, 12 -> row 2, 9 -> row 2, 7 -> row 1, 5 -> row
+    3 (no room elsewhere), 3 -> row 0, 1 -> row 0: 4 bins, which micro-batch 0 (rows 0, 3, 6, 9
+    as update_step.split_micro takes them) holds; micro-batches 1 and 2 are empty."""
+    batch, lengths = _small()
+    packed, layout = pack_for_update(batch, width=24, rows=12, micro_batches=3)
+    assert packed["input_ids"].shape == (12, 24)
+    assert first_fit_decreasing(lengths, 24) == [[7, 2, 5], [1, 8], [4, 3], [0]]
+    per_micro_real = np.asarray(split_micro(packed["attention_mask"], 3)).sum(axis=(1, 2))
+    assert per_micro_real.tolist() == [lengths.sum(), 0, 0]
+    stats = layout.stats
+    assert (stats["busy_micro_batches"], stats["micro_batches"]) == (1, 3)
+    assert stats["computed_positions"] == 4 * 24  # one micro-batch of 4 rows is computed
+    assert stats["padded_positions"] == 4 * 24 - lengths.sum()
+    for k, v in batch.items():
+        if np.ndim(v) == 2:
+            np.testing.assert_array_equal(layout.unpack(packed[k]), v, err_msg=k)
 
 
 def _search_r1_lengths(n, rng):
@@ -125,17 +142,17 @@ def _search_r1_lengths(n, rng):
     return np.clip(rng.lognormal(np.log(700), 0.55, n), 200, 8704).astype(np.int64)
 
 
-@pytest.mark.parametrize("n, per_micro", [(512, 16), (256, 16), (64, 4)])
+@pytest.mark.parametrize("n, per_micro", [(512, 4), (256, 4), (256, 2)])
 def test_padding_on_a_realistic_length_mix(n, per_micro):
+    """N trajectories into N rows of the 8704-position context (the run's one shape), micro-
+    batches of ``per_micro`` rows: the positions of the micro-batches that hold a real token
+    exceed the real tokens by at most 15%."""
     rng = np.random.default_rng(n)
     lengths = _search_r1_lengths(n, rng)
     prompts = np.minimum(rng.integers(150, 400, n), lengths)
     batch = _batch(lengths, prompts, t=8704, seed=1)
-    width = pack_width(trajectory_lengths(batch["attention_mask"]))
-    rows, micro = plan_rows(len(first_fit_decreasing(lengths, width)), per_micro)
-    packed, layout = pack_trajectories(batch, width, rows_multiple=micro, min_rows=rows)
+    packed, layout = pack_for_update(batch, 8704, rows=n, micro_batches=n // per_micro)
     stats = layout.stats
-    assert layout.rows == rows and rows % micro == 0
     assert stats["real_tokens"] == lengths.sum()
     assert stats["padded_positions_per_real_token"] <= 0.15, stats
     # one trajectory per row, padded to the longest: several times the real tokens

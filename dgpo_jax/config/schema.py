@@ -142,10 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ppo_epochs = 1
     c.train.micro_batch_size = 16  # rows per gradient-accumulation micro-batch
     # Pack several trajectories into each update row (segment ids; dgpo_jax.learner.packing):
-    # rows of the batch's longest trajectory rounded up to pack_width_multiple positions, and
-    # at most micro_batch_size of them per micro-batch. False: one trajectory per row, padded.
+    # N trajectories go into N rows of pack_width positions, filled micro-batch by micro-batch;
+    # the programs skip the micro-batches of empty rows, so one shape (one compile) serves the
+    # whole run and the work follows the real tokens. False: one trajectory per row, padded.
     c.train.pack = True
-    c.train.pack_width_multiple = 64  # coarser: fewer distinct widths (compilations)
+    c.train.pack_width = 0  # positions per packed row; 0 = sampler.cache_len (rounded up to 64)
     # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
     # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.
     c.train.score_micro_batch_size = 0

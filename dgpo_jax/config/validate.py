@@ -162,14 +162,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 1, field, f"must be an int >= 1, got {value!r}")
-    for field in ("train.val_every", "train.score_micro_batch_size"):
+    for field in ("train.val_every", "train.score_micro_batch_size", "train.pack_width"):
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 0, field, f"must be an int >= 0, got {value!r}")
     need(
-        isinstance(cfg.train.pack_width_multiple, int) and cfg.train.pack_width_multiple >= 1,
-        "train.pack_width_multiple",
-        f"must be an int >= 1, got {cfg.train.pack_width_multiple!r}",
+        cfg.train.pack_width == 0 or cfg.train.pack_width >= cfg.sampler.cache_len,
+        "train.pack_width",
+        f"{cfg.train.pack_width} is shorter than sampler.cache_len {cfg.sampler.cache_len}: a "
+        "trajectory could not fit in a row (0 = the cache length)",
     )
     need(
         cfg.data.batch_size % cfg.train.mini_batch_size == 0

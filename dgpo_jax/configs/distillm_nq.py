@@ -5,6 +5,7 @@ TAID's DistiLLM script uses the skew forward KL (``sfkl``, kept here), most of D
 scripts the skew reverse KL."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -21,4 +22,4 @@ def get_config():
     cfg.optim.schedule = "cosine"  # TAID src/model.py, distillm scripts
     cfg.optim.actor_warmup_ratio = 0.0
     cfg.optim.grad_clip = 1.0
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -8,6 +8,7 @@ is that model instead: G-OPD's reward correction (``model.ref_model="teacher_bas
 logs which one it uses."""
 
 from dgpo_jax.config import env, nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -23,4 +24,4 @@ def get_config():
     cfg.optim.schedule = "constant"  # G-OPD optim/fsdp.yaml
     cfg.optim.actor_warmup_ratio = 0.0  # GS
     cfg.train.mini_batch_size = cfg.data.batch_size  # GS: mini-batch = batch (on-policy)
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

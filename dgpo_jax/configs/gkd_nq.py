@@ -4,6 +4,7 @@ optimizer defaults (``src/arguments.py``, ``src/model.py``); TRL's GKDConfig def
 (beta 0.5)."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -14,4 +15,4 @@ def get_config():
     cfg.optim.schedule = "cosine"  # TAID src/model.py
     cfg.optim.actor_warmup_ratio = 0.0
     cfg.optim.grad_clip = 1.0
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -5,6 +5,7 @@ docs/algorithms.md has the table (and the one known difference: veRL's mini-batc
 *sequences* gives 10 updates per step, ours of 256 prompts x 5 rollouts gives 2)."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -20,4 +21,4 @@ def get_config():
     cfg.optim.actor_warmup_ratio = 0.285  # G
     cfg.sampler.top_p = 0.95  # Y rollout.top_p (G sets none)
     cfg.train.steps = 1005  # G
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -3,6 +3,7 @@ DGPO paper's KD baselines ran is not stated; the values are SakanaAI/TAID's ``fk
 (``src/arguments.py``, ``src/model.py``, ``train.py``), the code DGPO's cold start used."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -12,4 +13,4 @@ def get_config():
     cfg.optim.schedule = "cosine"  # TAID src/model.py
     cfg.optim.actor_warmup_ratio = 0.0  # TAID src/model.py
     cfg.optim.grad_clip = 1.0  # TAID train.py
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

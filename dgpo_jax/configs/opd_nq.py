@@ -4,6 +4,7 @@ optimizer is RUCBM/G-OPD's OPD run (``verl/examples/g_opd/run_qwen3-4b-g-opd.sh`
 and ``verl/verl/trainer/config/optim/fsdp.yaml``; docs/algorithms.md has the table."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -16,4 +17,4 @@ def get_config():
     cfg.optim.schedule = "constant"  # fsdp.yaml lr_scheduler_type
     cfg.optim.actor_warmup_ratio = 0.0  # GS
     cfg.train.mini_batch_size = cfg.data.batch_size  # GS: mini-batch = batch (strictly on-policy)
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

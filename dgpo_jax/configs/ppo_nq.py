@@ -3,6 +3,7 @@ Values from PeterGriffinJin/Search-R1 ``scripts/nq_hotpotqa/v0.2/train_ppo.sh`` 
 ``verl/trainer/config/ppo_trainer.yaml`` (Y); docs/algorithms.md has the table."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -18,4 +19,4 @@ def get_config():
     cfg.optim.actor_warmup_ratio, cfg.optim.critic_warmup_ratio = 0.285, 0.015  # P
     cfg.data.batch_size, cfg.train.mini_batch_size = 512, 256  # P
     cfg.train.steps = 1005  # P trainer.total_training_steps
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -2,6 +2,7 @@
 SakanaAI/TAID (``--loss_type sft``; ``src/arguments.py``, ``src/model.py``, ``train.py``)."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -11,4 +12,4 @@ def get_config():
     cfg.optim.schedule = "cosine"  # TAID src/model.py
     cfg.optim.actor_warmup_ratio = 0.0
     cfg.optim.grad_clip = 1.0  # TAID train.py
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -3,6 +3,7 @@ from t_start to t_end. Values from SakanaAI/TAID ``scripts/phi-3/taid.sh``, ``sr
 ``src/model.py`` and ``src/distil_losses/taid.py``."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -15,4 +16,4 @@ def get_config():
     cfg.optim.schedule = "cosine"  # src/model.py
     cfg.optim.actor_warmup_ratio = 0.0  # src/model.py
     cfg.optim.grad_clip = 1.0  # train.py
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -4,6 +4,7 @@ forward KL on the outliers, forward KL on teacher-prefix tokens. TrOPD's code is
 the optimizer is the OPD family's (RUCBM/G-OPD ``run_qwen3-4b-g-opd.sh``)."""
 
 from dgpo_jax.config import nq_config
+from dgpo_jax.configs.dgpo_nq import memory_defaults
 
 
 def get_config():
@@ -17,4 +18,4 @@ def get_config():
     cfg.optim.schedule = "constant"
     cfg.optim.actor_warmup_ratio = 0.0
     cfg.train.mini_batch_size = cfg.data.batch_size
-    return cfg
+    return memory_defaults(cfg)  # remat, micro-batches, packing: docs/scaleout.md

@@ -15,7 +15,7 @@ from dgpo_jax.checkpoint.params import save_params_checkpoint
 from dgpo_jax.config import build_objective, optim_config, split_list
 from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.evaluation.evaluate import rollout_records
-from dgpo_jax.launch.context import RunContext, UpdateSteps
+from dgpo_jax.launch.context import RunContext
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches, trim_to_bucket
 from dgpo_jax.learner.packing import pack_for_update, pack_width, trajectory_lengths
@@ -94,32 +94,30 @@ def kd_train(
 ):
     """Epochs of an off-policy KD objective over fixed sequences (teacher forward in-program).
 
-    With ``train.pack`` each step's sequences are packed into rows as wide as the longest of
-    all the sequences (one width for the whole run: few compilations); otherwise each step's
-    rows are trimmed to its longest sequence. The student's master weights stay in
+    With ``train.pack`` each step's sequences are packed into ``batch_size`` rows as wide as
+    the longest of all the sequences (one shape for the whole run: one compiled program; the
+    micro-batches of empty rows are skipped); otherwise each step's rows are trimmed to its
+    longest sequence. The student's master weights stay in
     ``model.param_dtype``; the step computes in ``model.dtype``."""
     n = len(seqs["input_ids"])
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     total = max(1, epochs * steps_per_epoch)
 
-    def build_step(micro: int, optimizer):
-        return make_update_step(
-            objective,
-            run.student_config,
-            run.teacher_config,
-            optimizer=optimizer,
-            micro_batches=micro,
-            plan=run.plan,
-            compute_dtype=run.compute_dtype,
-        )
-
-    update = build_step(
-        micro_batches(batch_size, cfg.train.micro_batch_size),
-        optim_config(cfg, total, lr=lr, schedule="cosine", warmup_ratio=cfg.coldstart.warmup_ratio),
+    micro = micro_batches(batch_size, cfg.train.micro_batch_size)
+    update = make_update_step(
+        objective,
+        run.student_config,
+        run.teacher_config,
+        optimizer=optim_config(
+            cfg, total, lr=lr, schedule="cosine", warmup_ratio=cfg.coldstart.warmup_ratio
+        ),
+        micro_batches=micro,
+        plan=run.plan,
+        compute_dtype=run.compute_dtype,
     )
-    steps = UpdateSteps(update, build_step)  # packed batches: one step per micro-batch count
-    width = pack_width(trajectory_lengths(seqs["attention_mask"]), cfg.train.pack_width_multiple)
+    # Packed: every step has the shape [batch_size, the longest sequence]: one program.
+    width = pack_width(trajectory_lengths(seqs["attention_mask"]))
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     logger = MetricsLogger(
         cfg.workdir,
@@ -138,10 +136,8 @@ def kd_train(
             idx = order[lo : lo + batch_size]
             part = {k: v[idx] for k, v in seqs.items()}
             if cfg.train.pack:
-                batch, layout, micro = pack_for_update(
-                    part, width, cfg.train.micro_batch_size, run.batch_shards
-                )
-                state, m = steps(micro)(state, batch, run.teacher_params)
+                batch, layout = pack_for_update(part, width, batch_size, micro)
+                state, m = update(state, batch, run.teacher_params)
                 m = dict(jax.device_get(m))
                 m["padded_positions_per_real_token"] = layout.stats[
                     "padded_positions_per_real_token"

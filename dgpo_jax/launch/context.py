@@ -107,23 +107,6 @@ def batch_shards(plan: ShardingPlan) -> int:
     return math.prod(int(plan.mesh.shape[a]) for a in axes)
 
 
-class UpdateSteps:
-    """Update steps that differ only in their micro-batch count, built on first use: packed
-    batches split their rows into as many micro-batches as their row count needs
-    (``dgpo_jax.learner.packing.plan_rows``). Every step shares the first one's optimizer
-    transformation, so they all update the same state."""
-
-    def __init__(self, first, build):
-        self._build = build  # micro_batches -> UpdateStep (given the optimizer to share)
-        self._steps = {first.micro_batches: first}
-        self.first = first
-
-    def __call__(self, micro_batches: int):
-        if micro_batches not in self._steps:
-            self._steps[micro_batches] = self._build(micro_batches, self.first.tx)
-        return self._steps[micro_batches]
-
-
 class RunContext:
     """Everything a mode needs, built once: mesh, tokenizer, student (and teacher), retriever.
 

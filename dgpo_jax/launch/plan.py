@@ -62,7 +62,6 @@ from dgpo_jax.config import (
 )
 from dgpo_jax.curricula.config import needs_teacher_model
 from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches
-from dgpo_jax.learner.packing import plan_rows
 from dgpo_jax.learner.update_step import abstract_update_state, make_update_step
 from dgpo_jax.models import Qwen2Config, cast_params, get_preset, param_shapes, resolve_kernel
 from dgpo_jax.models.qwen2 import KVCache, init_cache
@@ -267,6 +266,7 @@ class ProgramPlan:
     compile_seconds: float = 0.0
     same_as: str = ""  # the program it is (the same compiled program, other arguments)
     kernels: list = field(default_factory=list)  # custom calls inside (TPU: Pallas kernels)
+    occupancy: float = 1.0  # of its micro-batches, the share a step is expected to fill
 
     @property
     def live(self) -> int:
@@ -311,22 +311,38 @@ class MemoryPlan:
     def fits(self) -> bool | None:
         return None if not self.device_memory else self.peak <= self.device_memory
 
-    @property
-    def step_flops(self) -> float:
-        """FLOPs of one RL step's dense programs over all devices (scoring, whole-batch pass,
-        updates: per-device FLOPs x devices x calls per step). Rollouts are left out: their
-        decode loops are ``while`` loops whose trip count the compiler does not know."""
+    def _flops(self, expected: bool) -> float:
         per_device = sum(
-            p.flops * p.calls for p in self.programs.values() if p.function != "rollout_program"
+            p.flops * p.calls * (p.occupancy if expected else 1.0)
+            for p in self.programs.values()
+            if p.function != "rollout_program"
         )
         return per_device * self.devices
 
     @property
-    def ideal_step_seconds(self) -> float | None:
+    def step_flops(self) -> float:
+        """FLOPs of one RL step's dense programs over all devices, as compiled (every
+        micro-batch full): scoring, whole-batch pass and updates, per-device FLOPs x devices x
+        calls per step. Rollouts are left out: their decode loops are ``while`` loops whose
+        trip count the compiler does not know."""
+        return self._flops(expected=False)
+
+    @property
+    def expected_step_flops(self) -> float:
+        """``step_flops`` counting only the micro-batches that hold tokens at the plan's
+        real-token estimate (packed batches skip the empty ones)."""
+        return self._flops(expected=True)
+
+    def ideal_seconds(self, flops: float) -> float | None:
+        """``flops`` at the chips' bf16 peak."""
         if not self.peak_tflops:
             return None
         chips = self.devices / self.devices_per_chip
-        return self.step_flops / (chips * self.peak_tflops * 1e12)
+        return flops / (chips * self.peak_tflops * 1e12)
+
+    @property
+    def ideal_step_seconds(self) -> float | None:
+        return self.ideal_seconds(self.expected_step_flops)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -338,7 +354,9 @@ class MemoryPlan:
             peak_per_chip=self.peak * self.devices_per_chip,
             fits=self.fits,
             step_flops=self.step_flops,
+            expected_step_flops=self.expected_step_flops,
             ideal_step_seconds=self.ideal_step_seconds,
+            ideal_full_step_seconds=self.ideal_seconds(self.step_flops),
         )
         return out
 
@@ -379,9 +397,11 @@ class MemoryPlan:
             )
         if self.ideal_step_seconds is not None:
             lines.append(
-                f"  step: {self.step_flops / 1e12:.1f} TFLOP in scoring, whole-batch pass and "
-                f"updates = {self.ideal_step_seconds:.2f} s at {self.peak_tflops:g} TFLOP/s per "
-                "chip (ideal; rollouts not counted)"
+                f"  step (scoring, whole-batch pass, updates; rollouts not counted): "
+                f"{self.expected_step_flops / 1e12:.1f} TFLOP at the real-token estimate = "
+                f"{self.ideal_step_seconds:.2f} s at {self.peak_tflops:g} TFLOP/s per chip "
+                f"(ideal); {self.step_flops / 1e12:.1f} TFLOP = "
+                f"{self.ideal_seconds(self.step_flops):.2f} s with every row full"
             )
         lines.append("  compiled for")
         lines += [f"    {p.name}: {p.note}" for p in self.programs.values() if p.note]
@@ -460,99 +480,108 @@ class Compiler:
 
 
 # ------------------------------------------------------------------------------- shapes ---
-# Padded positions per real token that packing is planned with (the issue's target: within
-# ~15% of the real tokens on a realistic length mix; the run reports the measured
-# padded_positions_per_real_token).
+# Padded positions per real token packing is expected to leave (the issue's target: within
+# ~15% of the real tokens on a realistic length mix; a run reports its measured
+# padded_positions_per_real_token). Only the expected FLOPs use it.
 PACK_SLACK = 0.15
 
 
 @dataclass
 class StepShapes:
-    """The shapes one RL step's scoring and update programs are compiled for."""
+    """The shapes one RL step's scoring and update programs are compiled for, as
+    ``dgpo_jax.launch.train`` forms them."""
 
     trajectories: int  # rollouts per step
     mini_trajectories: int  # per PPO mini-batch
     width: int  # positions per row
     rows: int  # rows of the whole batch (scoring, whole-batch pass)
-    whole_micro: int  # micro-batches of the whole-batch pass
-    score_micro_rows: int  # rows per micro-batch of the scoring passes
+    score_micro_rows: int  # rows per micro-batch of the scoring passes and the whole-batch pass
     mini_rows: int  # rows of one PPO mini-batch
     micro: int  # micro-batches of the update
     packed: bool
-    tokens_per_trajectory: int = 0  # real tokens per trajectory packing is planned for
-    updates: int = 1  # update steps per RL step
+    updates: int  # update steps per RL step
+    whole_micro: int  # micro-batches of the whole-batch pass
+    tokens_per_trajectory: int = 0  # real tokens per trajectory the occupancy assumes
+    occupancy_whole: float = 1.0  # of the whole batch's micro-batches, those holding tokens
+    occupancy_mini: float = 1.0  # of a mini-batch's micro-batches, those holding tokens
 
     @property
     def micro_rows(self) -> int:
         return self.mini_rows // self.micro
 
     def describe(self) -> str:
-        how = (
-            f"packed, ~{self.tokens_per_trajectory} real tokens per trajectory "
-            f"(plan.tokens_per_trajectory) + {PACK_SLACK:.0%} padding, rows as the packer "
-            "rounds them"
-            if self.packed
-            else "unpacked, one trajectory per row"
+        out = (
+            f"{'packed' if self.packed else 'padded'} rows of {self.width} positions; "
+            f"{self.trajectories} trajectories -> {self.rows} rows for the scoring passes "
+            f"({self.score_micro_rows} at a time) and the whole-batch pass; {self.updates} "
+            f"update(s) of {self.mini_trajectories} trajectories -> {self.mini_rows} rows in "
+            f"{self.micro} micro-batches of {self.micro_rows}"
         )
-        return (
-            f"{how}; rows of {self.width} positions (the longest context: sampler.cache_len "
-            f"rounded up to {SEQ_MULTIPLE}); {self.trajectories} trajectories -> {self.rows} "
-            f"rows ({self.score_micro_rows} per scoring micro-batch, {self.whole_micro} "
-            f"micro-batches in the whole-batch pass); {self.updates} updates of "
-            f"{self.mini_trajectories} trajectories -> {self.mini_rows} rows in {self.micro} "
-            f"micro-batches of {self.micro_rows}"
-        )
+        if self.packed:
+            out += (
+                f". One trajectory per row at most: the shapes hold for any lengths. At "
+                f"~{self.tokens_per_trajectory} real tokens per trajectory "
+                f"(plan.tokens_per_trajectory) + {PACK_SLACK:.0%} padding, "
+                f"{self.occupancy_whole:.0%} of the whole batch's and {self.occupancy_mini:.0%} "
+                "of a mini-batch's micro-batches hold tokens (the others are skipped)"
+            )
+        return out
 
 
 def step_shapes(cfg, shards: int) -> StepShapes:
     """Rows and width of the scoring and update programs, as ``dgpo_jax.launch.train`` forms
-    them, for the longest context (``sampler.cache_len``). Unpacked: one trajectory per row
-    (padded up to whole micro-batches). Packed (``train.pack``): rows holding
-    ``plan.tokens_per_trajectory`` real tokens per trajectory plus ``PACK_SLACK``, counted as
-    ``dgpo_jax.learner.packing.plan_rows`` counts them. ``shards``: ways the batch rows split
-    over the mesh."""
+    them. Padded (``train.pack=False``): one trajectory per row of the longest context,
+    ``sampler.cache_len`` (rounded up to 64), rows padded to whole micro-batches. Packed: N
+    trajectories become N rows of ``train.pack_width`` (default: the context) filled
+    micro-batch by micro-batch, so the shapes do not depend on the lengths; how many
+    micro-batches hold tokens follows ``plan.tokens_per_trajectory``. ``shards``: ways the
+    batch rows split over the mesh."""
     n = cfg.data.rollouts_per_prompt
     trajectories = cfg.data.batch_size * n
     mini = min(cfg.train.mini_batch_size, cfg.data.batch_size) * n
     updates = -(-trajectories // mini) * cfg.train.ppo_epochs
-    width = -(-cfg.sampler.cache_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
-    per_micro = max(1, int(cfg.train.micro_batch_size))
-    score_rows = int(cfg.train.get("score_micro_batch_size", 0) or 0)
+    micro = micro_batches(mini, cfg.train.micro_batch_size)
+    per_micro = mini // micro
+    score_rows = int(cfg.train.get("score_micro_batch_size", 0) or 0) or per_micro
     if not cfg.train.get("pack", False):
-        micro = micro_batches(mini, per_micro)
+        width = -(-cfg.sampler.cache_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
         rows = -(-trajectories // micro) * micro  # pad_rows_to: whole micro-batches
-        per_micro = mini // micro
         return StepShapes(
             trajectories,
             mini,
             width,
             rows,
-            micro_batches(rows, per_micro),
-            score_rows or per_micro,
+            score_rows,
             mini,
             micro,
             False,
-            updates=updates,
+            updates,
+            micro_batches(rows, per_micro),
         )
+    width = int(cfg.train.get("pack_width", 0) or 0) or cfg.sampler.cache_len
+    width = -(-width // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    quantum = math.lcm(score_rows, shards)
+    rows = -(-trajectories // quantum) * quantum
     tokens = int(cfg.plan.get("tokens_per_trajectory", 0) or 0) or width
 
-    def needed(count: int) -> int:
-        return max(1, math.ceil(count * min(tokens, width) * (1 + PACK_SLACK) / width))
+    def occupancy(count: int, per: int, total: int) -> float:
+        needed = math.ceil(count * min(tokens, width) * (1 + PACK_SLACK) / width)
+        return min(1.0, math.ceil(needed / per) / total)
 
-    rows, whole_micro = plan_rows(needed(trajectories), per_micro, shards)
-    mini_rows, micro = plan_rows(needed(mini), per_micro, shards)
     return StepShapes(
         trajectories,
         mini,
         width,
         rows,
-        whole_micro,
-        score_rows or rows // whole_micro,
-        mini_rows,
+        score_rows,
+        mini,
         micro,
         True,
-        tokens,
         updates,
+        rows // score_rows,
+        tokens,
+        occupancy(trajectories, score_rows, rows // score_rows),
+        occupancy(mini, per_micro, micro),
     )
 
 
@@ -644,7 +673,9 @@ def plan_scoring(
         f"{rows} {'packed ' if shapes.packed else ''}rows x {width}, "
         f"{shapes.score_micro_rows} rows at a time"
     )
-    return compiler.measure(name, "sequence_logprobs", lowered, inputs, 1, note)
+    measured = compiler.measure(name, "sequence_logprobs", lowered, inputs, 1, note)
+    measured.occupancy = shapes.occupancy_whole
+    return measured
 
 
 def _used_fields(objective, teacher_in_program: bool, fields) -> tuple[str, ...]:
@@ -723,6 +754,7 @@ def plan_update_programs(
                 "prepare (whole batch)", "_prepare", lowered, inputs, 1, note + with_teacher
             )
         )
+        programs[-1].occupancy = shapes.occupancy_whole
     fields = _used_fields(objective, in_program, _loop_fields(objective, has_ref, prepared))
     batch = abstract_batch(
         objective,
@@ -752,6 +784,7 @@ def plan_update_programs(
                 time.perf_counter() - t0,
             )
         )
+        programs[-1].occupancy = shapes.occupancy_mini
     if curriculum.adaptive_student_share and "loss" in wanted:
         lowered = jax.jit(update._loss_only).lower(state, batch, teacher_params)
         note = "DistiLLM's validation loss on one mini-batch"

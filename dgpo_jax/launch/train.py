@@ -17,6 +17,7 @@ dtype ``model.dtype`` once per step, and the update step casts inside its loss. 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -38,7 +39,7 @@ from dgpo_jax.curricula.teacher_data import teacher_prefixes, validation_batch
 from dgpo_jax.data.pipeline import PromptBatches
 from dgpo_jax.data.prompts import encode_prompt
 from dgpo_jax.data.search_r1 import read_question_files
-from dgpo_jax.launch.context import RunContext, UpdateSteps, load_model
+from dgpo_jax.launch.context import RunContext, load_model
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import (
     SEQ_MULTIPLE,
@@ -47,12 +48,7 @@ from dgpo_jax.learner.batches import (
     pad_rows_to,
     score_rollout,
 )
-from dgpo_jax.learner.packing import (
-    pack_for_update,
-    pack_width,
-    take_trajectories,
-    trajectory_lengths,
-)
+from dgpo_jax.learner.packing import WIDTH_MULTIPLE, pack_for_update, take_trajectories
 from dgpo_jax.learner.scoring import sequence_logprobs
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.parallel.distributed import to_host
@@ -72,22 +68,16 @@ def run_train(cfg) -> dict:
     in_program_teacher = run.teacher_config if objective.teacher_in_update else None
     teacher_arg = run.teacher_params if in_program_teacher else None
 
-    def build_step(micro: int, optimizer):
-        # The float32 masters are cast to the compute dtype inside the step's loss.
-        return make_update_step(
-            objective,
-            run.student_config,
-            in_program_teacher,
-            optimizer=optimizer,
-            micro_batches=micro,
-            plan=run.plan,
-            compute_dtype=run.compute_dtype,
-        )
-
-    update = build_step(
-        micro_batches(mini_rows, cfg.train.micro_batch_size), optim_config(cfg, total_updates)
+    # The float32 masters are cast to the compute dtype inside the step's loss.
+    update = make_update_step(
+        objective,
+        run.student_config,
+        in_program_teacher,
+        optimizer=optim_config(cfg, total_updates),
+        micro_batches=micro_batches(mini_rows, cfg.train.micro_batch_size),
+        plan=run.plan,
+        compute_dtype=run.compute_dtype,
     )
-    steps = UpdateSteps(update, build_step)  # packed batches: one step per micro-batch count
     ref_params = ref_config = None
     if objective.needs_ref_logp:
         if cfg.model.ref_model == "initial_student":
@@ -275,7 +265,7 @@ def run_train(cfg) -> dict:
         update_pass = _packed_updates if cfg.train.pack else _padded_updates
         t_update = time.time()
         state, update_metrics, whole, pad_stats = update_pass(
-            cfg, run, steps, state, batch, scoring, teacher_arg, mini_rows
+            cfg, run, update, state, batch, scoring, teacher_arg, mini_rows
         )
         metrics.update(pad_stats)
         # scoring passes, the whole-batch pass and the updates (the rollout not included)
@@ -316,11 +306,10 @@ def run_train(cfg) -> dict:
     return {"final_eval": final, "state": state}
 
 
-def _padded_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
+def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows):
     """``train.pack=False``: one trajectory per row, padded to the rollout's width. Scoring
     passes, the whole-batch pass (when the step makes more than one update) and the PPO
     mini-batches. Returns (state, per-update metrics, whole-batch metrics, padding metrics)."""
-    update = steps.first
     per_micro = max(1, mini_rows // update.micro_batches)
     # Every row trains: pad to whole micro-batches with rows that carry no token (counted).
     batch, padded_rows = pad_rows_to(dict(batch), update.micro_batches)
@@ -353,27 +342,28 @@ def _padded_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
     return state, update_metrics, whole, pad
 
 
-def _packed_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
+def _packed_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows):
     """``train.pack=True``: the same passes on packed rows (``dgpo_jax.learner.packing``).
 
-    The trajectories are split into PPO mini-batches as they come (GRPO groups stay whole);
-    every packed batch of the step has the width of the step's longest trajectory. The scoring
-    passes and the whole-batch pass run on the whole batch packed; their per-token outputs are
-    unpacked into the trajectory layout and packed again with each mini-batch. Returns (state,
-    per-update metrics, whole-batch metrics, padding metrics)."""
+    One shape per run: a batch of N trajectories becomes N rows of ``packed_width(cfg)``
+    positions filled micro-batch by micro-batch, and the programs skip the micro-batches that
+    hold only empty rows, so every step runs the same compiled programs and the model passes
+    follow the real tokens. The trajectories are split into PPO mini-batches as they come (GRPO
+    groups stay whole). The scoring passes and the whole-batch pass run on the whole batch
+    packed (``data.batch_size x rollouts_per_prompt`` rows, whatever the step keeps); their
+    per-token outputs are unpacked into the trajectory layout and packed again with each
+    mini-batch. Returns (state, per-update metrics, whole-batch metrics, padding metrics)."""
     batch = dict(batch)
+    width = packed_width(cfg)
     n_traj = len(batch["input_ids"])
     mb = min(mini_rows, n_traj)
     minis = [np.arange(lo, min(lo + mb, n_traj)) for lo in range(0, n_traj, mb)]
-    width = pack_width(trajectory_lengths(batch["attention_mask"]), cfg.train.pack_width_multiple)
-    shards = run.batch_shards
-    pack = lambda part: pack_for_update(part, width, cfg.train.micro_batch_size, shards)
-
-    # The whole batch: micro-batches of at most score_micro_batch_size rows (default: the
-    # update's micro_batch_size) for the scoring passes and the whole-batch pass.
-    score_rows = cfg.train.score_micro_batch_size or cfg.train.micro_batch_size
-    whole, layout, whole_micro = pack_for_update(batch, width, score_rows, shards)
-    score_rows = len(whole["input_ids"]) // whole_micro
+    micro = update.micro_batches
+    score_rows = cfg.train.score_micro_batch_size or mini_rows // micro
+    quantum = math.lcm(score_rows, run.batch_shards)
+    capacity = max(cfg.data.batch_size * cfg.data.rollouts_per_prompt, n_traj)
+    whole_rows = -(-capacity // quantum) * quantum
+    whole, layout = pack_for_update(batch, width, whole_rows, whole_rows // score_rows)
     ids, mask, seg = run.place(whole["input_ids"], whole["attention_mask"], whole["segment_ids"])
     for key, (config, params) in scoring.items():
         whole[key] = to_host(
@@ -385,22 +375,33 @@ def _packed_updates(cfg, run, steps, state, batch, scoring, teacher, mini_rows):
     whole_metrics = {}
     if len(minis) * cfg.train.ppo_epochs > 1:
         # The reference's order (see _padded_updates), on the whole batch packed.
-        prepared, whole_metrics = steps.first.prepare_rollout(state, whole, teacher, whole_micro)
+        prepared, whole_metrics = update.prepare_rollout(
+            state, whole, teacher, whole_rows // score_rows
+        )
         added = {k: to_host(v) for k, v in prepared.items() if k not in whole}
         whole.update(added)
         batch.update({k: layout.unpack(v) for k, v in added.items()})
-    if len(minis) == 1 and cfg.train.score_micro_batch_size in (0, cfg.train.micro_batch_size):
-        parts = [(whole, layout, whole_micro)]  # the whole batch is the mini-batch
+    if len(minis) == 1 and whole_rows == mini_rows and score_rows == mini_rows // micro:
+        parts = [(whole, layout)]  # the whole batch is the mini-batch, in the update's shape
     else:
-        parts = [pack(take_trajectories(batch, idx)) for idx in minis]
+        parts = [
+            pack_for_update(take_trajectories(batch, idx), width, mini_rows, micro) for idx in minis
+        ]
     update_metrics = []
     for _ in range(cfg.train.ppo_epochs):
-        for packed, _, micro in parts:
-            state, m = steps(micro)(state, packed, teacher)
+        for packed, _ in parts:
+            state, m = update(state, packed, teacher)
             update_metrics.append(to_host(m))
     real = max(sum(p[1].stats["real_tokens"] for p in parts), 1)
     padded = sum(p[1].stats["padded_positions"] for p in parts)
     return state, update_metrics, whole_metrics, {"padded_positions_per_real_token": padded / real}
+
+
+def packed_width(cfg) -> int:
+    """The packed rows' width for the run: ``train.pack_width``, or the sampler's context
+    (``sampler.cache_len``) rounded up to a multiple of 64 positions."""
+    width = cfg.train.pack_width or cfg.sampler.cache_len
+    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
 def _data_source(

@@ -15,22 +15,23 @@ first-fit-decreasing on their lengths, and returns the packed batch and a ``Pack
 ``layout.unpack(x)`` puts a per-token array of the packed layout (advantages, log-probs, ...)
 back into the input's ``[N, T]`` layout; ``layout.pack(x)`` goes the other way.
 
-Shapes: the width is the batch's longest trajectory rounded up to a multiple of 64
-(``pack_width``), and ``plan_rows`` picks the row count and the micro-batch count of a packed
-update from the rows first-fit-decreasing needs, on a ladder of 16 row counts per octave, so
-that the number of distinct compiled shapes stays small (docs/training_at_scale.md).
+Shapes: one per run. ``pack_for_update`` packs a batch of N trajectories into exactly N rows
+of a width fixed for the run (``train.pack_width``, default the sampler's context), the shape
+the unpacked batch would have; the rows are filled micro-batch by micro-batch, so the packed
+trajectories occupy the first few micro-batches and the rest hold only empty rows, which the
+compiled programs skip at run time (``lax.cond`` on "any real token": an empty micro-batch
+costs no model pass). One compiled program serves every step, whatever the length mix, and
+the work follows the real tokens (docs/training_at_scale.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import numpy as np
 
 WIDTH_MULTIPLE = 64  # packed widths are multiples of this many positions
-ROW_BUCKETS_PER_OCTAVE = 16  # distinct packed row counts between r and 2r (plan_rows)
 PACKING_FIELDS = ("segment_ids", "traj_index")
 
 
@@ -76,33 +77,6 @@ def first_fit_decreasing(lengths, width: int) -> list[list[int]]:
     return bins
 
 
-def bucket_rows(rows: int) -> int:
-    """``rows`` rounded up onto a ladder of ``ROW_BUCKETS_PER_OCTAVE`` values per octave (every
-    count up to 16, then 16, 17, ..., 32, 34, ..., 64, 68, ...): at most 1/16 more rows, and a
-    handful of distinct counts over a run."""
-    if rows <= ROW_BUCKETS_PER_OCTAVE:
-        return max(rows, 1)
-    step = 2 ** (int(math.log2(rows / ROW_BUCKETS_PER_OCTAVE)))
-    return -(-rows // step) * step
-
-
-def plan_rows(rows_needed: int, rows_per_micro: int, multiple: int = 1) -> tuple[int, int]:
-    """(rows, micro-batches) of a packed batch that needs ``rows_needed`` rows: the bucketed row
-    count (``bucket_rows``) rounded up so that it splits into micro-batches of equal size, at
-    most ``rows_per_micro`` rows each (unless ``multiple`` is larger) and a multiple of
-    ``multiple`` (the data-parallel shards). Of the micro-batch counts from the fewest possible
-    to twice that, the one that adds the fewest empty rows (then the fewest micro-batches)."""
-    r = bucket_rows(rows_needed)
-    fewest = max(1, -(-r // max(rows_per_micro, 1)))
-    best = None
-    for micro in range(fewest, 2 * fewest + 1):
-        quantum = micro * max(multiple, 1)
-        rows = -(-r // quantum) * quantum
-        if best is None or rows < best[0]:
-            best = (rows, micro)
-    return best
-
-
 @dataclasses.dataclass(frozen=True)
 class PackedLayout:
     """Where every real token of an unpacked ``[N, T]`` batch sits in the packed ``[R, W]`` one:
@@ -120,23 +94,33 @@ class PackedLayout:
     # padded positions of the same trajectories one per row, padded to the longest (rounded up
     # to WIDTH_MULTIPLE): what an unpacked batch trimmed to its longest trajectory holds
     padded_to_longest: int
+    # micro-batches the rows split into (row i is in micro-batch i % micro_batches, as
+    # dgpo_jax.learner.update_step.split_micro splits) and how many of them hold a real token:
+    # the programs run the model on those only
+    micro_batches: int = 1
+    busy_micro_batches: int = 1
 
     @property
     def stats(self) -> dict[str, float]:
-        """``real_tokens``, ``padded_positions`` (R x W minus the real tokens),
-        ``padded_positions_per_real_token``, ``rows``, ``width``, ``trajectories``, and
-        ``padded_to_longest_per_real_token``: the same figure for one trajectory per row padded to
-        the longest (what packing saves)."""
+        """``real_tokens``; ``computed_positions``, the positions of the micro-batches that hold a
+        real token (the programs skip the others); ``padded_positions`` (computed minus real) and
+        ``padded_positions_per_real_token``; ``padded_to_longest_per_real_token``, the same figure
+        for one trajectory per row padded to the longest (what packing saves); ``rows``,
+        ``width``, ``trajectories``, ``micro_batches``, ``busy_micro_batches``."""
         real = len(self.src_traj)
-        padded = self.rows * self.width - real
+        computed = self.busy_micro_batches * (self.rows // self.micro_batches) * self.width
+        padded = computed - real
         return {
             "real_tokens": real,
+            "computed_positions": computed,
             "padded_positions": padded,
             "padded_positions_per_real_token": padded / max(real, 1),
             "padded_to_longest_per_real_token": self.padded_to_longest / max(real, 1),
             "rows": self.rows,
             "width": self.width,
             "trajectories": self.num_trajectories,
+            "micro_batches": self.micro_batches,
+            "busy_micro_batches": self.busy_micro_batches,
         }
 
     def unpack(self, x, fill=0) -> np.ndarray:
@@ -166,11 +150,19 @@ class PackedLayout:
 
 
 def pack_trajectories(
-    batch: Mapping[str, np.ndarray], width: int, rows_multiple: int = 1, *, min_rows: int = 0
+    batch: Mapping[str, np.ndarray],
+    width: int,
+    rows_multiple: int = 1,
+    *,
+    min_rows: int = 0,
+    micro_batches: int = 1,
 ) -> tuple[dict[str, np.ndarray], PackedLayout]:
     """Packs an unpacked batch (rows = trajectories) into rows of ``width`` positions by
     first-fit-decreasing on the trajectories' real lengths, then appends empty rows up to
-    ``max(rows needed, min_rows)`` rounded up to a multiple of ``rows_multiple``.
+    ``max(rows needed, min_rows)`` rounded up to a multiple of ``rows_multiple`` (and of
+    ``micro_batches``). With ``micro_batches`` m > 1 the filled rows go micro-batch by
+    micro-batch (micro-batch i holds rows i, i + m, ...: ``update_step.split_micro``), so the
+    last micro-batches hold only empty rows.
 
     Per-token fields are the ``[N, T]`` arrays (``attention_mask`` is required: it marks the
     real tokens), per-trajectory fields the ``[N]`` ones, scalars pass through. Returns
@@ -185,18 +177,24 @@ def pack_trajectories(
     if mask.ndim != 2:
         raise ValueError(f"attention_mask must be [N, T], got shape {mask.shape}")
     n, t = mask.shape
-    if rows_multiple < 1:
-        raise ValueError(f"rows_multiple must be >= 1, got {rows_multiple}")
+    if rows_multiple < 1 or micro_batches < 1:
+        raise ValueError(
+            f"rows_multiple and micro_batches must be >= 1, got {rows_multiple}, {micro_batches}"
+        )
     lengths = mask.sum(axis=1)
     bins = first_fit_decreasing(lengths, width)
+    quantum = np.lcm(rows_multiple, micro_batches)
     rows = max(len(bins), min_rows, 1)
-    rows = -(-rows // rows_multiple) * rows_multiple
+    rows = int(-(-rows // quantum) * quantum)
+    per_micro = rows // micro_batches
+    # bin b -> row j * m + i of micro-batch i = b // per_micro, its j = b % per_micro
+    row_of = lambda b: (b % per_micro) * micro_batches + b // per_micro
 
     src_traj, src_pos, dst_row, dst_col = [], [], [], []
     segment_ids = np.zeros((rows, width), np.int32)
     traj_index = np.full((rows, width), -1, np.int32)
-    for r, members in enumerate(bins):
-        col = 0
+    for b, members in enumerate(bins):
+        r, col = row_of(b), 0
         for s, i in enumerate(members, start=1):
             pos = np.flatnonzero(mask[i])
             cols = np.arange(col, col + len(pos))
@@ -218,6 +216,8 @@ def pack_trajectories(
         dst_row=cat(dst_row),
         dst_col=cat(dst_col),
         padded_to_longest=int(n * pack_width(lengths) - lengths.sum()),
+        micro_batches=micro_batches,
+        busy_micro_batches=max(1, -(-len(bins) // per_micro)),
     )
 
     packed: dict[str, np.ndarray] = {}
@@ -238,15 +238,23 @@ def pack_trajectories(
 
 
 def pack_for_update(
-    batch: Mapping[str, np.ndarray], width: int, rows_per_micro: int, multiple: int = 1
-) -> tuple[dict[str, np.ndarray], PackedLayout, int]:
-    """``pack_trajectories`` with the row count of ``plan_rows``: (packed batch, layout, the
-    number of micro-batches its rows split into, each at most ``rows_per_micro`` rows and a
-    multiple of ``multiple``)."""
-    needed = len(first_fit_decreasing(trajectory_lengths(batch["attention_mask"]), width))
-    rows, micro = plan_rows(needed, rows_per_micro, multiple)
-    packed, layout = pack_trajectories(batch, width, micro * max(multiple, 1), min_rows=rows)
-    return packed, layout, micro
+    batch: Mapping[str, np.ndarray], width: int, rows: int, micro_batches: int
+) -> tuple[dict[str, np.ndarray], PackedLayout]:
+    """The batch packed into exactly ``rows`` rows of ``width`` (the shape of every step of a
+    run: one compiled program), filled micro-batch by micro-batch (``pack_trajectories``).
+    Raises ValueError when the trajectories need more rows (never when ``rows`` >= their count).
+    """
+    if rows % micro_batches:
+        raise ValueError(f"rows {rows} is not a multiple of micro_batches {micro_batches}")
+    packed, layout = pack_trajectories(
+        batch, width, micro_batches, min_rows=rows, micro_batches=micro_batches
+    )
+    if layout.rows != rows:
+        raise ValueError(
+            f"{layout.num_trajectories} trajectories need {layout.rows} packed rows of width "
+            f"{width}, more than the {rows} rows of the compiled shape"
+        )
+    return packed, layout
 
 
 def take_trajectories(batch: Mapping[str, np.ndarray], index) -> dict[str, np.ndarray]:

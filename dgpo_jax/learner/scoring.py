@@ -11,6 +11,16 @@ import jax.numpy as jnp
 from dgpo_jax.models import Qwen2Config, forward_hidden, lm_logits
 
 
+def if_any_token(mask, fn, *args):
+    """``fn(*args)`` when ``mask`` (a micro-batch's attention mask) holds a real token, else
+    zeros of ``fn``'s output shapes. ``lax.cond`` runs one branch, so a micro-batch of empty
+    rows costs no model pass: packed batches keep one shape per run and fill only their first
+    micro-batches (``dgpo_jax.learner.packing``)."""
+    shapes = jax.eval_shape(fn, *args)
+    zeros = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.cond(jnp.any(mask > 0), fn, zeros, *args)
+
+
 def _token_logprobs(config, params, input_ids, attention_mask, segment_ids, chunk, plan):
     """``[B, T]`` log-probs of one micro-batch (see `sequence_logprobs`)."""
     b, t = input_ids.shape
@@ -74,7 +84,8 @@ def sequence_logprobs(
     ``segment_ids [B, T]`` (packed rows, ``dgpo_jax.learner.packing``): positions restart and
     attention stays within each segment, and the first token of every segment holds 0.
     ``micro_batch``: rows per forward pass (``lax.map`` over micro-batches; the rows are padded
-    up to a multiple with empty rows, whose output is dropped); None = all rows at once. The
+    up to a multiple with empty rows, whose output is dropped; a micro-batch without a real
+    token is skipped and gives 0); None = all rows at once. The
     vocabulary projection runs over chunks of ``chunk`` positions, so ``[B, T, V]`` float32
     logits never exist at once. ``plan``: the sharding plan the model constrains activations
     with (as in the update step).
@@ -93,6 +104,7 @@ def sequence_logprobs(
     def one(xs):
         ids, mask = xs[0], xs[1]
         seg = xs[2] if len(xs) > 2 else None
-        return _token_logprobs(config, params, ids, mask, seg, chunk, plan)
+        score = lambda ids, mask, seg: _token_logprobs(config, params, ids, mask, seg, chunk, plan)
+        return if_any_token(mask, score, ids, mask, seg)
 
     return _merge_rows(jax.lax.map(one, rows))[:b]

@@ -56,6 +56,7 @@ from dgpo_jax.learner.prepared import (
     merge_micro,
     split_micro,
 )
+from dgpo_jax.learner.scoring import if_any_token
 from dgpo_jax.learner.train_state import (
     TrainState,
     create_train_state,
@@ -507,7 +508,9 @@ class UpdateStep:
             return out
 
         xs = (ids, am) + (() if seg is None else (seg,))
-        out = jax.lax.map(one, tuple(split_micro(x, m) for x in xs))
+        out = jax.lax.map(
+            lambda x: if_any_token(x[1], one, x), tuple(split_micro(x, m) for x in xs)
+        )
         return jax.tree.map(lambda x: jax.lax.stop_gradient(merge_micro(x)), out)
 
     def _advantages(self, cfg, tok_r, values, loss_mask, crit_mask, rewards, group_ids, traj):
@@ -676,7 +679,8 @@ class UpdateStep:
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, f32), first)
 
         def body(acc, mb):
-            return jax.tree.map(jnp.add, acc, one(mb)), None
+            # A micro-batch of empty rows (the tail of a packed batch) runs no model pass.
+            return jax.tree.map(jnp.add, acc, if_any_token(mb.attention_mask, one, mb)), None
 
         out, _ = jax.lax.scan(body, zeros, mbs)
         return out
