@@ -51,6 +51,12 @@ _LAZY = {
     "make_update_step": "dgpo_jax.learner.update_step",
     "create_update_state": "dgpo_jax.learner.update_step",
     "OptimConfig": "dgpo_jax.learner.optim",
+    "abstract_batch": "dgpo_jax.objectives.batch",
+    "sequence_logprobs": "dgpo_jax.learner.scoring",
+    # packed batches
+    "pack_trajectories": "dgpo_jax.learner.packing",
+    "pack_for_update": "dgpo_jax.learner.packing",
+    "PackedLayout": "dgpo_jax.learner.packing",
     # sampler
     "Sampler": "dgpo_jax.sampler",
     "SamplerConfig": "dgpo_jax.sampler",

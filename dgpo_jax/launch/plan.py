@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import jaxprs_in_params
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
 from dgpo_jax.config import (
@@ -250,8 +251,9 @@ def model_config_from_source(source: str, role: str) -> Qwen2Config:
 # ---------------------------------------------------------------------------------- plan ---
 @dataclass
 class ProgramPlan:
-    """One compiled program: bytes per device from ``memory_analysis``, FLOPs per device from
-    ``cost_analysis`` (a ``while`` loop's body counted once)."""
+    """One compiled program: bytes per device from ``memory_analysis``; FLOPs of one call over
+    all devices from its traced program with loop trip counts (``jaxpr_flops``), and XLA's
+    ``cost_analysis`` per device (every loop body counted once)."""
 
     name: str
     function: str  # the jitted Python function compiled, as jax names it ("rollout_program")
@@ -260,13 +262,15 @@ class ProgramPlan:
     outputs: int
     aliased: int  # outputs written into donated arguments
     inputs: int  # bytes of its arguments that are not resident state (batch, prompts, copies)
-    flops: float
+    flops: float  # matmul FLOPs of one call, all devices (jaxpr_flops)
     calls: int  # times one RL step runs it (0: not every step, e.g. evaluation)
     note: str = ""
     compile_seconds: float = 0.0
     same_as: str = ""  # the program it is (the same compiled program, other arguments)
     kernels: list = field(default_factory=list)  # custom calls inside (TPU: Pallas kernels)
     occupancy: float = 1.0  # of its micro-batches, the share a step is expected to fill
+    refused: str = ""  # the compiler's refusal (TPU: temporaries above the chip's HBM)
+    xla_flops: float = 0.0  # compiled.cost_analysis()["flops"], per device, loop bodies once
 
     @property
     def live(self) -> int:
@@ -309,22 +313,23 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
+        if any(p.refused for p in self.programs.values()):
+            return False
         return None if not self.device_memory else self.peak <= self.device_memory
 
     def _flops(self, expected: bool) -> float:
-        per_device = sum(
+        return sum(
             p.flops * p.calls * (p.occupancy if expected else 1.0)
             for p in self.programs.values()
             if p.function != "rollout_program"
         )
-        return per_device * self.devices
 
     @property
     def step_flops(self) -> float:
-        """FLOPs of one RL step's dense programs over all devices, as compiled (every
-        micro-batch full): scoring, whole-batch pass and updates, per-device FLOPs x devices x
-        calls per step. Rollouts are left out: their decode loops are ``while`` loops whose
-        trip count the compiler does not know."""
+        """Matmul FLOPs of one RL step's dense programs over all devices, as compiled (every
+        micro-batch full): scoring, whole-batch pass and updates, each times its calls per
+        step. Rollouts are left out: their decode loops are ``while`` loops whose trip count
+        is not known before they run."""
         return self._flops(expected=False)
 
     @property
@@ -376,13 +381,14 @@ class MemoryPlan:
             note = self.notes.get(name, "")
             lines.append(f"    {name.ljust(width)}{_fmt(b * scale):>11}  {note}")
         lines.append(f"    {'= resident'.ljust(width)}{_fmt(self.resident * scale):>11}")
-        head = ("arguments", "temporaries", "outputs", "+resident", "GFLOP")
+        head = ("arguments", "temporaries", "outputs", "+resident", "TFLOP/call")
         lines.append("  programs" + " " * (width - 4) + "".join(f"{h:>12}" for h in head))
         for p in self.programs.values():
             cols = (p.arguments, p.temporaries, p.outputs - p.aliased, self.resident + p.live)
             row = "".join(f"{_fmt(c * scale):>12}" for c in cols)
-            row += f"{p.flops * scale / 1e9:>12.4g}"
+            row += f"{p.flops / 1e12:>12.4g}"
             mark = "  <- peak" if p.name == self.peak_program else ""
+            mark += "  REFUSED by the compiler (temporaries only)" if p.refused else ""
             lines.append(f"    {p.name.ljust(width)}{row}{mark}")
         lines.append(
             f"  PEAK {_fmt(self.peak * scale)} per {unit}: the resident state + "
@@ -426,6 +432,41 @@ def _flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+def jaxpr_flops(jaxpr) -> float:
+    """Matrix-multiply FLOPs of a (traced, global-shape) jaxpr, loops counted with their trip
+    counts: ``dot_general`` = 2 x output elements x contracted size; a ``scan`` (``lax.map``,
+    the layer scan, micro-batch loops) times its length; a ``cond`` its costliest branch; a
+    Pallas kernel its body times its grid; a ``shard_map`` body (per-shard shapes) times its
+    shards; a ``while`` loop's body once (its trip count is not known before it runs).
+    ``compiled.cost_analysis()`` counts every loop body once, so it cannot say what a step
+    costs."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            (contract, _), _ = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            out = eqn.outvars[0].aval
+            total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contract)
+        elif name == "scan":
+            total += params["length"] * jaxpr_flops(params["jaxpr"])
+        elif name == "while":
+            total += jaxpr_flops(params["body_jaxpr"]) + jaxpr_flops(params["cond_jaxpr"])
+        elif name == "cond":
+            total += max(jaxpr_flops(b) for b in params["branches"])
+        elif name == "pallas_call":
+            grid = getattr(params.get("grid_mapping"), "grid", ()) or ()
+            total += math.prod(int(g) for g in grid) * jaxpr_flops(params["jaxpr"])
+        elif name == "shard_map":
+            mesh, axes = params["mesh"], params.get("manual_axes", ())
+            shards = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
+            total += shards * jaxpr_flops(params["jaxpr"])
+        else:  # pjit, remat / checkpoint, custom_vjp / custom_jvp calls: their inner jaxpr
+            total += sum(jaxpr_flops(inner) for inner in jaxprs_in_params(params))
+    return total
+
+
 def _kernels(compiled) -> list[str]:
     """Custom-call targets of a program compiled for TPU (``tpu_custom_call``: a Pallas kernel
     such as splash attention); [] elsewhere (the XLA:CPU text of a large program is slow to
@@ -447,18 +488,27 @@ class Compiler:
 
     options: dict | None = None
 
-    def measure(self, name, function, lowered, inputs, calls, note="") -> ProgramPlan:
-        """Compile ``lowered`` (or take a ``jax.stages.Compiled``) and read its analyses."""
+    def measure(self, name, function, lowered, inputs, calls, note="", flops=0.0) -> ProgramPlan:
+        """Compile ``lowered`` (a ``jax.stages.Lowered``, or a function returning the compiled
+        program) and read its analyses. A program the TPU compiler refuses because its
+        temporaries exceed the chip's HBM is recorded with the bytes the compiler names."""
         t0 = time.perf_counter()
-        if isinstance(lowered, jax.stages.Compiled):
-            compiled = lowered
-        else:
-            compiled = lowered.compile(self.options) if self.options else lowered.compile()
+        try:
+            if callable(lowered):
+                compiled = lowered()
+            else:
+                compiled = lowered.compile(self.options) if self.options else lowered.compile()
+        except Exception as error:  # jax's runtime errors carry the compiler's status text
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            return refused_program(name, function, str(error), inputs, calls, note, flops)
         seconds = time.perf_counter() - t0
-        return self.read(name, function, compiled, inputs, calls, note, seconds)
+        return self.read(name, function, compiled, inputs, calls, note, seconds, flops)
 
     @staticmethod
-    def read(name, function, compiled, inputs, calls, note="", seconds=0.0) -> ProgramPlan:
+    def read(
+        name, function, compiled, inputs, calls, note="", seconds=0.0, flops=0.0
+    ) -> ProgramPlan:
         stats = compiled.memory_analysis()
         if stats is None:
             raise RuntimeError(f"{name}: this backend gives no memory analysis for its programs")
@@ -471,12 +521,39 @@ class Compiler:
             outputs=int(stats.output_size_in_bytes),
             aliased=int(stats.alias_size_in_bytes),
             inputs=int(inputs),
-            flops=_flops(compiled),
+            flops=float(flops),
+            xla_flops=_flops(compiled),
             calls=calls,
             note=note,
             compile_seconds=round(seconds, 2),
             kernels=_kernels(compiled),
         )
+
+
+_UNITS = {"": 1, "K": 1024, "M": MiB, "G": GiB, "T": 1024**4}
+
+
+def refused_program(name, function, message, inputs, calls, note, flops=0.0) -> ProgramPlan:
+    """A program the TPU compiler would not compile: its HLO temporaries exceed the chip's HBM
+    (libtpu: "the total memory required for HLO temporaries (66.50G) exceeds available HBM
+    (15.75G)"). The bytes it names are the temporaries; arguments and outputs are unknown."""
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+    temporaries = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else 0
+    first = message.strip().splitlines()[0] if message.strip() else "RESOURCE_EXHAUSTED"
+    log.info("%s: the compiler refused it: %s", name, first)
+    return ProgramPlan(
+        name=name,
+        function=function,
+        arguments=0,
+        temporaries=temporaries,
+        outputs=0,
+        aliased=0,
+        inputs=int(inputs),
+        flops=float(flops),
+        calls=calls,
+        note=note,
+        refused=first,
+    )
 
 
 # ------------------------------------------------------------------------------- shapes ---
@@ -632,7 +709,7 @@ def plan_rollout(
         _batch_arg(plan, (), jnp.int32),
         _batch_arg(plan, (), jnp.float32),
     )
-    lowered = rollout_program.lower(model_config, static, plan, teacher_config, *args)
+    traced = rollout_program.trace(model_config, static, plan, teacher_config, *args)
     inputs = bytes_per_device(args[2:]) + (0 if params_resident else bytes_per_device(params))
     dtype = params["embed_tokens"].dtype
     cache = bytes_per_device(abstract_cache(model_config, rows, static.cache_len, dtype, plan))
@@ -644,7 +721,9 @@ def plan_rollout(
         )
         note += ", student + teacher caches"
     note += f"; its temporaries hold the KV cache, {_fmt(cache)} per device"
-    return compiler.measure(name, "rollout_program", lowered, inputs, calls, note)
+    return compiler.measure(
+        name, "rollout_program", traced.lower(), inputs, calls, note, jaxpr_flops(traced.jaxpr)
+    )
 
 
 def plan_scoring(
@@ -666,14 +745,16 @@ def plan_scoring(
     kwargs = dict(micro_batch=shapes.score_micro_rows, plan=plan)
     if shapes.packed:
         kwargs["segment_ids"] = _batch_arg(plan, (rows, width), jnp.int32)
-    lowered = sequence_logprobs.lower(config, params, ids, mask, **kwargs)
+    traced = sequence_logprobs.trace(config, params, ids, mask, **kwargs)
     inputs = bytes_per_device((ids, mask, kwargs.get("segment_ids")))
     inputs += 0 if params_resident else bytes_per_device(params)
     note = (
         f"{rows} {'packed ' if shapes.packed else ''}rows x {width}, "
         f"{shapes.score_micro_rows} rows at a time"
     )
-    measured = compiler.measure(name, "sequence_logprobs", lowered, inputs, 1, note)
+    measured = compiler.measure(
+        name, "sequence_logprobs", traced.lower(), inputs, 1, note, jaxpr_flops(traced.jaxpr)
+    )
     measured.occupancy = shapes.occupancy_whole
     return measured
 
@@ -698,6 +779,15 @@ def _loop_fields(objective, has_ref: bool, prepared: bool) -> tuple[str, ...]:
     if prepared:
         fields += ["advantages", "policy_gate", "returns", "values", "teacher_logprobs"]
     return tuple(fields)
+
+
+def _update_flops(update, state, batch, teacher_params) -> float:
+    """``jaxpr_flops`` of the update step's program (traced as ``UpdateStep.compile`` lowers
+    it)."""
+    if update.teacher_config is None:
+        teacher_params = None
+    traced = update._compiled(state).trace(state, update._abstract_batch_arg(batch), teacher_params)
+    return jaxpr_flops(traced.jaxpr)
 
 
 def plan_update_programs(
@@ -744,14 +834,19 @@ def plan_update_programs(
         )
         # The program prepare_rollout jits (UpdateStep._prepare), micro-batched as the loop
         # asks.
-        lowered = jax.jit(update._prepare, static_argnames=("micro",)).lower(
+        traced = jax.jit(update._prepare, static_argnames=("micro",)).trace(
             state, batch, teacher_params, micro=shapes.whole_micro
         )
         note = f"{shapes.rows} rows x {shapes.width}, {shapes.whole_micro} micro-batches"
-        inputs = bytes_per_device(batch)
         programs.append(
             compiler.measure(
-                "prepare (whole batch)", "_prepare", lowered, inputs, 1, note + with_teacher
+                "prepare (whole batch)",
+                "_prepare",
+                traced.lower(),
+                bytes_per_device(batch),
+                1,
+                note + with_teacher,
+                jaxpr_flops(traced.jaxpr),
             )
         )
         programs[-1].occupancy = shapes.occupancy_whole
@@ -767,30 +862,34 @@ def plan_update_programs(
         fields=fields,
     )
     if "update" in wanted:
-        t0 = time.perf_counter()
-        compiled = update.compile(state, batch, teacher_params)
         note = (
             f"{shapes.mini_rows} rows x {shapes.width}, {shapes.micro} micro-batches of "
             f"{shapes.micro_rows} rows, remat={student['config'].remat}" + with_teacher
         )
         programs.append(
-            compiler.read(
+            compiler.measure(
                 "update (mini-batch)",
                 "_step",
-                compiled,
+                lambda: update.compile(state, batch, teacher_params),  # what training runs
                 bytes_per_device(batch),
                 shapes.updates,
                 note,
-                time.perf_counter() - t0,
+                _update_flops(update, state, batch, teacher_params),
             )
         )
         programs[-1].occupancy = shapes.occupancy_mini
     if curriculum.adaptive_student_share and "loss" in wanted:
-        lowered = jax.jit(update._loss_only).lower(state, batch, teacher_params)
+        traced = jax.jit(update._loss_only).trace(state, batch, teacher_params)
         note = "DistiLLM's validation loss on one mini-batch"
         programs.append(
             compiler.measure(
-                "loss (validation)", "_loss_only", lowered, bytes_per_device(batch), 0, note
+                "loss (validation)",
+                "_loss_only",
+                traced.lower(),
+                bytes_per_device(batch),
+                0,
+                note,
+                jaxpr_flops(traced.jaxpr),
             )
         )
     return state, programs
@@ -1066,9 +1165,15 @@ def run_plan(cfg) -> dict:
     with open(os.path.join(cfg.workdir, "memory_plan.json"), "w") as f:
         json.dump(out, f, indent=1)
     if result.fits is False:
-        worst = result.programs[result.peak_program]
+        refused = [p for p in result.programs.values() if p.refused]
+        worst = refused[0] if refused else result.programs[result.peak_program]
         unit = "chip" if result.devices_per_chip > 1 else "device"
         scale = result.devices_per_chip
+        if worst.refused:
+            raise SystemExit(
+                f"memory plan: {worst.name} ({worst.function}) does not fit: the TPU compiler "
+                f"says: {worst.refused}"
+            )
         raise SystemExit(
             f"memory plan: {worst.name} ({worst.function}) needs {_fmt(worst.live * scale)} "
             f"on top of the resident {_fmt(result.resident * scale)}: the peak "
