@@ -20,6 +20,7 @@ from dgpo_jax.launch.plan import (
     abstract_params,
     build_memory_plan,
     bytes_per_device,
+    jaxpr_flops,
     parse_target,
     target_devices,
 )
@@ -206,6 +207,24 @@ def test_plan_covers_every_program_one_step_compiles(world, tmp_path, monkeypatc
     parts = [p.live for p in result.programs.values()]
     assert result.peak == result.resident + max(parts)
     assert result.resident == sum(result.components.values())
+
+
+def test_jaxpr_flops_counts_loop_trips_and_the_costlier_branch():
+    """Matmul FLOPs of a traced gradient, by hand: x [4, 8], w [8, 8]; a 5-step scan of
+    c @ w, then a cond whose taken branch does one more c @ w (2 x 4 x 8 x 8 = 512 FLOPs per
+    product). Forward: 5 x 512 + 512; backward of the cond branch: 2 x 512 (dw and dc); of
+    the scan: 5 x 2 x 512. With jax.checkpoint the backward recomputes the scan (5 x 512)."""
+
+    def f(x, w):
+        c, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)
+        return jax.lax.cond(c.sum() > 0, lambda: (c @ w).sum(), lambda: 0.0)
+
+    x, w = jax.ShapeDtypeStruct((4, 8), jnp.float32), jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    product = 2 * 4 * 8 * 8
+    plain = jax.jit(jax.grad(f, argnums=1)).trace(x, w)
+    assert jaxpr_flops(plain.jaxpr) == 5 * product + product + 2 * product + 5 * 2 * product
+    remat = jax.jit(jax.grad(jax.checkpoint(f), argnums=1)).trace(x, w)
+    assert jaxpr_flops(remat.jaxpr) == jaxpr_flops(plain.jaxpr) + 5 * product
 
 
 def test_plan_rejects_bad_values():

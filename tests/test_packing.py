@@ -133,6 +133,11 @@ def test_fixed_shape_fills_the_first_micro_batches():
     for k, v in batch.items():
         if np.ndim(v) == 2:
             np.testing.assert_array_equal(layout.unpack(packed[k]), v, err_msg=k)
+    # per-trajectory fields extended to the rows (the compiled shape) with entries no token
+    # reads: reward 0, a group of its own each
+    np.testing.assert_array_equal(packed["rewards"], np.r_[batch["rewards"], np.zeros(3)])
+    np.testing.assert_array_equal(packed["group_ids"], np.r_[batch["group_ids"], [5, 6, 7]])
+    assert packed["traj_index"].max() == len(lengths) - 1
 
 
 def _search_r1_lengths(n, rng):

@@ -42,11 +42,13 @@ def test_tiny_update_step_compiles_for_v5e_with_splash(tmp_path):
     assert list(splash.programs) == ["update (mini-batch)"]
     update = splash.programs["update (mini-batch)"]
     assert "tpu_custom_call" in update.kernels  # the Pallas splash kernel, forward and backward
-    assert update.temporaries > 0 and update.flops > 0
-    # v5e: 16 GiB of HBM per chip (the fit check's default) and 197 TFLOP/s of bf16.
+    assert update.temporaries > 0 and update.flops > 0 and update.xla_flops > 0
+    # v5e: 16 GiB of HBM per chip (the fit check's default) and 197 TFLOP/s of bf16; the step
+    # runs the update once (one mini-batch), every row full (unpacked), on 4 chips.
     assert splash.device_memory == 16 * 1024**3 and splash.fits
+    assert update.calls == 1 and update.occupancy == 1.0
     assert splash.ideal_step_seconds == pytest.approx(
-        update.flops * update.calls * 4 / (4 * TPU_KINDS["v5e"].peak_tflops * 1e12)
+        update.flops / (4 * TPU_KINDS["v5e"].peak_tflops * 1e12)
     )
     # The materialised reference has no Pallas kernel inside: the kernel list can tell them
     # apart.

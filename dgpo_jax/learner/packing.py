@@ -241,9 +241,9 @@ def pack_for_update(
     batch: Mapping[str, np.ndarray], width: int, rows: int, micro_batches: int
 ) -> tuple[dict[str, np.ndarray], PackedLayout]:
     """The batch packed into exactly ``rows`` rows of ``width`` (the shape of every step of a
-    run: one compiled program), filled micro-batch by micro-batch (``pack_trajectories``).
-    Raises ValueError when the trajectories need more rows (never when ``rows`` >= their count).
-    """
+    run: one compiled program), filled micro-batch by micro-batch (``pack_trajectories``), its
+    per-trajectory fields extended to ``[rows]`` (``pad_trajectory_fields``). Raises ValueError
+    when the trajectories need more rows (never when ``rows`` >= their count)."""
     if rows % micro_batches:
         raise ValueError(f"rows {rows} is not a multiple of micro_batches {micro_batches}")
     packed, layout = pack_trajectories(
@@ -254,7 +254,28 @@ def pack_for_update(
             f"{layout.num_trajectories} trajectories need {layout.rows} packed rows of width "
             f"{width}, more than the {rows} rows of the compiled shape"
         )
-    return packed, layout
+    return pad_trajectory_fields(packed, layout.num_trajectories, rows), layout
+
+
+def pad_trajectory_fields(packed: dict, n: int, size: int) -> dict:
+    """The per-trajectory ``[n]`` fields of a packed batch extended to ``[size]`` with entries no
+    token points at (``traj_index`` < n): reward 0, a group of its own. A batch with fewer
+    trajectories than rows (the KD family keeps only the teacher's correct ones) then has the
+    compiled shape too."""
+    if size <= n:
+        return packed
+    out = dict(packed)
+    for key, value in packed.items():
+        x = np.asarray(value)
+        if key in PACKING_FIELDS or x.ndim != 1 or x.shape[0] != n:
+            continue
+        if key == "group_ids":
+            start = int(x.max()) + 1 if n else 0
+            extra = np.arange(start, start + size - n, dtype=x.dtype)
+        else:
+            extra = np.zeros(size - n, x.dtype)
+        out[key] = np.concatenate([x, extra])
+    return out
 
 
 def take_trajectories(batch: Mapping[str, np.ndarray], index) -> dict[str, np.ndarray]:
