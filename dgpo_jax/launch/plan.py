@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
@@ -67,7 +68,7 @@ from dgpo_jax.learner.update_step import abstract_update_state, make_update_step
 from dgpo_jax.models import Qwen2Config, cast_params, get_preset, param_shapes, resolve_kernel
 from dgpo_jax.models.qwen2 import KVCache, init_cache
 from dgpo_jax.objectives.batch import abstract_batch, batch_requirements
-from dgpo_jax.parallel.sharding import ShardingPlan, plan_from_config
+from dgpo_jax.parallel.sharding import DEFAULT_RULES, ShardingPlan, plan_from_config
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
@@ -927,6 +928,24 @@ def _wanted(cfg) -> set[str]:
     return names or set(PROGRAM_GROUPS)
 
 
+def _make_plan(shape: dict, rules, devices) -> ShardingPlan:
+    """``plan_from_config`` on ``devices``. A TPU v4 topology from libtpu lists one device per
+    TensorCore (two per chip), where ``jax.make_mesh`` wants one per chip ("megacore"): those
+    devices are laid out in their listed order instead."""
+    try:
+        return plan_from_config(shape, rules, devices=devices)
+    except AssertionError as error:
+        if "megacore" not in str(error):
+            raise
+    sizes = [int(v) for v in shape.values()]
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // math.prod(v for v in sizes if v != -1)
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(sizes), tuple(shape))
+    merged = dict(DEFAULT_RULES)
+    merged.update(dict(rules))
+    return ShardingPlan(mesh, tuple(merged.items()))
+
+
 def build_memory_plan(cfg) -> MemoryPlan:
     """The plan for a run config (see the module docstring)."""
     from dgpo_jax.launch.context import eval_sampler_configs  # noqa: PLC0415 (import cycle)
@@ -938,7 +957,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
     if cfg.mesh.num_devices and not target.is_tpu:
         devices = devices[: cfg.mesh.num_devices]
     shape = {k: int(v) for k, v in cfg.mesh.shape.items()}
-    plan = plan_from_config(shape, parse_rules(cfg.mesh.rules), devices=devices)
+    plan = _make_plan(shape, parse_rules(cfg.mesh.rules), devices)
     n_devices = int(plan.mesh.devices.size)
     first = plan.mesh.devices.flat[0]
     per_chip, memory_gib = 1, cfg.plan.device_memory_gib
