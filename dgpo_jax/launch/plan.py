@@ -56,6 +56,7 @@ from jax.extend.core import jaxprs_in_params
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
 from dgpo_jax.config import (
+    ConfigError,
     build_curriculum,
     build_objective,
     optim_config,
@@ -79,7 +80,7 @@ MiB = 1024**2
 @dataclass(frozen=True)
 class TpuKind:
     """A TPU generation: libtpu's topology prefix, what the slice name's number counts, the bf16
-    peak (FLOP/s per chip, dense) and HBM per chip (GiB)."""
+    dense peak (TFLOP/s per chip) and the HBM per chip (GiB)."""
 
     name: str
     counts: str  # "chips" (v5e-16 = 16 chips) or "cores" (v5p-16 = 8 chips of 2 TensorCores)
@@ -134,7 +135,7 @@ def parse_target(text: str) -> Target:
     match = re.fullmatch(r"tpu:(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+){1,2}))", text)
     kind = TPU_KINDS.get(match.group(1)) if match else None
     if kind is None:
-        raise ValueError(
+        raise ConfigError(
             f"plan.target={text!r} is not a TPU target libtpu knows; known: {KNOWN_TARGETS}"
         )
     if match.group(3):
@@ -146,7 +147,7 @@ def parse_target(text: str) -> Target:
     except ValueError:
         grid = ""
     if not grid or chips < 4:
-        raise ValueError(
+        raise ConfigError(
             f"plan.target={text!r}: {count} {kind.counts} is not a {kind.name} slice size; "
             f"known: {KNOWN_TARGETS}"
         )
@@ -159,7 +160,7 @@ def target_devices(target: Target) -> list:
     if not target.is_tpu:
         return jax.devices()
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(
+        raise ConfigError(
             f"plan.target={target.name!r} compiles with the TPU compiler, which needs libtpu: "
             "install the tpu extra (pip install -e '.[tpu]')"
         )
@@ -172,7 +173,7 @@ def target_devices(target: Target) -> list:
         return list(topologies.get_topology_desc(target.topology, "tpu").devices)
     except Exception as error:  # libtpu's errors are runtime errors with its own text
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
+        raise ConfigError(
             f"plan.target={target.name!r} (topology {target.topology}): libtpu says: {first}; "
             f"known: {KNOWN_TARGETS}"
         ) from None
@@ -367,7 +368,7 @@ class MemoryPlan:
         return out
 
     def table(self) -> str:
-        unit = "chip" if self.devices_per_chip > 1 else "device"
+        unit = "chip" if self.target else "device"
         scale = self.devices_per_chip
         where = f"{self.devices} {self.platform} devices"
         if self.target:
@@ -922,7 +923,7 @@ def _wanted(cfg) -> set[str]:
     names = {n.strip() for n in str(cfg.plan.get("programs", "") or "").split(",") if n.strip()}
     unknown = sorted(names - set(PROGRAM_GROUPS))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"plan.programs: unknown program group(s) {unknown}; known: {', '.join(PROGRAM_GROUPS)}"
         )
     return names or set(PROGRAM_GROUPS)
@@ -1051,14 +1052,14 @@ def build_memory_plan(cfg) -> MemoryPlan:
     result.notes["optimizer state"] = f"AdamW moments ({param_dtype.name}) + counters"
     result.components.update(resident)
 
-    # The policy the sampler and the scoring passes read: its compute-dtype copy (the masters
-    # themselves when they are in the compute dtype: then it is resident).
+    # The policy the sampler and the scoring passes read: its compute-dtype copy, cast once per
+    # step and held by the loop through the step (the masters themselves when they are in the
+    # compute dtype).
     policy = cast_params(student["params"], compute_dtype)
-    policy_resident = param_dtype == compute_dtype
-    if not policy_resident:
-        result.assumptions["policy compute copy"] = (
-            f"{_fmt(bytes_per_device(policy))} per device ({compute_dtype.name}, cast once per "
-            "step): an argument of the rollout, scoring and evaluation programs"
+    if param_dtype != compute_dtype:
+        result.components["policy compute copy"] = bytes_per_device(policy)
+        result.notes["policy compute copy"] = (
+            f"{compute_dtype.name}, for the rollout, scoring and evaluation"
         )
 
     # --- the programs, in the order the loop runs them ----------------------------------------
@@ -1088,7 +1089,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
                 rows,
                 prompt_width,
                 plan,
-                policy_resident,
+                True,
                 1,
                 teacher["config"] if guided else None,
                 teacher["params"] if guided else None,
@@ -1119,7 +1120,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
                 policy,
                 shapes,
                 plan,
-                policy_resident,
+                True,
             )
             programs.append(behaviour)
         if reference is not None:
@@ -1130,9 +1131,6 @@ def build_memory_plan(cfg) -> MemoryPlan:
                     dataclasses.replace(
                         behaviour,
                         name="score: reference log-probs",
-                        # its params are the resident reference, not a copy made for it
-                        inputs=behaviour.inputs
-                        - (0 if policy_resident else bytes_per_device(policy)),
                         same_as=behaviour.name,
                     )
                 )
@@ -1161,7 +1159,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
                     cfg.eval.batch_size,
                     prompt_width,
                     plan,
-                    policy_resident,
+                    True,
                     0,
                 )
             )
@@ -1186,7 +1184,7 @@ def run_plan(cfg) -> dict:
     if result.fits is False:
         refused = [p for p in result.programs.values() if p.refused]
         worst = refused[0] if refused else result.programs[result.peak_program]
-        unit = "chip" if result.devices_per_chip > 1 else "device"
+        unit = "chip" if result.target else "device"
         scale = result.devices_per_chip
         if worst.refused:
             raise SystemExit(
