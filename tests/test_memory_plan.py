@@ -237,6 +237,21 @@ def test_plan_rejects_bad_values():
 
 
 @pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("prompt_width", -3, "plan.prompt_width: must be a number >= 0, got -3"),
+        ("programs", "rollout,updates", r"plan.programs: unknown program group\(s\) \['updates'\]"),
+    ],
+)
+def test_plan_knobs_are_checked_before_compiling(field, value, message):
+    cfg = base_config()
+    cfg.mode, cfg.model.student = "plan", "preset:tiny"
+    cfg.plan[field] = value
+    with pytest.raises(ConfigError, match=message):
+        build_memory_plan(cfg)
+
+
+@pytest.mark.parametrize(
     "text,topology",
     [
         ("tpu:v5e-16", "v5e:4x4"),

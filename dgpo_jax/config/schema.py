@@ -196,13 +196,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.plan = ml_collections.ConfigDict()  # mode=plan: the memory plan (dgpo_jax.launch.plan)
     c.plan.fake_devices = 0  # > 0: plan on this many fake CPU devices (set before JAX starts)
-    c.plan.device_memory_gib = 0.0  # per device; > 0: exit non-zero when the peak exceeds it
+    c.plan.device_memory_gib = 0.0  # per device (chip); > 0: exit non-zero above it
     # "" = this process's (or the fake) devices; "tpu:v5e-16", "tpu:v5p-16", "tpu:v6e-8",
     # "tpu:v4-16" or "tpu:KIND:TOPOLOGY" (e.g. tpu:v5e:4x4): compile for that TPU slice on this
     # host with libtpu (the tpu extra); device_memory_gib then defaults to the chip's HBM.
     c.plan.target = ""
-    # Packed update batches (train.pack): mean real tokens per trajectory the rows are planned
-    # for (0 = sampler.cache_len, the worst case); packing adds ~15% padding on top.
+    # Mean real tokens per trajectory (0 = sampler.cache_len): packed batches skip their empty
+    # micro-batches, so this sets the step's expected FLOPs (not its memory: the shapes do not
+    # depend on the lengths). Packing is assumed to add ~15% padding.
     c.plan.tokens_per_trajectory = 0
     c.plan.prompt_width = 0  # prompt positions the rollouts compile for (0 = max_prompt_length)
     c.plan.peak_tflops = 0.0  # bf16 TFLOP/s per chip for the ideal step time (0 = TPU table)

@@ -918,6 +918,13 @@ def _attention_note(kernel: str, config: Qwen2Config, plan: ShardingPlan, width:
 PROGRAM_GROUPS = ("rollout", "score", "prepare", "update", "loss", "eval")
 
 
+def _check_knobs(cfg) -> None:
+    for name in ("tokens_per_trajectory", "prompt_width", "peak_tflops", "device_memory_gib"):
+        value = cfg.plan.get(name, 0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"plan.{name}: must be a number >= 0, got {value!r}")
+
+
 def _wanted(cfg) -> set[str]:
     """``plan.programs``: the program groups to compile ("" = all)."""
     names = {n.strip() for n in str(cfg.plan.get("programs", "") or "").split(",") if n.strip()}
@@ -952,6 +959,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
     from dgpo_jax.launch.context import eval_sampler_configs  # noqa: PLC0415 (import cycle)
     from dgpo_jax.models.tokenizer import load_tokenizer  # noqa: PLC0415
 
+    _check_knobs(cfg)
     target = parse_target(cfg.plan.get("target", ""))
     wanted = _wanted(cfg)
     devices = target_devices(target)
@@ -1076,8 +1084,10 @@ def build_memory_plan(cfg) -> MemoryPlan:
     teacher_samples = teacher is not None and (
         not objective.uses_policy or curriculum.teacher_prefix_share > 0
     )
+    # The KD family samples with the student only when it mixes in student data.
+    student_samples = objective.uses_policy or curriculum.mixes_student_data
     rows = shapes.trajectories
-    if "rollout" in wanted:
+    if "rollout" in wanted and student_samples:
         scfg = sampler_config(cfg, tok, max_prefix_length=curriculum.teacher_prefix_tokens)
         programs.append(
             plan_rollout(
@@ -1095,21 +1105,21 @@ def build_memory_plan(cfg) -> MemoryPlan:
                 teacher["params"] if guided else None,
             )
         )
-        if teacher_samples:
-            programs.append(
-                plan_rollout(
-                    compiler,
-                    "rollout (teacher)",
-                    teacher["config"],
-                    sampler_config(cfg, tok),
-                    teacher["params"],
-                    rows,
-                    prompt_width,
-                    plan,
-                    True,
-                    1,
-                )
+    if "rollout" in wanted and teacher_samples:
+        programs.append(
+            plan_rollout(
+                compiler,
+                "rollout (teacher)",
+                teacher["config"],
+                sampler_config(cfg, tok),
+                teacher["params"],
+                rows,
+                prompt_width,
+                plan,
+                True,
+                1,
             )
+        )
     if "score" in wanted:
         behaviour = None
         if objective.uses_policy:
