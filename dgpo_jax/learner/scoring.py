@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dgpo_jax.learner.prepared import merge_micro, split_micro
 from dgpo_jax.models import Qwen2Config, forward_hidden, lm_logits
 
 
@@ -56,18 +57,6 @@ def _token_logprobs(config, params, input_ids, attention_mask, segment_ids, chun
     return out
 
 
-def _split_rows(x, m: int):
-    """``[B, ...] -> [m, B/m, ...]``, micro-batch i holding rows i, i+m, ... (as the update
-    step splits, so each micro-batch keeps rows from every data shard)."""
-    b = x.shape[0]
-    return jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1)
-
-
-def _merge_rows(x):
-    m, bm = x.shape[:2]
-    return jnp.swapaxes(x, 0, 1).reshape((m * bm,) + x.shape[2:])
-
-
 @functools.partial(jax.jit, static_argnames=("config", "chunk", "micro_batch", "plan"))
 def sequence_logprobs(
     config: Qwen2Config,
@@ -99,7 +88,7 @@ def sequence_logprobs(
     extra = m * micro_batch - b
     rows = (input_ids, attention_mask) + (() if segment_ids is None else (segment_ids,))
     rows = tuple(jnp.pad(x, ((0, extra), (0, 0))) for x in rows)  # empty rows: no real token
-    rows = tuple(_split_rows(x, m) for x in rows)
+    rows = tuple(split_micro(x, m) for x in rows)
 
     def one(xs):
         ids, mask = xs[0], xs[1]
@@ -107,4 +96,4 @@ def sequence_logprobs(
         score = lambda ids, mask, seg: _token_logprobs(config, params, ids, mask, seg, chunk, plan)
         return if_any_token(mask, score, ids, mask, seg)
 
-    return _merge_rows(jax.lax.map(one, rows))[:b]
+    return merge_micro(jax.lax.map(one, rows))[:b]
