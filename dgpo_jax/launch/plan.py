@@ -697,7 +697,8 @@ def plan_rollout(
     this program); teacher params always are."""
     from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415 (plan-only, heavy)
 
-    static = sampler_cfg.replace(teacher_turn_prob=0.0)  # as generate(): the coin is traced
+    # As generate(): the teacher coin and the wave policy are traced.
+    static = sampler_cfg.replace(teacher_turn_prob=0.0, wave_fraction=0.5, wave_max_wait=0)
     args = (
         params,
         teacher_params if teacher_config is not None else None,
@@ -710,6 +711,8 @@ def plan_rollout(
         _batch_arg(plan, (rows,), jnp.int32),
         _batch_arg(plan, (), jnp.int32),
         _batch_arg(plan, (), jnp.float32),
+        _batch_arg(plan, (), jnp.float32),
+        _batch_arg(plan, (), jnp.int32),
     )
     traced = rollout_program.trace(model_config, static, plan, teacher_config, *args)
     inputs = bytes_per_device(args[2:]) + (0 if params_resident else bytes_per_device(params))

@@ -172,7 +172,8 @@ def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
     """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
     restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
     scalar: no query of this step sees a slot >= span). The window is picked with
-    ``lax.switch``, so a step costs the context actually in use, not the whole cache."""
+    ``lax.switch``, so a step costs the context actually in use, not the whole cache. A Python
+    int ``span`` is a static window width: no switch (the caller picked it for the step)."""
     widths = span_buckets(ck.shape[3])
 
     def window(width):
@@ -183,6 +184,8 @@ def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
 
         return attend
 
+    if isinstance(span, int):  # a static window, chosen once for the step by the caller
+        return window(span)(q, ck, cv, mask)
     if len(widths) == 1:
         return window(widths[0])(q, ck, cv, mask)
     index = jnp.sum(span > jnp.asarray(widths[:-1], jnp.int32))
@@ -565,6 +568,7 @@ def forward_with_cache(
     plan=None,
     return_hidden: bool = False,
     rows: Array | None = None,
+    window: int | None = None,
 ) -> tuple[Array, KVCache]:
     """Run ``input_ids [M, T]`` against the cache and append them to it; returns logits/hidden.
 
@@ -580,6 +584,10 @@ def forward_with_cache(
     read and written. None: all rows, M = B. Attention reads only the slots up to the furthest
     one a query of this step can see (rounded up to a `span_buckets` width), so a step's cost
     follows the context in use rather than the cache size.
+
+    ``window`` (static int, optional): attend over cache slots ``[0, window)`` in every layer,
+    with no per-layer choice; the caller guarantees that no query of the step sees a slot past
+    it (the sampler's accelerator path runs one loop per window width).
 
     ``params`` may be `split_layers` parameters (faster per step on CPU, see there).
 
@@ -615,6 +623,10 @@ def forward_with_cache(
     # Slots a query of this step can see: those before the furthest written one (dummy rows
     # do not count).
     span = jnp.max(jnp.where(jnp.any(token_mask, axis=1), end + t, 0))
+    if window is not None:
+        if not 0 < window <= s:
+            raise ValueError(f"window {window} outside (0, {s}] (the cache's slots)")
+        span = int(window)
     if isinstance(params["layers"], (tuple, list)):
         h, (k, v) = _hidden_split_layers(
             config,

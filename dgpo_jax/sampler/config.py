@@ -79,10 +79,19 @@ class SamplerConfig:
     top_p: float = 1.0  # 1.0: off
     # --- mixed rollouts ----------------------------------------------------------------------
     teacher_turn_prob: float = 0.0  # Guided-OPD: P(the teacher writes a given turn of a row)
-    # --- execution ---------------------------------------------------------------------------
-    # Observation tokens per ingest step; observations are ingested one row at a time, so a
-    # chunk as long as a typical observation needs fewest steps (see docs/sampler.md).
+    # --- execution (docs/sampler.md) ----------------------------------------------------------
+    # Observation tokens per ingest step ([M, C]: every row of a host wave at once).
     ingest_chunk: int = 128
+    # Host waves: rows whose turn ended wait (cache kept) while the others decode; the host is
+    # called for all of them when this share of the live rows waits (0: at every turn end;
+    # 1: only when no row generates), ...
+    wave_fraction: float = 0.5
+    # ... or when the oldest waiting row has waited this many decode steps (0: no limit).
+    wave_max_wait: int = 0
+    # "cpu": unrolled layers, rows gathered into sub-batches, a key window per layer;
+    # "accelerator": scanned layers, all rows every step with a mask, one window per step;
+    # "auto": by the platform of the devices.
+    decode_path: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
@@ -99,6 +108,20 @@ class SamplerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SamplerConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.wave_fraction <= 1.0:
+            raise ValueError(
+                f"SamplerConfig.wave_fraction must be in [0, 1], got {self.wave_fraction}"
+            )
+        if not isinstance(self.wave_max_wait, int) or self.wave_max_wait < 0:
+            raise ValueError(
+                f"SamplerConfig.wave_max_wait must be an int >= 0 (0 = no limit), got "
+                f"{self.wave_max_wait!r}"
+            )
+        if self.decode_path not in ("auto", "cpu", "accelerator"):
+            raise ValueError(
+                f"SamplerConfig.decode_path must be 'auto', 'cpu' or 'accelerator', got "
+                f"{self.decode_path!r}"
+            )
         if not isinstance(self.max_turns, int) or self.max_turns < 0:
             raise ValueError(f"SamplerConfig.max_turns must be an int >= 0, got {self.max_turns!r}")
         if self.max_prefix_length < 0:

@@ -1,12 +1,15 @@
 """The host side of the rollout: the one callback the compiled loop makes, and batch preparation.
 
-When rows end a turn, the compiled loop calls `host_callback` once for all of them (through
-``jax.experimental.io_callback``). For each such row the host decodes the turn's tokens, takes
+When a host wave is due, the compiled loop calls `host_callback` once for every waiting row
+(through ``jax.experimental.io_callback``), with each row's last turn only. For each such row
+the host decodes the turn's tokens, takes
 the protocol's action (the first ``<(search|answer)>(.*?)</\\1>``), sends every query of the
 call to the retriever in ONE ``search(queries)`` call, wraps the documents as the
 ``<information>`` observation (or uses the invalid-action notice), tokenizes and truncates it
-to ``max_obs_length``, and returns fixed-shape ids plus lengths. A retriever that raises fails
-the rows of that call only (action ``ACTION_ERROR``, the message is kept in `RolloutHost`).
+to ``max_obs_length``, and returns fixed-shape ids plus lengths. A retriever that keeps failing
+(after `search_attempts`) stops the rollout with `RolloutRetrievalError` naming its URLs and the
+waiting rows, or with ``on_retriever_error="finish"`` fails those rows only (action
+``ACTION_ERROR``, finish reason retriever_error, the message kept in `RolloutHost.errors`).
 
 The compiled program finds its `RolloutHost` through an integer id (`register`), so the
 program does not depend on the Python objects and is compiled once per configuration.
@@ -23,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from dgpo_jax.retrieval.errors import RetrievalError, RetrievalRequestError
 from dgpo_jax.retrieval.formatting import (
     INVALID_ACTION_NOTICE,
+    format_documents,
     information_observation,
     parse_action,
 )
@@ -37,6 +42,21 @@ from dgpo_jax.sampler.config import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class RolloutRetrievalError(RetrievalError):
+    """The retriever failed for a host wave after its retries; the rollout stops."""
+
+
+def describe_retriever(retriever: Any) -> str:
+    """Where a retriever searches, for error messages: its URLs, index, or class name."""
+    urls = getattr(retriever, "urls", None)
+    if urls:
+        return ", ".join(urls) if isinstance(urls, (list, tuple)) else str(urls)
+    for name in ("url", "index_dir"):
+        if getattr(retriever, name, None):
+            return f"{type(retriever).__name__}({getattr(retriever, name)})"
+    return type(retriever).__name__
 
 
 class RolloutHost:
@@ -56,7 +76,19 @@ class RolloutHost:
         retriever: Any,
         batch_size: int,
         topk: int | None = None,
+        on_retriever_error: str = "raise",
+        search_attempts: int = 2,
+        retry_pause_s: float = 0.5,
     ):
+        if on_retriever_error not in ("raise", "finish"):
+            raise ValueError(
+                f"on_retriever_error must be 'raise' or 'finish', got {on_retriever_error!r}"
+            )
+        if search_attempts < 1:
+            raise ValueError(f"search_attempts must be >= 1, got {search_attempts}")
+        self.on_retriever_error = on_retriever_error
+        self.search_attempts = search_attempts
+        self.retry_pause_s = retry_pause_s
         self.config = config
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -67,6 +99,10 @@ class RolloutHost:
         self.turn_texts: list[list[str]] = [[] for _ in range(batch_size)]
         self.errors: list[str | None] = [None] * batch_size
         self.num_calls = 0
+        self.bytes_to_host = 0  # what the compiled loop sent to the host, summed over calls
+        self.rows_per_call: list[int] = []  # queries of each call that searched
+        self.empty_results = 0  # queries answered with no document
+        self.short_results = 0  # queries answered with fewer than topk documents
         self.retriever_seconds = 0.0
         self.host_seconds = 0.0
         self.failure: BaseException | None = None  # an unexpected error inside the callback
@@ -76,21 +112,65 @@ class RolloutHost:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return np.asarray(ids[: self.config.max_obs_length], np.int32)
 
-    def _search(self, queries: list[str]) -> tuple[list[str] | None, str | None]:
+    def _retrieve_once(self, queries: list[str]) -> list[str]:
+        """Formatted documents per query. A retriever with ``retrieve`` (documents) is asked for
+        them, so that results with fewer than topk documents (or none) are counted; they are
+        formatted as the reference formats them (an empty result: an empty information block)."""
+        kwargs = {} if self.topk is None else {"topk": self.topk}
+        if hasattr(self.retriever, "retrieve"):
+            results = self.retriever.retrieve(queries, **kwargs)
+            self._check_length(results, queries, "retrieve")
+            wanted = self.topk if self.topk is not None else getattr(self.retriever, "topk", None)
+            for documents in results:
+                self.empty_results += len(documents) == 0
+                self.short_results += wanted is not None and 0 < len(documents) < wanted
+            return [format_documents(documents) for documents in results]
+        docs = self.retriever.search(queries, **kwargs)
+        self._check_length(docs, queries, "search")
+        self.empty_results += sum(1 for d in docs if not d)
+        return list(docs)
+
+    @staticmethod
+    def _check_length(results, queries, method):
+        if not isinstance(results, (list, tuple)) or len(results) != len(queries):
+            raise ValueError(
+                f"retriever.{method} returned {type(results).__name__} of length "
+                f"{len(results) if hasattr(results, '__len__') else '?'} for "
+                f"{len(queries)} queries"
+            )
+
+    def _search(self, queries: list[str], rows: list[int]) -> tuple[list[str] | None, str | None]:
+        """Documents for every query of a wave, with up to `search_attempts` attempts. When all
+        fail: ``on_retriever_error="raise"`` raises `RolloutRetrievalError` (naming the
+        retriever's URLs and the waiting rows); ``"finish"`` returns the message (the rows
+        finish with retriever_error). No row is ever continued with an empty observation."""
         started = time.perf_counter()
+        message = ""
         try:
-            kwargs = {} if self.topk is None else {"topk": self.topk}
-            docs = self.retriever.search(queries, **kwargs)
-            if not isinstance(docs, (list, tuple)) or len(docs) != len(queries):
-                raise ValueError(
-                    f"retriever.search returned {type(docs).__name__} of length "
-                    f"{len(docs) if hasattr(docs, '__len__') else '?'} for "
-                    f"{len(queries)} queries"
+            for attempt in range(1, self.search_attempts + 1):
+                try:
+                    return self._retrieve_once(queries), None
+                except RetrievalRequestError as error:  # a rejected request: retrying is futile
+                    message = f"{type(error).__name__}: {error}"
+                    break
+                except Exception as error:  # noqa: BLE001 - any retriever failure
+                    message = f"{type(error).__name__}: {error}"
+                    log.warning(
+                        "retriever failed for %d queries (attempt %d of %d): %s",
+                        len(queries),
+                        attempt,
+                        self.search_attempts,
+                        message,
+                    )
+                    if attempt < self.search_attempts:
+                        time.sleep(self.retry_pause_s * attempt)
+            if self.on_retriever_error == "raise":
+                where = describe_retriever(self.retriever)
+                shown = rows if len(rows) <= 16 else rows[:16] + ["..."]
+                raise RolloutRetrievalError(
+                    f"retrieval failed after {self.search_attempts} attempt(s) at {where} for "
+                    f"{len(rows)} waiting row(s) {shown}: {message}"
                 )
-            return list(docs), None
-        except Exception as error:  # noqa: BLE001 - any retriever failure fails these rows only
-            message = f"{type(error).__name__}: {error}"
-            log.warning("retriever failed for %d queries: %s", len(queries), message)
             return None, message
         finally:
             self.retriever_seconds += time.perf_counter() - started
@@ -98,25 +178,26 @@ class RolloutHost:
     def handle(
         self,
         need: np.ndarray,
-        tokens: np.ndarray,
-        turn_start: np.ndarray,
-        resp_len: np.ndarray,
+        turn_tokens: np.ndarray,
+        turn_len: np.ndarray,
         search_allowed: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """need/search_allowed ``[B]`` bool, tokens ``[B, R]``, turn_start/resp_len ``[B]`` ->
-        (action ``[B]`` int32, observation ids ``[B, O]`` int32, observation length ``[B]`` int32).
-        """
+        """need/search_allowed ``[B]`` bool, turn_tokens ``[B, Tw]`` (each waiting row's last
+        turn, left-aligned), turn_len ``[B]`` -> (action ``[B]`` int32, observation ids ``[B, O]``
+        int32, observation length ``[B]`` int32)."""
         started = time.perf_counter()
         self.num_calls += 1
+        self.bytes_to_host += sum(
+            int(x.nbytes) for x in (need, turn_tokens, turn_len, search_allowed)
+        )
         cfg = self.config
         batch = need.shape[0]
-        width = cfg.obs_buffer_length
         action = np.full((batch,), ACTION_INVALID, np.int32)
-        obs = np.full((batch, width), cfg.pad_token_id, np.int32)
+        obs = np.full((batch, cfg.obs_buffer_length), cfg.pad_token_id, np.int32)
         obs_len = np.zeros((batch,), np.int32)
         search_rows, queries = [], []
         for row in np.flatnonzero(need):
-            ids = tokens[row, int(turn_start[row]) : int(resp_len[row])].tolist()
+            ids = turn_tokens[row, : int(turn_len[row])].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
             self.turn_texts[row].append(text)
             kind, content = parse_action(text)
@@ -124,15 +205,16 @@ class RolloutHost:
                 action[row] = ACTION_ANSWER
                 self.answers[row] = content
             elif kind == "search" and search_allowed[row]:
-                search_rows.append(row)
+                search_rows.append(int(row))
                 queries.append(content)
             else:  # no action, or a search in the final turn: the invalid-action notice
                 obs[row, : len(self.notice_ids)] = self.notice_ids
                 obs_len[row] = len(self.notice_ids)
         if queries:
-            docs, error = self._search(queries)
+            self.rows_per_call.append(len(queries))
+            docs, error = self._search(queries, search_rows)
             for i, row in enumerate(search_rows):
-                if error is not None:
+                if error is not None:  # on_retriever_error="finish": these rows finish
                     action[row] = ACTION_ERROR
                     self.errors[row] = error
                     continue
@@ -162,7 +244,7 @@ def unregister(host_id: int) -> None:
         _HOSTS.pop(host_id, None)
 
 
-def host_callback(host_id, need, tokens, turn_start, resp_len, search_allowed):
+def host_callback(host_id, need, turn_tokens, turn_len, search_allowed):
     """The function the compiled loop calls (numpy in, numpy out); see `RolloutHost.handle`."""
     host = _HOSTS.get(int(host_id))
     if host is None:
@@ -170,9 +252,8 @@ def host_callback(host_id, need, tokens, turn_start, resp_len, search_allowed):
     try:
         return host.handle(
             np.asarray(need),
-            np.asarray(tokens),
-            np.asarray(turn_start),
-            np.asarray(resp_len),
+            np.asarray(turn_tokens),
+            np.asarray(turn_len),
             np.asarray(search_allowed),
         )
     except BaseException as error:
@@ -193,18 +274,29 @@ def _as_id_list(value, what: str, row: int) -> list[int]:
     return arr.astype(np.int64).tolist()
 
 
+def prompt_widths(max_prompt_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """The padded prompt widths a run compiles for: `smallest`, then two per doubling (16, 24,
+    32, 48, 64, 96, ...), capped at ``max_prompt_length`` (at most ~1.5x padding, ~2 log2 widths)."""
+    widths, width = [], smallest
+    while width < max_prompt_length:
+        widths.append(width)
+        if width + width // 2 < max_prompt_length:
+            widths.append(width + width // 2)
+        width *= 2
+    return tuple(widths) + (max_prompt_length,)
+
+
 def prepare_prompts(
     prompts: Sequence[Sequence[int]],
     config: SamplerConfig,
     vocab_size: int,
-    pad_to_multiple: int = 8,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-pads token-id prompts into ``ids [B, T]`` int32, ``mask [B, T]`` bool, ``active [B]``.
 
     A prompt longer than ``config.max_prompt_length`` is not truncated: its row is inactive
     (it finishes with prompt_too_long, nothing generated) and the other rows run as usual.
-    T is the longest fitting prompt rounded up to `pad_to_multiple` (fewer recompilations),
-    capped at ``max_prompt_length``.
+    T is the smallest of `prompt_widths` that holds the longest fitting prompt, so a run
+    compiles the rollout for a few widths only.
     """
     if len(prompts) == 0:
         raise ValueError("prompts: empty batch")
@@ -219,7 +311,7 @@ def prepare_prompts(
             )
     active = np.array([len(ids) <= config.max_prompt_length for ids in rows])
     longest = max([len(ids) for ids, a in zip(rows, active) if a], default=1)
-    width = min(-(-longest // pad_to_multiple) * pad_to_multiple, config.max_prompt_length)
+    width = next(w for w in prompt_widths(config.max_prompt_length) if w >= longest)
     ids_out = np.full((len(rows), width), config.pad_token_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, ids in enumerate(rows):

@@ -1,26 +1,45 @@
-"""The compiled rollout: prefill, then nested ``lax.while_loop``s of decode and ingest steps.
+"""The compiled rollout: a static `SamplerLoop` whose parts (prefill, decode step, ingest step,
+host wave) make one program of nested ``lax.while_loop``s.
 
 Shapes: B rows, P padded prompt width, S = ``cache_len`` context slots, R = S - P response
 slots (response slot r is KV slot P + r), C = ``ingest_chunk``, O = observation buffer width,
-Pf = prefix buffer width, W = longest stop sequence, V vocabulary.
+Pf = prefix buffer width, Tw = turn width (the most tokens one turn's text can have), W =
+longest stop sequence, V vocabulary.
 
-Every row is in one phase: GENERATING (it samples one token per decode step), INGESTING (an
-observation is pending), AWAITING_HOST (its turn ended) or DONE. A decode step runs the model
-on ``[M, 1]``: the sampled tokens of the generating rows, gathered into the smallest compiled
-sub-batch M of B, B/2, B/4, ..., 1 that holds them (their number only falls until a turn
-ends, so the loops run from the largest size down). Rows whose turn ended are handed to the
-host in ONE ``io_callback`` (see `host.py`); their observations are then ingested one row at a
-time, C tokens per ingest step (``[1, C]`` on that row's cache only), and decoding resumes.
-Teacher prefixes (TrOPD) are ingested for all rows in one ``[B, Pf]`` step after the prompt.
-Nothing is ever re-prefilled. Each step costs the rows and context in use (see
-`forward_with_cache`), not B x S.
+Every row is in one phase: GENERATING (it samples one token per decode step), AWAITING_HOST
+(its turn ended; its cache is kept while the other rows go on), INGESTING (its observation is
+being appended) or DONE. The program is::
 
-The optional teacher (Guided-OPD) has its own KV cache and sees every token the student sees;
-it writes the turns whose coin (per row and turn, from the row's RNG) came up.
+    prefill: the prompt, then the teacher prefixes, in each model's cache
+    while some row is not done:
+        decode steps on the generating rows until a host wave is due
+        host wave: ONE io_callback for every waiting row (its last turn's tokens only)
+        ingest steps: every observation of the wave appended, [M, C] per step
+
+A wave is due when `SamplerConfig.wave_fraction` of the live rows wait, when no row
+generates, or `wave_max_wait` decode steps after the first of them began waiting (both are
+passed traced: tuning them does not recompile). A rollout
+therefore makes few host calls (about one per turn level) instead of one per turn end.
+
+Two decode paths (`SamplerConfig.decode_path`, docs/sampler.md):
+
+* ``cpu``: layers unrolled from `split_layers` weights; a step runs on the rows that need it,
+  gathered into compiled sub-batches (B, B/2, ..., 1 for decoding; B, B/4, ... for
+  ingestion); each layer picks its key window with a ``lax.switch``. These were measured on
+  XLA:CPU, where work follows the rows and slots in use.
+* ``accelerator``: stacked layers in one scan (the weights stay where the partitioner put
+  them); every step runs on all B rows with a mask (no gather of rows out of a batch-sharded
+  cache, so no collectives); one key window per step, chosen by running one loop per static
+  window width (the context only grows, so the loops run from narrow to wide).
+
+The optional teacher (Guided-OPD) has its own KV cache and sees every token the student sees
+(`SamplerLoop.step_models` steps both); it writes the turns whose coin (per row and turn,
+from the row's RNG) came up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -35,6 +54,7 @@ from dgpo_jax.models.qwen2 import (
     forward_with_cache,
     init_cache,
     lm_logits,
+    span_buckets,
     split_layers,
 )
 from dgpo_jax.sampler import config as C
@@ -63,8 +83,11 @@ class RolloutArrays:
     num_searches:    ``[B]`` int32, searches answered by the retriever.
     generated:       ``[B]`` int32, tokens generated (student and teacher).
     finish_reason:   ``[B]`` int32, index into ``config.FINISH_REASONS``.
-    steps:           ``[]`` int32, loop steps run.
-    ingest_steps:    ``[]`` int32, of which ingest steps (one row, C tokens).
+    steps:           ``[]`` int32, model steps run (decode and ingest).
+    ingest_steps:    ``[]`` int32, of which ingest steps (``[M, C]`` each).
+    waves:           ``[]`` int32, host calls made.
+    decode_rows:     ``[]`` int32, rows computed over all decode steps (M summed).
+    ingest_rows:     ``[]`` int32, rows computed over all ingest steps (M summed; x C tokens).
     """
 
     tokens: Array
@@ -79,19 +102,32 @@ class RolloutArrays:
     finish_reason: Array
     steps: Array
     ingest_steps: Array
+    waves: Array
+    decode_rows: Array
+    ingest_rows: Array
+
+
+@flax.struct.dataclass
+class _Weights:
+    params: Any
+    teacher: Any  # None without a teacher
 
 
 @flax.struct.dataclass
 class _State:
     step: Array
     ingest_steps: Array
+    waves: Array
+    decode_rows: Array
+    ingest_rows: Array
+    wait_since: Array  # [] step at which the oldest waiting row began waiting
     phase: Array  # [B]
     finish: Array  # [B]
     cache: KVCache
     teacher_cache: Any  # KVCache | None
     next_logits: Array  # [B, V]
     teacher_next_logits: Any  # [B, V] | None
-    tokens: Array  # [B, R + C]
+    tokens: Array  # [B, buf_width]
     loss_mask: Array
     teacher_mask: Array
     logprobs: Array
@@ -110,6 +146,9 @@ class _State:
     ended_on_eos: Array  # [B] bool, the turn awaiting the host ended on EOS
 
 
+# ----------------------------------------------------------------------------------------------
+# Small array helpers
+# ----------------------------------------------------------------------------------------------
 def _batch_constrain(plan, tree):
     if plan is None:
         return tree
@@ -144,21 +183,34 @@ def _last_real(hidden: Array, mask: Array) -> tuple[Array, Array]:
     return picked, last >= 0
 
 
-def _write(buf: Array, values: Array, start: Array) -> Array:
-    """buf ``[B, N]``; values ``[B, T]`` written at per-row column ``start [B]``."""
-    return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(buf, values, start)
+def _write(buf: Array, values: Array, start: Array, rows: Array | None = None) -> Array:
+    """buf ``[B, N]``; values ``[M, T]`` written from per-row column ``start [M]`` into rows
+    `rows [M]` (None: all B rows, M = B; an index >= B is dropped)."""
+    values = values.astype(buf.dtype)
+    if rows is None:
+        return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(
+            buf, values, start
+        )
+    cols = start[:, None] + jnp.arange(values.shape[1], dtype=jnp.int32)[None]
+    return buf.at[rows[:, None], cols].set(values, mode="drop")
 
 
-def _write_row(buf: Array, values: Array, row: Array, start: Array) -> Array:
-    """buf ``[B, N]``; values ``[T]`` written in row `row` from column `start` (scalars)."""
-    return jax.lax.dynamic_update_slice(buf, values[None].astype(buf.dtype), (row, start))
+def _read_rows(buf: Array, start: Array, width: int) -> Array:
+    """``[B, width]``: columns ``start [B] ...`` of each row of buf ``[B, N]`` (N >= start +
+    width, so the slice is never clamped)."""
+    return jax.vmap(lambda b, s: jax.lax.dynamic_slice(b, (s,), (width,)))(buf, start)
 
 
-def _decode_sizes(batch: int, smallest: int = 1) -> tuple[int, ...]:
-    """Rows per decode step, compiled variants: B, B/2, B/4, ... down to `smallest`."""
+def _scatter(full: Array, values: Array, rows: Array | None) -> Array:
+    """Rows `rows` of ``full [B, ...]`` set to ``values [M, ...]`` (None: values is all B)."""
+    return values if rows is None else full.at[rows].set(values, mode="drop")
+
+
+def sub_batch_sizes(batch: int, factor: int = 2) -> tuple[int, ...]:
+    """Compiled sub-batch sizes of the cpu path: B, B/factor, B/factor^2, ... down to 1."""
     sizes = [batch]
-    while sizes[-1] // 2 >= smallest:
-        sizes.append(sizes[-1] // 2)
+    while sizes[-1] > 1:
+        sizes.append(max(sizes[-1] // factor, 1))
     return tuple(sizes)
 
 
@@ -174,13 +226,13 @@ def _teacher_turn(has_teacher: bool, row_keys: Array, turn: Array, prob: Array) 
     return u < prob
 
 
-def _run_model(model_cfg, params, ids, mask, cache, plan, logits, rows=None):
+def _run_model(model_cfg, params, ids, mask, cache, plan, logits, rows=None, window=None):
     """One model step on ``ids [M, T]`` for cache rows `rows` (None: all, M = B). Returns the
     next-token logits of every row, ``[B, V]``: after its last real token for a stepped row that
     had one, else unchanged from `logits` ``[B, V]`` (dummy rows >= B are dropped); and the
-    cache."""
+    cache. `window`: a static key window (see `forward_with_cache`)."""
     hidden, cache = forward_with_cache(
-        model_cfg, params, ids, cache, mask, plan, return_hidden=True, rows=rows
+        model_cfg, params, ids, cache, mask, plan, return_hidden=True, rows=rows, window=window
     )
     last, has = _last_real(hidden, mask)
     new = lm_logits(model_cfg, params, last)
@@ -188,6 +240,451 @@ def _run_model(model_cfg, params, ids, mask, cache, plan, logits, rows=None):
         return jnp.where(has[:, None], new, logits), _cache_constrain(plan, cache)
     new = jnp.where(has[:, None], new, logits[jnp.minimum(rows, logits.shape[0] - 1)])
     return logits.at[rows].set(new, mode="drop"), _cache_constrain(plan, cache)
+
+
+def resolve_decode_path(config: SamplerConfig, plan=None) -> str:
+    """``cpu`` or ``accelerator``: the config's choice, or for ``auto`` the platform of the
+    plan's devices (or JAX's default backend without a plan)."""
+    if config.decode_path != "auto":
+        return config.decode_path
+    if plan is not None:
+        platform = plan.mesh.devices.flat[0].platform
+    else:
+        platform = jax.default_backend()
+    return "cpu" if platform == "cpu" else "accelerator"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SamplerLoop:
+    """Everything static about one compiled rollout; its methods are the program's parts."""
+
+    model: Qwen2Config
+    config: SamplerConfig
+    plan: Any
+    teacher: Qwen2Config | None
+    batch: int
+    prompt_width: int
+    prefix_width: int
+    path: str  # "cpu" | "accelerator"
+
+    def __post_init__(self):
+        cfg = self.config
+        if self.prompt_width >= cfg.cache_len:
+            raise ValueError(
+                f"prompt width {self.prompt_width} leaves no room in cache_len {cfg.cache_len}"
+            )
+        if self.teacher is not None and self.teacher.vocab_size != self.model.vocab_size:
+            raise ValueError(
+                f"teacher vocab {self.teacher.vocab_size} != student vocab {self.model.vocab_size}"
+            )
+        if self.has_prefixes and self.prefix_width >= self.resp_slots:
+            raise ValueError(
+                f"prefix width {self.prefix_width} leaves no room to generate after the prompt "
+                f"(width {self.prompt_width}) in cache_len {cfg.cache_len}"
+            )
+        if self.path not in ("cpu", "accelerator"):
+            raise ValueError(f"decode path {self.path!r}: expected 'cpu' or 'accelerator'")
+
+    # --- static sizes ---------------------------------------------------------------------
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None
+
+    @property
+    def has_prefixes(self) -> bool:
+        return self.config.max_prefix_length > 0
+
+    @property
+    def resp_slots(self) -> int:
+        return self.config.cache_len - self.prompt_width
+
+    @property
+    def turn_width(self) -> int:
+        """Most tokens of one turn's text (turn 0 starts with the teacher prefix)."""
+        prefix = self.prefix_width if self.has_prefixes else 0
+        return self.config.max_new_tokens_per_turn + prefix
+
+    @property
+    def buf_width(self) -> int:
+        """Response buffer columns: R plus spare ones, so no write or read is ever clamped."""
+        spare = max(self.config.ingest_chunk, self.prefix_width, self.turn_width)
+        return self.resp_slots + spare
+
+    @property
+    def step_limit(self) -> int:
+        """Every model step moves some row forward by at least one slot (or ends it)."""
+        return self.batch * (self.resp_slots + 1) + 4
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """Static key-window widths of the accelerator path."""
+        return span_buckets(self.config.cache_len)
+
+    # --- models -----------------------------------------------------------------------------
+    def step_models(self, w: _Weights, s: _State, ids, mask, rows=None, window=None) -> _State:
+        """Both models (the teacher when there is one) see the same tokens ``ids [M, T]``."""
+        logits, cache = _run_model(
+            self.model, w.params, ids, mask, s.cache, self.plan, s.next_logits, rows, window
+        )
+        s = s.replace(cache=cache, next_logits=logits)
+        if self.has_teacher:
+            logits, cache = _run_model(
+                self.teacher,
+                w.teacher,
+                ids,
+                mask,
+                s.teacher_cache,
+                self.plan,
+                s.teacher_next_logits,
+                rows,
+                window,
+            )
+            s = s.replace(teacher_cache=cache, teacher_next_logits=logits)
+        return s
+
+    def _rows(self, selected: Array, size: int | None):
+        """(rows ``[M]`` or None, read indices): the first `size` selected rows (index B:
+        a dummy row), or all rows (None) when `size` is None or B."""
+        if size is None or size == self.batch:
+            return None, slice(None)
+        rows = jnp.nonzero(selected, size=size, fill_value=self.batch)[0].astype(jnp.int32)
+        return rows, jnp.minimum(rows, self.batch - 1)
+
+    # --- prefill ----------------------------------------------------------------------------
+    def prefill(self, w: _Weights, inputs: dict) -> _State:
+        """The prompt, then the teacher prefixes, in both models' caches; the initial state."""
+        cfg, batch, pad = self.config, self.batch, self.config.pad_token_id
+        active = inputs["active"]
+        prompt_mask = inputs["prompt_mask"] & active[:, None]
+        prefix_len = jnp.where(active, inputs["prefix_len"], 0).astype(jnp.int32)
+        prefix_mask = jnp.arange(self.prefix_width, dtype=jnp.int32)[None] < prefix_len[:, None]
+        prefix_ids = jnp.where(prefix_mask, inputs["prefix_ids"].astype(jnp.int32), pad)
+
+        def one_model(mcfg, p):
+            # The cache has exactly cache_len slots: writes of masked columns past it are dropped.
+            dtype = p["embed_tokens"].dtype
+            cache = _cache_constrain(self.plan, init_cache(mcfg, batch, cfg.cache_len, dtype))
+            logits = jnp.zeros((batch, mcfg.vocab_size), jnp.float32)
+            logits, cache = _run_model(
+                mcfg, p, inputs["prompt_ids"], prompt_mask, cache, self.plan, logits
+            )
+            if self.has_prefixes:
+                logits, cache = _run_model(
+                    mcfg, p, prefix_ids, prefix_mask, cache, self.plan, logits
+                )
+            return logits, cache
+
+        next_logits, cache = one_model(self.model, w.params)
+        teacher_next_logits, teacher_cache = (
+            one_model(self.teacher, w.teacher) if self.has_teacher else (None, None)
+        )
+
+        def response_buffer(default, dtype, prefix_value=None):
+            """``[B, buf_width]`` of `default`; a prefix (the start of turn 0, written by the
+            teacher) fills its row's first prefix_len columns with `prefix_value`."""
+            buf = jnp.full((batch, self.buf_width), default, dtype)
+            if not self.has_prefixes or prefix_value is None:
+                return buf
+            values = jnp.where(prefix_mask, prefix_value, default).astype(dtype)
+            return buf.at[:, : self.prefix_width].set(values)
+
+        zeros = jnp.zeros((batch,), jnp.int32)
+        state = _State(
+            step=jnp.int32(0),
+            ingest_steps=jnp.int32(0),
+            waves=jnp.int32(0),
+            decode_rows=jnp.int32(0),
+            ingest_rows=jnp.int32(0),
+            wait_since=jnp.int32(0),
+            phase=jnp.where(active, C.GENERATING, C.DONE),
+            finish=jnp.where(active, C.RUNNING, C.PROMPT_TOO_LONG).astype(jnp.int32),
+            cache=None,
+            teacher_cache=None,
+            next_logits=next_logits,
+            teacher_next_logits=teacher_next_logits,
+            tokens=response_buffer(pad, jnp.int32, prefix_ids),
+            loss_mask=response_buffer(False, bool),
+            teacher_mask=response_buffer(False, bool, True),
+            logprobs=response_buffer(0.0, jnp.float32),
+            turn_ids=response_buffer(-1, jnp.int32, 0),
+            resp_len=prefix_len if self.has_prefixes else zeros,
+            turn_start=zeros,
+            turn_gen=zeros,
+            total_gen=zeros,
+            turn=zeros,
+            searches=zeros,
+            window=jnp.zeros((batch, cfg.stop_window), jnp.int32),
+            pending=jnp.full((batch, cfg.obs_buffer_length + cfg.ingest_chunk), pad, jnp.int32),
+            pending_len=zeros,
+            pending_pos=zeros,
+            teacher_writes=self.teacher_coin(inputs["row_keys"], zeros, inputs["teacher_prob"]),
+            ended_on_eos=jnp.zeros((batch,), bool),
+        )
+        return _batch_constrain(self.plan, state).replace(cache=cache, teacher_cache=teacher_cache)
+
+    def teacher_coin(self, row_keys, turn, prob):
+        return _teacher_turn(self.has_teacher, row_keys, turn, prob)
+
+    # --- decode -----------------------------------------------------------------------------
+    def decode_step(
+        self, w: _Weights, s: _State, sample_keys, rows_per_step=None, window=None
+    ) -> _State:
+        """One ``[M, 1]`` model step: every generating row (at most M of them on the cpu path)
+        samples its next token from the writer of its turn and appends it. Rows that end a
+        turn await the host; the others go on."""
+        cfg, batch, pad = self.config, self.batch, self.config.pad_token_id
+        gen = s.phase == C.GENERATING
+        rows, read = self._rows(gen, rows_per_step)
+        keys = jax.vmap(jax.random.fold_in)(sample_keys[read], s.resp_len[read])
+        token, logprob = sample_tokens(cfg, s.next_logits[read], keys)
+        if self.has_teacher:
+            t_token, t_logprob = sample_tokens(cfg, s.teacher_next_logits[read], keys)
+            token = jnp.where(s.teacher_writes[read], t_token, token)
+            logprob = jnp.where(s.teacher_writes[read], t_logprob, logprob)
+        token = _scatter(jnp.full((batch,), pad, token.dtype), token, rows)
+        logprob = _scatter(jnp.zeros((batch,), logprob.dtype), logprob, rows)
+        ids = jnp.where(gen, token, pad)[:, None]
+        mask = gen[:, None]
+        step_ids, step_mask = (
+            (ids, mask) if rows is None else (ids[read], mask[read] & (rows < batch)[:, None])
+        )
+        s = self.step_models(w, s, step_ids, step_mask, rows, window)
+
+        resp_len = s.resp_len + gen
+        window_tokens = push_window(s.window, token, gen)
+        turn_gen = s.turn_gen + gen
+        total_gen = s.total_gen + gen
+        eos_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+        hit_eos = gen & jnp.any(token[:, None] == eos_ids[None], axis=1)
+        stopped = gen & (
+            ends_with_any(window_tokens, turn_gen, cfg.search_stops)
+            | ends_with_any(window_tokens, turn_gen, cfg.answer_stops)
+            | hit_eos
+        )
+        turn_end = stopped | (gen & (turn_gen >= cfg.max_new_tokens_per_turn))
+        # A row that did not end its turn may still run out of tokens or room for the next one.
+        mid_turn_reason = jnp.select(
+            [total_gen >= cfg.max_new_tokens, resp_len >= self.resp_slots],
+            [C.MAX_TOKENS, C.CONTEXT_FULL],
+            C.RUNNING,
+        )
+        ends_mid_turn = gen & ~turn_end & (mid_turn_reason != C.RUNNING)
+        phase = jnp.where(turn_end, C.AWAITING_HOST, s.phase)
+        phase = jnp.where(ends_mid_turn, C.DONE, phase)
+        first_waiting = ~jnp.any(s.phase == C.AWAITING_HOST) & jnp.any(turn_end)
+        writes = s.teacher_writes[:, None]
+        # (Rows not generating write their buffers' defaults at resp_len, past their end.)
+        return s.replace(
+            step=s.step + 1,
+            decode_rows=s.decode_rows + (batch if rows is None else rows_per_step),
+            wait_since=jnp.where(first_waiting, s.step + 1, s.wait_since),
+            phase=phase,
+            finish=jnp.where(ends_mid_turn, mid_turn_reason, s.finish),
+            tokens=_write(s.tokens, ids, s.resp_len),
+            loss_mask=_write(s.loss_mask, mask & ~writes, s.resp_len),
+            teacher_mask=_write(s.teacher_mask, mask & writes, s.resp_len),
+            logprobs=_write(s.logprobs, jnp.where(mask, logprob[:, None], 0.0), s.resp_len),
+            turn_ids=_write(s.turn_ids, jnp.where(mask, s.turn[:, None], -1), s.resp_len),
+            resp_len=resp_len,
+            turn_gen=turn_gen,
+            total_gen=total_gen,
+            window=window_tokens,
+            ended_on_eos=jnp.where(turn_end, hit_eos, s.ended_on_eos),
+        )
+
+    # --- ingest -----------------------------------------------------------------------------
+    def ingest_step(self, w: _Weights, s: _State, rows_per_step=None, window=None) -> _State:
+        """One ``[M, C]`` model step: every ingesting row (at most M of them on the cpu path)
+        appends its next C pending observation tokens; a row whose observation is complete
+        starts its next turn."""
+        chunk, batch, pad = self.config.ingest_chunk, self.batch, self.config.pad_token_id
+        ingesting = s.phase == C.INGESTING
+        rows, read = self._rows(ingesting, rows_per_step)
+        live = ingesting[read] if rows is None else ingesting[read] & (rows < batch)
+        start, length = s.pending_pos[read], s.pending_len[read]
+        cols = start[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None]  # [M, C]
+        mask = live[:, None] & (cols < length[:, None])
+        ids = jnp.where(mask, jnp.take_along_axis(s.pending[read], cols, axis=1), pad)
+        s = self.step_models(w, s, ids, mask, rows, window)
+
+        count = jnp.sum(mask, axis=1, dtype=jnp.int32)
+        at = s.resp_len[read]
+        turn = s.turn[read]
+        complete = live & (start + count >= length)
+        phase = jnp.where(complete, C.GENERATING, s.phase[read])
+        no = jnp.zeros(mask.shape, bool)
+        return s.replace(
+            step=s.step + 1,
+            ingest_steps=s.ingest_steps + 1,
+            ingest_rows=s.ingest_rows + (batch if rows is None else rows_per_step),
+            phase=_scatter(s.phase, phase, rows),
+            tokens=_write(s.tokens, ids, at, rows),
+            loss_mask=_write(s.loss_mask, no, at, rows),
+            teacher_mask=_write(s.teacher_mask, no, at, rows),
+            logprobs=_write(s.logprobs, jnp.zeros(mask.shape, jnp.float32), at, rows),
+            # An observation belongs to the turn whose action produced it.
+            turn_ids=_write(s.turn_ids, jnp.where(mask, turn[:, None] - 1, -1), at, rows),
+            resp_len=_scatter(s.resp_len, at + count, rows),
+            pending_pos=_scatter(s.pending_pos, start + count, rows),
+        )
+
+    # --- host wave --------------------------------------------------------------------------
+    def wave_due(self, s: _State, fraction: Array, max_wait: Array) -> Array:
+        """A host call is due: some row waits, and ``fraction`` of the live rows wait, or none
+        generates, or the oldest waiting row has waited ``max_wait`` (> 0) decode steps.
+        (Traced values: changing the wave policy does not recompile.)"""
+        waiting = jnp.sum(s.phase == C.AWAITING_HOST)
+        generating = jnp.sum(s.phase == C.GENERATING)
+        due = (generating == 0) | (waiting >= fraction * (waiting + generating))
+        due = due | ((max_wait > 0) & (s.step - s.wait_since >= max_wait))
+        return (waiting > 0) & due
+
+    def host_wave(self, s: _State, host_id) -> _State:
+        """ONE host call for every waiting row: it gets each row's last turn (``[B, Tw]``
+        tokens and lengths, not the response buffer), parses it, searches for all of them in
+        one batch and returns the observations; each row then finishes or starts ingesting."""
+        cfg, batch, pad = self.config, self.batch, self.config.pad_token_id
+        obs_width = cfg.obs_buffer_length
+        waiting = s.phase == C.AWAITING_HOST
+        allowed = s.turn < cfg.max_turns
+        turn_len = jnp.where(waiting, s.resp_len - s.turn_start, 0)
+        turn_tokens = _read_rows(s.tokens, s.turn_start, self.turn_width)
+        turn_tokens = jnp.where(
+            jnp.arange(self.turn_width)[None] < turn_len[:, None], turn_tokens, pad
+        )
+        shapes = (
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            jax.ShapeDtypeStruct((batch, obs_width), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+        )
+
+        def call(args):
+            return io_callback(host_callback, shapes, host_id, *args)
+
+        def skip(args):
+            return tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
+
+        action, obs, obs_len = _batch_constrain(
+            self.plan,
+            jax.lax.cond(jnp.any(waiting), call, skip, (waiting, turn_tokens, turn_len, allowed)),
+        )
+        answered = waiting & (action == C.ACTION_ANSWER)
+        errored = waiting & (action == C.ACTION_ERROR)
+        eos_finish = (
+            waiting & s.ended_on_eos & (action == C.ACTION_INVALID) & cfg.eos_ends_trajectory
+        )
+        final = waiting & ~allowed
+        obs_fits = s.resp_len + obs_len < self.resp_slots  # the observation and one more token
+        reason = jnp.select(
+            [answered, errored, eos_finish, final, s.total_gen >= cfg.max_new_tokens, ~obs_fits],
+            [C.ANSWER, C.RETRIEVER_ERROR, C.EOS, C.MAX_TURNS, C.MAX_TOKENS, C.CONTEXT_FULL],
+            C.RUNNING,
+        )
+        ends_row = waiting & (reason != C.RUNNING)
+        next_turn = waiting & ~ends_row
+        turn = s.turn + waiting
+        obs_padded = jnp.pad(obs, ((0, 0), (0, cfg.ingest_chunk)), constant_values=pad)
+        return s.replace(
+            waves=s.waves + jnp.any(waiting),
+            phase=jnp.where(ends_row, C.DONE, jnp.where(next_turn, C.INGESTING, s.phase)),
+            finish=jnp.where(ends_row, reason, s.finish),
+            turn=turn,
+            turn_start=jnp.where(next_turn, s.resp_len + obs_len, s.turn_start),
+            turn_gen=jnp.where(waiting, 0, s.turn_gen),
+            searches=s.searches + (waiting & (action == C.ACTION_SEARCH)),
+            pending=jnp.where(next_turn[:, None], obs_padded, s.pending),
+            pending_len=jnp.where(next_turn, obs_len, s.pending_len),
+            pending_pos=jnp.where(next_turn, 0, s.pending_pos),
+        )
+
+    # --- phases -----------------------------------------------------------------------------
+    def _under_limit(self, s: _State) -> Array:
+        return s.step < self.step_limit
+
+    def _context_needed(self, s: _State, phase: int, tokens: int) -> Array:
+        """Cache slots the rows in `phase` see after appending `tokens` (at most S)."""
+        ends = jnp.where(s.phase == phase, s.cache.end + tokens, 0)
+        return jnp.minimum(jnp.max(ends), self.config.cache_len)
+
+    def run_phase(self, s: _State, phase: int, step, tokens: int, sizes, until=None) -> _State:
+        """Step the rows in `phase` until none is left in it (or `until(s)`): on the cpu path
+        in sub-batches of `sizes` (their number only falls), on the accelerator path all rows
+        at once, one loop per key window (the context only grows)."""
+
+        def go(x):
+            more = self._under_limit(x)
+            return more if until is None else more & ~until(x)
+
+        if self.path == "cpu":
+            for size, smaller in zip(sizes, sizes[1:] + (0,)):
+                s = jax.lax.while_loop(
+                    lambda x, smaller=smaller: go(x) & (jnp.sum(x.phase == phase) > smaller),
+                    functools.partial(step, rows_per_step=size),
+                    s,
+                )
+            return s
+        for width in self.windows:
+            s = jax.lax.while_loop(
+                lambda x, width=width: (
+                    go(x)
+                    & jnp.any(x.phase == phase)
+                    & (self._context_needed(x, phase, tokens) <= width)
+                ),
+                functools.partial(step, window=width),
+                s,
+            )
+        return s
+
+    def run(self, w: _Weights, inputs: dict, host_id) -> RolloutArrays:
+        """The whole rollout; ``inputs`` as `rollout_program` builds it."""
+        sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(inputs["row_keys"])
+        decode = functools.partial(self.decode_step, w, sample_keys=sample_keys)
+        ingest = functools.partial(self.ingest_step, w)
+        decode_sizes = sub_batch_sizes(self.batch, 2)
+        ingest_sizes = sub_batch_sizes(self.batch, 4)
+
+        def cycle(s):
+            # Inner loops rather than a lax.cond per step: a conditional inside the loop would
+            # pass the whole state (the KV caches) through its branches, which XLA copies.
+            wave_due = functools.partial(
+                self.wave_due, fraction=inputs["wave_fraction"], max_wait=inputs["wave_max_wait"]
+            )
+            s = self.run_phase(s, C.GENERATING, decode, 1, decode_sizes, until=wave_due)
+            s = self.host_wave(s, host_id)
+            s = s.replace(
+                teacher_writes=jnp.where(
+                    s.phase == C.INGESTING,
+                    self.teacher_coin(inputs["row_keys"], s.turn, inputs["teacher_prob"]),
+                    s.teacher_writes,
+                )
+            )
+            return self.run_phase(s, C.INGESTING, ingest, self.config.ingest_chunk, ingest_sizes)
+
+        s = self.prefill(w, inputs)
+        s = jax.lax.while_loop(
+            lambda x: self._under_limit(x) & ~jnp.all(x.phase == C.DONE), cycle, s
+        )
+        r = self.resp_slots
+        return RolloutArrays(
+            tokens=s.tokens[:, :r],
+            length=s.resp_len,
+            loss_mask=s.loss_mask[:, :r],
+            teacher_mask=s.teacher_mask[:, :r],
+            logprobs=s.logprobs[:, :r],
+            turn_ids=s.turn_ids[:, :r],
+            num_turns=s.turn + (s.turn_gen > 0),  # a turn cut short by a budget counts too
+            num_searches=s.searches,
+            generated=s.total_gen,
+            finish_reason=s.finish,
+            steps=s.step,
+            ingest_steps=s.ingest_steps,
+            waves=s.waves,
+            decode_rows=s.decode_rows,
+            ingest_rows=s.ingest_rows,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "config", "plan", "teacher_config"))
@@ -207,344 +704,51 @@ def rollout_program(
     row_ids: Array,
     host_id: Array,
     teacher_turn_prob: Array,
+    wave_fraction: Array | None = None,
+    wave_max_wait: Array | None = None,
 ) -> RolloutArrays:
-    """The whole multi-turn rollout of a left-padded batch as one program.
+    """The whole multi-turn rollout of a left-padded batch as one program (`SamplerLoop.run`).
 
     prompt_ids/prompt_mask ``[B, P]`` (left-padded), active ``[B]`` bool (False: the row
     finishes with prompt_too_long), prefix_ids ``[B, Pf]`` / prefix_len ``[B]`` (teacher
     prefixes, right-padded; length 0 = none), seed ``[]`` int, row_ids ``[B]`` int (RNG stream of
     each row), host_id ``[]`` int32 (the registered `RolloutHost`), teacher_turn_prob ``[]``
     float32 (a traced value: changing it does not recompile). teacher_config None: no teacher
-    (teacher_params and teacher_turn_prob ignored).
+    (teacher_params and teacher_turn_prob ignored). wave_fraction ``[]`` float32 / wave_max_wait
+    ``[]`` int32: the host-wave policy, traced too (None: the config's values).
     """
-    cfg = config
+    if wave_fraction is None:
+        wave_fraction = jnp.float32(config.wave_fraction)
+    if wave_max_wait is None:
+        wave_max_wait = jnp.int32(config.wave_max_wait)
     batch, prompt_width = prompt_ids.shape
-    if prompt_width >= cfg.cache_len:
-        raise ValueError(f"prompt width {prompt_width} leaves no room in cache_len {cfg.cache_len}")
-    has_teacher = teacher_config is not None
-    if has_teacher and teacher_config.vocab_size != model_config.vocab_size:
-        raise ValueError(
-            f"teacher vocab {teacher_config.vocab_size} != student vocab {model_config.vocab_size}"
-        )
-    chunk = cfg.ingest_chunk
-    resp_slots = cfg.cache_len - prompt_width
-    has_prefixes = cfg.max_prefix_length > 0
-    prefix_width = prefix_ids.shape[1]
-    if has_prefixes and prefix_width >= resp_slots:
-        raise ValueError(
-            f"prefix width {prefix_width} leaves no room to generate after the prompt "
-            f"(width {prompt_width}) in cache_len {cfg.cache_len}"
-        )
-    buf_width = resp_slots + max(chunk, prefix_width)  # spare columns: a write never clamps
-    obs_width = cfg.obs_buffer_length
-    window_width = cfg.stop_window
-    pad = cfg.pad_token_id
-
-    # Per-layer weights, split once: a step never slices them out of the stacked arrays.
-    params = split_layers(params)
-    if has_teacher:
-        teacher_params = split_layers(teacher_params)
-
+    loop = SamplerLoop(
+        model=model_config,
+        config=config,
+        plan=plan,
+        teacher=teacher_config,
+        batch=batch,
+        prompt_width=prompt_width,
+        prefix_width=prefix_ids.shape[1],
+        path=resolve_decode_path(config, plan),
+    )
+    if loop.path == "cpu":
+        # Per-layer weights, split once: a step never slices them out of the stacked arrays
+        # (XLA:CPU copies such a slice, every weight, every step).
+        params = split_layers(params)
+        if teacher_config is not None:
+            teacher_params = split_layers(teacher_params)
+    weights = _Weights(params, teacher_params if teacher_config is not None else None)
     base_key = jax.random.key(seed)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(row_ids)
-    sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys)
-
-    # --- prefill: the prompt, then the teacher prefixes; both models see both -----------------
-    # The cache has exactly cache_len slots: writes of masked columns past it are dropped.
-    prompt_mask = prompt_mask & active[:, None]
-    prefix_len = jnp.where(active, prefix_len, 0).astype(jnp.int32)
-    prefix_mask = jnp.arange(prefix_width, dtype=jnp.int32)[None] < prefix_len[:, None]
-    prefix_ids = jnp.where(prefix_mask, prefix_ids.astype(jnp.int32), pad)
-
-    def prefill(mcfg, p):
-        cache = _cache_constrain(
-            plan, init_cache(mcfg, batch, cfg.cache_len, p["embed_tokens"].dtype)
-        )
-        logits = jnp.zeros((batch, mcfg.vocab_size), jnp.float32)
-        logits, cache = _run_model(mcfg, p, prompt_ids, prompt_mask, cache, plan, logits)
-        if has_prefixes:
-            logits, cache = _run_model(mcfg, p, prefix_ids, prefix_mask, cache, plan, logits)
-        return logits, cache
-
-    next_logits, cache = prefill(model_config, params)
-    teacher_next_logits, teacher_cache = (
-        prefill(teacher_config, teacher_params) if has_teacher else (None, None)
-    )
-
-    def response_buffer(default, dtype, prefix_value=None):
-        """``[B, buf_width]`` filled with `default`; a prefix (the start of turn 0, written by
-        the teacher) occupies its row's first prefix_len columns with `prefix_value`."""
-        buf = jnp.full((batch, buf_width), default, dtype)
-        if not has_prefixes or prefix_value is None:
-            return buf
-        values = jnp.where(prefix_mask, prefix_value, default).astype(dtype)
-        return buf.at[:, :prefix_width].set(values)
-
-    zeros = jnp.zeros((batch,), jnp.int32)
-    state = _State(
-        step=jnp.int32(0),
-        ingest_steps=jnp.int32(0),
-        phase=jnp.where(active, C.GENERATING, C.DONE),
-        finish=jnp.where(active, C.RUNNING, C.PROMPT_TOO_LONG).astype(jnp.int32),
-        cache=cache,
-        teacher_cache=teacher_cache,
-        next_logits=next_logits,
-        teacher_next_logits=teacher_next_logits,
-        tokens=response_buffer(pad, jnp.int32, prefix_ids),
-        loss_mask=response_buffer(False, bool),
-        teacher_mask=response_buffer(False, bool, True),
-        logprobs=response_buffer(0.0, jnp.float32),
-        turn_ids=response_buffer(-1, jnp.int32, 0),
-        resp_len=prefix_len if has_prefixes else zeros,
-        turn_start=zeros,
-        turn_gen=zeros,
-        total_gen=zeros,
-        turn=zeros,
-        searches=zeros,
-        window=jnp.zeros((batch, window_width), jnp.int32),
-        pending=jnp.full((batch, obs_width + chunk), pad, jnp.int32),
-        pending_len=zeros,
-        pending_pos=zeros,
-        teacher_writes=_teacher_turn(has_teacher, row_keys, zeros, teacher_turn_prob),
-        ended_on_eos=jnp.zeros((batch,), bool),
-    )
-    state = _batch_constrain(plan, state.replace(cache=None, teacher_cache=None)).replace(
-        cache=cache, teacher_cache=teacher_cache
-    )
-
-    eos_ids = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
-
-    def decode(s: _State, rows_per_step: int) -> _State:
-        """One ``[M, 1]`` model step, M = `rows_per_step`: every generating row (at most M of
-        them) samples its next token (from the writer of its turn) and appends it; the model
-        runs on those rows' caches only. Rows that end a turn await the host."""
-        gen = s.phase == C.GENERATING
-        if rows_per_step == batch:
-            rows, read = None, slice(None)
-        else:  # the first M generating rows (index B: a dummy row, nothing is written)
-            rows = jnp.nonzero(gen, size=rows_per_step, fill_value=batch)[0].astype(jnp.int32)
-            read = jnp.minimum(rows, batch - 1)
-
-        def scatter(values, default):  # [M] values of `rows` -> [B]
-            if rows is None:
-                return values
-            return jnp.full((batch,), default, values.dtype).at[rows].set(values, mode="drop")
-
-        keys = jax.vmap(jax.random.fold_in)(sample_keys[read], s.resp_len[read])
-        token, logprob = sample_tokens(cfg, s.next_logits[read], keys)
-        if has_teacher:
-            t_token, t_logprob = sample_tokens(cfg, s.teacher_next_logits[read], keys)
-            token = jnp.where(s.teacher_writes[read], t_token, token)
-            logprob = jnp.where(s.teacher_writes[read], t_logprob, logprob)
-        token, logprob = scatter(token, pad), scatter(logprob, 0.0)
-        ids = jnp.where(gen, token, pad)[:, None]
-        mask = gen[:, None]
-
-        # Both models see every token; the model runs on the M rows' caches only.
-        step_ids, step_mask = (
-            (ids, mask) if rows is None else (ids[read], mask[read] & (rows < batch)[:, None])
-        )
-        next_logits, cache = _run_model(
-            model_config, params, step_ids, step_mask, s.cache, plan, s.next_logits, rows
-        )
-        teacher_next_logits, teacher_cache = s.teacher_next_logits, s.teacher_cache
-        if has_teacher:
-            teacher_next_logits, teacher_cache = _run_model(
-                teacher_config,
-                teacher_params,
-                step_ids,
-                step_mask,
-                teacher_cache,
-                plan,
-                teacher_next_logits,
-                rows,
-            )
-        resp_len = s.resp_len + gen
-        # Stops and budgets.
-        window = push_window(s.window, token, gen)
-        turn_gen = s.turn_gen + gen
-        total_gen = s.total_gen + gen
-        hit_eos = gen & jnp.any(token[:, None] == eos_ids[None], axis=1)
-        stopped = gen & (
-            ends_with_any(window, turn_gen, cfg.search_stops)
-            | ends_with_any(window, turn_gen, cfg.answer_stops)
-            | hit_eos
-        )
-        turn_end = stopped | (gen & (turn_gen >= cfg.max_new_tokens_per_turn))
-        # A row that did not end its turn may still run out of tokens or room for the next one.
-        mid_turn_reason = jnp.select(
-            [total_gen >= cfg.max_new_tokens, resp_len >= resp_slots],
-            [C.MAX_TOKENS, C.CONTEXT_FULL],
-            C.RUNNING,
-        )
-        ends_mid_turn = gen & ~turn_end & (mid_turn_reason != C.RUNNING)
-        phase = jnp.where(turn_end, C.AWAITING_HOST, s.phase)
-        phase = jnp.where(ends_mid_turn, C.DONE, phase)
-        writes = s.teacher_writes[:, None]
-        # (Rows not generating write their buffers' defaults at resp_len, past their end.)
-        return s.replace(
-            step=s.step + 1,
-            phase=phase,
-            finish=jnp.where(ends_mid_turn, mid_turn_reason, s.finish),
-            cache=cache,
-            teacher_cache=teacher_cache,
-            next_logits=next_logits,
-            teacher_next_logits=teacher_next_logits,
-            tokens=_write(s.tokens, ids, s.resp_len),
-            loss_mask=_write(s.loss_mask, mask & ~writes, s.resp_len),
-            teacher_mask=_write(s.teacher_mask, mask & writes, s.resp_len),
-            logprobs=_write(s.logprobs, jnp.where(mask, logprob[:, None], 0.0), s.resp_len),
-            turn_ids=_write(s.turn_ids, jnp.where(mask, s.turn[:, None], -1), s.resp_len),
-            resp_len=resp_len,
-            turn_gen=turn_gen,
-            total_gen=total_gen,
-            window=window,
-            ended_on_eos=jnp.where(turn_end, hit_eos, s.ended_on_eos),
-        )
-
-    def ingest(s: _State) -> _State:
-        """One ``[1, C]`` model step on the first ingesting row's cache only: it appends its next
-        C pending observation tokens; a fully ingested observation starts its next turn."""
-        row = jnp.argmax(s.phase == C.INGESTING).astype(jnp.int32)
-        rows = row[None]
-        start, length = s.pending_pos[row], s.pending_len[row]
-        mask = start + jnp.arange(chunk, dtype=jnp.int32) < length
-        ids = jnp.where(mask, jax.lax.dynamic_slice(s.pending[row], (start,), (chunk,)), pad)
-        next_logits, cache = _run_model(
-            model_config, params, ids[None], mask[None], s.cache, plan, s.next_logits, rows
-        )
-        teacher_next_logits, teacher_cache = s.teacher_next_logits, s.teacher_cache
-        if has_teacher:
-            teacher_next_logits, teacher_cache = _run_model(
-                teacher_config,
-                teacher_params,
-                ids[None],
-                mask[None],
-                teacher_cache,
-                plan,
-                teacher_next_logits,
-                rows,
-            )
-        count = jnp.sum(mask, dtype=jnp.int32)
-        at = s.resp_len[row]
-        no = jnp.zeros((chunk,), bool)
-        return s.replace(
-            step=s.step + 1,
-            ingest_steps=s.ingest_steps + 1,
-            phase=s.phase.at[row].set(
-                jnp.where(start + count >= length, C.GENERATING, C.INGESTING)
-            ),
-            cache=cache,
-            teacher_cache=teacher_cache,
-            next_logits=next_logits,
-            teacher_next_logits=teacher_next_logits,
-            tokens=_write_row(s.tokens, ids, row, at),
-            loss_mask=_write_row(s.loss_mask, no, row, at),
-            teacher_mask=_write_row(s.teacher_mask, no, row, at),
-            logprobs=_write_row(s.logprobs, jnp.zeros((chunk,), jnp.float32), row, at),
-            # An observation belongs to the turn whose action produced it.
-            turn_ids=_write_row(s.turn_ids, jnp.where(mask, s.turn[row] - 1, -1), row, at),
-            resp_len=s.resp_len.at[row].add(count),
-            pending_pos=s.pending_pos.at[row].add(count),
-        )
-
-    def resolve_turns(s: _State) -> _State:
-        """ONE host call for every row awaiting it: parse, retrieve, observation ids; then each
-        such row either finishes or starts ingesting its observation (its next turn follows)."""
-        waiting = s.phase == C.AWAITING_HOST
-        allowed = s.turn < cfg.max_turns
-        shapes = (
-            jax.ShapeDtypeStruct((batch,), jnp.int32),
-            jax.ShapeDtypeStruct((batch, obs_width), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32),
-        )
-        action, obs, obs_len = _batch_constrain(
-            plan,
-            io_callback(
-                host_callback, shapes, host_id, waiting, s.tokens, s.turn_start, s.resp_len, allowed
-            ),
-        )
-        answered = waiting & (action == C.ACTION_ANSWER)
-        errored = waiting & (action == C.ACTION_ERROR)
-        eos_finish = (
-            waiting & s.ended_on_eos & (action == C.ACTION_INVALID) & cfg.eos_ends_trajectory
-        )
-        final = waiting & ~allowed
-        obs_fits = s.resp_len + obs_len < resp_slots  # the observation and one more token
-        reason = jnp.select(
-            [answered, errored, eos_finish, final, s.total_gen >= cfg.max_new_tokens, ~obs_fits],
-            [C.ANSWER, C.RETRIEVER_ERROR, C.EOS, C.MAX_TURNS, C.MAX_TOKENS, C.CONTEXT_FULL],
-            C.RUNNING,
-        )
-        ends_row = waiting & (reason != C.RUNNING)
-        next_turn = waiting & ~ends_row
-        turn = s.turn + waiting
-        obs_padded = jnp.pad(obs, ((0, 0), (0, chunk)), constant_values=pad)
-        return s.replace(
-            phase=jnp.where(ends_row, C.DONE, jnp.where(next_turn, C.INGESTING, s.phase)),
-            finish=jnp.where(ends_row, reason, s.finish),
-            turn=turn,
-            turn_start=jnp.where(next_turn, s.resp_len + obs_len, s.turn_start),
-            turn_gen=jnp.where(waiting, 0, s.turn_gen),
-            searches=s.searches + (waiting & (action == C.ACTION_SEARCH)),
-            pending=jnp.where(next_turn[:, None], obs_padded, s.pending),
-            pending_len=jnp.where(next_turn, obs_len, s.pending_len),
-            pending_pos=jnp.where(next_turn, 0, s.pending_pos),
-            teacher_writes=jnp.where(
-                waiting,
-                _teacher_turn(has_teacher, row_keys, turn, teacher_turn_prob),
-                s.teacher_writes,
-            ),
-        )
-
-    # Every step moves at least one row forward by one slot (or ends it); a row has resp_slots.
-    step_limit = batch * (resp_slots + 1) + 4
-
-    decode_sizes = _decode_sizes(batch)
-
-    def under_limit(s):
-        return s.step < step_limit
-
-    def any_phase(s, phase):
-        return jnp.any(s.phase == phase)
-
-    def body(s):
-        # Inner loops instead of a lax.cond per step: a conditional inside the loop would pass
-        # the whole state (the KV caches) through its branches, which XLA copies every step.
-        # Decode until some row ends its turn (or none generates), on fewer rows (a smaller
-        # compiled step) as rows stop generating: within this phase their number only falls ...
-        for size, smaller in zip(decode_sizes, decode_sizes[1:] + (0,)):
-            s = jax.lax.while_loop(
-                lambda x, smaller=smaller: (
-                    under_limit(x)
-                    & (jnp.sum(x.phase == C.GENERATING) > smaller)
-                    & ~any_phase(x, C.AWAITING_HOST)
-                ),
-                functools.partial(decode, rows_per_step=size),
-                s,
-            )
-        # ... then one host call for all rows whose turn ended (a no-op call only when every
-        # row has finished) ...
-        s = resolve_turns(s)
-        # ... then ingest their observations, one row and C tokens per step.
-        return jax.lax.while_loop(
-            lambda x: under_limit(x) & any_phase(x, C.INGESTING),
-            ingest,
-            s,
-        )
-
-    s = jax.lax.while_loop(lambda x: under_limit(x) & ~jnp.all(x.phase == C.DONE), body, state)
-    return RolloutArrays(
-        tokens=s.tokens[:, :resp_slots],
-        length=s.resp_len,
-        loss_mask=s.loss_mask[:, :resp_slots],
-        teacher_mask=s.teacher_mask[:, :resp_slots],
-        logprobs=s.logprobs[:, :resp_slots],
-        turn_ids=s.turn_ids[:, :resp_slots],
-        num_turns=s.turn + (s.turn_gen > 0),  # a turn cut short by a budget counts too
-        num_searches=s.searches,
-        generated=s.total_gen,
-        finish_reason=s.finish,
-        steps=s.step,
-        ingest_steps=s.ingest_steps,
-    )
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "active": active,
+        "prefix_ids": prefix_ids,
+        "prefix_len": prefix_len,
+        "row_keys": jax.vmap(lambda i: jax.random.fold_in(base_key, i))(row_ids),
+        "teacher_prob": teacher_turn_prob,
+        "wave_fraction": jnp.asarray(wave_fraction, jnp.float32),
+        "wave_max_wait": jnp.asarray(wave_max_wait, jnp.int32),
+    }
+    return loop.run(weights, inputs, host_id)

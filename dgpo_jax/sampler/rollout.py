@@ -17,6 +17,7 @@ from dgpo_jax.parallel.distributed import to_host
 from dgpo_jax.sampler.config import FINISH_REASONS, RUNNING, SamplerConfig
 from dgpo_jax.sampler.host import (
     RolloutHost,
+    RolloutRetrievalError,
     prepare_prefixes,
     prepare_prompts,
     register,
@@ -74,6 +75,10 @@ class Sampler:
       plan: optional `ShardingPlan`: batch over its data axes, params as the caller sharded them.
       teacher_config: the teacher's `Qwen2Config` for Guided-OPD (None: no teacher, no 2nd cache).
       topk: documents per query (None: the retriever's default).
+      on_retriever_error: "raise" (a wave whose search fails after `search_attempts` attempts
+        stops the rollout with `RolloutRetrievalError`, naming the URLs and the waiting rows)
+        or "finish" (those rows finish with retriever_error).
+      search_attempts: attempts per wave's search (the HTTP client retries within each).
     """
 
     def __init__(
@@ -85,7 +90,13 @@ class Sampler:
         plan: Any = None,
         teacher_config: Qwen2Config | None = None,
         topk: int | None = None,
+        on_retriever_error: str = "raise",
+        search_attempts: int = 2,
     ):
+        if on_retriever_error not in ("raise", "finish"):
+            raise ValueError(
+                f"on_retriever_error must be 'raise' or 'finish', got {on_retriever_error!r}"
+            )
         if not hasattr(retriever, "search"):
             raise TypeError(f"retriever {type(retriever).__name__} has no search(queries) method")
         if teacher_config is not None and teacher_config.vocab_size != model_config.vocab_size:
@@ -105,6 +116,8 @@ class Sampler:
         self.plan = plan
         self.teacher_config = teacher_config
         self.topk = topk
+        self.on_retriever_error = on_retriever_error
+        self.search_attempts = search_attempts
 
     def _encode_prompts(self, prompts) -> list[list[int]]:
         out = []
@@ -162,11 +175,20 @@ class Sampler:
         inputs = (prompt_ids, prompt_mask, active, prefix_ids, prefix_len, row_ids)
         if self.plan is not None:
             inputs = self.plan.shard_batch(inputs)
-        host = RolloutHost(cfg, self.tokenizer, self.retriever, batch, self.topk)
+        host = RolloutHost(
+            cfg,
+            self.tokenizer,
+            self.retriever,
+            batch,
+            self.topk,
+            on_retriever_error=self.on_retriever_error,
+            search_attempts=self.search_attempts,
+        )
         host_id = register(host)
         started = time.perf_counter()
         try:
-            static_config = cfg.replace(teacher_turn_prob=0.0)  # the probability is passed traced
+            # The teacher probability and the wave policy are passed traced (no recompiles).
+            static_config = cfg.replace(teacher_turn_prob=0.0, wave_fraction=0.5, wave_max_wait=0)
             arrays = rollout_program(
                 self.model_config,
                 static_config,
@@ -179,9 +201,13 @@ class Sampler:
                 inputs[5],
                 jnp.int32(host_id),
                 jnp.float32(prob),
+                jnp.float32(cfg.wave_fraction),
+                jnp.int32(cfg.wave_max_wait),
             )
             arrays = to_host(arrays)  # gathers shards held by other processes
         except Exception as error:
+            if isinstance(host.failure, RolloutRetrievalError):
+                raise RolloutRetrievalError(str(host.failure)) from None
             if host.failure is not None:
                 raise RuntimeError(
                     f"sampler host callback failed: {host.failure!r}"
@@ -205,6 +231,18 @@ class Sampler:
             "generated_tokens": generated,
             "ingested_tokens": ingested + int(prompt_mask.sum()),
             "host_calls": host.num_calls,
+            "waves": int(arrays.waves),
+            "max_turns": cfg.max_turns,
+            "decode_steps": int(arrays.steps) - int(arrays.ingest_steps),
+            "decode_rows": int(arrays.decode_rows),
+            "ingest_rows": int(arrays.ingest_rows),
+            "model_calls": int(arrays.steps) * (2 if self.teacher_config is not None else 1),
+            "bytes_to_host": host.bytes_to_host,
+            "searches_per_call": (
+                sum(host.rows_per_call) / len(host.rows_per_call) if host.rows_per_call else 0.0
+            ),
+            "empty_results": host.empty_results,
+            "short_results": host.short_results,
             "host_seconds": host.host_seconds,
             "retriever_seconds": host.retriever_seconds,
         }

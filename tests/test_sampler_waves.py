@@ -1,0 +1,251 @@
+"""Host waves, batched ingestion and the two decode paths of the sampler.
+
+The schedule (when the host is called, how many rows a model step computes, which decode path
+runs) must never change a rollout: a row's samples depend only on (seed, row id, its own
+context). So every schedule is checked against the per-event one (``wave_fraction=0``: a host
+call at every turn end, the sampler's behaviour before waves), token for token, on sampled
+rollouts whose rows end their turns at different steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dgpo_jax
+from dgpo_jax.models.qwen2 import forward_with_cache, init_cache
+from dgpo_jax.retrieval.documents import Document
+from dgpo_jax.retrieval.formatting import information_observation
+from dgpo_jax.sampler import Sampler
+from dgpo_jax.sampler.host import RolloutRetrievalError
+from tests.test_sampler import (
+    ANSWERING,
+    STUDENT_ALPHA,
+    TEACHER_BETA,
+    TOK,
+    ScriptedRetriever,
+    config,
+    make_chain_model,
+)
+
+MAX_TURNS = 4
+PROMPTS = ["where is zorp?", "tell me now!", "who is x?", "is it zorp now?"] * 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for name, chain, layers, seed in (
+        ("answering", ANSWERING, 2, 1),
+        ("student", STUDENT_ALPHA, 2, 2),
+        ("teacher", TEACHER_BETA, 3, 3),
+    ):
+        path = tmp_path_factory.mktemp(name)
+        make_chain_model(path, chain, layers=layers, seed=seed)
+        out[name] = dgpo_jax.load_hf(str(path), dtype="float32")
+    return out
+
+
+def wave_config(**overrides):
+    base = dict(
+        greedy=False,
+        temperature=1.0,
+        max_turns=MAX_TURNS,
+        cache_len=768,
+        max_obs_length=64,
+        ingest_chunk=16,
+    )
+    return config(**{**base, **overrides})
+
+
+def assert_same_rollout(out, ref):
+    a, b = out.arrays, ref.arrays
+    for name in ("tokens", "length", "loss_mask", "teacher_mask", "turn_ids", "num_turns"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.num_searches, b.num_searches)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert out.finish_reasons == ref.finish_reasons
+    assert out.queries == ref.queries and out.turn_texts == ref.turn_texts
+
+
+def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
+    model_config, params = models["answering"]
+    ref = Sampler(model_config, wave_config(wave_fraction=0.0), TOK, ScriptedRetriever())
+    ref = ref.generate(params, PROMPTS, seed=5)
+    # The rows end their turns at different steps and take different numbers of turns.
+    assert len(set(ref.arrays.num_turns.tolist())) >= 3
+    assert {"answer", "max_turns"} <= set(ref.finish_reasons)
+    calls = {}
+    for name, overrides in (
+        ("default waves", {}),
+        ("wait for all", dict(wave_fraction=1.0)),
+        ("max wait 2 steps", dict(wave_fraction=1.0, wave_max_wait=2)),
+        ("accelerator path", dict(decode_path="accelerator")),
+    ):
+        retriever = ScriptedRetriever()
+        out = Sampler(model_config, wave_config(**overrides), TOK, retriever).generate(
+            params, PROMPTS, seed=5
+        )
+        assert_same_rollout(out, ref)
+        calls[name] = out.stats["host_calls"]
+        assert out.stats["waves"] == out.stats["host_calls"]
+    # Host calls: one per turn end at wave_fraction 0; at most 2 x max_turns + 2 in waves.
+    assert ref.stats["host_calls"] > calls["default waves"] >= calls["wait for all"]
+    assert calls["default waves"] <= 2 * MAX_TURNS + 2
+    assert calls["wait for all"] <= MAX_TURNS + 1  # one per turn level
+    assert calls["max wait 2 steps"] > calls["wait for all"]
+    # The host receives each waiting row's last turn: need, allowed (bool), turn length (int32)
+    # and the turn's tokens (int32, max_new_tokens_per_turn = 12 of them) per row.
+    per_call = len(PROMPTS) * (1 + 1 + 4 + 12 * 4)
+    assert ref.stats["bytes_to_host"] == ref.stats["host_calls"] * per_call
+
+
+def test_waves_with_teacher_turns_and_prefixes(models):
+    """Guided-OPD teacher turns and TrOPD prefixes: waves and the accelerator path equal the
+    per-event cpu rollout."""
+    student_config, student_params = models["student"]
+    teacher_config, teacher_params = models["teacher"]
+    prompts = PROMPTS[:8]
+    prefixes = [TOK.encode("<search>be"), None] * 4
+
+    def run(**overrides):
+        cfg = wave_config(max_prefix_length=4, teacher_turn_prob=0.5, **overrides)
+        sampler = Sampler(
+            student_config, cfg, TOK, ScriptedRetriever(), teacher_config=teacher_config
+        )
+        return sampler.generate(
+            student_params, prompts, seed=2, teacher_params=teacher_params, prefixes=prefixes
+        )
+
+    ref = run(wave_fraction=0.0, decode_path="cpu")
+    assert ref.arrays.teacher_mask.any() and ref.arrays.loss_mask.any()
+    assert ref.arrays.teacher_mask[0, :2].all()  # the prefix
+    for overrides in ({}, dict(decode_path="accelerator", wave_fraction=0.75)):
+        out = run(**overrides)
+        assert_same_rollout(out, ref)
+        assert out.stats["host_calls"] < ref.stats["host_calls"]
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_batched_ingestion_equals_one_row_at_a_time(models, window):
+    """Appending observations of rows at different lengths in one ``[M, C]`` step (the rows
+    gathered out of the batch, or all rows with a mask and one static key window) leaves the
+    same cache and next-token logits as appending them one row at a time."""
+    model_config, params = models["answering"]
+    rng = np.random.RandomState(0)
+    batch, chunk = 4, 6
+    cache = init_cache(model_config, batch, 64)
+    lengths = [9, 3, 7, 5]
+    prompt = np.zeros((batch, 9), np.int32)
+    prompt_mask = np.zeros((batch, 9), bool)
+    for row, n in enumerate(lengths):  # left-padded prompts of different lengths
+        prompt[row, 9 - n :] = rng.randint(16, 100, n)
+        prompt_mask[row, 9 - n :] = True
+    _, cache = forward_with_cache(model_config, params, jnp.asarray(prompt), cache, prompt_mask)
+    obs = rng.randint(16, 100, (batch, chunk)).astype(np.int32)
+    obs_mask = np.arange(chunk)[None] < np.array([[6], [2], [4], [0]])  # row 3 is not ingesting
+    rows = np.array([0, 1, 2], np.int32)
+    step = jax.jit(
+        lambda c, ids, mask, rows: forward_with_cache(model_config, params, ids, c, mask, rows=rows)
+    )
+    # One row at a time.
+    single = cache
+    single_logits = {}
+    for row in rows:
+        logits, single = step(single, obs[row : row + 1], obs_mask[row : row + 1], np.array([row]))
+        single_logits[row] = np.asarray(logits[0, obs_mask[row].sum() - 1])
+    # All at once.
+    if window is None:  # the cpu path: the ingesting rows gathered, plus a dummy row
+        gathered = np.array([0, 1, 2, batch], np.int32)
+        logits, batched = step(cache, obs, obs_mask, gathered)
+    else:  # the accelerator path: every row, masked, one static window
+        logits, batched = jax.jit(
+            lambda c: forward_with_cache(
+                model_config, params, jnp.asarray(obs), c, obs_mask, window=window
+            )
+        )(cache)
+    for row in rows:
+        got = np.asarray(logits[row, obs_mask[row].sum() - 1])
+        np.testing.assert_allclose(got, single_logits[row], atol=2e-5)
+    for name in ("valid", "end", "next_pos"):
+        np.testing.assert_array_equal(getattr(batched, name), getattr(single, name), err_msg=name)
+    valid = np.asarray(single.valid)  # slots holding real tokens (others may hold scratch)
+    for buf in ("k", "v"):
+        a, b = np.asarray(getattr(batched, buf)), np.asarray(getattr(single, buf))
+        np.testing.assert_allclose(
+            a.transpose(1, 3, 0, 2, 4)[valid], b.transpose(1, 3, 0, 2, 4)[valid], atol=2e-5
+        )
+    assert list(np.asarray(batched.end)) == [9 + 6, 9 + 2, 9 + 4, 9]
+
+
+class DocumentRetriever:
+    """A retriever with ``retrieve`` (documents): a query with "none" gets no document, one with
+    "one" a single document, others `topk`."""
+
+    topk = 3
+
+    def retrieve(self, queries, topk=None):
+        topk = topk or self.topk
+        out = []
+        for q in queries:
+            n = 0 if "none" in q else 1 if "one" in q else topk
+            out.append([Document(str(i), f"{q} {i}\nabout {q}") for i in range(n)])
+        return out
+
+    def search(self, queries, topk=None):  # pragma: no cover - the sampler uses retrieve
+        raise AssertionError("retrieve() should be used when a retriever has it")
+
+
+def test_short_and_empty_results_are_formatted_as_the_reference_and_counted(models):
+    model_config, params = models["answering"]
+    cfg = config(max_turns=1, max_obs_length=300)
+    prefixes = [TOK.encode("<search>none</search>"), TOK.encode("<search>one</search>")]
+    prefixes.append(TOK.encode("<search>zorp</search>"))
+    out = Sampler(model_config, cfg.replace(max_prefix_length=24), TOK, DocumentRetriever())
+    out = out.generate(params, ["x?"] * 3, prefixes=prefixes)
+    assert out.stats["empty_results"] == 1 and out.stats["short_results"] == 1
+    expected = {
+        0: "\n\n<information></information>\n\n",  # the reference's empty result
+        1: "\n\n<information>Doc 1(Title: one 0) about one</information>\n\n",
+        2: information_observation(
+            "".join(f"Doc {i + 1}(Title: zorp {i}) about zorp\n" for i in range(3))
+        ),
+    }
+    for row, text in expected.items():
+        assert text in TOK.decode(out.response_ids(row))
+        assert out.arrays.num_searches[row] == 1
+
+
+def test_retriever_failure_stops_the_rollout_naming_the_rows_or_finishes_them(models):
+    model_config, params = models["answering"]
+    prompts = ["where is zorp?", "tell me!", "x?"]
+    cfg = config()
+    # A failure then a success: the retry hides it.
+    flaky = ScriptedRetriever(fail_calls={0})
+    out = Sampler(model_config, cfg, TOK, flaky).generate(params, prompts)
+    reference = Sampler(model_config, cfg, TOK, ScriptedRetriever()).generate(params, prompts)
+    assert_same_rollout(out, reference)
+    # Failing on every attempt: the rollout raises, naming the retriever and the waiting rows.
+    with pytest.raises(
+        RolloutRetrievalError,
+        match=r"after 2 attempt\(s\) at ScriptedRetriever for 2 waiting row\(s\) \[0, 2\]: "
+        r"ConnectionError: retrieval server unreachable",
+    ):
+        Sampler(model_config, cfg, TOK, ScriptedRetriever(fail_calls={0, 1})).generate(
+            params, prompts
+        )
+    # on_retriever_error="finish": those rows finish with retriever_error, never with an empty
+    # observation; the others go on.
+    out = Sampler(
+        model_config,
+        cfg,
+        TOK,
+        ScriptedRetriever(fail_calls={0, 1}),
+        on_retriever_error="finish",
+    ).generate(params, prompts)
+    assert out.finish_reasons == ["retriever_error", reference.finish_reasons[1], "retriever_error"]
+    for row in (0, 2):
+        assert out.errors[row].startswith("ConnectionError: retrieval server unreachable")
+        assert out.arrays.num_searches[row] == 0
+        assert out.arrays.length[row] == len(TOK.encode("<search>zorp</search>"))
+    np.testing.assert_array_equal(out.response_ids(1), reference.response_ids(1))
