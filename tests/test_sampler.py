@@ -515,6 +515,16 @@ def test_sharded_rollout_equals_single_device(chain_models):
     np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
     np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
+    # Host calls per batch shard (what several processes do): every shard searches for its own
+    # rows (4 of them: data=2 x fsdp=4 over 8 rows, 2 rows each), the rollout is the same.
+    retriever = ScriptedRetriever()
+    out = Sampler(
+        model_config, cfg.replace(host_calls="per_shard"), TOK, retriever, plan=plan
+    ).generate(sharded_params, prompts)
+    np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
+    assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
+    assert out.turn_texts == plain.turn_texts
+    assert max(len(call) for call in retriever.calls) <= 2  # each shard's own rows
 
 
 def test_prompt_too_long_finishes_only_its_row(chain_models):

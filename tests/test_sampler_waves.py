@@ -94,9 +94,9 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
     assert calls["default waves"] <= 2 * MAX_TURNS + 2
     assert calls["wait for all"] <= MAX_TURNS + 1  # one per turn level
     assert calls["max wait 2 steps"] > calls["wait for all"]
-    # The host receives each waiting row's last turn: need, allowed (bool), turn length (int32)
-    # and the turn's tokens (int32, max_new_tokens_per_turn = 12 of them) per row.
-    per_call = len(PROMPTS) * (1 + 1 + 4 + 12 * 4)
+    # The host receives each waiting row's last turn: need, allowed (bool), row index and turn
+    # length (int32), and the turn's tokens (int32, max_new_tokens_per_turn = 12 of them).
+    per_call = len(PROMPTS) * (1 + 1 + 4 + 4 + 12 * 4)
     assert ref.stats["bytes_to_host"] == ref.stats["host_calls"] * per_call
 
 

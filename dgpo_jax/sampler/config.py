@@ -92,6 +92,10 @@ class SamplerConfig:
     # "accelerator": scanned layers, all rows every step with a mask, one window per step;
     # "auto": by the platform of the devices.
     decode_path: str = "auto"
+    # "single": one host call per wave for the whole batch (on the first device's process);
+    # "per_shard": each batch shard calls its own process's host, which searches for its rows
+    # against its own retriever; "auto": per_shard when the mesh spans several processes.
+    host_calls: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
@@ -121,6 +125,11 @@ class SamplerConfig:
             raise ValueError(
                 f"SamplerConfig.decode_path must be 'auto', 'cpu' or 'accelerator', got "
                 f"{self.decode_path!r}"
+            )
+        if self.host_calls not in ("auto", "single", "per_shard"):
+            raise ValueError(
+                f"SamplerConfig.host_calls must be 'auto', 'single' or 'per_shard', got "
+                f"{self.host_calls!r}"
             )
         if not isinstance(self.max_turns, int) or self.max_turns < 0:
             raise ValueError(f"SamplerConfig.max_turns must be an int >= 0, got {self.max_turns!r}")

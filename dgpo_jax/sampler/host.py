@@ -106,6 +106,7 @@ class RolloutHost:
         self.retriever_seconds = 0.0
         self.host_seconds = 0.0
         self.failure: BaseException | None = None  # an unexpected error inside the callback
+        self._lock = threading.Lock()
         self.notice_ids = self._encode_truncated(INVALID_ACTION_NOTICE)
 
     def _encode_truncated(self, text: str) -> np.ndarray:
@@ -121,13 +122,15 @@ class RolloutHost:
             results = self.retriever.retrieve(queries, **kwargs)
             self._check_length(results, queries, "retrieve")
             wanted = self.topk if self.topk is not None else getattr(self.retriever, "topk", None)
-            for documents in results:
-                self.empty_results += len(documents) == 0
-                self.short_results += wanted is not None and 0 < len(documents) < wanted
+            with self._lock:
+                for documents in results:
+                    self.empty_results += len(documents) == 0
+                    self.short_results += wanted is not None and 0 < len(documents) < wanted
             return [format_documents(documents) for documents in results]
         docs = self.retriever.search(queries, **kwargs)
         self._check_length(docs, queries, "search")
-        self.empty_results += sum(1 for d in docs if not d)
+        with self._lock:
+            self.empty_results += sum(1 for d in docs if not d)
         return list(docs)
 
     @staticmethod
@@ -173,57 +176,70 @@ class RolloutHost:
                 )
             return None, message
         finally:
-            self.retriever_seconds += time.perf_counter() - started
+            with self._lock:
+                self.retriever_seconds += time.perf_counter() - started
 
     def handle(
         self,
+        row_index: np.ndarray,
         need: np.ndarray,
         turn_tokens: np.ndarray,
         turn_len: np.ndarray,
         search_allowed: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """need/search_allowed ``[B]`` bool, turn_tokens ``[B, Tw]`` (each waiting row's last
-        turn, left-aligned), turn_len ``[B]`` -> (action ``[B]`` int32, observation ids ``[B, O]``
-        int32, observation length ``[B]`` int32)."""
+        """One host call for b rows (the batch, or one batch shard with per_shard host calls):
+        row_index ``[b]`` (their rows in the batch), need/search_allowed ``[b]`` bool,
+        turn_tokens ``[b, Tw]`` (each waiting row's last turn, left-aligned), turn_len ``[b]``
+        -> (action ``[b]`` int32, observation ids ``[b, O]`` int32, observation length ``[b]``
+        int32). Shards may call at once from several threads: the bookkeeping is locked, the
+        searches are not."""
         started = time.perf_counter()
-        self.num_calls += 1
-        self.bytes_to_host += sum(
-            int(x.nbytes) for x in (need, turn_tokens, turn_len, search_allowed)
-        )
         cfg = self.config
-        batch = need.shape[0]
-        action = np.full((batch,), ACTION_INVALID, np.int32)
-        obs = np.full((batch, cfg.obs_buffer_length), cfg.pad_token_id, np.int32)
-        obs_len = np.zeros((batch,), np.int32)
-        search_rows, queries = [], []
-        for row in np.flatnonzero(need):
-            ids = turn_tokens[row, : int(turn_len[row])].tolist()
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            self.turn_texts[row].append(text)
+        rows = need.shape[0]
+        action = np.full((rows,), ACTION_INVALID, np.int32)
+        obs = np.full((rows, cfg.obs_buffer_length), cfg.pad_token_id, np.int32)
+        obs_len = np.zeros((rows,), np.int32)
+        search_at, queries, turns = [], [], []
+        for i in np.flatnonzero(need):
+            row = int(row_index[i])
+            text = self.tokenizer.decode(
+                turn_tokens[i, : int(turn_len[i])].tolist(), skip_special_tokens=False
+            )
+            turns.append((row, text))
             kind, content = parse_action(text)
             if kind == "answer":
-                action[row] = ACTION_ANSWER
+                action[i] = ACTION_ANSWER
                 self.answers[row] = content
-            elif kind == "search" and search_allowed[row]:
-                search_rows.append(int(row))
+            elif kind == "search" and search_allowed[i]:
+                search_at.append(int(i))
                 queries.append(content)
             else:  # no action, or a search in the final turn: the invalid-action notice
-                obs[row, : len(self.notice_ids)] = self.notice_ids
-                obs_len[row] = len(self.notice_ids)
+                obs[i, : len(self.notice_ids)] = self.notice_ids
+                obs_len[i] = len(self.notice_ids)
+        with self._lock:
+            self.num_calls += 1
+            self.bytes_to_host += sum(
+                int(x.nbytes) for x in (row_index, need, turn_tokens, turn_len, search_allowed)
+            )
+            for row, text in turns:
+                self.turn_texts[row].append(text)
+            if queries:
+                self.rows_per_call.append(len(queries))
         if queries:
-            self.rows_per_call.append(len(queries))
+            search_rows = [int(row_index[i]) for i in search_at]
             docs, error = self._search(queries, search_rows)
-            for i, row in enumerate(search_rows):
+            for q, (i, row) in enumerate(zip(search_at, search_rows)):
                 if error is not None:  # on_retriever_error="finish": these rows finish
-                    action[row] = ACTION_ERROR
+                    action[i] = ACTION_ERROR
                     self.errors[row] = error
                     continue
-                self.queries[row].append(queries[i])
-                ids = self._encode_truncated(information_observation(docs[i]))
-                action[row] = ACTION_SEARCH
-                obs[row, : len(ids)] = ids
-                obs_len[row] = len(ids)
-        self.host_seconds += time.perf_counter() - started
+                self.queries[row].append(queries[q])
+                ids = self._encode_truncated(information_observation(docs[q]))
+                action[i] = ACTION_SEARCH
+                obs[i, : len(ids)] = ids
+                obs_len[i] = len(ids)
+        with self._lock:
+            self.host_seconds += time.perf_counter() - started
         return action, obs, obs_len
 
 
@@ -244,13 +260,14 @@ def unregister(host_id: int) -> None:
         _HOSTS.pop(host_id, None)
 
 
-def host_callback(host_id, need, turn_tokens, turn_len, search_allowed):
+def host_callback(host_id, row_index, need, turn_tokens, turn_len, search_allowed):
     """The function the compiled loop calls (numpy in, numpy out); see `RolloutHost.handle`."""
     host = _HOSTS.get(int(host_id))
     if host is None:
         raise RuntimeError(f"sampler host callback: no rollout registered under id {int(host_id)}")
     try:
         return host.handle(
+            np.asarray(row_index),
             np.asarray(need),
             np.asarray(turn_tokens),
             np.asarray(turn_len),

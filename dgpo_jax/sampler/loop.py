@@ -47,6 +47,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
+from jax.sharding import PartitionSpec
 
 from dgpo_jax.models.config import Qwen2Config
 from dgpo_jax.models.qwen2 import (
@@ -242,6 +243,37 @@ def _run_model(model_cfg, params, ids, mask, cache, plan, logits, rows=None, win
     return logits.at[rows].set(new, mode="drop"), _cache_constrain(plan, cache)
 
 
+def _call_host(host_id, args, obs_width):
+    """The host call for the rows of ``args`` = (row index, waiting, turn tokens, turn length,
+    search allowed), all ``[b, ...]``; skipped (zeros) when none of them waits. Returns
+    (action ``[b]``, observation ids ``[b, O]``, observation length ``[b]``)."""
+    rows = args[0].shape[0]
+    shapes = (
+        jax.ShapeDtypeStruct((rows,), jnp.int32),
+        jax.ShapeDtypeStruct((rows, obs_width), jnp.int32),
+        jax.ShapeDtypeStruct((rows,), jnp.int32),
+    )
+    return jax.lax.cond(
+        jnp.any(args[1]),
+        lambda a: io_callback(host_callback, shapes, host_id, *a),
+        lambda a: tuple(jnp.zeros(x.shape, x.dtype) for x in shapes),
+        args,
+    )
+
+
+def resolve_host_calls(config: SamplerConfig, plan=None) -> str:
+    """``single`` (one host call per wave, on the process of the first device, for the global
+    batch) or ``per_shard`` (each batch shard calls the host of the process that holds it, so
+    every process searches for its own rows against its own retriever): the config's choice, or
+    for ``auto`` per_shard exactly when the plan spans several processes."""
+    if config.host_calls != "auto":
+        return config.host_calls
+    if plan is None:
+        return "single"
+    processes = {d.process_index for d in plan.mesh.devices.flat}
+    return "per_shard" if len(processes) > 1 else "single"
+
+
 def resolve_decode_path(config: SamplerConfig, plan=None) -> str:
     """``cpu`` or ``accelerator``: the config's choice, or for ``auto`` the platform of the
     plan's devices (or JAX's default backend without a plan)."""
@@ -269,6 +301,7 @@ class SamplerLoop:
     prompt_width: int
     prefix_width: int
     path: str  # "cpu" | "accelerator"
+    host_calls: str = "single"  # "single" | "per_shard" (see `resolve_host_calls`)
 
     def __post_init__(self):
         cfg = self.config
@@ -287,6 +320,8 @@ class SamplerLoop:
             )
         if self.path not in ("cpu", "accelerator"):
             raise ValueError(f"decode path {self.path!r}: expected 'cpu' or 'accelerator'")
+        if self.host_calls == "per_shard" and self.plan is None:
+            raise ValueError("host_calls='per_shard' needs a sharding plan")
 
     # --- static sizes ---------------------------------------------------------------------
     @property
@@ -555,22 +590,20 @@ class SamplerLoop:
         turn_tokens = jnp.where(
             jnp.arange(self.turn_width)[None] < turn_len[:, None], turn_tokens, pad
         )
-        shapes = (
-            jax.ShapeDtypeStruct((batch,), jnp.int32),
-            jax.ShapeDtypeStruct((batch, obs_width), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32),
-        )
-
-        def call(args):
-            return io_callback(host_callback, shapes, host_id, *args)
-
-        def skip(args):
-            return tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
-
-        action, obs, obs_len = _batch_constrain(
-            self.plan,
-            jax.lax.cond(jnp.any(waiting), call, skip, (waiting, turn_tokens, turn_len, allowed)),
-        )
+        args = (jnp.arange(batch, dtype=jnp.int32), waiting, turn_tokens, turn_len, allowed)
+        if self.host_calls == "single":
+            action, obs, obs_len = _call_host(host_id, args, obs_width)
+        else:  # each batch shard calls the host of the process that holds it, for its rows
+            spec = tuple(self.plan.spec(("batch",), (batch,)))
+            specs = tuple(PartitionSpec(*spec, *([None] * (x.ndim - 1))) for x in args)
+            action, obs, obs_len = jax.shard_map(
+                lambda host, *local: _call_host(host, local, obs_width),
+                mesh=self.plan.mesh,
+                in_specs=(PartitionSpec(),) + specs,
+                out_specs=(specs[0], specs[2], specs[0]),
+                check_vma=False,
+            )(host_id, *args)
+        action, obs, obs_len = _batch_constrain(self.plan, (action, obs, obs_len))
         answered = waiting & (action == C.ACTION_ANSWER)
         errored = waiting & (action == C.ACTION_ERROR)
         eos_finish = (
@@ -731,6 +764,7 @@ def rollout_program(
         prompt_width=prompt_width,
         prefix_width=prefix_ids.shape[1],
         path=resolve_decode_path(config, plan),
+        host_calls=resolve_host_calls(config, plan),
     )
     if loop.path == "cpu":
         # Per-layer weights, split once: a step never slices them out of the stacked arrays
