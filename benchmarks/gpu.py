@@ -15,7 +15,9 @@ measured), in this order:
    the memory plan adds up) against ``memory_stats()["peak_bytes_in_use"]`` after its first
    real step. It runs first in the process because that peak never goes down.
 3. ``decode``: the 0.5B student's single-token KV-cache decode step at batch 256, in ms per
-   step, against the HBM roofline (weights + the KV read once per step).
+   step, against the HBM roofline (weights + the KV read once per step): with one static key
+   window per step (the sampler's accelerator path) and with a window switch per layer (its
+   cpu path), side by side.
 4. ``attention``: the training/scoring attention kernels (xla, chunked, cudnn) at 2048 and 8704
    positions, forward + backward: milliseconds and the compiled program's temporary bytes.
 
@@ -260,23 +262,34 @@ def stage_decode(quick: bool) -> dict:
         logits, cache = forward_with_cache(config, params, ids, cache)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-    @jax.jit
-    def decode(params, token, cache):
-        def body(carry, _):
-            token, cache = carry
-            logits, cache = forward_with_cache(config, params, token[:, None], cache)
-            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
+    def make_decode(window):
+        @jax.jit
+        def decode(params, token, cache):
+            def body(carry, _):
+                token, cache = carry
+                logits, cache = forward_with_cache(
+                    config, params, token[:, None], cache, window=window
+                )
+                return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
 
-        (token, cache), _ = jax.lax.scan(body, (token, cache), None, length=steps)
-        return token, cache
+            (token, cache), _ = jax.lax.scan(body, (token, cache), None, length=steps)
+            return token, cache
+
+        return decode
 
     token, cache = prefill(params, ids)
-    t0 = time.perf_counter()
-    jax.block_until_ready(decode(params, token, cache))
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(decode(params, token, cache))
-    ms = 1000 * (time.perf_counter() - t0) / steps
+    # "switch": each layer picks its key window with a lax.switch (the sampler's cpu path);
+    # "window": one static window for the step (the accelerator path: one loop per width).
+    timings = {}
+    for name, window in (("switch", None), ("window", cache_len)):
+        decode = make_decode(window)
+        t0 = time.perf_counter()
+        jax.block_until_ready(decode(params, token, cache))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jax.block_until_ready(decode(params, token, cache))
+        timings[name] = (1000 * (time.perf_counter() - t0) / steps, first)
+    ms, compile_s = timings["window"]
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     mean_context = prompt + steps / 2
     kv_bytes = (
@@ -292,6 +305,7 @@ def stage_decode(quick: bool) -> dict:
         "batch": batch,
         "context": f"{prompt} prompt + {steps} decoded",
         "ms_per_step": round(ms, 3),
+        "ms_per_step_per_layer_switch": round(timings["switch"][0], 3),
         "first_call_s": round(compile_s, 1),
         "bytes_per_step": int(weight_bytes + kv_bytes),
         "roofline_ms": None if roofline_ms is None else round(roofline_ms, 3),

@@ -10,13 +10,20 @@ runs ~30 random words until ``</search>``, an answer is one word and ``</answer>
 search a different number of times with turns of different lengths, as real rollouts do.
 
 Measured, on the same model, prompts, sampling settings (temperature 1) and retriever:
-  * ours: `dgpo_jax.sampler.Sampler` (one compiled program, KV cache kept across turns);
+  * ours: `dgpo_jax.sampler.Sampler` (one compiled program, KV cache kept across turns, host
+    calls in waves, batched observation ingestion);
+  * per-event: the same program with ``wave_fraction=0`` (a host call at every turn end, the
+    schedule before waves; the policy is a traced argument, so no recompile);
   * (a) reference loop: transformers ``generate`` per turn with stop sequences, then retrieve,
     re-tokenize the whole context and generate again for the active rows (Search-R1's loop);
   * (b) plain decode: our compiled loop with search disabled, one long turn, as an upper bound.
 Throughput = rollout tokens (prompt + generated + observations) / wall seconds. Trajectories
 are sampled, so the two systems produce different (statistically alike) rollouts; the token
-counts are reported for both. The last line is one JSON object.
+counts are reported for both. ``--search-latency-ms`` adds a pause to every retriever call
+(all systems), standing in for a retrieval server's round trip. Besides the throughput ratios
+the JSON reports, for ours and per-event: host calls, model calls (decode and ingest steps, and
+the rows they computed), and the bytes the compiled loop sent to the host. The last line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ from dgpo_jax.retrieval.formatting import (
 from dgpo_jax.sampler import Sampler, SamplerConfig, stop_sequences_for  # noqa: E402
 from retrieval_service.index import build_index
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import machine  # noqa: E402
+
 log = logging.getLogger("benchmarks.rollout")
 
 
@@ -64,6 +74,21 @@ def build_world(tmp: str, num_entities: int):
             handle.write(json.dumps(row) + "\n")
     build_index(corpus, os.path.join(tmp, "bm25"), "bm25", show_progress=False)
     return world, tokenizer, InProcessRetriever(os.path.join(tmp, "bm25"))
+
+
+class SlowRetriever:
+    """A retriever whose every call takes `latency_s` longer (a remote server's round trip)."""
+
+    def __init__(self, retriever, latency_s: float):
+        self.retriever, self.latency_s = retriever, latency_s
+
+    def retrieve(self, queries, topk=None):
+        time.sleep(self.latency_s)
+        return self.retriever.retrieve(queries, topk)
+
+    def search(self, queries, topk=None):
+        time.sleep(self.latency_s)
+        return self.retriever.search(queries, topk)
 
 
 def agent_like_params(model_config, tokenizer, seed=0):
@@ -241,6 +266,15 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--search-latency-ms",
+        type=float,
+        default=0.0,
+        help="added to every retriever call (all systems): a remote server's round trip",
+    )
+    parser.add_argument(
+        "--wave-fraction", type=float, default=None, help="ours: SamplerConfig.wave_fraction"
+    )
+    parser.add_argument(
         "--cache-len",
         type=int,
         default=1280,
@@ -270,6 +304,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         log.info("building the synthetic world, tokenizer and BM25 index")
         world, tokenizer, retriever = build_world(tmp, 100 if args.quick else 600)
+        if args.search_latency_ms > 0:
+            retriever = SlowRetriever(retriever, args.search_latency_ms / 1000)
         model_config = get_preset(
             "tiny",
             vocab_size=len(tokenizer),
@@ -300,6 +336,8 @@ def main(argv=None) -> int:
             temperature=1.0,
             ingest_chunk=args.ingest_chunk or max_obs,
         )
+        if args.wave_fraction is not None:
+            cfg = cfg.replace(wave_fraction=args.wave_fraction)
         sampler = Sampler(model_config, cfg, tokenizer, retriever)
         log.info(
             "compiling the sampler (B=%d, hidden=%d, layers=%d, vocab=%d)",
@@ -313,6 +351,7 @@ def main(argv=None) -> int:
         compile_s = time.perf_counter() - started
         seeds = iter(range(args.seed, args.seed + 1000))
         ours_s, ours = timed(lambda: sampler.generate(params, prompts, seed=next(seeds)), repeats)
+        seeds_event = args.seed + repeats - 1  # ours' last rollout: the same trajectories
         ours_tokens = ours.stats["generated_tokens"] + ours.stats["ingested_tokens"]
         log.info(
             "ours: %.2f s, %d tokens (%d generated), searches/row %.2f, finish %s",
@@ -322,6 +361,12 @@ def main(argv=None) -> int:
             ours.arrays.num_searches.mean(),
             {r: ours.finish_reasons.count(r) for r in set(ours.finish_reasons)},
         )
+
+        # Per-event host calls: the same compiled program (the wave policy is traced).
+        per_event = Sampler(model_config, cfg.replace(wave_fraction=0.0), tokenizer, retriever)
+        event_s, event = timed(lambda: per_event.generate(params, prompts, seed=seeds_event), 1)
+        seeds_event_tokens = event.stats["generated_tokens"] + event.stats["ingested_tokens"]
+        log.info("per-event host calls: %.2f s, %d host calls", event_s, event.stats["host_calls"])
 
         log.info("(a) transformers turn-by-turn reference loop")
         tokenizer.padding_side = "left"
@@ -376,6 +421,7 @@ def main(argv=None) -> int:
     print(f"{'system':<32}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'generated':>10}{'gen/s':>8}")
     for name, sec, tok_count, gen in (
         ("ours (compiled, KV kept)", ours_s, ours_tokens, ours_gen),
+        ("per-event host calls", event_s, seeds_event_tokens, event.stats["generated_tokens"]),
         ("(a) transformers turn-by-turn", ref_s, ref_tokens, ref_gen),
         ("(b) plain decode, no search", plain_s, plain_tokens, plain_gen),
     ):
@@ -383,10 +429,44 @@ def main(argv=None) -> int:
             f"{name:<32}{sec:>9.2f}{tok_count:>8d}{tok_count / sec:>10.0f}{gen:>10d}"
             f"{gen / sec:>8.0f}"
         )
+    same = bool(np.array_equal(event.arrays.tokens, ours.arrays.tokens))
+
+    def schedule(out, seconds):
+        st = out.stats
+        return {
+            "seconds": round(seconds, 3),
+            "host_calls": st["host_calls"],
+            "decode_steps": st["decode_steps"],
+            "ingest_steps": st["ingest_steps"],
+            "decode_rows": st["decode_rows"],
+            "ingest_rows": st["ingest_rows"],
+            "model_calls": st["model_calls"],
+            "bytes_to_host": st["bytes_to_host"],
+            "searches_per_call": round(st["searches_per_call"], 2),
+            "host_seconds": round(st["host_seconds"], 3),
+        }
+
+    print(
+        f"host calls: ours {ours.stats['host_calls']} vs per-event {event.stats['host_calls']} "
+        f"(max_turns {cfg.max_turns}); bytes to host {ours.stats['bytes_to_host']} vs "
+        f"{event.stats['bytes_to_host']}; same trajectories: {same}"
+    )
     result = {
         "benchmark": "rollout",
         "quick": args.quick,
+        "machine": machine(),
         "device": str(jax.devices()[0].platform),
+        "decode_path": ours.stats["decode_path"],
+        "wave_fraction": cfg.wave_fraction,
+        "search_latency_ms": args.search_latency_ms,
+        "max_turns": cfg.max_turns,
+        "host_calls": ours.stats["host_calls"],
+        "model_calls": ours.stats["model_calls"],
+        "bytes_to_host": ours.stats["bytes_to_host"],
+        "ours": schedule(ours, ours_s),
+        "per_event": schedule(event, event_s),
+        "per_event_same_trajectories": same,
+        "speedup_vs_per_event": round(event_s / ours_s, 2),
         "batch": batch,
         "hidden": hidden,
         "layers": layers,

@@ -17,12 +17,13 @@ from dgpo_jax.models.qwen2 import forward_with_cache, init_cache
 from dgpo_jax.retrieval.documents import Document
 from dgpo_jax.retrieval.formatting import information_observation
 from dgpo_jax.sampler import Sampler
-from dgpo_jax.sampler.host import RolloutRetrievalError
+from dgpo_jax.sampler.host import RolloutRetrievalError, prepare_prompts, prompt_widths
 from tests.test_sampler import (
     ANSWERING,
     STUDENT_ALPHA,
     TEACHER_BETA,
     TOK,
+    VOCAB,
     ScriptedRetriever,
     config,
     make_chain_model,
@@ -249,3 +250,15 @@ def test_retriever_failure_stops_the_rollout_naming_the_rows_or_finishes_them(mo
         assert out.arrays.num_searches[row] == 0
         assert out.arrays.length[row] == len(TOK.encode("<search>zorp</search>"))
     np.testing.assert_array_equal(out.response_ids(1), reference.response_ids(1))
+
+
+def test_prompts_are_padded_to_a_few_widths():
+    """A run compiles the rollout once per prompt width: widths are 16, 24, 32, 48, ... (two
+    per doubling, at most 1.5x padding), capped at max_prompt_length."""
+    assert prompt_widths(100) == (16, 24, 32, 48, 64, 96, 100)
+    assert prompt_widths(4096)[-3:] == (2048, 3072, 4096) and len(prompt_widths(4096)) == 17
+    cfg = config(max_prompt_length=100, cache_len=384)
+    for longest, width in ((1, 16), (16, 16), (17, 24), (49, 64), (97, 100), (100, 100)):
+        ids, mask, active = prepare_prompts([[5] * longest, [6] * 3], cfg, vocab_size=VOCAB)
+        assert ids.shape == (2, width) and mask.sum() == longest + 3 and active.all()
+        assert mask[0, -longest:].all() and mask[1, -3:].all() and not mask[1, :-3].any()

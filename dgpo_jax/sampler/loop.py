@@ -677,7 +677,7 @@ class SamplerLoop:
         decode = functools.partial(self.decode_step, w, sample_keys=sample_keys)
         ingest = functools.partial(self.ingest_step, w)
         decode_sizes = sub_batch_sizes(self.batch, 2)
-        ingest_sizes = sub_batch_sizes(self.batch, 4)
+        ingest_sizes = sub_batch_sizes(self.batch, 2)
 
         def cycle(s):
             # Inner loops rather than a lax.cond per step: a conditional inside the loop would
