@@ -1,6 +1,7 @@
 """A real multi-process run on one machine: 2 JAX processes on loopback (CPU collectives over
 gloo) train DGPO for a few steps on a mesh spanning both processes; the result equals the same
-run in one process with the same number of devices."""
+run in one process with the same number of devices. Likewise a sampler rollout with one
+retrieval server per process (tests/mp_rollout_driver.py)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
@@ -17,6 +19,7 @@ from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_
 from dgpo_jax.models import get_preset, init_params
 from dgpo_jax.parallel.distributed import initialize_from_env, wants_distributed
 from retrieval_service.index import build_index
+from tests.test_retrieval_server import ServerProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -186,3 +189,90 @@ def test_distributed_environment_detection_and_errors(monkeypatch):
     monkeypatch.setenv("DGPO_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match=r"\['DGPO_PROCESS_ID'\]"):
         initialize_from_env()
+
+
+def test_rollout_two_processes_one_server_each(world, tmp_path):
+    """2 processes with one retrieval server each: both servers receive queries (each process's
+    batch shards search through its own server), every process's `Rollout` holds all rows'
+    queries, and the rollout equals the 1-process one (same 4 devices, one server)."""
+    questions = pq.read_table(world["test.parquet"]).column("question").to_pylist()[:8]
+    job = tmp_path / "job.json"
+    job.write_text(
+        json.dumps(
+            {
+                "tokenizer": str(world["root"] / "tok"),
+                "prompts": questions,
+                # Every row's first turn starts with a search (the untrained model then samples).
+                "prefixes": [f"<search> {q} </search>" for q in questions],
+            }
+        )
+    )
+    servers = [
+        ServerProcess(
+            world["root"] / "index",
+            tmp_path / f"server{i}.log",
+            ["--access-log", "--log-level", "info"],  # one log line per request
+        )
+        for i in range(3)  # the single run's, then one per process
+    ]
+    procs = []
+    try:
+        for server in servers:
+            server.wait_ready(timeout_s=60)
+        port = _free_port()
+        runs = [("single", 4, {})] + [
+            (
+                f"process {pid}",
+                2,
+                dict(
+                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                    DGPO_NUM_PROCESSES="2",
+                    DGPO_PROCESS_ID=str(pid),
+                ),
+            )
+            for pid in range(2)
+        ]
+        for server, (name, devices, extra) in zip(servers, runs):
+            out_dir = tmp_path / ("single" if name == "single" else "multi")
+            out_dir.mkdir(exist_ok=True)
+            command = ["-m", "tests.mp_rollout_driver", str(job), server.url, str(out_dir)]
+            process = subprocess.Popen(
+                [sys.executable, *command],
+                cwd=REPO,
+                env=_env(devices, **extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            procs.append((name, process))
+        logs = [p.communicate(timeout=240)[0] for _, p in procs]
+        for (name, p), out in zip(procs, logs):
+            assert p.returncode == 0, f"{name} failed:\n{out[-4000:]}"
+    finally:
+        for _, p in procs:
+            p.kill()
+        for server in servers:
+            server.stop()
+    requests = [
+        server.log_path.read_text().count('"POST /retrieve HTTP/1.1" 200') for server in servers
+    ]
+
+    def load(path):
+        with open(path) as handle:
+            return json.load(handle)
+
+    single = load(tmp_path / "single" / "process_0.json")
+    multi = [load(tmp_path / "multi" / f"process_{i}.json") for i in range(2)]
+    assert single["processes"] == 1 and [m["processes"] for m in multi] == [2, 2]
+    assert all(requests), f"retrieval requests per server (single, process 0, 1): {requests}"
+    assert all(len(q) >= 1 for q in single["queries"])  # every row searched
+    for m in multi:
+        np.testing.assert_array_equal(np.array(m["tokens"]), np.array(single["tokens"]))
+        np.testing.assert_allclose(np.array(m["logprobs"]), np.array(single["logprobs"]), atol=1e-6)
+        assert m["finish_reasons"] == single["finish_reasons"]
+        assert m["queries"] == single["queries"]  # all rows, on both processes
+        assert m["turn_texts"] == single["turn_texts"]
+        # Host calls per batch shard: both processes made them; the counts are merged.
+        calls = m["stats"]["host_calls_per_process"]
+        assert len(calls) == 2 and min(calls) > 0 and m["stats"]["host_calls"] == sum(calls)
+    assert multi[0]["stats"] == {**multi[1]["stats"], "seconds": multi[0]["stats"]["seconds"]}

@@ -55,6 +55,10 @@ def sampler_config(
         top_p=s.top_p,
         ingest_chunk=s.ingest_chunk,
         max_prefix_length=max_prefix_length,
+        wave_fraction=s.wave_fraction,
+        wave_max_wait=s.wave_max_wait,
+        decode_path=s.decode_path,
+        host_calls=s.host_calls,
     )
 
 

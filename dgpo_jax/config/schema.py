@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.retrieval.topk = 3
     c.retrieval.timeout_s = 30.0
     c.retrieval.max_retries = 3
+    # A wave whose search still fails after the client's retries: "raise" stops the run with an
+    # error naming the URLs and the waiting rows; "finish" ends those rows (retriever_error).
+    c.retrieval.on_error = "raise"
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.temperature = 1.0
@@ -116,6 +119,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.max_prompt_length = 4096
     c.sampler.cache_len = 8704  # context length: prompt + turns + observations
     c.sampler.ingest_chunk = 32  # observation tokens appended to the KV cache per model call
+    # Host waves (docs/sampler.md): call the host when this share of the live rows waits (0: at
+    # every turn end, 1: only when no row generates), or after wave_max_wait decode steps.
+    c.sampler.wave_fraction = 0.5
+    c.sampler.wave_max_wait = 0  # 0 = no limit
+    c.sampler.decode_path = "auto"  # auto | cpu | accelerator
+    c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)
 
     # The objective: a preset (dgpo_jax.objectives.presets) and any of its knobs
     # (dgpo_jax.objectives.ObjectiveConfig, documented there and in docs/algorithms.md), e.g.

@@ -84,6 +84,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"{cfg.retrieval.kind!r}: expected http or in_process",
     )
     need(
+        cfg.retrieval.on_error in ("raise", "finish"),
+        "retrieval.on_error",
+        f"{cfg.retrieval.on_error!r}: expected raise or finish",
+    )
+    for field, choices in (
+        ("decode_path", ("auto", "cpu", "accelerator")),
+        ("host_calls", ("auto", "single", "per_shard")),
+    ):
+        value = cfg.sampler[field]
+        need(value in choices, f"sampler.{field}", f"{value!r}: expected one of {choices}")
+    need(
+        0.0 <= cfg.sampler.wave_fraction <= 1.0,
+        "sampler.wave_fraction",
+        f"{cfg.sampler.wave_fraction}: expected a share in [0, 1]",
+    )
+    need(
         cfg.model.ref_model in REF_MODELS,
         "model.ref_model",
         f"{cfg.model.ref_model!r} is not one of {REF_MODELS}",

@@ -172,6 +172,7 @@ class RunContext:
             plan=self.plan,
             teacher_config=self.teacher_config if teacher else None,
             topk=self.cfg.retrieval.topk,
+            on_retriever_error=self.cfg.retrieval.on_error,
         )
 
     def evaluate(self, params, name: str, model_config=None) -> dict:

@@ -4,11 +4,13 @@ collects the per-row outputs (arrays plus the host-side text: queries, answers, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,9 +25,58 @@ from dgpo_jax.sampler.host import (
     register,
     unregister,
 )
-from dgpo_jax.sampler.loop import RolloutArrays, rollout_program
+from dgpo_jax.sampler.loop import RolloutArrays, resolve_decode_path, rollout_program
 
 log = logging.getLogger(__name__)
+
+# What a `RolloutHost` records: per-row lists (length B) and counters.
+_HOST_ROWS = ("queries", "answers", "turn_texts", "errors")
+_HOST_COUNTERS = (
+    "num_calls",
+    "bytes_to_host",
+    "rows_per_call",
+    "empty_results",
+    "short_results",
+    "retriever_seconds",
+    "host_seconds",
+)
+
+
+def _host_record(host: RolloutHost) -> dict:
+    record = {name: getattr(host, name) for name in _HOST_ROWS + _HOST_COUNTERS}
+    record["num_calls_per_process"] = [host.num_calls]
+    return record
+
+
+def _merge_across_processes(host: RolloutHost) -> dict:
+    """`_host_record` of every process's host, merged (a collective: every process calls it).
+
+    With host calls spread over processes, each process's host filled only the rows it handled
+    and counted only its own calls. The records travel as JSON bytes (lengths first, then the
+    records padded to the longest); a row's lists come from the process that handled it (the
+    others have nothing there), counters are summed, ``num_calls_per_process`` lists them.
+    """
+    from jax.experimental import multihost_utils  # noqa: PLC0415 (only with several processes)
+
+    mine = np.frombuffer(json.dumps(_host_record(host)).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(mine.size))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: mine.size] = mine
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    records = [json.loads(gathered[p, :n].tobytes()) for p, n in enumerate(lengths)]
+    rows = range(host.batch_size)
+    merged = {
+        name: [sum((r[name][i] for r in records), []) for i in rows]
+        for name in ("queries", "turn_texts")
+    }
+    for name in ("answers", "errors"):
+        merged[name] = [
+            next((r[name][i] for r in records if r[name][i] is not None), None) for i in rows
+        ]
+    for name in _HOST_COUNTERS:
+        merged[name] = sum((r[name] for r in records), [] if name == "rows_per_call" else 0)
+    merged["num_calls_per_process"] = [r["num_calls"] for r in records]
+    return merged
 
 
 @dataclasses.dataclass
@@ -216,6 +267,14 @@ class Sampler:
         finally:
             unregister(host_id)
         seconds = time.perf_counter() - started
+        spans_processes = (
+            self.plan is not None
+            and jax.process_count() > 1
+            and len({d.process_index for d in self.plan.mesh.devices.flat}) > 1
+        )
+        # Host calls ran on several processes (per shard, or on the first device's process):
+        # every process returns all rows' text and the counts of all calls.
+        record = _merge_across_processes(host) if spans_processes else _host_record(host)
         if np.any(arrays.finish_reason == RUNNING):
             rows = np.flatnonzero(arrays.finish_reason == RUNNING).tolist()
             raise RuntimeError(
@@ -230,30 +289,34 @@ class Sampler:
             "ingest_steps": int(arrays.ingest_steps),
             "generated_tokens": generated,
             "ingested_tokens": ingested + int(prompt_mask.sum()),
-            "host_calls": host.num_calls,
+            "host_calls": record["num_calls"],
+            "host_calls_per_process": record["num_calls_per_process"],
             "waves": int(arrays.waves),
+            "decode_path": resolve_decode_path(cfg, self.plan),
             "max_turns": cfg.max_turns,
             "decode_steps": int(arrays.steps) - int(arrays.ingest_steps),
             "decode_rows": int(arrays.decode_rows),
             "ingest_rows": int(arrays.ingest_rows),
             "model_calls": int(arrays.steps) * (2 if self.teacher_config is not None else 1),
-            "bytes_to_host": host.bytes_to_host,
+            "bytes_to_host": record["bytes_to_host"],
             "searches_per_call": (
-                sum(host.rows_per_call) / len(host.rows_per_call) if host.rows_per_call else 0.0
+                sum(record["rows_per_call"]) / len(record["rows_per_call"])
+                if record["rows_per_call"]
+                else 0.0
             ),
-            "empty_results": host.empty_results,
-            "short_results": host.short_results,
-            "host_seconds": host.host_seconds,
-            "retriever_seconds": host.retriever_seconds,
+            "empty_results": record["empty_results"],
+            "short_results": record["short_results"],
+            "host_seconds": record["host_seconds"],
+            "retriever_seconds": record["retriever_seconds"],
         }
         return Rollout(
             arrays=arrays,
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             finish_reasons=[FINISH_REASONS[r] for r in arrays.finish_reason],
-            queries=host.queries,
-            answers=host.answers,
-            turn_texts=host.turn_texts,
-            errors=host.errors,
+            queries=record["queries"],
+            answers=record["answers"],
+            turn_texts=record["turn_texts"],
+            errors=record["errors"],
             stats=stats,
         )
