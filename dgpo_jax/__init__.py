@@ -61,6 +61,7 @@ _LAZY = {
     "Sampler": "dgpo_jax.sampler",
     "SamplerConfig": "dgpo_jax.sampler",
     "stop_sequences_for": "dgpo_jax.sampler",
+    "RolloutRetrievalError": "dgpo_jax.sampler",
     # evaluation and data
     "exact_match": "dgpo_jax.evaluation",
     "extract_answer": "dgpo_jax.evaluation",

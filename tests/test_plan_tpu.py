@@ -54,3 +54,18 @@ def test_tiny_update_step_compiles_for_v5e_with_splash(tmp_path):
     # apart.
     xla = build_memory_plan(tiny_tpu_config(tmp_path, "xla"))
     assert "tpu_custom_call" not in xla.programs["update (mini-batch)"].kernels
+
+
+def test_rollout_compiles_for_v5e_on_both_decode_paths(tmp_path):
+    """The sampler's accelerator path (stacked layers in a scan, all rows stepped with a mask,
+    one static key window per loop) compiles for a TPU slice, and needs fewer temporaries
+    than the cpu path (a split copy of the layer weights, rows gathered out of the cache)."""
+    temporaries = {}
+    for path in ("accelerator", "cpu"):
+        cfg = tiny_tpu_config(tmp_path, "xla")
+        cfg.plan.programs = "rollout"
+        cfg.sampler.decode_path = path
+        plan = build_memory_plan(cfg)
+        assert list(plan.programs) == ["rollout"]
+        temporaries[path] = plan.programs["rollout"].temporaries
+    assert 0 < temporaries["accelerator"] < temporaries["cpu"]

@@ -7,8 +7,14 @@ rollout = Sampler(model_config, config, tokenizer, retriever).generate(params, p
 """
 
 from dgpo_jax.sampler.config import FINISH_REASONS, SamplerConfig, stop_sequences_for
-from dgpo_jax.sampler.host import RolloutHost, prepare_prefixes, prepare_prompts
-from dgpo_jax.sampler.loop import RolloutArrays, rollout_program
+from dgpo_jax.sampler.host import (
+    RolloutHost,
+    RolloutRetrievalError,
+    prepare_prefixes,
+    prepare_prompts,
+    prompt_widths,
+)
+from dgpo_jax.sampler.loop import RolloutArrays, SamplerLoop, rollout_program
 from dgpo_jax.sampler.rollout import Rollout, Sampler
 from dgpo_jax.sampler.sampling import sample_tokens, sampling_logprobs
 
@@ -17,6 +23,9 @@ __all__ = [
     "SamplerConfig",
     "stop_sequences_for",
     "RolloutHost",
+    "RolloutRetrievalError",
+    "prompt_widths",
+    "SamplerLoop",
     "prepare_prefixes",
     "prepare_prompts",
     "RolloutArrays",
