@@ -121,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.ingest_chunk = 32  # observation tokens appended to the KV cache per model call
     # Host waves (docs/sampler.md): call the host when this share of the live rows waits (0: at
     # every turn end, 1: only when no row generates), or after wave_max_wait decode steps.
-    c.sampler.wave_fraction = 0.5
+    c.sampler.wave_fraction = 0.75
     c.sampler.wave_max_wait = 0  # 0 = no limit
     c.sampler.decode_path = "auto"  # auto | cpu | accelerator
     c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)

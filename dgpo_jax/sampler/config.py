@@ -85,7 +85,7 @@ class SamplerConfig:
     # Host waves: rows whose turn ended wait (cache kept) while the others decode; the host is
     # called for all of them when this share of the live rows waits (0: at every turn end;
     # 1: only when no row generates), ...
-    wave_fraction: float = 0.5
+    wave_fraction: float = 0.75
     # ... or when the oldest waiting row has waited this many decode steps (0: no limit).
     wave_max_wait: int = 0
     # "cpu": unrolled layers, rows gathered into sub-batches, a key window per layer;
