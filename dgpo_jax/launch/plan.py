@@ -70,6 +70,7 @@ from dgpo_jax.models import Qwen2Config, cast_params, get_preset, param_shapes, 
 from dgpo_jax.models.qwen2 import KVCache, init_cache
 from dgpo_jax.objectives.batch import abstract_batch, batch_requirements
 from dgpo_jax.parallel.sharding import DEFAULT_RULES, ShardingPlan, plan_from_config
+from dgpo_jax.sampler.host import prompt_widths
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
@@ -697,8 +698,12 @@ def plan_rollout(
     this program); teacher params always are."""
     from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415 (plan-only, heavy)
 
-    # As generate(): the teacher coin and the wave policy are traced.
+    # As generate(): the teacher coin and the wave policy are traced. The devices stand for the
+    # target's accelerators (fake CPU devices shaped like GPUs, or a TPU topology): the rollout
+    # is planned on the decode path that runs there.
     static = sampler_cfg.replace(teacher_turn_prob=0.0, wave_fraction=0.5, wave_max_wait=0)
+    if static.decode_path == "auto":
+        static = static.replace(decode_path="accelerator")
     args = (
         params,
         teacher_params if teacher_config is not None else None,
@@ -1076,10 +1081,14 @@ def build_memory_plan(cfg) -> MemoryPlan:
     # --- the programs, in the order the loop runs them ----------------------------------------
     tok = load_tokenizer(cfg.model.tokenizer)
     prompt_width = int(cfg.plan.get("prompt_width", 0) or 0) or cfg.sampler.max_prompt_length
-    prompt_width = min(-(-prompt_width // 8) * 8, cfg.sampler.max_prompt_length)
+    prompt_width = next(
+        w
+        for w in prompt_widths(cfg.sampler.max_prompt_length)
+        if w >= min(prompt_width, cfg.sampler.max_prompt_length)
+    )
     result.assumptions["prompt width"] = (
         f"{prompt_width} positions (plan.prompt_width; a rollout compiles for its batch's "
-        f"longest prompt rounded up to 8, at most sampler.max_prompt_length="
+        f"longest prompt rounded up to a prompt width bucket, at most sampler.max_prompt_length="
         f"{cfg.sampler.max_prompt_length})"
     )
     programs: list[ProgramPlan] = []

@@ -24,9 +24,9 @@ therefore makes few host calls (about one per turn level) instead of one per tur
 Two decode paths (`SamplerConfig.decode_path`, docs/sampler.md):
 
 * ``cpu``: layers unrolled from `split_layers` weights; a step runs on the rows that need it,
-  gathered into compiled sub-batches (B, B/2, ..., 1 for decoding; B, B/4, ... for
-  ingestion); each layer picks its key window with a ``lax.switch``. These were measured on
-  XLA:CPU, where work follows the rows and slots in use.
+  gathered into compiled sub-batches (B, B/2, ..., 1, for decoding and for ingestion); each
+  layer picks its key window with a ``lax.switch``. These were measured on XLA:CPU, where work
+  follows the rows and slots in use.
 * ``accelerator``: stacked layers in one scan (the weights stay where the partitioner put
   them); every step runs on all B rows with a mask (no gather of rows out of a batch-sharded
   cache, so no collectives); one key window per step, chosen by running one loop per static
@@ -403,12 +403,22 @@ class SamplerLoop:
             dtype = p["embed_tokens"].dtype
             cache = _cache_constrain(self.plan, init_cache(mcfg, batch, cfg.cache_len, dtype))
             logits = jnp.zeros((batch, mcfg.vocab_size), jnp.float32)
+            # Static key windows: the prompt sees its own P slots, the prefixes P + Pf (not a
+            # switch up to the whole cache, whose widest branch would set the temporaries).
             logits, cache = _run_model(
-                mcfg, p, inputs["prompt_ids"], prompt_mask, cache, self.plan, logits
+                mcfg,
+                p,
+                inputs["prompt_ids"],
+                prompt_mask,
+                cache,
+                self.plan,
+                logits,
+                window=self.prompt_width,
             )
             if self.has_prefixes:
+                window = min(self.prompt_width + self.prefix_width, cfg.cache_len)
                 logits, cache = _run_model(
-                    mcfg, p, prefix_ids, prefix_mask, cache, self.plan, logits
+                    mcfg, p, prefix_ids, prefix_mask, cache, self.plan, logits, window=window
                 )
             return logits, cache
 
@@ -676,16 +686,15 @@ class SamplerLoop:
         sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(inputs["row_keys"])
         decode = functools.partial(self.decode_step, w, sample_keys=sample_keys)
         ingest = functools.partial(self.ingest_step, w)
-        decode_sizes = sub_batch_sizes(self.batch, 2)
-        ingest_sizes = sub_batch_sizes(self.batch, 2)
+        sizes = sub_batch_sizes(self.batch)  # of the cpu path, for decoding and ingestion
+        wave_due = functools.partial(
+            self.wave_due, fraction=inputs["wave_fraction"], max_wait=inputs["wave_max_wait"]
+        )
 
         def cycle(s):
             # Inner loops rather than a lax.cond per step: a conditional inside the loop would
             # pass the whole state (the KV caches) through its branches, which XLA copies.
-            wave_due = functools.partial(
-                self.wave_due, fraction=inputs["wave_fraction"], max_wait=inputs["wave_max_wait"]
-            )
-            s = self.run_phase(s, C.GENERATING, decode, 1, decode_sizes, until=wave_due)
+            s = self.run_phase(s, C.GENERATING, decode, 1, sizes, until=wave_due)
             s = self.host_wave(s, host_id)
             s = s.replace(
                 teacher_writes=jnp.where(
@@ -694,7 +703,7 @@ class SamplerLoop:
                     s.teacher_writes,
                 )
             )
-            return self.run_phase(s, C.INGESTING, ingest, self.config.ingest_chunk, ingest_sizes)
+            return self.run_phase(s, C.INGESTING, ingest, self.config.ingest_chunk, sizes)
 
         s = self.prefill(w, inputs)
         s = jax.lax.while_loop(
