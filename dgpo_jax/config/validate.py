@@ -12,6 +12,7 @@ import ml_collections
 from dgpo_jax.config.build import build_curriculum, build_objective
 from dgpo_jax.config.schema import MODES, ConfigError, parse_rules, split_list
 from dgpo_jax.models.config import ATTENTION_KERNELS
+from dgpo_jax.sampler.config import DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"{cfg.retrieval.kind!r}: expected http or in_process",
     )
     need(
-        cfg.retrieval.on_error in ("raise", "finish"),
+        cfg.retrieval.on_error in ON_RETRIEVER_ERROR,
         "retrieval.on_error",
-        f"{cfg.retrieval.on_error!r}: expected raise or finish",
+        f"{cfg.retrieval.on_error!r}: expected one of {ON_RETRIEVER_ERROR}",
     )
-    for field, choices in (
-        ("decode_path", ("auto", "cpu", "accelerator")),
-        ("host_calls", ("auto", "single", "per_shard")),
-    ):
+    for field, choices in (("decode_path", DECODE_PATHS), ("host_calls", HOST_CALLS)):
         value = cfg.sampler[field]
         need(value in choices, f"sampler.{field}", f"{value!r}: expected one of {choices}")
     need(

@@ -701,7 +701,7 @@ def plan_rollout(
     # As generate(): the teacher coin and the wave policy are traced. The devices stand for the
     # target's accelerators (fake CPU devices shaped like GPUs, or a TPU topology): the rollout
     # is planned on the decode path that runs there.
-    static = sampler_cfg.replace(teacher_turn_prob=0.0, wave_fraction=0.5, wave_max_wait=0)
+    static = sampler_cfg.compiled()
     if static.decode_path == "auto":
         static = static.replace(decode_path="accelerator")
     args = (

@@ -36,6 +36,11 @@ GENERATING, INGESTING, DONE, AWAITING_HOST = 0, 1, 2, 3
 # Actions the host reports for a finished turn.
 ACTION_INVALID, ACTION_SEARCH, ACTION_ANSWER, ACTION_ERROR = 0, 1, 2, 3
 
+# Choices of the execution settings (one list, also read by the run config's validation).
+DECODE_PATHS = ("auto", "cpu", "accelerator")
+HOST_CALLS = ("auto", "single", "per_shard")
+ON_RETRIEVER_ERROR = ("raise", "finish")  # `Sampler(on_retriever_error=)`, retrieval.on_error
+
 TokenSeqs = tuple[tuple[int, ...], ...]
 
 
@@ -121,16 +126,11 @@ class SamplerConfig:
                 f"SamplerConfig.wave_max_wait must be an int >= 0 (0 = no limit), got "
                 f"{self.wave_max_wait!r}"
             )
-        if self.decode_path not in ("auto", "cpu", "accelerator"):
-            raise ValueError(
-                f"SamplerConfig.decode_path must be 'auto', 'cpu' or 'accelerator', got "
-                f"{self.decode_path!r}"
-            )
-        if self.host_calls not in ("auto", "single", "per_shard"):
-            raise ValueError(
-                f"SamplerConfig.host_calls must be 'auto', 'single' or 'per_shard', got "
-                f"{self.host_calls!r}"
-            )
+        for name, choices in (("decode_path", DECODE_PATHS), ("host_calls", HOST_CALLS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"SamplerConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
         if not isinstance(self.max_turns, int) or self.max_turns < 0:
             raise ValueError(f"SamplerConfig.max_turns must be an int >= 0, got {self.max_turns!r}")
         if self.max_prefix_length < 0:
@@ -173,6 +173,12 @@ class SamplerConfig:
 
     def replace(self, **kw) -> SamplerConfig:
         return dataclasses.replace(self, **kw)
+
+    def compiled(self) -> SamplerConfig:
+        """The static part the rollout program compiles for: the settings passed to it traced
+        (teacher_turn_prob, wave_fraction, wave_max_wait) at fixed values, so changing them
+        reuses the compiled program."""
+        return self.replace(teacher_turn_prob=0.0, wave_fraction=0.75, wave_max_wait=0)
 
 
 def _encode(tokenizer, text: str) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dgpo_jax.models.qwen2 import span_buckets
 from dgpo_jax.retrieval.errors import RetrievalError, RetrievalRequestError
 from dgpo_jax.retrieval.formatting import (
     INVALID_ACTION_NOTICE,
@@ -38,6 +39,7 @@ from dgpo_jax.sampler.config import (
     ACTION_ERROR,
     ACTION_INVALID,
     ACTION_SEARCH,
+    ON_RETRIEVER_ERROR,
     SamplerConfig,
 )
 
@@ -80,7 +82,7 @@ class RolloutHost:
         search_attempts: int = 2,
         retry_pause_s: float = 0.5,
     ):
-        if on_retriever_error not in ("raise", "finish"):
+        if on_retriever_error not in ON_RETRIEVER_ERROR:
             raise ValueError(
                 f"on_retriever_error must be 'raise' or 'finish', got {on_retriever_error!r}"
             )
@@ -293,14 +295,9 @@ def _as_id_list(value, what: str, row: int) -> list[int]:
 
 def prompt_widths(max_prompt_length: int, smallest: int = 16) -> tuple[int, ...]:
     """The padded prompt widths a run compiles for: `smallest`, then two per doubling (16, 24,
-    32, 48, 64, 96, ...), capped at ``max_prompt_length`` (at most ~1.5x padding, ~2 log2 widths)."""
-    widths, width = [], smallest
-    while width < max_prompt_length:
-        widths.append(width)
-        if width + width // 2 < max_prompt_length:
-            widths.append(width + width // 2)
-        width *= 2
-    return tuple(widths) + (max_prompt_length,)
+    32, 48, 64, 96, ...), capped at ``max_prompt_length`` (at most ~1.5x padding, ~2 log2 widths):
+    the model's `span_buckets` ladder of key-window widths."""
+    return span_buckets(max_prompt_length, smallest)
 
 
 def prepare_prompts(

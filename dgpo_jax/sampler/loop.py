@@ -268,10 +268,12 @@ def resolve_host_calls(config: SamplerConfig, plan=None) -> str:
     for ``auto`` per_shard exactly when the plan spans several processes."""
     if config.host_calls != "auto":
         return config.host_calls
-    if plan is None:
-        return "single"
-    processes = {d.process_index for d in plan.mesh.devices.flat}
-    return "per_shard" if len(processes) > 1 else "single"
+    return "per_shard" if plan_spans_processes(plan) else "single"
+
+
+def plan_spans_processes(plan) -> bool:
+    """The plan's mesh holds devices of more than one JAX process (False without a plan)."""
+    return plan is not None and len({d.process_index for d in plan.mesh.devices.flat}) > 1
 
 
 def resolve_decode_path(config: SamplerConfig, plan=None) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from dgpo_jax.models.config import Qwen2Config
 from dgpo_jax.parallel.distributed import to_host
-from dgpo_jax.sampler.config import FINISH_REASONS, RUNNING, SamplerConfig
+from dgpo_jax.sampler.config import FINISH_REASONS, ON_RETRIEVER_ERROR, RUNNING, SamplerConfig
 from dgpo_jax.sampler.host import (
     RolloutHost,
     RolloutRetrievalError,
@@ -25,7 +25,12 @@ from dgpo_jax.sampler.host import (
     register,
     unregister,
 )
-from dgpo_jax.sampler.loop import RolloutArrays, resolve_decode_path, rollout_program
+from dgpo_jax.sampler.loop import (
+    RolloutArrays,
+    plan_spans_processes,
+    resolve_decode_path,
+    rollout_program,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +149,7 @@ class Sampler:
         on_retriever_error: str = "raise",
         search_attempts: int = 2,
     ):
-        if on_retriever_error not in ("raise", "finish"):
+        if on_retriever_error not in ON_RETRIEVER_ERROR:
             raise ValueError(
                 f"on_retriever_error must be 'raise' or 'finish', got {on_retriever_error!r}"
             )
@@ -239,7 +244,7 @@ class Sampler:
         started = time.perf_counter()
         try:
             # The teacher probability and the wave policy are passed traced (no recompiles).
-            static_config = cfg.replace(teacher_turn_prob=0.0, wave_fraction=0.5, wave_max_wait=0)
+            static_config = cfg.compiled()
             arrays = rollout_program(
                 self.model_config,
                 static_config,
@@ -267,14 +272,10 @@ class Sampler:
         finally:
             unregister(host_id)
         seconds = time.perf_counter() - started
-        spans_processes = (
-            self.plan is not None
-            and jax.process_count() > 1
-            and len({d.process_index for d in self.plan.mesh.devices.flat}) > 1
-        )
         # Host calls ran on several processes (per shard, or on the first device's process):
         # every process returns all rows' text and the counts of all calls.
-        record = _merge_across_processes(host) if spans_processes else _host_record(host)
+        spans = jax.process_count() > 1 and plan_spans_processes(self.plan)
+        record = _merge_across_processes(host) if spans else _host_record(host)
         if np.any(arrays.finish_reason == RUNNING):
             rows = np.flatnonzero(arrays.finish_reason == RUNNING).tolist()
             raise RuntimeError(
