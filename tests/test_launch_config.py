@@ -10,8 +10,10 @@ import pytest
 
 from dgpo_jax.config import ConfigError, base_config, nq_config, parse_rules, validate
 from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world
+from dgpo_jax.launch import cli
 from dgpo_jax.launch.context import RunContext, batch_shards
 from dgpo_jax.parallel.sharding import plan_from_config
+from dgpo_jax.sampler.host import RolloutRetrievalError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,3 +188,21 @@ def test_launcher_rejects_unknown_key_wrong_type_and_missing_paths():
     assert out.returncode == 2 and "config.model.student: is empty" in out.stderr
     for o in (out,):
         assert "Traceback" not in o.stderr and o.stderr.startswith("error: ")
+
+
+def test_a_failing_retriever_mid_run_is_one_line_and_exit_1(monkeypatch, capsys):
+    message = (
+        "retrieval failed after 2 attempt(s) at http://10.0.0.7:8000/retrieve for 2 waiting "
+        "row(s) [0, 3]: RetrievalUnavailableError: no server answered"
+    )
+
+    def failing_run(argv):
+        raise RolloutRetrievalError(message)
+
+    monkeypatch.setattr(cli, "main", failing_run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(["dgpo_jax.launch", "--config=configs/dgpo_nq.py"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"error: {message}"
+    assert "Traceback" not in err

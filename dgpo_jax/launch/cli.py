@@ -31,6 +31,7 @@ from dgpo_jax.config import (
 )
 from dgpo_jax.launch import coldstart, evaluate, export, plan, quickstart, train
 from dgpo_jax.parallel.distributed import initialize_from_env
+from dgpo_jax.retrieval.errors import RetrievalError
 
 MODES = {
     "train": train.run_train,
@@ -118,7 +119,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run_main(argv: Sequence[str] | None = None) -> None:
-    """The console entry point: config errors as one line and exit status 2."""
+    """The console entry point: config errors as one line and exit status 2; a retriever that
+    kept failing during the run as one line and exit status 1."""
     argv = list(sys.argv if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DGPO_DEBUG", "") not in ("", "0")
     try:
@@ -131,4 +133,10 @@ def run_main(argv: Sequence[str] | None = None) -> None:
             "hint: --print_config shows every field; --debug shows the traceback", file=sys.stderr
         )
         code = 2
+    except RetrievalError as e:  # the retriever kept failing mid-run: which server, which rows
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("hint: check the retrieval server(s); --debug shows the traceback", file=sys.stderr)
+        code = 1
     sys.exit(code)
