@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from dgpo_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """The corpus file is unusable; the message names the file and line."""
 
 

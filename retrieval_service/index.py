@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dgpo_jax.errors import UserError
 from retrieval_service.corpus import CorpusStats, iter_corpus
 from retrieval_service.store import DocumentStore, write_documents
 
@@ -37,7 +38,7 @@ FORMAT_VERSION = 1
 INDEX_KINDS = ("bm25", "dense")
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError, ValueError):
     """An index directory is missing files or does not match its manifest."""
 
 

@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Sharding, SingleDeviceSharding
 
+from dgpo_jax.errors import UserError
 from dgpo_jax.learner.train_state import path_to_names
 
 PyTree = Any
@@ -61,11 +62,11 @@ _COMMIT_FILE = "commit_success.txt"
 _MAX_LISTED_MISMATCHES = 10
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """No committed checkpoint (or not the requested step) in the directory."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The restore target's tree structure, shapes or dtypes differ from the checkpoint."""
 
 

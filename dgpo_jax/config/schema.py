@@ -27,12 +27,13 @@ from ml_collections.config_dict import placeholder
 
 from dgpo_jax.curricula.config import CurriculumConfig
 from dgpo_jax.data.search_r1 import DEFAULT_TEMPLATE
+from dgpo_jax.errors import UserError
 from dgpo_jax.objectives.config import ObjectiveConfig
 
 MODES = ("train", "coldstart", "eval", "export", "plan", "quickstart")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong kind, or points at nothing."""
 
 

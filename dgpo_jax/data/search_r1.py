@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 # The reference prompt (typo included) and question formatting live with the protocol text.
+from dgpo_jax.errors import UserError
 from dgpo_jax.retrieval.formatting import SEARCH_R1_PROMPT_TEMPLATE as DEFAULT_TEMPLATE
 from dgpo_jax.retrieval.formatting import format_prompt as format_question
 
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or row does not have the expected format."""
 
 

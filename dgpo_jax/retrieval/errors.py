@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dgpo_jax.errors import UserError
 
-class RetrievalError(RuntimeError):
+
+class RetrievalError(UserError, RuntimeError):
     """Base class: a retrieval did not produce documents."""
 
 
