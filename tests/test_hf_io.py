@@ -11,6 +11,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import dgpo_jax
+from dgpo_jax.errors import ModelFormatError
 from tests.conftest import make_hf_model
 
 
@@ -109,7 +110,9 @@ def _rewrite(d, fn):
 def test_error_missing_tensor(hf_models, tmp_path):
     d = _copy(hf_models[(False, 1e4)][0], tmp_path / "missing")
     _rewrite(d, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(KeyError, match=r"missing tensors \['model.layers.1.self_attn.k_proj.bias'"):
+    with pytest.raises(
+        ModelFormatError, match=r"missing tensors \['model.layers.1.self_attn.k_proj.bias'"
+    ):
         dgpo_jax.load_hf(d)
 
 

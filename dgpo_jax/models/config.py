@@ -9,15 +9,26 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dgpo_jax.errors import MissingFileError, ModelFormatError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Where to_hf_dict records the source's generation config (checkpoint metadata; not config.json).
+GENERATION_CONFIG_KEY = "dgpo_generation_config"
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
-    """Architecture of a Qwen2-family decoder (every field up to ``eos_token_id`` mirrors HF
-    ``Qwen2Config``; the compute-graph knobs after it are neither written to nor read from
-    ``config.json``).
+    """Architecture of a Qwen2-family decoder (every field up to ``pad_token_id`` mirrors HF
+    ``Qwen2Config``; the compute-graph knobs after ``generation_config`` are neither written to
+    nor read from ``config.json``).
+
+    ``generation_config`` is the source model's ``generation_config.json`` (its eos list, pad
+    id, sampling defaults) when the config was read from a Hugging Face directory, else
+    ``None``. It does not shape the model: it takes no part in ``==`` and ``hash`` (configs
+    that differ only there share compiled programs), travels in checkpoint metadata through
+    ``to_hf_dict``/``from_hf_dict`` and is what ``save_hf`` writes back (docs/checkpoint.md).
 
     Frozen and hashable, so it can be a static argument of ``jax.jit``.
     """
@@ -34,7 +45,11 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 151643
-    eos_token_id: int | None = 151643
+    eos_token_id: int | None = 151643  # the first one when config.json lists several
+    pad_token_id: int | None = None
+    generation_config: dict[str, Any] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
     # Compute-graph knobs (not part of the HF architecture).
     remat: str = "none"  # "none" | "full" | "dots": rematerialisation policy per layer.
     # Attention kernel of the uncached (training / scoring) path, see dgpo_jax.models.attention:
@@ -52,6 +67,16 @@ class Qwen2Config:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); give head_dim explicitly"
+            )
+        if self.generation_config is not None:
+            if not isinstance(self.generation_config, dict):
+                raise ValueError(
+                    "generation_config must be a dict (generation_config.json) or None, got "
+                    f"{type(self.generation_config).__name__}"
+                )
+            # A private JSON copy: no aliasing with the caller's dict, and it must serialise.
+            object.__setattr__(
+                self, "generation_config", json.loads(json.dumps(self.generation_config))
             )
         if self.head_dim is None:  # normalise, so configs compare equal after an HF round trip
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
@@ -97,9 +122,16 @@ class Qwen2Config:
         return self.vocab_size * d + l * per_layer + d + head
 
     # --- Hugging Face interop -------------------------------------------------------------
-    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
-        """A ``config.json`` dict that transformers (4.x and 5.x) loads as Qwen2."""
-        return {
+    def to_hf_dict(
+        self, torch_dtype: str = "float32", with_generation_config: bool = True
+    ) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers (4.x and 5.x) loads as Qwen2.
+
+        A known ``generation_config`` rides along under ``GENERATION_CONFIG_KEY`` (so checkpoint
+        metadata keeps it); ``with_generation_config=False`` leaves it out (``save_hf`` writes
+        it to ``generation_config.json`` instead).
+        """
+        d = {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
             "vocab_size": self.vocab_size,
@@ -123,17 +155,22 @@ class Qwen2Config:
             "use_cache": True,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
             "torch_dtype": torch_dtype,
             "dtype": torch_dtype,
         }
+        if with_generation_config and self.generation_config is not None:
+            d[GENERATION_CONFIG_KEY] = json.loads(json.dumps(self.generation_config))
+        return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Qwen2Config:
-        """Reads both the old (top-level ``rope_theta``) and transformers-5 formats."""
+        """Reads both the old (top-level ``rope_theta``) and transformers-5 formats, and the
+        generation config that ``to_hf_dict`` records (``GENERATION_CONFIG_KEY``)."""
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
         if model_type not in (None, "qwen2") or (archs and not any("Qwen2" in a for a in archs)):
-            raise ValueError(
+            raise ModelFormatError(
                 f"{source}: unsupported architecture (model_type={model_type!r}, "
                 f"architectures={archs}); dgpo_jax supports Qwen2/Qwen2.5 (model_type 'qwen2')"
             )
@@ -149,22 +186,27 @@ class Qwen2Config:
             if k not in d
         ]
         if missing:
-            raise ValueError(f"{source}: missing required keys {missing}")
+            raise ModelFormatError(f"{source}: missing required keys {missing}")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in (None, "default"):
-            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+            raise ModelFormatError(
+                f"{source}: rope_type {rope_type!r} is not supported (only 'default')"
+            )
         if d.get("use_sliding_window", False):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+            raise ModelFormatError(f"{source}: use_sliding_window=true is not supported")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(
+            raise ModelFormatError(
                 f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')"
             )
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         heads = d["num_attention_heads"]
+        generation = d.get(GENERATION_CONFIG_KEY)
+        if generation is not None and not isinstance(generation, dict):
+            raise ModelFormatError(f"{source}: {GENERATION_CONFIG_KEY} must be a JSON object")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -179,23 +221,42 @@ class Qwen2Config:
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos,
+            pad_token_id=d.get("pad_token_id"),
+            generation_config=generation,
         )
 
     @classmethod
     def from_hf_dir(cls, path: str) -> Qwen2Config:
+        """``config.json`` of a Hugging Face directory, with its ``generation_config.json`` (when
+        there is one) as ``generation_config``."""
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path}: not a directory (expected a Hugging Face model directory)"
             )
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{path}: no config.json in this directory")
+            raise MissingFileError(f"{path}: no config.json in this directory")
         with open(cfg_path) as f:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=cfg_path)
+                raise ModelFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+        config = cls.from_hf_dict(d, source=cfg_path)
+        gen_path = os.path.join(path, GENERATION_CONFIG_FILE)
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                try:
+                    gen = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ModelFormatError(f"{gen_path}: not valid JSON ({e})") from None
+            if not isinstance(gen, dict):
+                raise ModelFormatError(
+                    f"{gen_path}: expected a JSON object, got {type(gen).__name__}"
+                )
+            # The writer's version describes the file, not the model; save_hf writes none.
+            gen.pop("transformers_version", None)
+            config = dataclasses.replace(config, generation_config=gen)
+        return config
 
 
 PRESETS: dict[str, Qwen2Config] = {

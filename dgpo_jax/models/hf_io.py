@@ -22,8 +22,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dgpo_jax.errors import MissingFileError, ModelFormatError, OutputExistsError
 from dgpo_jax.models import qwen2
-from dgpo_jax.models.config import Qwen2Config, parse_dtype
+from dgpo_jax.models.config import GENERATION_CONFIG_FILE, Qwen2Config, parse_dtype
+from dgpo_jax.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +144,13 @@ class _SafetensorsDir:
                 try:
                     weight_map = json.load(f)["weight_map"]
                 except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+                    raise ModelFormatError(
+                        f"{index}: not a valid safetensors index ({e!r})"
+                    ) from None
             self.key_to_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
             for fname in sorted(set(self.key_to_file.values())):
                 if not os.path.isfile(fname):
-                    raise FileNotFoundError(
+                    raise MissingFileError(
                         f"{index} names {os.path.basename(fname)}, which is missing"
                     )
         elif os.path.isfile(single):
@@ -162,7 +166,7 @@ class _SafetensorsDir:
                 if any(x.endswith(".bin") for x in found)
                 else ""
             )
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path}: no model.safetensors or model.safetensors.index.json{hint}; found {found}"
             )
         self._handles: dict[str, Any] = {}
@@ -251,15 +255,15 @@ def _validate(files: _SafetensorsDir, layout, shapes, config: Qwen2Config) -> No
     missing = [k for k in expected if k not in files]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise KeyError(f"{files.path}: missing tensors {missing[:5]}{more}")
+        raise ModelFormatError(f"{files.path}: missing tensors {missing[:5]}{more}")
     for k, want in expected.items():
         got, dt = files.shape_dtype(k)
         if got != want:
-            raise ValueError(
+            raise ModelFormatError(
                 f"{files.path}: tensor {k} has shape {got}, expected {want} for this config.json"
             )
         if dt not in _FILE_DTYPES:
-            raise ValueError(
+            raise ModelFormatError(
                 f"{files.path}: tensor {k} has unsupported dtype {dt}; "
                 f"supported: {sorted(_FILE_DTYPES)}"
             )
@@ -302,6 +306,65 @@ def _check_params(config: Qwen2Config, params: dict) -> None:
             raise ValueError(f"params leaf {'/'.join(leaf.path)} has shape {got}, expected {want}")
 
 
+# Qwen's document end: Qwen2.5 chat models stop at their eos (<|im_end|>) or at it.
+_ENDOFTEXT = "<|endoftext|>"
+
+
+def _int_or_none(x: Any) -> int | None:
+    return None if x is None else int(x)
+
+
+def _as_list(x: Any) -> list[int]:
+    return [] if x is None else [int(i) for i in (x if isinstance(x, list | tuple) else [x])]
+
+
+def _first(*values: Any) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _tokenizer_ids(tokenizer: Any) -> tuple[int | None, list[int], int | None]:
+    """(bos id, eos list, pad id) of a Hugging Face tokenizer; the eos list is its eos token,
+    then ``<|endoftext|>`` when the vocabulary has that too (as Qwen2.5's generation config)."""
+    eos = _as_list(getattr(tokenizer, "eos_token_id", None))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if _ENDOFTEXT in vocab:
+        eos.append(int(vocab[_ENDOFTEXT]))
+    return (
+        _int_or_none(getattr(tokenizer, "bos_token_id", None)),
+        list(dict.fromkeys(eos)),
+        _int_or_none(getattr(tokenizer, "pad_token_id", None)),
+    )
+
+
+def generation_settings(
+    config: Qwen2Config, tokenizer: Any = None
+) -> tuple[dict[str, int | None], dict[str, Any]]:
+    """What ``save_hf`` writes: (bos/eos/pad ids for ``config.json``, ``generation_config.json``).
+
+    The generation config is the source model's (``config.generation_config``, read from its HF
+    directory) as it was, with any of bos/eos/pad it lacks filled in; without one it holds just
+    those ids. Ids come from the config first, then the tokenizer; the eos list is the source's,
+    else the tokenizer's eos and ``<|endoftext|>`` plus the config's eos. ``config.json`` gets
+    the config's ids, its missing ones from the tokenizer (eos: the first of the eos list).
+    """
+    tok_bos, tok_eos, tok_pad = (
+        _tokenizer_ids(tokenizer) if tokenizer is not None else (None, [], None)
+    )
+    source = dict(config.generation_config or {})
+    source.pop("transformers_version", None)
+    eos = _as_list(source.get("eos_token_id")) or list(
+        dict.fromkeys(tok_eos + _as_list(config.eos_token_id))
+    )
+    ids = {
+        "bos_token_id": _first(config.bos_token_id, tok_bos, source.get("bos_token_id")),
+        "eos_token_id": _first(config.eos_token_id, *eos[:1]),
+        "pad_token_id": _first(config.pad_token_id, tok_pad, source.get("pad_token_id")),
+    }
+    known = dict(ids, eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None)
+    missing = {k: v for k, v in known.items() if v is not None and source.get(k) is None}
+    return ids, {**source, **missing}
+
+
 def save_hf(
     config: Qwen2Config,
     params: dict,
@@ -317,12 +380,21 @@ def save_hf(
     (with ``model.safetensors.index.json`` when there are several). The directory is written
     under a temporary name and renamed into place, so an interrupted save leaves no partial
     model at ``path``.
+
+    ``tokenizer`` (a Hugging Face tokenizer, a tokenizer directory or ``"qwen2.5"``) is saved
+    alongside. ``config.json`` carries bos/eos/pad ids and ``generation_config.json`` the
+    source model's generation config (``config.generation_config``) or, without one, the eos
+    list and pad id of the config and the tokenizer, so that transformers and vLLM stop at the
+    end of a turn (``generation_settings``; docs/checkpoint.md).
     """
     _check_params(config, params)
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(tokenizer)
+    ids, generation = generation_settings(config, tokenizer)
     dtype = parse_dtype(dtype) if dtype is not None else jnp.dtype(params["embed_tokens"].dtype)
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
@@ -365,10 +437,11 @@ def save_hf(
             jnp.dtype(dtype), "float32"
         )
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_hf_dict(dtype_name), f, indent=2)
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+            json.dump(
+                {**config.to_hf_dict(dtype_name, with_generation_config=False), **ids}, f, indent=2
+            )
+        with open(os.path.join(tmp, GENERATION_CONFIG_FILE), "w") as f:
+            json.dump(generation, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.exists(path):
