@@ -1,10 +1,18 @@
 """DistiLLM's replay buffer: rows survive add -> sample and save -> load exactly, first in first
-out, sampling without replacement."""
+out, sampling without replacement; saved next to checkpoints on a local disk or an object
+store."""
 
 import numpy as np
 import pytest
+from etils import epath
 
-from dgpo_jax.curricula.replay import ReplayBuffer
+from dgpo_jax.curricula.replay import (
+    ReplayBuffer,
+    load_for_checkpoint,
+    replay_path,
+    save_with_checkpoint,
+)
+from tests.test_fileio import assert_no_local_files, use_fake_gcs
 
 
 def _batch(b, t, offset):
@@ -65,3 +73,30 @@ def test_add_sample_roundtrip_and_fifo(tmp_path):
         ReplayBuffer(3).sample(1, np.random.default_rng(0))
     with pytest.raises(ValueError, match="capacity must be an int >= 1, got 0"):
         ReplayBuffer(0)
+
+
+@pytest.mark.parametrize("where", ["local", "object_store"])
+def test_save_with_checkpoint_prunes_and_loads_back(where, monkeypatch, tmp_path):
+    """Through epath: a local directory or a ``gs://`` one (in-memory fake, no local files)."""
+    root = str(tmp_path) if where == "local" else use_fake_gcs(monkeypatch, tmp_path)
+    replay_dir = f"{root}/replay"
+    buf = ReplayBuffer(4)
+    buf.add(_batch(3, 8, 0))
+    for step in (2, 4, 6):
+        save_with_checkpoint(buf, replay_dir, step, kept_steps=[step - 2])
+    names = sorted(p.name for p in epath.Path(replay_dir).iterdir())
+    assert names == ["replay_4.npz", "replay_6.npz"]  # step 2's checkpoint is no longer kept
+    assert replay_path(replay_dir, 6) == f"{replay_dir}/replay_6.npz"
+    back = load_for_checkpoint(replay_dir, 6)
+    assert back.capacity == 4 and _rows(back.sample(3, np.random.default_rng(0))) == _rows(
+        buf.sample(3, np.random.default_rng(0))
+    )
+    with pytest.raises(FileNotFoundError, match="checkpoint 8 has no replay buffer"):
+        load_for_checkpoint(replay_dir, 8)
+    # never unpickled: an object array in the file is refused
+    with epath.Path(replay_path(replay_dir, 6)).open("wb") as handle:
+        np.savez(handle, capacity=np.int64(4), count=np.int64(1), widths=np.array([object()]))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_for_checkpoint(replay_dir, 6)
+    if where == "object_store":
+        assert_no_local_files(tmp_path)

@@ -4,18 +4,20 @@ Rows are stored trimmed of their right padding; a sampled batch is padded back (
 zeros: attention and loss masks 0) to its longest row. Per-token fields are the batch's 2-D
 arrays, per-row fields its 1-D arrays; scalars are not stored. The buffer is saved next to each
 checkpoint as an ``.npz`` (no pickles) so that a resumed run draws what an uninterrupted one
-would.
+would. Files go through ``etils.epath`` (`dgpo_jax.checkpoint.fileio`), so the replay directory
+can be local or on an object store (``gs://...``).
 """
 
 from __future__ import annotations
 
-import os
+import io
 from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
+from etils import epath
 
-from dgpo_jax.checkpoint.fileio import write_atomically
+from dgpo_jax.checkpoint.fileio import write_bytes_atomically
 
 
 class ReplayBuffer:
@@ -57,21 +59,20 @@ class ReplayBuffer:
 
     # --- persistence ---------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Writes the rows, oldest first, to ``path`` (``.npz``) atomically."""
+        """Writes the rows, oldest first, to ``path`` (``.npz``, local or ``gs://...``)
+        atomically."""
         arrays = {"capacity": np.int64(self.capacity), "count": np.int64(len(self.rows))}
         if self.rows:
             arrays.update({f"row_{k}": v for k, v in _stack(list(self.rows)).items()})
             arrays["widths"] = np.array([len(r["input_ids"]) for r in self.rows], np.int64)
-
-        def write(partial: str) -> None:
-            with open(partial, "wb") as handle:  # a handle: np.savez adds no ".npz" suffix
-                np.savez(handle, **arrays)
-
-        write_atomically(path, write)
+        data = io.BytesIO()
+        np.savez(data, **arrays)
+        write_bytes_atomically(path, data.getvalue())
 
     @classmethod
     def load(cls, path: str) -> ReplayBuffer:
-        with np.load(path, allow_pickle=False) as z:
+        data = io.BytesIO(epath.Path(path).read_bytes())
+        with np.load(data, allow_pickle=False) as z:
             buf = cls(int(z["capacity"]))
             if int(z["count"]):
                 widths = z["widths"]
@@ -100,9 +101,13 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
+def _replay_name(step: int) -> str:
+    return f"replay_{step}.npz"
+
+
 def replay_path(replay_dir: str, step: int) -> str:
     """The buffer file that goes with checkpoint ``step``."""
-    return os.path.join(replay_dir, f"replay_{step}.npz")
+    return str(epath.Path(replay_dir) / _replay_name(step))
 
 
 def save_with_checkpoint(
@@ -110,20 +115,20 @@ def save_with_checkpoint(
 ) -> None:
     """The buffer as of checkpoint ``step``; the files of checkpoints no longer kept go. Call it
     before the checkpoint is saved, so that a committed checkpoint always has its buffer."""
-    os.makedirs(replay_dir, exist_ok=True)
+    directory = epath.Path(replay_dir)
+    directory.mkdir(parents=True, exist_ok=True)
     replay.save(replay_path(replay_dir, step))
-    keep = {os.path.basename(replay_path(replay_dir, s)) for s in kept_steps}
-    keep.add(os.path.basename(replay_path(replay_dir, step)))
-    for name in os.listdir(replay_dir):
-        if name.startswith("replay_") and name.endswith(".npz") and name not in keep:
-            os.remove(os.path.join(replay_dir, name))
+    keep = {_replay_name(s) for s in kept_steps} | {_replay_name(step)}
+    for path in directory.iterdir():
+        if path.name.startswith("replay_") and path.name.endswith(".npz") and path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def load_for_checkpoint(replay_dir: str, step: int) -> ReplayBuffer:
     """The buffer saved with checkpoint ``step``; a missing file is an error (the run cannot
     continue with the data it had)."""
     path = replay_path(replay_dir, step)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(
             f"resume: checkpoint {step} has no replay buffer {path!r}; the DistiLLM run cannot "
             "continue with the data it had"
