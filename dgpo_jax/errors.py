@@ -19,7 +19,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "debug_requested", "report", "run_cli", "EXIT_USER_ERROR"]
+__all__ = [
+    "UserError",
+    "MissingFileError",
+    "ModelFormatError",
+    "NothingToTrainError",
+    "OutputExistsError",
+    "InvalidArgumentError",
+    "debug_requested",
+    "report",
+    "run_cli",
+    "EXIT_USER_ERROR",
+]
 
 EXIT_USER_ERROR = 2
 DEBUG_FLAG = "--debug"
@@ -38,6 +49,28 @@ class UserError(Exception):
         super().__init__(*args)
         if hint is not None:
             self.hint = hint
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist, or lacks a file it needs."""
+
+
+class ModelFormatError(UserError, ValueError):
+    """A model source (HF directory, checkpoint, preset) is not what its kind requires."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output path exists and the command was not told to replace it."""
+
+    hint = "pass --overwrite (or overwrite=True) to replace it, or choose another path"
+
+
+class InvalidArgumentError(UserError, ValueError):
+    """An argument of a command or function is out of range or of the wrong kind."""
+
+
+class NothingToTrainError(UserError, RuntimeError):
+    """A step (or a run) would train on no token: refused rather than logged as zeros."""
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from retrieval_service.corpus import CorpusError
+from dgpo_jax.errors import run_cli
 from retrieval_service.index import INDEX_KINDS, build_index
 
 
@@ -55,25 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        manifest = build_index(
-            args.corpus,
-            args.out,
-            args.kind,
-            encoder=args.encoder,
-            device=args.device,
-            batch_size=args.batch_size,
-            faiss_index=args.faiss_index,
-            hnsw_m=args.hnsw_m,
-            k1=args.k1,
-            b=args.b,
-            overwrite=args.overwrite,
-            show_progress=not args.no_progress,
-            torch_threads=args.torch_threads,
-        )
-    except (CorpusError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = build_index(
+        args.corpus,
+        args.out,
+        args.kind,
+        encoder=args.encoder,
+        device=args.device,
+        batch_size=args.batch_size,
+        faiss_index=args.faiss_index,
+        hnsw_m=args.hnsw_m,
+        k1=args.k1,
+        b=args.b,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+        torch_threads=args.torch_threads,
+    )
     print(
         f"built {manifest.kind} index of {manifest.num_documents} documents in {args.out} "
         f"({manifest.build_seconds:.1f} s)"
@@ -81,5 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_main(argv: list[str] | None = None) -> None:
+    """The console entry point: a corpus, output or argument error as one ``error:`` line and
+    exit status 2 (``--debug`` or ``DGPO_DEBUG=1``: the traceback)."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main()

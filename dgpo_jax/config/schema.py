@@ -36,6 +36,8 @@ MODES = ("train", "coldstart", "eval", "export", "plan", "quickstart")
 class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong kind, or points at nothing."""
 
+    hint = "--print_config shows every field; --debug shows the traceback"
+
 
 def env(name: str, default: str = "") -> str:
     """Read a location from the environment (used by the ``*_nq.py`` configs)."""
@@ -97,14 +99,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 512  # prompts per RL step (all processes together)
     c.data.rollouts_per_prompt = 1  # n samples per prompt (GRPO: 5)
     c.data.shuffle = True
+    # Prompts longer than sampler.max_prompt_length: error (name the row) | left (keep the last
+    # max_prompt_length tokens) | drop (skip the row, counted in the metrics as dropped_prompts)
+    c.data.truncation = "error"
 
     c.retrieval = ml_collections.ConfigDict()
     c.retrieval.kind = "http"  # http | in_process
     c.retrieval.urls = "http://127.0.0.1:8000"  # comma-separated; balanced client-side
     c.retrieval.index_dir = ""  # for in_process: a directory built by build_index
     c.retrieval.topk = 3
-    c.retrieval.timeout_s = 30.0
-    c.retrieval.max_retries = 3
+    c.retrieval.timeout_s = 30.0  # one HTTP request
+    c.retrieval.max_retries = 3  # retries of a search, with exponential backoff (0.2 s .. 5 s)
+    c.retrieval.deadline_s = 120.0  # one search, its retries included
     # A wave whose search still fails after the client's retries: "raise" stops the run with an
     # error naming the URLs and the waiting rows; "finish" ends those rows (retriever_error).
     c.retrieval.on_error = "raise"

@@ -3,6 +3,7 @@ mode needs), before anything heavy starts. Errors are ``ConfigError`` naming the
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 
@@ -11,7 +12,8 @@ import ml_collections
 
 from dgpo_jax.config.build import build_curriculum, build_objective
 from dgpo_jax.config.schema import MODES, ConfigError, parse_rules, split_list
-from dgpo_jax.models.config import ATTENTION_KERNELS
+from dgpo_jax.data.prompts import TRUNCATION_MODES
+from dgpo_jax.models.config import ATTENTION_KERNELS, PRESETS
 from dgpo_jax.sampler.config import DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,18 @@ def attention_backend(cfg: ml_collections.ConfigDict) -> str:
     return jax.default_backend()
 
 
+def _missing_source(src: str) -> str:
+    if src.startswith("preset:"):
+        near = difflib.get_close_matches(src[len("preset:") :], sorted(PRESETS), n=1)
+        hint = f" (did you mean 'preset:{near[0]}'?)" if near else ""
+        return f"{src!r}: no such preset{hint}; presets: {', '.join(sorted(PRESETS))}"
+    return f"{src!r} does not exist"
+
+
 def _model_source_ok(src: str) -> bool:
-    return src.startswith("preset:") or os.path.isdir(src)
+    if src.startswith("preset:"):
+        return src[len("preset:") :] in PRESETS
+    return os.path.isdir(src)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -131,10 +143,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             "is empty: give a HF directory, a dgpo_jax checkpoint "
             "directory or preset:NAME (the *_nq configs read it from the environment)",
         )
-        need(_model_source_ok(src), f"model.{role}", f"{src!r} does not exist")
+        need(_model_source_ok(src), f"model.{role}", _missing_source(src))
     for role in ("teacher", "reference"):
         src = getattr(cfg.model, role)
-        need(not src or _model_source_ok(src), f"model.{role}", f"{src!r} does not exist")
+        need(not src or _model_source_ok(src), f"model.{role}", _missing_source(src))
     tok = cfg.model.tokenizer
     need(
         tok == "qwen2.5" or os.path.isdir(tok),
@@ -202,6 +214,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     ):
         section, key = field.split(".")
         need(0 <= cfg[section][key] < 1, field, f"must be in [0, 1), got {cfg[section][key]}")
+    for field in ("retrieval.timeout_s", "retrieval.deadline_s"):
+        value = cfg.retrieval[field.split(".")[1]]
+        need(value > 0, field, f"must be > 0 seconds, got {value}")
+    need(
+        cfg.retrieval.max_retries >= 0,
+        "retrieval.max_retries",
+        f"must be >= 0, got {cfg.retrieval.max_retries}",
+    )
+    need(
+        cfg.data.truncation in TRUNCATION_MODES,
+        "data.truncation",
+        f"{cfg.data.truncation!r} is not one of {TRUNCATION_MODES}",
+    )
     need(
         cfg.optim.schedule in ("constant", "cosine"),
         "optim.schedule",

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 # The reference prompt (typo included) and question formatting live with the protocol text.
-from dgpo_jax.errors import UserError
+from dgpo_jax.errors import MissingFileError, UserError
 from dgpo_jax.retrieval.formatting import SEARCH_R1_PROMPT_TEMPLATE as DEFAULT_TEMPLATE
 from dgpo_jax.retrieval.formatting import format_prompt as format_question
 
@@ -51,6 +51,7 @@ class QARecord:
     golds: tuple[str, ...]
     split: str = ""
     index: int = -1
+    where: str = dataclasses.field(default="", compare=False)  # 'file: row i', for errors
 
     @property
     def user_content(self) -> str:
@@ -108,6 +109,7 @@ def validate_row(row: dict, where: str) -> QARecord:
         tuple(golds),
         str(extra.get("split", "")),
         int(index) if index is not None else -1,
+        where,
     )
 
 
@@ -116,7 +118,7 @@ def read_search_r1_parquet(path: str | os.PathLike) -> list[QARecord]:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such data file")
+        raise MissingFileError(f"{path}: no such data file")
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files

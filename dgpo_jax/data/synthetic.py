@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dgpo_jax.checkpoint.fileio import write_atomically
+from dgpo_jax.errors import InvalidArgumentError, OutputExistsError, run_cli
 from dgpo_jax.retrieval.formatting import (
     INVALID_ACTION_NOTICE,
     PROTOCOL_TAGS,
@@ -401,15 +402,15 @@ def generate_world(
       prompt_template: template with a ``{question}`` placeholder for the prompt rows.
     """
     if num_entities < 20:
-        raise ValueError(f"num_entities must be at least 20, got {num_entities}")
+        raise InvalidArgumentError(f"num_entities must be at least 20, got {num_entities}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InvalidArgumentError(f"test_fraction must be in (0, 1), got {test_fraction}")
     for name, value, limit in (
         ("single_hop_per_entity", single_hop_per_entity, 2),
         ("two_hop_per_entity", two_hop_per_entity, 3),
     ):
         if not 0 <= value <= limit:
-            raise ValueError(f"{name} must be between 0 and {limit}, got {value}")
+            raise InvalidArgumentError(f"{name} must be between 0 and {limit}, got {value}")
     rng = np.random.default_rng(seed)
     counts = {PERSON: round(0.6 * num_entities), PLACE: round(0.2 * num_entities)}
     counts[ORGANISATION] = num_entities - counts[PERSON] - counts[PLACE]
@@ -742,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--no-tokenizer", action="store_true", help="skip the word tokenizer")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise OutputExistsError(f"--out {args.out}: exists and is not a directory")
     world = generate_world(args.seed, args.num_entities, test_fraction=args.test_fraction)
     paths = write_world(world, args.out)
     if not args.no_tokenizer:
@@ -757,4 +760,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from etils import epath
+
 from dgpo_jax.checkpoint.fileio import write_text_atomically
-from dgpo_jax.data.prompts import encode_prompt
+from dgpo_jax.data.prompts import encode_prompt, fit_prompts
 from dgpo_jax.data.search_r1 import QARecord
 from dgpo_jax.evaluation import TrajectoryRecord, arcap_summary, greedy_vs_sampled
 from dgpo_jax.learner.batches import score_rollout
@@ -29,13 +30,22 @@ def rollout_records(
     batch_size: int,
     seed: int = 0,
     use_chat_template: bool = True,
+    truncation: str = "error",
     **generate_kw,
 ):
-    """Roll out every record in batches; returns (scored rollouts per batch, records)."""
+    """Roll out every record in batches; returns (scored rollouts per batch, records).
+
+    Prompts longer than the sampler's ``max_prompt_length``: ``truncation`` ``error`` raises a
+    `DataError` naming the row, ``left`` keeps their last tokens, ``drop`` keeps the row, which
+    finishes as ``prompt_too_long`` without a token (scored wrong, counted in its results):
+    an evaluation does not change its set of questions."""
     out = []
+    limit = sampler.config.max_prompt_length
     for start in range(0, len(records), batch_size):
         chunk = list(records[start : start + batch_size])
         prompts = [encode_prompt(r, tokenizer, use_chat_template) for r in chunk]
+        if truncation != "drop":
+            prompts, _ = fit_prompts(prompts, chunk, limit, truncation)
         rollout = sampler.generate(
             params,
             prompts,
@@ -71,6 +81,7 @@ def evaluate(
     num_samples: int = 8,
     sampled_repeats: int = 1,
     dtype=None,
+    truncation: str = "error",
 ) -> dict[str, dict]:
     """``sampler_configs``: {"greedy": SamplerConfig, "sampled": SamplerConfig, ...}.
 
@@ -88,6 +99,7 @@ def evaluate(
     `greedy_vs_sampled` per data source (pass@k, sampled EM where greedy is right / wrong).
 
     ``dtype``: the compute dtype; float32 master weights are cast to it once, before decoding.
+    ``truncation``: over-long prompts, as in `rollout_records`.
     """
     if not (isinstance(sampled_repeats, int) and sampled_repeats >= 1):
         raise ValueError(f"sampled_repeats must be an int >= 1, got {sampled_repeats!r}")
@@ -110,6 +122,7 @@ def evaluate(
                 batch_size,
                 seed + draw * len(records),
                 use_chat_template,
+                truncation,
             ):
                 for i, rec in enumerate(chunk):
                     trajs.append(
@@ -212,8 +225,8 @@ def write_results(
     """``WORKDIR/eval/NAME.json``, ``NAME.md`` and, when the results carry them, the
     per-question predictions as ``NAME.predictions.jsonl`` (one row per question and decoding,
     with a ``decoding`` field); returns the JSON and markdown paths."""
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = epath.Path(workdir) / "eval"  # local or an object store (gs://...)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = [
         dict(decoding=d, **row) for d, per in results.items() for row in per.get("_predictions", ())
     ]
@@ -222,11 +235,10 @@ def write_results(
     }
     if rows:
         write_text_atomically(
-            os.path.join(out_dir, f"{name}.predictions.jsonl"),
-            "".join(json.dumps(r) + "\n" for r in rows),
+            out_dir / f"{name}.predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
         )
-    json_path = os.path.join(out_dir, f"{name}.json")
+    json_path = str(out_dir / f"{name}.json")
     write_text_atomically(json_path, json.dumps(dict(extra or {}, results=results), indent=2))
-    md_path = os.path.join(out_dir, f"{name}.md")
+    md_path = str(out_dir / f"{name}.md")
     write_text_atomically(md_path, markdown_table(results, name))
     return json_path, md_path

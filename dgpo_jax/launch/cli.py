@@ -29,9 +29,9 @@ from dgpo_jax.config import (
     load_config,
     validate,
 )
+from dgpo_jax.errors import run_cli
 from dgpo_jax.launch import coldstart, evaluate, export, plan, quickstart, train
 from dgpo_jax.parallel.distributed import initialize_from_env
-from dgpo_jax.retrieval.errors import RetrievalError
 
 MODES = {
     "train": train.run_train,
@@ -119,24 +119,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run_main(argv: Sequence[str] | None = None) -> None:
-    """The console entry point: config errors as one line and exit status 2; a retriever that
-    kept failing during the run as one line and exit status 1."""
+    """The console entry point: the project's own errors (config, data, model files,
+    checkpoints, retrieval) as one ``error:`` line plus a ``hint:``, exit status 2
+    (`dgpo_jax.errors.run_cli`); other exceptions keep their traceback."""
     argv = list(sys.argv if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("DGPO_DEBUG", "") not in ("", "0")
-    try:
-        code = main(argv)
-    except ConfigError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        print(
-            "hint: --print_config shows every field; --debug shows the traceback", file=sys.stderr
-        )
-        code = 2
-    except RetrievalError as e:  # the retriever kept failing mid-run: which server, which rows
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        print("hint: check the retrieval server(s); --debug shows the traceback", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+    run_cli(lambda args: main([argv[0], *args]), argv[1:])

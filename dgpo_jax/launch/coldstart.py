@@ -14,10 +14,11 @@ import numpy as np
 from dgpo_jax.checkpoint.params import save_params_checkpoint
 from dgpo_jax.config import build_objective, optim_config, split_list
 from dgpo_jax.data.search_r1 import read_question_files
+from dgpo_jax.errors import NothingToTrainError
 from dgpo_jax.evaluation.evaluate import rollout_records
 from dgpo_jax.launch.context import RunContext
 from dgpo_jax.launch.metrics_log import MetricsLogger
-from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches, trim_to_bucket
+from dgpo_jax.learner.batches import SEQ_MULTIPLE, resolve_micro_batches, trim_to_bucket
 from dgpo_jax.learner.packing import pack_for_update, pack_width, trajectory_lengths
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.objectives.config import ObjectiveConfig
@@ -28,17 +29,19 @@ log = logging.getLogger(__name__)
 def run_coldstart(cfg) -> dict:
     """Teacher rollouts on training questions -> keep the correct ones -> KD the student."""
     objective = build_objective(cfg)
+    records = read_question_files(split_list(cfg.data.train_files))  # bad rows: before the models
     run = RunContext(cfg, need_teacher=True)
-    records = read_question_files(split_list(cfg.data.train_files))
     if cfg.coldstart.max_questions:
         records = records[: cfg.coldstart.max_questions]
     records = [r for r in records for _ in range(cfg.coldstart.rollouts_per_question)]
     sampler = run.sampler(run.teacher_config, greedy=cfg.coldstart.greedy)
     seqs = _collect_correct(run, sampler, run.teacher_params, records, cfg.eval.batch_size)
     if not len(seqs["input_ids"]):
-        raise RuntimeError(
-            f"the teacher answered none of {len(records)} training questions "
-            "correctly: nothing to distill"
+        raise NothingToTrainError(
+            f"cold start: the teacher ({cfg.model.teacher}) answered none of {len(records)} "
+            "training questions correctly: nothing to distill",
+            hint="check the teacher, its tokenizer and the retriever (an eval run of the "
+            "teacher shows its answers), or raise coldstart.rollouts_per_question",
         )
     log.info(
         "cold start: %d correct teacher trajectories of %d", len(seqs["input_ids"]), len(records)
@@ -69,6 +72,7 @@ def _collect_correct(run, sampler, params, records, batch_size) -> dict[str, np.
         batch_size,
         run.cfg.seed,
         run.cfg.data.use_chat_template,
+        run.cfg.data.truncation,
     ):
         keep = np.flatnonzero(scored.rewards > 0)
         parts.append(
@@ -104,7 +108,7 @@ def kd_train(
     steps_per_epoch = n // batch_size
     total = max(1, epochs * steps_per_epoch)
 
-    micro = micro_batches(batch_size, cfg.train.micro_batch_size)
+    micro = resolve_micro_batches(batch_size, cfg.train.micro_batch_size, "cold-start batch")
     update = make_update_step(
         objective,
         run.student_config,

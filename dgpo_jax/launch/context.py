@@ -11,9 +11,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dgpo_jax.checkpoint.params import load_params_checkpoint
-from dgpo_jax.config import parse_rules, sampler_config, split_list, validate
+from dgpo_jax.checkpoint.params import load_params_checkpoint, model_source_kind
+from dgpo_jax.config import ConfigError, parse_rules, sampler_config, split_list, validate
 from dgpo_jax.data.search_r1 import read_question_files
+from dgpo_jax.errors import ModelFormatError
 from dgpo_jax.evaluation.evaluate import evaluate, write_results
 from dgpo_jax.models import Qwen2Config, cast_params, get_preset, init_params
 from dgpo_jax.models.hf_io import load_hf
@@ -44,20 +45,18 @@ def load_model(
 
     Presets get random weights and the tokenizer's vocabulary size.
     """
-    if source.startswith("preset:"):
+    kind = model_source_kind(source, role)
+    if kind == "preset":
         config = get_preset(source[len("preset:") :], vocab_size=vocab_size)
         params = init_params(config, jax.random.key(seed), jnp.dtype(dtype))
-    elif os.path.isfile(os.path.join(source, "config.json")):
+    elif kind == "hf":
         config, params = load_hf(source, dtype=dtype)
-    elif os.path.isdir(source):
-        config, params, _ = load_params_checkpoint(source, dtype=dtype)
     else:
-        raise FileNotFoundError(
-            f"{role} {source!r}: not a HF directory, a checkpoint directory or preset:NAME"
-        )
+        config, params, _ = load_params_checkpoint(source, dtype=dtype)
     if config.vocab_size < vocab_size:
-        raise ValueError(
-            f"{role} {source!r} has vocab_size {config.vocab_size} < the tokenizer's {vocab_size}"
+        raise ModelFormatError(
+            f"{role} {source!r} has vocab_size {config.vocab_size} < the tokenizer's {vocab_size}",
+            hint="model.tokenizer must be the tokenizer the model was trained with",
         )
     if plan is not None:
         params = plan.shard_params(config, params)
@@ -73,6 +72,7 @@ def build_retriever(cfg):
         topk=cfg.retrieval.topk,
         timeout=cfg.retrieval.timeout_s,
         max_retries=cfg.retrieval.max_retries,
+        deadline=cfg.retrieval.deadline_s,
     )
 
 
@@ -133,9 +133,9 @@ class RunContext:
         self.teacher_config = self.teacher_params = None
         if need_teacher:
             if not cfg.model.teacher:
-                raise ValueError(
-                    f"objective {cfg.objective.preset!r} / mode {cfg.mode!r} needs "
-                    "a teacher: set config.model.teacher"
+                raise ConfigError(
+                    f"config.model.teacher: objective {cfg.objective.preset!r} / mode "
+                    f"{cfg.mode!r} needs a teacher: set config.model.teacher"
                 )
             self.teacher_config, self.teacher_params = load_model(
                 cfg.model.teacher, cfg.model.dtype, vocab, self.plan, cfg.seed + 1, "model.teacher"
@@ -190,6 +190,7 @@ class RunContext:
             cfg.data.use_chat_template,
             sampled_repeats=cfg.eval.sampled_repeats,
             dtype=self.compute_dtype,
+            truncation=cfg.data.truncation,
         )
         write_results(cfg.workdir, name, results)
         return results

@@ -55,6 +55,7 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
+from dgpo_jax.checkpoint.params import model_source_kind
 from dgpo_jax.config import (
     ConfigError,
     build_curriculum,
@@ -64,6 +65,7 @@ from dgpo_jax.config import (
     sampler_config,
 )
 from dgpo_jax.curricula.config import needs_teacher_model
+from dgpo_jax.errors import ModelFormatError
 from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches
 from dgpo_jax.learner.update_step import abstract_update_state, make_update_step
 from dgpo_jax.models import Qwen2Config, cast_params, get_preset, param_shapes, resolve_kernel
@@ -236,19 +238,18 @@ def model_config_from_source(source: str, role: str) -> Qwen2Config:
     """The architecture of a model source without reading its weights: ``preset:NAME`` (the
     preset's own vocabulary), a HF directory's ``config.json``, or a dgpo_jax checkpoint's
     metadata."""
-    if source.startswith("preset:"):
+    kind = model_source_kind(source, role)
+    if kind == "preset":
         return get_preset(source[len("preset:") :])
-    hf_config = os.path.join(source, "config.json")
-    if os.path.isfile(hf_config):
+    if kind == "hf":
+        hf_config = os.path.join(source, "config.json")
         with open(hf_config) as f:
             return Qwen2Config.from_hf_dict(json.load(f), source=hf_config)
-    if os.path.isdir(source):
-        with Checkpointer(source) as ckpt:
-            metadata = ckpt.restore_metadata(None)
-        if "model_config" not in metadata:
-            raise ValueError(f"{role} {source!r}: checkpoint metadata has no 'model_config'")
-        return Qwen2Config.from_hf_dict(metadata["model_config"], source=f"{source} metadata")
-    raise FileNotFoundError(f"{role} {source!r}: not a HF directory, a checkpoint or preset:NAME")
+    with Checkpointer(source) as ckpt:
+        metadata = ckpt.restore_metadata(None)
+    if "model_config" not in metadata:
+        raise ModelFormatError(f"{role} {source!r}: checkpoint metadata has no 'model_config'")
+    return Qwen2Config.from_hf_dict(metadata["model_config"], source=f"{source} metadata")
 
 
 # ---------------------------------------------------------------------------------- plan ---

