@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import jax
 import numpy as np
+from etils import epath
 
 from dgpo_jax.checkpoint.params import save_params_checkpoint
 from dgpo_jax.config import build_objective, optim_config, split_list
@@ -56,7 +56,7 @@ def run_coldstart(cfg) -> dict:
         objective=objective,
     )
     out = os.path.join(cfg.workdir, "student_coldstart")
-    shutil.rmtree(out, ignore_errors=True)
+    epath.Path(out).rmtree(missing_ok=True)
     save_params_checkpoint(run.student_config, state.params["policy"], out)
     final = run.evaluate(state.params["policy"], "coldstart")
     return {"final_eval": final, "checkpoint": out, "num_sequences": len(seqs["input_ids"])}

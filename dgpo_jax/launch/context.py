@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from dgpo_jax.checkpoint.params import load_params_checkpoint, model_source_kind
 from dgpo_jax.config import ConfigError, parse_rules, sampler_config, split_list, validate
@@ -142,7 +142,7 @@ class RunContext:
             )
             self.teacher_config = self.with_attention(self.teacher_config)
         self.retriever = build_retriever(cfg)
-        os.makedirs(cfg.workdir, exist_ok=True)
+        epath.Path(cfg.workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
 
     def with_attention(self, config: Qwen2Config) -> Qwen2Config:
         """``config`` with the run's attention kernel (``model.attention``)."""

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
 from dgpo_jax.checkpoint.params import policy_params
@@ -20,7 +21,7 @@ def run_eval(cfg) -> dict:
     params = run.student_params
     ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
     step = None
-    if os.path.isdir(ckpt_dir):
+    if epath.Path(ckpt_dir).is_dir():  # local or gs://
         ck = Checkpointer(ckpt_dir)
         if ck.latest_step() is not None:
             step = ck.latest_step() if cfg.eval.checkpoint_step < 0 else cfg.eval.checkpoint_step

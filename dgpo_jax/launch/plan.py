@@ -52,9 +52,11 @@ from dataclasses import asdict, dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.extend.core import jaxprs_in_params
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
+from dgpo_jax.checkpoint.fileio import write_text_atomically
 from dgpo_jax.checkpoint.params import model_source_kind
 from dgpo_jax.config import (
     ConfigError,
@@ -1200,10 +1202,11 @@ def run_plan(cfg) -> dict:
         jax.config.update("jax_platforms", "cpu")
     result = build_memory_plan(cfg)
     print(result.table(), flush=True)
-    os.makedirs(cfg.workdir, exist_ok=True)
+    epath.Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     out = result.to_dict()
-    with open(os.path.join(cfg.workdir, "memory_plan.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    write_text_atomically(
+        str(epath.Path(cfg.workdir) / "memory_plan.json"), json.dumps(out, indent=1)
+    )
     if result.fits is False:
         refused = [p for p in result.programs.values() if p.refused]
         worst = refused[0] if refused else result.programs[result.peak_program]

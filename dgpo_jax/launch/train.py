@@ -333,6 +333,7 @@ def run_train(cfg) -> dict:
                 if replay is not None and jax.process_index() == 0:
                     save_with_checkpoint(replay, replay_dir, step + 1, ckpt.all_steps())
                 ckpt.save(step + 1, state, metadata(step + 1), force=True)
+                logger.flush()  # the steps a checkpoint covers are in the metrics too
     ckpt.wait_until_finished()
     final = run.evaluate(state.params["policy"], "final") if cfg.eval.at_end else None
     logger.close()
