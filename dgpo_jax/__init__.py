@@ -28,6 +28,14 @@ from dgpo_jax.models import (
 from dgpo_jax.parallel.sharding import ShardingPlan, make_mesh, plan_from_config
 
 _LAZY = {
+    # errors about the user's input (dgpo_jax.errors: no heavy imports)
+    "UserError": "dgpo_jax.errors",
+    "MissingFileError": "dgpo_jax.errors",
+    "ModelFormatError": "dgpo_jax.errors",
+    "NothingToTrainError": "dgpo_jax.errors",
+    "DataError": "dgpo_jax.data.search_r1",
+    "ConfigError": "dgpo_jax.config",
+    "RetrievalError": "dgpo_jax.retrieval.errors",
     "load_tokenizer": "dgpo_jax.models.tokenizer",
     "Checkpointer": "dgpo_jax.checkpoint.checkpointer",
     "CheckpointNotFoundError": "dgpo_jax.checkpoint.checkpointer",

@@ -744,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tokenizer", action="store_true", help="skip the word tokenizer")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise OutputExistsError(f"--out {args.out}: exists and is not a directory")
+        raise OutputExistsError(
+            f"--out {args.out}: exists and is not a directory", hint="give a directory path"
+        )
     world = generate_world(args.seed, args.num_entities, test_fraction=args.test_fraction)
     paths = write_world(world, args.out)
     if not args.no_tokenizer:
