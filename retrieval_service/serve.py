@@ -14,18 +14,22 @@ The OpenAPI schema is at ``/openapi.json`` (browsable at ``/docs``).
 from __future__ import annotations
 
 import argparse
+import gc
 import hmac
 import ipaddress
 import json
 import logging
 import os
-import sys
 
-from fastapi import FastAPI
+import anyio
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dgpo_jax.errors import InvalidArgumentError, MissingFileError, UserError, run_cli
 from retrieval_service.index import SearchIndex, load_index
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,8 @@ class RetrieveRequest(BaseModel):
     """Body of ``POST /retrieve`` (unknown fields are ignored, as in the reference)."""
 
     model_config = ConfigDict(extra="ignore")
-    queries: list[StrictStr] = Field(description="one search query per entry")
+    # fail_fast: a list of a million non-strings gets one error, not a million.
+    queries: list[StrictStr] = Field(description="one search query per entry", fail_fast=True)
     topk: StrictInt | None = Field(
         default=None, description="documents per query (default: the server's)"
     )
@@ -71,19 +76,32 @@ def _error_response(status_code: int, message: str, headers: dict | None = None)
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-class RequestGuard:
-    """ASGI middleware: bearer-token check and a request-body size limit, before any parsing.
+_CLOSE = {"Connection": "close"}  # uvicorn then closes the connection after the answer
 
-    The body is read here (stopping as soon as it passes `max_body_bytes`) and handed on whole.
+
+class RequestGuard:
+    """ASGI middleware: bearer-token check, body size limit and body deadline, before parsing.
+
+    A declared Content-Length over `max_body_bytes` is answered 413 at once, without reading
+    the body; otherwise the body (chunked or not) is read here, stopping with 413 as soon as
+    it passes `max_body_bytes`, and with 408 (and the connection closed) when it has not all
+    arrived `body_timeout_s` seconds after the headers (a slow sender). Then it is handed on
+    whole. A client that goes away mid-body gets nothing.
     """
 
     def __init__(
-        self, app, max_body_bytes: int, token: str | None, protected_paths: tuple[str, ...]
+        self,
+        app,
+        max_body_bytes: int,
+        token: str | None,
+        protected_paths: tuple[str, ...],
+        body_timeout_s: float | None = None,
     ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.token = token
         self.protected_paths = protected_paths
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -106,27 +124,30 @@ class RequestGuard:
                 return
         declared = headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
-                await _error_response(400, f"invalid Content-Length {declared!r}")(
-                    scope, receive, send
-                )
+            declared = declared.strip()
+            if not (declared.isascii() and declared.isdigit()):
+                await _error_response(
+                    400, f"invalid Content-Length {declared[:40]!r}", headers=_CLOSE
+                )(scope, receive, send)
                 return
             if int(declared) > self.max_body_bytes:
+                # Not read: the server discards whatever of it the client still sends.
                 await self._too_large(int(declared))(scope, receive, send)
                 return
-        chunks, size, more_body = [], 0, True
-        while more_body:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(size, at_least=True)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more_body = message.get("more_body", False)
-        body = b"".join(chunks)
+        try:
+            with anyio.fail_after(self.body_timeout_s):
+                body = await self._read_body(receive)
+        except TimeoutError:
+            message = (
+                f"the request body did not arrive within {self.body_timeout_s:g} s of the headers"
+            )
+            await _error_response(408, message, headers=_CLOSE)(scope, receive, send)
+            return
+        if isinstance(body, int):
+            await self._too_large(body, at_least=True)(scope, receive, send)
+            return
+        if body is None:
+            return  # the client went away
         delivered = False
 
         async def replay():
@@ -138,6 +159,19 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
+    async def _read_body(self, receive) -> bytes | int | None:
+        """The whole body; or the size reached when it passed the limit; None on a disconnect."""
+        body, more_body = bytearray(), True
+        while more_body:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return len(body)
+            more_body = message.get("more_body", False)
+        return bytes(body)
+
     def _too_large(self, size: int, at_least: bool = False) -> JSONResponse:
         amount = f"at least {size}" if at_least else f"{size}"
         return _error_response(
@@ -145,9 +179,85 @@ class RequestGuard:
         )
 
 
-def _describe_validation_errors(errors, content_type: str) -> str:
+class _JsonRequest(Request):
+    """A request whose JSON body is parsed by `_parse_json` (see `_json_route_class`)."""
+
+    max_queries: int | None = None
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            payload = _parse_json(await self.body())
+            queries = payload.get("queries") if isinstance(payload, dict) else None
+            if (
+                self.max_queries is not None
+                and isinstance(queries, list)
+                and len(queries) > self.max_queries
+            ):  # before validating each one
+                raise HTTPException(
+                    422, f"queries holds {len(queries)} queries, the limit is {self.max_queries}"
+                )
+            self._json = payload
+        return self._json
+
+
+def _parse_json(body: bytes):
+    """`json.loads` with the garbage collector paused, every failure a `json.JSONDecodeError`.
+
+    The collector is paused because a body of many small containers (``[[],[],...]``, 4 MB)
+    otherwise takes seconds instead of 0.2 s to parse, the event loop stalled all along. The
+    objects made are freed by reference counting when the request is done.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise json.JSONDecodeError(f"not UTF-8: {exc.reason}", "", exc.start) from exc
+    except RecursionError as exc:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from exc
+    except ValueError as exc:  # an integer of over 4300 digits
+        raise json.JSONDecodeError(str(exc).split(";")[0], "", 0) from exc
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _json_route_class(max_queries: int) -> type[APIRoute]:
+    """Routes whose handlers get a `_JsonRequest` that rejects over `max_queries` queries."""
+
+    class JsonRequest(_JsonRequest):
+        pass
+
+    JsonRequest.max_queries = max_queries
+
+    class JsonRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def parse_then_handle(request: Request) -> Response:
+                return await handler(JsonRequest(request.scope, request.receive))
+
+            return parse_then_handle
+
+    return JsonRoute
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD (the replacement character)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _describe_validation_errors(errors, content_type: str, most: int = 5) -> str:
+    content_type = content_type[:100]
     parts = []
-    for error in errors:
+    for error in errors[:most]:
         location = [part for part in error.get("loc", ()) if part != "body"]
         kind = error.get("type")
         if kind == "json_invalid":
@@ -165,6 +275,8 @@ def _describe_validation_errors(errors, content_type: str) -> str:
         else:
             where = ".".join(str(part) for part in location) or "body"
             parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    if len(errors) > most:
+        parts.append(f"and {len(errors) - most} more errors")
     return "; ".join(parts)
 
 
@@ -176,6 +288,7 @@ def create_app(
     max_queries: int = 1024,
     max_query_chars: int = 4096,
     max_body_bytes: int = 4 * 1024 * 1024,
+    body_timeout_s: float | None = 10.0,
     token: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `index`.
@@ -185,7 +298,10 @@ def create_app(
       max_topk: the largest topk a request may ask for.
       max_queries: the most queries one request may hold.
       max_query_chars: the longest query accepted.
-      max_body_bytes: larger request bodies get 413 before they are parsed.
+      max_body_bytes: larger request bodies get 413 before they are parsed (a declared
+        Content-Length at once, a chunked body as soon as it passes the limit).
+      body_timeout_s: a request body not all there this many seconds after the headers gets
+        408 and its connection is closed (a slow sender); None: no limit.
       token: when set, /retrieve needs ``Authorization: Bearer <token>``.
     """
     if not 1 <= default_topk <= max_topk:
@@ -195,8 +311,14 @@ def create_app(
         description="Search-R1-compatible retrieval API over one index.",
         version="1",
     )
+    # Bodies are parsed with `_parse_json`, and too many queries rejected before validation.
+    app.router.route_class = _json_route_class(max_queries)
     app.add_middleware(
-        RequestGuard, max_body_bytes=max_body_bytes, token=token, protected_paths=("/retrieve",)
+        RequestGuard,
+        max_body_bytes=max_body_bytes,
+        token=token,
+        protected_paths=("/retrieve",),
+        body_timeout_s=body_timeout_s,
     )
 
     @app.exception_handler(RequestValidationError)
@@ -207,6 +329,18 @@ def create_app(
         return _error_response(
             status, f"invalid request: {_describe_validation_errors(errors, content_type)}"
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):
+        # Unknown paths, wrong methods, and FastAPI's own 4xx, in the {"error": ...} form.
+        path, method = request.url.path[:200], request.method[:20]
+        if exc.status_code == 404:
+            message = f"no such path {path!r} (the API: POST /retrieve, GET /health)"
+        elif exc.status_code == 405:
+            message = f"method {method} is not allowed on {path}"
+        else:
+            message = str(exc.detail)
+        return _error_response(exc.status_code, message, headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError):
@@ -250,7 +384,9 @@ def create_app(
                     f"queries[{position}] has {len(query)} characters, "
                     f"the limit is {max_query_chars}",
                 )
-        results = index.search_documents(request.queries, topk)
+        # JSON may spell lone surrogates ("\ud800"), which no encoder takes (the dense one
+        # raised: a 500): they become U+FFFD, for every index kind alike.
+        results = index.search_documents([_valid_unicode(query) for query in request.queries], topk)
         if request.return_scores:
             result = [
                 [
@@ -272,10 +408,12 @@ def create_app(
 
 def _read_token(token_file: str | None) -> str | None:
     if token_file:
+        if not os.path.isfile(token_file):
+            raise MissingFileError(f"--token-file {token_file}: no such file")
         with open(token_file, encoding="utf-8") as handle:
             token = handle.read().strip()
         if not token:
-            raise ValueError(f"token file {token_file} is empty")
+            raise InvalidArgumentError(f"--token-file {token_file}: the file is empty")
         return token
     return os.environ.get(TOKEN_ENV_VAR) or None
 
@@ -303,6 +441,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
     parser.add_argument("--max-query-chars", type=int, default=4096)
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=10.0,
+        help="a request body not complete this long after its headers gets 408 (slow senders)",
+    )
     parser.add_argument("--device", default=None, help="dense: torch device for the query encoder")
     parser.add_argument(
         "--encode-batch-size", type=int, default=64, help="dense: queries per forward pass"
@@ -352,10 +496,12 @@ def main(argv: list[str] | None = None) -> int:
             max_query_chars=args.max_query_chars,
             max_body_bytes=args.max_body_bytes,
             token=token,
+            body_timeout_s=args.body_timeout_s,
         )
-    except (OSError, ValueError) as exc:  # IndexFormatError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:  # the token file, the limits: the user's arguments
+        raise InvalidArgumentError(str(exc)) from exc
     if not _is_loopback(args.host) and token is None:
         logger.warning(
             "binding %s without a bearer token: anyone who can reach it can query", args.host
@@ -371,5 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_main(argv: list[str] | None = None) -> None:
+    """The console entry point: an index, token or argument error as one ``error:`` line and
+    exit status 2 (``--debug`` or ``DGPO_DEBUG=1``: the traceback)."""
+    run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main()

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -38,8 +39,8 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m retrieval_service.serve`` in a subprocess; `wait_ready` polls /health."""
 
-    def __init__(self, index_dir, log_path, extra_args=(), env=None):
-        self.port = free_port()
+    def __init__(self, index_dir, log_path, extra_args=(), env=None, port=None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         args = [
@@ -191,6 +192,9 @@ def test_health_and_openapi(servers, world_dir):
     assert "RetrieveRequest" in json.dumps(schema["paths"]["/retrieve"])
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def _chunked(data: bytes, size: int = 8192):
     for start in range(0, len(data), size):
         yield data[start : start + size]
@@ -271,6 +275,45 @@ BAD_REQUESTS = [
         413,
         "exceeds the limit of 65536 bytes",
     ),
+    # Hostile bodies (see benchmarks/server_load.py).
+    ("queries a number", {"json": {"queries": 5}}, 422, "queries: Input should be a valid list"),
+    (
+        "return_scores not a bool",
+        {"json": {"queries": ["a"], "return_scores": "yes"}},
+        422,
+        "return_scores: Input should be a valid boolean",
+    ),
+    (
+        "nested garbage",
+        {"json": {"queries": [[{"a": [1, {"b": None}]}], {"c": []}], "topk": {"x": [[]]}}},
+        422,
+        "queries.0: Input should be a valid string; topk: Input should be a valid integer",
+    ),
+    ("null body", {"data": b"null", "headers": JSON}, 422, "valid dictionary"),
+    (
+        "a million non-strings",  # counted before validation: one error, not one per item
+        {"data": b'{"queries": [' + b",".join([b"1"] * 30_000) + b"]}", "headers": JSON},
+        422,
+        "queries holds 30000 queries, the limit is 64",
+    ),
+    (
+        "deep nesting",
+        {"data": b"[" * 30_000 + b"]" * 30_000, "headers": JSON},
+        400,
+        "malformed JSON body (nested too deeply",
+    ),
+    (
+        "invalid UTF-8",
+        {"data": b'{"queries": ["\xff\xfe"]}', "headers": JSON},
+        400,
+        "malformed JSON body (not UTF-8",
+    ),
+    (
+        "integer of 5000 digits",
+        {"data": b'{"queries": ["a"], "topk": ' + b"9" * 5000 + b"}", "headers": JSON},
+        400,
+        "Exceeds the limit (4300 digits) for integer string conversion",
+    ),
 ]
 
 
@@ -332,3 +375,153 @@ def test_client_retries_then_gives_up_when_the_server_is_killed_mid_run(
     assert info.value.attempts > 3  # it retried
     assert "connection failed" in info.value.errors[-1]
     assert 1.5 <= failed_after < 6.0
+
+
+# Hostile clients on raw sockets: what requests cannot send.
+
+
+def _raw_answer(sock: socket.socket) -> tuple[int, dict, bytes] | None:
+    """Status, headers and body of one HTTP answer; None when the server closed without one."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:])
+    }
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def _post_head(port: int, headers: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    lines = ["POST /retrieve HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock
+
+
+def _assert_still_serving(url: str, process=None, log: str | None = None):
+    if process is not None:
+        assert process.poll() is None
+    ok = requests.post(url + "/retrieve", json={"queries": ["a"], "topk": 1}, timeout=10)
+    assert ok.status_code == 200 and len(ok.json()["result"][0]) == 1
+    assert log is None or "Traceback" not in log
+
+
+def test_unknown_paths_and_methods_get_a_json_4xx(servers):
+    server = servers["bm25"]
+    for method, path, status, message in [
+        ("get", "/nope", 404, "no such path '/nope'"),
+        ("post", "/retrieve/extra", 404, "no such path"),
+        ("get", "/retrieve", 405, "method GET is not allowed on /retrieve"),
+        ("post", "/health", 405, "method POST is not allowed on /health"),
+    ]:
+        response = getattr(requests, method)(server.url + path, timeout=10)
+        assert response.status_code == status and message in response.json()["error"]
+    assert requests.get(server.url + "/retrieve", timeout=10).headers["allow"] == "POST"
+    _assert_still_serving(server.url, server.process)
+
+
+def test_a_declared_content_length_over_the_limit_is_answered_before_the_body(servers):
+    server = servers["bm25"]
+    with _post_head(server.port, {"Content-Length": 100 * LIMITS["max_body_bytes"]}) as sock:
+        status, _, body = _raw_answer(sock)  # no body sent: the answer must not wait for it
+    assert status == 413 and "exceeds the limit of 65536 bytes" in json.loads(body)["error"]
+    _assert_still_serving(server.url, server.process, server.log())
+
+
+def test_a_client_hanging_up_mid_body_leaves_the_server_serving(servers):
+    server = servers["bm25"]
+    body = json.dumps({"queries": ["a" * 900]}).encode()
+    for linger in (False, True):  # FIN, then RST
+        sock = _post_head(server.port, {"Content-Length": len(body)})
+        sock.sendall(body[:100])
+        if linger:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    chunked = _post_head(server.port, {"Transfer-Encoding": "chunked"})
+    chunked.sendall(b"10\r\n" + b"x" * 16 + b"\r\n")
+    chunked.close()
+    time.sleep(0.2)
+    _assert_still_serving(server.url, server.process, server.log())
+
+
+@pytest.fixture(scope="module")
+def impatient_server(indexes):
+    """The app in an in-process uvicorn whose body deadline is short (0.8 s)."""
+    import uvicorn  # noqa: PLC0415 (retrieval extra)
+
+    app = create_app(load_index(indexes["bm25"]), max_body_bytes=65536, body_timeout_s=0.8)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_slow_sender_gets_408_and_does_not_hold_up_other_clients(impatient_server):
+    url, port = impatient_server
+    body = json.dumps({"queries": ["who founded the studio"], "topk": 2}).encode()
+    stalled = [_post_head(port, {"Content-Length": len(body)}) for _ in range(8)]
+    slow_chunked = _post_head(port, {"Transfer-Encoding": "chunked"})
+    started = time.monotonic()
+    try:
+        for sock in stalled:
+            sock.sendall(body[:5])
+        slow_chunked.sendall(b"3\r\nabc\r\n")
+        # Eight stalled bodies: everyone else is still answered at once.
+        for _ in range(5):
+            call = time.monotonic()
+            _assert_still_serving(url)
+            assert time.monotonic() - call < 0.5
+        # A slow sender that finishes within the deadline is served.
+        with _post_head(port, {"Content-Length": len(body)}) as sock:
+            for start in range(0, len(body), 8):
+                sock.sendall(body[start : start + 8])
+                time.sleep(0.05)
+            status, _, answer = _raw_answer(sock)
+        assert status == 200 and len(json.loads(answer)["result"][0]) == 2
+        # The stalled ones get 408 at the deadline, and their connections are closed.
+        for sock in [*stalled, slow_chunked]:
+            status, headers, answer = _raw_answer(sock)
+            assert status == 408 and "did not arrive within 0.8 s" in json.loads(answer)["error"]
+            assert headers["connection"] == "close" and sock.recv(1) == b""
+        assert 0.7 < time.monotonic() - started < 5
+    finally:
+        for sock in [*stalled, slow_chunked]:
+            sock.close()
+    _assert_still_serving(url)
+
+
+@pytest.mark.parametrize("kind", ["bm25", "dense"])
+def test_lone_surrogates_in_queries_are_searched_as_replacement_characters(kind, servers):
+    # Valid JSON, but no text encoder takes them (the dense server used to answer 500).
+    url = servers[kind].url
+    escaped = requests.post(
+        url + "/retrieve",
+        data=b'{"queries": ["\\ud800 abc", "x\\udfff"]}',
+        headers=JSON,
+        timeout=30,
+    )
+    assert escaped.status_code == 200, escaped.text
+    replaced = requests.post(
+        url + "/retrieve", json={"queries": ["\ufffd abc", "x\ufffd"]}, timeout=30
+    )
+    assert escaped.json() == replaced.json() and len(escaped.json()["result"]) == 2
+    _assert_still_serving(url, servers[kind].process, servers[kind].log())
