@@ -172,18 +172,24 @@ def test_bad_utf8_and_missing_file(tmp_path):
 
 
 def test_build_index_cli_reports_errors(tmp_path, capsys):
+    def run(args):
+        with pytest.raises(SystemExit) as exit_info:
+            build_index_cli.run_main(args)
+        return exit_info.value.code
+
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [GOOD, '{"id": "0", "contents": "again"}'])
-    code = build_index_cli.main(
+    code = run(
         ["--corpus", corpus, "--out", str(tmp_path / "i"), "--kind", "bm25", "--no-progress"]
     )
     assert code == 2
     assert "line 2: duplicate id '0'" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()
     good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
     args = ["--corpus", good, "--out", str(tmp_path / "i"), "--kind", "bm25", "--no-progress"]
-    assert build_index_cli.main(args) == 0
-    assert build_index_cli.main(args) == 2
+    assert run(args) == 0
+    assert run(args) == 2
     assert "already exists (pass --overwrite" in capsys.readouterr().err
-    assert build_index_cli.main(args + ["--overwrite"]) == 0
+    assert run(args + ["--overwrite"]) == 0
 
 
 def test_dense_build_with_a_missing_encoder_leaves_nothing(tmp_path, corpus_path):

@@ -22,6 +22,12 @@ step under its own name. The first `save` of a `Checkpointer` removes the
 leftovers of killed saves (temporary directories and `.deleted/`); this
 assumes one writer per directory. Readers never delete anything.
 
+A save that fails part-way (the disk fills up, a quota, an I/O error) raises
+`CheckpointSaveError` naming the directory, the step and the OS error (with
+`async_save`, from `wait_until_finished` or the next `save`); the temporary
+directory of that step is removed to give its space back, the committed steps
+stay listed and restorable, and a later save works once there is space again.
+
 Restoring onto another mesh: pass a `target` whose leaves carry the shardings
 you want now (see `abstract_like`); orbax reads each shard's slice from the
 stored global arrays, so the mesh used to save does not matter.
@@ -32,10 +38,15 @@ data plus the key implementation name, and come back as typed keys.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
+import re
 import shutil
+import sys
+import threading
 import time
 from typing import Any
 
@@ -60,6 +71,11 @@ _TRASH_SUBDIR = ".deleted"
 _TMP_DIR_MARKER = ".orbax-checkpoint-tmp"
 _COMMIT_FILE = "commit_success.txt"
 _MAX_LISTED_MISMATCHES = 10
+# After a failed save: how long to wait for orbax's writer threads of that save to end, and
+# for the files of its temporary directory to stop changing before it is removed.
+_FAILED_SAVE_JOIN_S = 60.0
+_FAILED_SAVE_QUIET_S = 0.25
+_FAILED_SAVE_SETTLE_S = 10.0
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
@@ -68,6 +84,52 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointMismatchError(UserError, ValueError):
     """The restore target's tree structure, shapes or dtypes differ from the checkpoint."""
+
+
+class CheckpointSaveError(UserError, OSError):
+    """Writing a checkpoint step failed part-way (disk full, quota, permissions, I/O error).
+
+    ``errno`` is the OS error number when one is known (``errno.ENOSPC`` for a full disk);
+    ``directory`` and ``step`` say which save failed. The committed steps are untouched.
+    """
+
+    hint = "free space on (or fix) the file system that holds the checkpoint directory"
+
+    def __init__(self, message: str, *, directory: str, step: int, os_errno: int | None = None):
+        super().__init__(message)
+        self.errno = os_errno  # the message stays the text (strerror and filename are unset)
+        self.directory = directory
+        self.step = step
+
+
+# How tensorstore (which writes the arrays, in C++) reports a failed file write, e.g.
+#   ValueError: RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at ...: Failed
+#   writing: "/ckpt/2.orbax-checkpoint-tmp/state.../d/63fd...": Failed to write 1857373 bytes
+#   to file 14: No space left on device [os_error_code='28']
+_TS_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_TS_FAILED_PATH = re.compile(r'Failed (?:writing|to write|to open|to create)[^"]*"([^"]+)"')
+
+
+def _os_error_of(error: BaseException) -> tuple[int | None, str, str | None] | None:
+    """(errno, description, file) if `error` (or what caused it) is a failed file operation:
+    an OSError from Python-side writes, or a tensorstore error that carries an OS error code.
+    None for anything else (a bug keeps its own exception)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            code = error.errno
+            text = error.strerror or str(error)
+            name = error.filename
+            return code, text, None if name is None else os.fsdecode(name)
+        message = str(error)
+        match = _TS_OS_ERROR.search(message)
+        if match:
+            code = int(match.group(1))
+            path = _TS_FAILED_PATH.search(message)
+            return code, os.strerror(code), path.group(1) if path else None
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def abstract_like(tree: PyTree, shardings: PyTree | Sharding | None = None) -> PyTree:
@@ -191,6 +253,122 @@ def _check_target_matches(stored_tree: PyTree, abstract_target: PyTree, where: s
         )
 
 
+def _raised_in_orbax(error: BaseException) -> bool:
+    """Whether `error` was raised in orbax's code (its traceback passes through orbax)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+class _DropReportedWriteFailures(logging.Filter):
+    """Drops the log records of a checkpoint write that failed on a file operation.
+
+    When a save fails (a full disk), orbax logs each of its failed writer threads with the
+    traceback (logger ``absl``) and asyncio logs the write tasks nobody awaited any more
+    (``asyncio``: "Task exception was never retrieved"), dozens of tracebacks for a train state.
+    `Checkpointer` reports that failure as one `CheckpointSaveError` line chained to the
+    original exception (the traceback ``--debug`` shows), so these records only bury it.
+    Records of other failures (bugs) are kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
+            return True
+        error = record.exc_info[1]
+        return not (_os_error_of(error) is not None and _raised_in_orbax(error))
+
+
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_DropReportedWriteFailures())
+
+
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _closed_loop_reports_ignored():
+    """When a save fails, tensorstore's writes still in flight complete and their callbacks find
+    orbax's event loop closed: Python prints each "RuntimeError: Event loop is closed" with its
+    traceback as an ignored exception (dozens for a train state). During orbax's save calls
+    those, and only those, are dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_closed_loop_error(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+def _join_orbax_threads(timeout_s: float) -> None:
+    """Waits (up to `timeout_s` in all) for the threads orbax started to end.
+
+    When one item of a save fails, orbax raises at once while the threads writing the other
+    items (tensorstore array writes, metadata) run on; they would write into the temporary
+    directory after it is removed, or into the next save's. Their own errors are already
+    logged by orbax, so `threading.Thread.join` (which does not re-raise them) is used.
+    Threads of another checkpointer's save in flight are waited for too (a delay, no harm).
+    """
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or not thread.is_alive():
+            continue
+        if type(thread).__module__.startswith("orbax."):
+            threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("orbax thread %s still running after a failed save", thread.name)
+
+
+def _tree_signature(path: str) -> tuple[int, int, int]:
+    """(entries, bytes, newest mtime in ns) of a local directory tree; (0, 0, 0) if absent."""
+    entries = size = newest = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:  # removed while walking
+                continue
+            entries += 1
+            size += info.st_size
+            newest = max(newest, info.st_mtime_ns)
+    return entries, size, newest
+
+
+def _remove_when_quiet(path: epath.Path) -> None:
+    """Removes the temporary directory of a failed save once nothing writes into it.
+
+    A failed item makes orbax give up on the writes of the others, but tensorstore finishes
+    the writes it has in flight (in its own threads) and recreates the directories it
+    needs: removed too early, the directory comes back, and tensorstore's cache would then
+    hold files that are gone when the same step is saved again. So: remove it once its files
+    have not changed for `_FAILED_SAVE_QUIET_S` (at most `_FAILED_SAVE_SETTLE_S`), and again
+    if it reappears within that quiet time. Cloud paths are removed at once.
+    """
+    if "://" in str(path):
+        _remove_tree(path)
+        return
+    deadline = time.monotonic() + _FAILED_SAVE_SETTLE_S
+    for _ in range(2):  # before removing, and to catch a write landing just after
+        last, quiet_since = _tree_signature(str(path)), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = _tree_signature(str(path))
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= _FAILED_SAVE_QUIET_S:
+                break
+        _remove_tree(path)
+
+
 def _remove_tree(path: epath.Path) -> None:
     """Best-effort recursive delete of a local or cloud directory."""
     if not path.exists():
@@ -238,6 +416,7 @@ class Checkpointer:
         self.async_save = async_save
         self._manager: ocp.CheckpointManager | None = None
         self._leftovers_removed = False
+        self._pending_step: int | None = None  # a save started and not known to be committed
 
     # ----- orbax manager -----
 
@@ -274,6 +453,58 @@ class Checkpointer:
     def _empty_trash(self) -> None:
         if jax.process_index() == 0:
             _remove_tree(self._path / _TRASH_SUBDIR)
+
+    def _save_failed(self, error: Exception) -> None:
+        """Cleans up after a save of `self._pending_step` that raised `error`, then raises:
+        `CheckpointSaveError` for a failed file operation, `error` itself for anything else.
+
+        The step's temporary directory is removed (its partial files would keep a full disk
+        full) and the orbax manager is dropped, so the next save starts from what is on disk.
+        """
+        step, self._pending_step = self._pending_step, None
+        manager, self._manager = self._manager, None
+        with _closed_loop_reports_ignored():
+            if manager is not None:
+                try:
+                    manager.close()
+                except Exception as e:  # it may report the same failure again
+                    logger.debug("closing the checkpoint manager after a failed save: %s", e)
+            _join_orbax_threads(_FAILED_SAVE_JOIN_S)
+            if step is not None and jax.process_index() == 0:
+                _remove_when_quiet(self._path / f"{step}{_TMP_DIR_MARKER}")
+        os_error = _os_error_of(error)
+        if os_error is None:
+            raise error
+        code, text, name = os_error
+        text = " ".join(text.split())  # one line
+        symbol = f" {errno.errorcode[code]}" if code in errno.errorcode else ""
+        cause = f"{text} (errno {code}{symbol})" if code is not None else text
+        where = f" while writing {name}" if name else ""
+        committed = self.all_steps()
+        what = f"step {step}" if step is not None else "a step"
+        if step is not None and step in committed:
+            kept = f"step {step} was committed all the same"
+        elif committed:
+            kept = f"nothing of {what} is kept; the last committed step, {committed[-1]}, is intact"
+        else:
+            kept = f"nothing of {what} is kept (no step is committed yet)"
+        raise CheckpointSaveError(
+            f"could not save checkpoint {what} in {self.directory}: {cause}{where}; {kept}",
+            directory=self.directory,
+            step=step,
+            os_errno=code,
+        ) from error
+
+    def _wait_for_pending_save(self) -> None:
+        """Waits for the manager's save in flight; a failure raises as in `_save_failed`."""
+        if self._manager is None:
+            return
+        try:
+            with _closed_loop_reports_ignored():
+                self._manager.wait_until_finished()
+        except Exception as e:
+            self._save_failed(e)
+        self._pending_step = None
 
     # ----- listing -----
 
@@ -328,6 +559,13 @@ class Checkpointer:
 
         Returns:
             True if a checkpoint was written (or, with async_save, started).
+
+        Raises:
+            CheckpointSaveError: writing the files failed (a full disk: errno ENOSPC); with
+                async_save this can also be the previous save's failure. The committed steps
+                are untouched and nothing of the failed step is kept (unless it was committed
+                all the same, which the message then says).
+            ValueError: a bad step or metadata, or a step not after the latest one.
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -338,8 +576,9 @@ class Checkpointer:
         _check_json_roundtrip(metadata)  # on every call, so bad metadata fails early
         if not force and step % self.save_interval_steps != 0:
             return False
+        # orbax would wait too; the previous save may still be writing (async) or pruning
+        self._wait_for_pending_save()
         manager = self._get_manager()
-        manager.wait_until_finished()  # orbax would wait too; the previous save may still be pruning
         latest = self.latest_step()
         if latest is not None and step <= latest:
             what = (
@@ -357,16 +596,23 @@ class Checkpointer:
         else:
             self._empty_trash()
         start = time.perf_counter()
-        saved = manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE_ITEM: ocp.args.StandardSave(state),
-                    _METADATA_ITEM: ocp.args.JsonSave(metadata),
-                }
-            ),
-            force=True,  # the interval was checked above; orbax would also skip step <= latest silently
-        )
+        self._pending_step = step
+        try:
+            with _closed_loop_reports_ignored():
+                saved = manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            _STATE_ITEM: ocp.args.StandardSave(state),
+                            _METADATA_ITEM: ocp.args.JsonSave(metadata),
+                        }
+                    ),
+                    force=True,  # the interval was checked above; orbax skips step <= latest
+                )
+        except Exception as e:
+            self._save_failed(e)  # raises
+        if not self.async_save:
+            self._pending_step = None
         if saved:
             num_bytes = sum(_array_nbytes(leaf) for leaf in jax.tree.leaves(state))
             verb = "started saving" if self.async_save else "saved"
@@ -460,18 +706,25 @@ class Checkpointer:
     # ----- lifecycle -----
 
     def wait_until_finished(self) -> None:
-        """Blocks until an async save (and its pruning) is committed."""
+        """Blocks until an async save (and its pruning) is committed.
+
+        Raises:
+            CheckpointSaveError: the async save failed writing its files.
+        """
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            self._wait_for_pending_save()
             if self._leftovers_removed:
                 self._empty_trash()
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's threads."""
+        """Waits for pending saves and releases orbax's threads (also when the wait raises)."""
         if self._manager is not None:
-            self.wait_until_finished()
-            self._manager.close()
-            self._manager = None
+            try:
+                self.wait_until_finished()
+            finally:
+                if self._manager is not None:
+                    self._manager.close()
+                    self._manager = None
 
     def __enter__(self) -> Checkpointer:
         return self
