@@ -75,6 +75,11 @@ _LAZY = {
     "extract_answer": "dgpo_jax.evaluation",
     "arcap_summary": "dgpo_jax.evaluation",
     "greedy_vs_sampled": "dgpo_jax.evaluation",
+    "bootstrap_mean_ci": "dgpo_jax.evaluation.stats",
+    "paired_difference": "dgpo_jax.evaluation.stats",
+    "t_interval": "dgpo_jax.evaluation.stats",
+    "mcnemar_exact": "dgpo_jax.evaluation.stats",
+    "summarize_comparison": "dgpo_jax.launch.compare",
     "read_search_r1_parquet": "dgpo_jax.data.search_r1",
     # run configs
     "base_config": "dgpo_jax.config",

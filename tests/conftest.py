@@ -1,8 +1,11 @@
 """Test setup: 8 fake CPU devices (before JAX is imported), cheaper CPU compiles, offline HF,
 tiny reference models."""
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -23,6 +26,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dgpo_jax.models import param_shapes  # noqa: E402
+
+# One persistent compilation cache for the session, in a fresh directory (nothing carries over
+# between runs): the tests compile the same tiny programs many times (update steps, scoring,
+# init), and a program without host callbacks is then compiled once. Launcher subprocesses use
+# it too (dgpo_jax.launch.cli reads DGPO_JAX_COMPILATION_CACHE); a test that must compile from
+# scratch sets that variable to "" for its subprocess.
+_XLA_CACHE = tempfile.mkdtemp(prefix="dgpo-test-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["DGPO_JAX_COMPILATION_CACHE"] = _XLA_CACHE
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def random_params(config, seed, std=0.02):

@@ -45,7 +45,7 @@ def test_every_config_loads_by_name_and_by_path_elsewhere(name, tmp_path, monkey
     by_file = load_config(["prog", f"--config={name}.py"])[0]
     by_path = load_config(["prog", f"--config={REPO / 'configs' / (name + '.py')}"])[0]
     assert by_name.to_dict() == by_file.to_dict() == by_path.to_dict()
-    assert by_name.mode in ("train", "coldstart", "eval", "quickstart")
+    assert by_name.mode in ("train", "coldstart", "eval", "quickstart", "compare")
     # The objective and curriculum of each config build (their knobs are consistent).
     if by_name.mode in ("train", "coldstart"):
         build_objective(by_name), build_curriculum(by_name)

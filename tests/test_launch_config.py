@@ -35,7 +35,7 @@ def _load(name):
 )
 def test_every_config_loads(name):
     cfg = _load(name)
-    assert cfg.mode in ("train", "coldstart", "eval", "quickstart")
+    assert cfg.mode in ("train", "coldstart", "eval", "quickstart", "compare")
 
 
 def test_dgpo_nq_has_reference_hyperparameters(monkeypatch):

@@ -30,7 +30,7 @@ from dgpo_jax.data.search_r1 import DEFAULT_TEMPLATE
 from dgpo_jax.errors import UserError
 from dgpo_jax.objectives.config import ObjectiveConfig
 
-MODES = ("train", "coldstart", "eval", "export", "plan", "quickstart")
+MODES = ("train", "coldstart", "eval", "export", "plan", "quickstart", "compare")
 
 
 class ConfigError(UserError, ValueError):
@@ -236,12 +236,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.quickstart.teacher_steps = 800  # supervised steps of the teacher
     c.quickstart.teacher_batch_size = 8
     c.quickstart.teacher_lr = 2e-3
+    # Train the teacher in cosine cycles of teacher_steps until its greedy EM on training
+    # questions reaches teacher_min_train_em (0 = one cycle, no check), at most
+    # teacher_max_rounds cycles; the check evaluates teacher_check_questions per data source.
+    c.quickstart.teacher_min_train_em = 0.0
+    c.quickstart.teacher_max_rounds = 1
+    c.quickstart.teacher_check_questions = 50
     c.quickstart.ppo_baseline = True  # run PPO from the cold start too, time allowing
     c.quickstart.time_budget_s = 600  # skip the PPO baseline when it would end past this
     c.quickstart.rl_steps = 30  # steps of each RL stage (DGPO, PPO)
     c.quickstart.rl_batch_size = 32  # prompts per RL step (one rollout each)
     c.quickstart.rl_actor_lr = 1e-4
     c.quickstart.rl_critic_lr = 1e-3
+
+    # mode=compare (dgpo_jax.launch.compare): the quickstart's stages over several seeds, one
+    # world (config.seed's), sized by the quickstart.* fields above.
+    c.compare = ml_collections.ConfigDict()
+    c.compare.seeds = "0,1,2"  # comma-separated: teacher, cold start and every method per seed
+    c.compare.methods = "dgpo,ppo"  # objective presets trained from each seed's cold start
+    c.compare.level = 0.95  # confidence level of every interval
+    c.compare.resamples = 10000  # bootstrap resamples
     return c
 
 

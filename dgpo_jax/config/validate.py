@@ -14,6 +14,7 @@ from dgpo_jax.config.build import build_curriculum, build_objective
 from dgpo_jax.config.schema import MODES, ConfigError, parse_rules, split_list
 from dgpo_jax.data.prompts import TRUNCATION_MODES
 from dgpo_jax.models.config import ATTENTION_KERNELS, PRESETS
+from dgpo_jax.objectives.presets import OBJECTIVE_PRESETS
 from dgpo_jax.sampler.config import DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 "is empty: model.ref_model='teacher_base' reads pi_ref from "
                 "it (the teacher's pre-RL base model)",
             )
-    if cfg.mode == "quickstart":
+    if cfg.mode in ("quickstart", "compare"):
+        _validate_quickstart(cfg, need)
         return
     roles = ["student"]
     if cfg.mode == "coldstart":
@@ -248,3 +250,42 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "plan.device_memory_gib",
         f"must be >= 0, got {cfg.plan.device_memory_gib}",
     )
+
+
+def _validate_quickstart(cfg, need) -> None:
+    """The quickstart's and compare mode's own fields."""
+    q = cfg.quickstart
+    for role in ("teacher", "student"):
+        name = q[f"{role}_preset"]
+        near = difflib.get_close_matches(name, sorted(PRESETS), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        need(name in PRESETS, f"quickstart.{role}_preset", f"{name!r}: no such preset{hint}")
+    need(
+        0.0 <= q.teacher_min_train_em <= 1.0,
+        "quickstart.teacher_min_train_em",
+        f"{q.teacher_min_train_em}: expected a share in [0, 1] (0 = no check)",
+    )
+    need(q.teacher_max_rounds >= 1, "quickstart.teacher_max_rounds", "expected >= 1")
+    need(q.teacher_check_questions >= 1, "quickstart.teacher_check_questions", "expected >= 1")
+    if cfg.mode != "compare":
+        return
+    c = cfg.compare
+    seeds = split_list(c.seeds)
+    need(seeds, "compare.seeds", "is empty: give comma-separated integers, e.g. 0,1,2")
+    for s in seeds:
+        need(s.lstrip("-").isdigit(), "compare.seeds", f"{s!r} is not an integer")
+    need(len(set(seeds)) == len(seeds), "compare.seeds", f"{c.seeds!r} repeats a seed")
+    methods = split_list(c.methods)
+    for m in methods:
+        near = difflib.get_close_matches(m, sorted(OBJECTIVE_PRESETS), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        need(
+            m in OBJECTIVE_PRESETS and m != "dgpo_coldstart",
+            "compare.methods",
+            f"{m!r} is not an objective preset{hint}; presets: "
+            + ", ".join(p for p in sorted(OBJECTIVE_PRESETS) if p != "dgpo_coldstart")
+            + " (the teacher and the KD cold start are always rows)",
+        )
+    need(len(set(methods)) == len(methods), "compare.methods", f"{c.methods!r} repeats a method")
+    need(0.0 < c.level < 1.0, "compare.level", f"{c.level}: expected a level in (0, 1)")
+    need(c.resamples >= 100, "compare.resamples", f"{c.resamples}: expected >= 100")

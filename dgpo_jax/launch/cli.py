@@ -3,7 +3,8 @@
 ``NAME`` is a packaged config (``dgpo_nq``, ``quickstart``, ...; see ``dgpo_jax/configs/``) or a
 path to a config file. Modes (``config.mode``): ``train`` (any objective preset), ``coldstart``
 (teacher rollouts + KD), ``eval``, ``export``, ``plan`` (bytes per device, compiled ahead of
-time), ``quickstart`` (the embedded CPU demo). A config error (an unknown field, a value of the
+time), ``quickstart`` (the embedded CPU demo), ``compare`` (methods over seeds with confidence
+intervals). A config error (an unknown field, a value of the
 wrong type or out of range, a missing file) prints ``error: ...`` and exits with status 2;
 ``--debug`` (or ``DGPO_DEBUG=1``) shows the traceback. With several processes
 (``JAX_COORDINATOR_ADDRESS`` or a TPU pod / SLURM environment) ``jax.distributed.initialize``
@@ -30,7 +31,7 @@ from dgpo_jax.config import (
     validate,
 )
 from dgpo_jax.errors import run_cli
-from dgpo_jax.launch import coldstart, evaluate, export, plan, quickstart, train
+from dgpo_jax.launch import coldstart, compare, evaluate, export, plan, quickstart, train
 from dgpo_jax.parallel.distributed import initialize_from_env
 
 MODES = {
@@ -40,6 +41,7 @@ MODES = {
     "export": export.run_export,
     "plan": plan.run_plan,
     "quickstart": quickstart.run_quickstart,
+    "compare": compare.run_compare,
 }
 
 

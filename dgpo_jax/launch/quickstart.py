@@ -19,11 +19,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,7 @@ from dgpo_jax.checkpoint.params import save_params_checkpoint
 from dgpo_jax.data.prompts import encode_prompt
 from dgpo_jax.data.search_r1 import validate_row
 from dgpo_jax.data.synthetic import build_word_tokenizer, evidence, generate_world, write_world
+from dgpo_jax.evaluation.stats import DEFAULT_RESAMPLES, bootstrap_mean_ci, paired_difference
 from dgpo_jax.launch.coldstart import run_coldstart
 from dgpo_jax.launch.evaluate import run_eval
 from dgpo_jax.launch.metrics_log import MetricsLogger
@@ -124,8 +127,9 @@ def expert_sequences(
     return out
 
 
-def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str):
-    """Supervised training (SeqKD objective = NLL on the agent's tokens) of a random model."""
+def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str, params=None):
+    """Supervised training (SeqKD objective = NLL on the agent's tokens) of a random model
+    (or of ``params``: one more cosine cycle from them), ``qcfg.teacher_steps`` steps."""
 
     objective = get_objective("seqkd")
     steps = qcfg.teacher_steps
@@ -142,7 +146,8 @@ def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str):
             grad_clip=1.0,
         ),
     )
-    params = init_params(model_config, jax.random.key(seed), jnp.float32)
+    if params is None:
+        params = init_params(model_config, jax.random.key(seed), jnp.float32)
     state = create_update_state(objective, params, update.tx, seed)
     logger = MetricsLogger(
         workdir, steps, 0, tensorboard=True, progress=True, prefix="teacher_sft_"
@@ -162,8 +167,12 @@ def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str):
     return state.params["policy"]
 
 
-# ------------------------------------------------------------------------------- the run ------
-def _sub(cfg, name: str, **changes):
+# ------------------------------------------------------------------------------ the stages ------
+# Each stage is the real launcher mode on a config derived from the run's (`stage_config`); the
+# quickstart runs them once, `dgpo_jax.launch.compare` once per seed.
+
+
+def stage_config(cfg, name: str, **changes):
     """A copy of ``cfg`` for one stage, in a fresh ``WORKDIR/name`` (stages never resume:
     ``--config.resume=True`` only reuses a trained teacher)."""
     c = copy.deepcopy(cfg)
@@ -186,30 +195,38 @@ def _em(results: dict, decoding: str = "greedy") -> dict[str, float]:
     return {src: round(m["em"], 3) for src, m in per.items() if not src.startswith("_")}
 
 
-def _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, teacher_dir):
-    rows = world.train[: q.teacher_questions] if q.teacher_questions else world.train
-    seqs = expert_sequences(
-        world, rows, tokenizer, retriever, cfg.sampler.max_obs_length, cfg.data.use_chat_template
+def question_scores(results: dict, decoding: str = "greedy") -> dict[str, list[float]]:
+    """Per data source (and ``"all"``): the EM of each held-out question, in file order (the
+    evaluation's ``_predictions``; the unit every confidence interval resamples)."""
+    rows = sorted(
+        (p for p in results[decoding]["_predictions"] if p["sample"] == 0),
+        key=lambda p: p["index"],
     )
-    print(
-        f"{len(rows)} expert trajectories, {seqs['input_ids'].shape[1]} positions, "
-        f"{teacher_config.num_params() / 1e6:.2f}M-parameter teacher"
-    )
-    teacher_params = train_teacher(
-        q, teacher_config, seqs, cfg.seed, os.path.join(cfg.workdir, "teacher_sft")
-    )
-    shutil.rmtree(teacher_dir, ignore_errors=True)
-    save_params_checkpoint(teacher_config, teacher_params, teacher_dir)
+    out: dict[str, list[float]] = {}
+    for p in rows:
+        out.setdefault(p["data_source"], []).append(float(p["em"]))
+    out["all"] = [float(p["em"]) for p in rows]
+    return out
 
 
-def run_quickstart(cfg) -> dict:
+@dataclasses.dataclass
+class Prepared:
+    """The synthetic world of a run and what every stage reads: ``base`` is the run's config
+    pointed at the world's files, tokenizer and BM25 index."""
+
+    base: Any
+    world: Any
+    tokenizer: Any
+    retriever: Any
+    teacher_config: Any
+    expert: dict[str, np.ndarray] | None = None  # the teacher's training data, built once
+
+
+def prepare_world(cfg) -> Prepared:
+    """Generates the synthetic world (``cfg.seed``), its tokenizer and BM25 index in
+    ``cfg.workdir`` (an index already there is reused)."""
     q = cfg.quickstart
-    t_start = time.time()
     os.makedirs(cfg.workdir, exist_ok=True)
-    timings = {}
-
-    _stage(f"1/6 synthetic world ({q.num_entities} entities), tokenizer, BM25 index")
-    t = time.time()
     world = generate_world(
         seed=cfg.seed,
         num_entities=q.num_entities,
@@ -223,7 +240,7 @@ def run_quickstart(cfg) -> dict:
     if not os.path.isdir(index_dir):
         build_index(paths["corpus.jsonl"], index_dir, "bm25")
     retriever = InProcessRetriever(index_dir, topk=cfg.retrieval.topk)
-    base = _sub(
+    base = stage_config(
         cfg,
         ".",
         **{
@@ -236,125 +253,267 @@ def run_quickstart(cfg) -> dict:
     )
     with base.unlocked():
         base.workdir = cfg.workdir
-    vocab = len(tokenizer)
     print(
         f"corpus {len(world.corpus)} docs, {len(world.train)} train / {len(world.test)} test "
-        f"questions, vocabulary {vocab}"
+        f"questions, vocabulary {len(tokenizer)}"
     )
-    timings["world"] = time.time() - t
+    teacher_config = get_preset(q.teacher_preset, vocab_size=len(tokenizer))
+    return Prepared(base, world, tokenizer, retriever, teacher_config)
 
-    _stage("2/6 teacher: supervised on scripted expert trajectories")
-    t = time.time()
-    teacher_dir = os.path.join(cfg.workdir, "teacher")
-    teacher_config = get_preset(q.teacher_preset, vocab_size=vocab)
-    if cfg.resume and os.path.isdir(teacher_dir):
-        print(f"reusing the teacher in {teacher_dir} (--config.resume=True)")
-    else:
-        _train_teacher_stage(cfg, q, world, tokenizer, retriever, teacher_config, teacher_dir)
-    timings["teacher"] = time.time() - t
 
-    table = {}
-    _stage("3/6 evaluate the teacher and the untrained student")
-    t = time.time()
-    student_src = f"preset:{q.student_preset}"
-    table["teacher"] = _em(
-        run_eval(_sub(base, "eval_teacher", **{"model.student": teacher_dir}))["final_eval"]
+def teacher_train_em(base, teacher_dir: str, name: str, seed: int) -> float:
+    """Greedy EM of the teacher on (the first ``quickstart.teacher_check_questions`` per data
+    source of) the *training* questions: the teacher stage's stopping signal, which never
+    looks at the held-out questions."""
+    c = stage_config(
+        base,
+        name,
+        **{
+            "model.student": teacher_dir,
+            "data.test_files": base.data.train_files,
+            "eval.max_examples": base.quickstart.teacher_check_questions,
+            "seed": seed,
+        },
     )
-    table["student (untrained)"] = _em(
-        run_eval(_sub(base, "eval_student", **{"model.student": student_src}))["final_eval"]
-    )
-    timings["eval"] = time.time() - t
-    print(json.dumps(table, indent=1))
+    return float(run_eval(c)["final_eval"]["greedy"]["all"]["em"])
 
-    _stage("4/6 cold start: KD of the student on the teacher's correct trajectories")
-    t = time.time()
-    cs = run_coldstart(
-        _sub(
+
+def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> dict:
+    """Trains the teacher on the expert trajectories and saves it to ``teacher_dir``.
+
+    With ``quickstart.teacher_min_train_em`` > 0 the teacher trains in cosine cycles of
+    ``teacher_steps`` until its greedy EM on training questions reaches that share, at most
+    ``teacher_max_rounds`` cycles (a seed whose copying skill forms late gets more steps; the
+    held-out questions are never consulted). Returns the steps and train EM per cycle.
+    """
+    cfg, q = prep.base, prep.base.quickstart
+    if prep.expert is None:
+        rows = prep.world.train[: q.teacher_questions] if q.teacher_questions else prep.world.train
+        prep.expert = expert_sequences(
+            prep.world,
+            rows,
+            prep.tokenizer,
+            prep.retriever,
+            cfg.sampler.max_obs_length,
+            cfg.data.use_chat_template,
+        )
+        print(
+            f"{len(rows)} expert trajectories, {prep.expert['input_ids'].shape[1]} positions, "
+            f"{prep.teacher_config.num_params() / 1e6:.2f}M-parameter teacher"
+        )
+    params, rounds = None, []
+    check = q.teacher_min_train_em > 0
+    for r in range(q.teacher_max_rounds if check else 1):
+        params = train_teacher(
+            q,
+            prep.teacher_config,
+            prep.expert,
+            seed + 1000 * r,  # cycle r > 0: another data order
+            os.path.join(workdir, f"teacher_sft_{r}" if r else "teacher_sft"),
+            params,
+        )
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        save_params_checkpoint(prep.teacher_config, params, teacher_dir)
+        rounds.append({"steps": q.teacher_steps * (r + 1)})
+        if not check:
+            break
+        check_dir = os.path.join(os.path.relpath(workdir, cfg.workdir), f"teacher_check_{r}")
+        em = teacher_train_em(cfg, teacher_dir, check_dir, seed)
+        rounds[-1]["train_em"] = round(em, 4)
+        print(
+            f"teacher after {rounds[-1]['steps']} steps: EM {em:.3f} on training questions "
+            f"(threshold {q.teacher_min_train_em})"
+        )
+        if em >= q.teacher_min_train_em:
+            break
+    return {"rounds": rounds}
+
+
+def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
+    """``mode=coldstart``: KD of a fresh student on the teacher's correct trajectories."""
+    q = base.quickstart
+    return run_coldstart(
+        stage_config(
             base,
-            "coldstart",
+            name,
             **{
                 "mode": "coldstart",
-                "model.student": student_src,
+                "seed": seed,
+                "model.student": f"preset:{q.student_preset}",
                 "model.teacher": teacher_dir,
                 "objective.preset": "dgpo_coldstart",
             },
         )
     )
-    table["student + KD cold start"] = _em(cs["final_eval"])
-    timings["coldstart"] = time.time() - t
-    print(
-        f"{cs['num_sequences']} correct teacher trajectories; EM {table['student + KD cold start']}"
-    )
 
-    _stage("5/6 DGPO from the cold start")
-    t = time.time()
-    rl = {
-        "train.steps": q.rl_steps,
-        "data.batch_size": q.rl_batch_size,
-        "train.mini_batch_size": q.rl_batch_size,
-        "train.ppo_epochs": 1,
-        "train.eval_every": 0,
-        "train.save_every": max(1, q.rl_steps // 2),
-        "optim.actor_lr": q.rl_actor_lr,
-        "optim.critic_lr": q.rl_critic_lr,
-    }
-    dg = run_train(
-        _sub(
+
+def rl_stage(base, name: str, preset: str, student: str, teacher_dir: str, seed: int) -> dict:
+    """``mode=train`` with objective ``preset`` from the checkpoint ``student``, at the
+    quickstart's RL sizes (``quickstart.rl_*``; one update per step)."""
+    q = base.quickstart
+    return run_train(
+        stage_config(
             base,
-            "dgpo",
+            name,
             **{
                 "mode": "train",
-                "model.student": cs["checkpoint"],
-                "model.teacher": teacher_dir,
-                "objective.preset": "dgpo",
-                **rl,
+                "seed": seed,
+                "model.student": student,
+                "model.teacher": teacher_dir,  # loaded only by objectives that use it
+                "objective.preset": preset,
+                "train.steps": q.rl_steps,
+                "data.batch_size": q.rl_batch_size,
+                "train.mini_batch_size": q.rl_batch_size,
+                "train.ppo_epochs": 1,
+                "train.eval_every": 0,
+                "train.save_every": max(1, q.rl_steps // 2),
+                "optim.actor_lr": q.rl_actor_lr,
+                "optim.critic_lr": q.rl_critic_lr,
             },
         )
     )
-    table["student + KD + DGPO"] = _em(dg["final_eval"])
+
+
+# ------------------------------------------------------------------------------- the run ------
+COLDSTART_ROW = "student + KD cold start"
+
+
+def run_quickstart(cfg) -> dict:
+    q = cfg.quickstart
+    t_start = time.time()
+    timings = {}
+
+    _stage(f"1/6 synthetic world ({q.num_entities} entities), tokenizer, BM25 index")
+    t = time.time()
+    prep = prepare_world(cfg)
+    base = prep.base
+    timings["world"] = time.time() - t
+
+    _stage("2/6 teacher: supervised on scripted expert trajectories")
+    t = time.time()
+    teacher_dir = os.path.join(cfg.workdir, "teacher")
+    teacher = {}
+    if cfg.resume and os.path.isdir(teacher_dir):
+        print(f"reusing the teacher in {teacher_dir} (--config.resume=True)")
+    else:
+        teacher = teacher_stage(prep, cfg.seed, teacher_dir, cfg.workdir)
+    timings["teacher"] = time.time() - t
+
+    evals = {}
+    _stage("3/6 evaluate the teacher and the untrained student")
+    t = time.time()
+    evals["teacher"] = run_eval(
+        stage_config(base, "eval_teacher", **{"model.student": teacher_dir})
+    )
+    student_src = f"preset:{q.student_preset}"
+    evals["student (untrained)"] = run_eval(
+        stage_config(base, "eval_student", **{"model.student": student_src})
+    )
+    timings["eval"] = time.time() - t
+    print(json.dumps({k: _em(v["final_eval"]) for k, v in evals.items()}, indent=1))
+
+    _stage("4/6 cold start: KD of the student on the teacher's correct trajectories")
+    t = time.time()
+    cs = coldstart_stage(base, "coldstart", teacher_dir, cfg.seed)
+    evals[COLDSTART_ROW] = cs
+    timings["coldstart"] = time.time() - t
+    print(f"{cs['num_sequences']} correct teacher trajectories; EM {_em(cs['final_eval'])}")
+
+    _stage("5/6 DGPO from the cold start")
+    t = time.time()
+    evals["student + KD + DGPO"] = rl_stage(
+        base, "dgpo", "dgpo", cs["checkpoint"], teacher_dir, cfg.seed
+    )
     timings["dgpo"] = time.time() - t
 
     elapsed = time.time() - t_start
     if q.ppo_baseline and elapsed + timings["dgpo"] <= q.time_budget_s:
         _stage("6/6 baseline: PPO from the same cold start")
         t = time.time()
-        pp = run_train(
-            _sub(
-                base,
-                "ppo",
-                **{
-                    "mode": "train",
-                    "model.student": cs["checkpoint"],
-                    "model.teacher": "",
-                    "objective.preset": "ppo",
-                    **rl,
-                },
-            )
+        evals["student + KD + PPO"] = rl_stage(
+            base, "ppo", "ppo", cs["checkpoint"], teacher_dir, cfg.seed
         )
-        table["student + KD + PPO"] = _em(pp["final_eval"])
         timings["ppo"] = time.time() - t
     else:
         _stage("6/6 PPO baseline skipped (time budget)")
 
+    table = {name: _em(r["final_eval"]) for name, r in evals.items()}
+    scores = {name: question_scores(r["final_eval"]) for name, r in evals.items()}
+    uncertainty = table_uncertainty(scores, COLDSTART_ROW, seed=cfg.seed)
     timings = {k: round(v, 1) for k, v in timings.items()}
     timings["total"] = round(time.time() - t_start, 1)
     result = {
         "table": table,
+        "ci95": uncertainty["ci95"],
+        "vs_coldstart": uncertainty["vs_coldstart"],
+        "statistics": uncertainty["method"],
+        "teacher": teacher,
         "decoding": "greedy",
         "split": "test (held-out entities)",
         "seconds": timings,
         "config": cfg.to_dict(),
     }
     write_text_atomically(os.path.join(cfg.workdir, "results.json"), json.dumps(result, indent=1))
-    print_table(table)
+    print_table(table, uncertainty["ci95"], uncertainty["vs_coldstart"])
     print(f"\nresults: {os.path.join(cfg.workdir, 'results.json')}  ({timings['total']:.0f}s)")
     return result
 
 
-def print_table(table: dict[str, dict[str, float]]) -> None:
+def table_uncertainty(
+    scores: dict[str, dict[str, list[float]]], reference: str, seed: int = 0
+) -> dict:
+    """95% CIs of one seed's table: per cell a percentile bootstrap over the held-out
+    questions; per row a paired bootstrap of its difference to ``reference`` (the same
+    questions) with an exact McNemar p-value. The run's seed is fixed: these intervals say
+    how much the table would move with other questions, not with another seed (that is
+    ``mode=compare``)."""
+    ci = {
+        name: {src: list(bootstrap_mean_ci(v, seed=seed)[1:]) for src, v in per.items()}
+        for name, per in scores.items()
+    }
+    vs = {}
+    for name, per in scores.items():
+        if name != reference and reference in scores:
+            d = paired_difference(per["all"], scores[reference]["all"], seed=seed)
+            vs[name] = {
+                "diff": d.diff,
+                "ci_low": d.low,
+                "ci_high": d.high,
+                "p_value": d.p_value,
+                "test": d.test,
+            }
+    method = (
+        f"95% percentile bootstrap over questions ({DEFAULT_RESAMPLES} resamples, seed {seed}); "
+        f"differences to {reference!r}: paired bootstrap, exact McNemar p-value"
+    )
+    return {"ci95": ci, "vs_coldstart": vs, "method": method}
+
+
+def print_table(
+    table: dict[str, dict[str, float]],
+    ci: dict[str, dict[str, list[float]]] | None = None,
+    vs_reference: dict[str, dict] | None = None,
+    reference: str = "KD cold start",
+) -> None:
+    """The EM table; with ``ci``, each cell as ``0.610 [0.54, 0.68]``; with ``vs_reference``, a
+    line per row with its paired difference to the reference row."""
     sources = sorted({s for row in table.values() for s in row if s != "all"}) + ["all"]
     width = max(len(k) for k in table) + 2
-    print("\nEM on held-out entities (greedy)")
-    print("model".ljust(width) + "".join(s.rjust(18) for s in sources))
+    col = 22 if ci else 18
+    title = "EM on held-out entities (greedy)"
+    print(f"\n{title}" + (", 95% CI over questions" if ci else ""))
+    print("model".ljust(width) + "".join(s.rjust(col) for s in sources))
     for name, row in table.items():
-        print(name.ljust(width) + "".join(f"{row.get(s, float('nan')):18.3f}" for s in sources))
+        cells = []
+        for s in sources:
+            cell = f"{row.get(s, float('nan')):.3f}"
+            if ci and s in ci.get(name, {}):
+                lo, hi = ci[name][s]
+                cell += f" [{lo:.2f}, {hi:.2f}]"
+            cells.append(cell.rjust(col))
+        print(name.ljust(width) + "".join(cells))
+    for name, d in (vs_reference or {}).items():
+        print(
+            f"{name} vs {reference}: {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            f" (p = {d['p_value']:.2g}, {d['test']})"
+        )

@@ -1,0 +1,367 @@
+"""``mode=compare``: methods side by side over seeds, with confidence intervals.
+
+    python -m dgpo_jax.launch --config=compare [--config.compare.seeds=0,1,2,3,4]
+
+One synthetic world (``config.seed``'s: the same held-out questions for every row), then per
+seed in ``compare.seeds``: a teacher, the student's KD cold start from it, and each method of
+``compare.methods`` (objective presets) trained from that cold start, each evaluated greedily
+on the held-out questions. These are the quickstart's stages (`dgpo_jax.launch.quickstart`),
+sized by its ``quickstart.*`` fields. Writes
+
+- ``WORKDIR/compare.json``: ``methods.<row>.<data_source or "all">`` = ``{"mean", "ci_low",
+  "ci_high", "ci_method", "per_seed", "questions_ci_low", "questions_ci_high"}`` and
+  ``paired_vs_coldstart.<row>`` = ``{"diff", "ci_low", "ci_high", "p_value", "test", "n",
+  "discordant"}`` (the statistics: `summarize_comparison`);
+- ``WORKDIR/compare.md``: the same as a table; ``WORKDIR/compare.png``: bars with intervals.
+
+Every finished stage writes its per-question results to ``WORKDIR/stages/``; with
+``--config.resume=True`` a killed run continues at the first unfinished stage, and seeds or
+methods added to the config are run on top of the finished ones (the other settings must not
+change: the run checks them against ``WORKDIR/compare_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from dgpo_jax.checkpoint.fileio import write_text_atomically
+from dgpo_jax.config import ConfigError, split_list
+from dgpo_jax.errors import OutputExistsError
+from dgpo_jax.evaluation.stats import bootstrap_mean_ci, paired_difference, t_interval
+from dgpo_jax.launch.evaluate import run_eval
+from dgpo_jax.launch.quickstart import (
+    coldstart_stage,
+    prepare_world,
+    question_scores,
+    rl_stage,
+    stage_config,
+    teacher_stage,
+)
+
+log = logging.getLogger(__name__)
+
+TEACHER, COLDSTART = "teacher", "coldstart"
+# Settings that may change between a run and its resume: where things go, what is added on top,
+# how the intervals are computed from the stored results.
+_RESUMABLE_CHANGES = (
+    "resume",
+    "workdir",
+    "compare.seeds",
+    "compare.methods",
+    "compare.level",
+    "compare.resamples",
+    "logging",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fingerprint(cfg) -> dict[str, object]:
+    flat = _flatten(cfg.to_dict())
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_CHANGES)
+    }
+
+
+class StageStore:
+    """The finished stages of a compare run: one JSON file per (seed, stage) in
+    ``WORKDIR/stages/``, written atomically after the stage's evaluation."""
+
+    def __init__(self, workdir: str, cfg):
+        self.dir = os.path.join(workdir, "stages")
+        settings = os.path.join(workdir, "compare_config.json")
+        now = _fingerprint(cfg)
+        if os.path.isdir(self.dir) and os.listdir(self.dir):
+            if not cfg.resume:
+                raise OutputExistsError(
+                    f"{workdir} holds the finished stages of an earlier compare run",
+                    hint="--config.resume=True continues it (and adds new seeds or methods); "
+                    "another --config.workdir starts afresh",
+                )
+            if os.path.isfile(settings):
+                with open(settings) as f:
+                    before = json.load(f)
+                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                if changed:
+                    shown = ", ".join(
+                        f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]
+                    )
+                    raise ConfigError(
+                        f"config.resume: the settings differ from the run in {workdir} "
+                        f"({shown}{', ...' if len(changed) > 5 else ''}); only "
+                        "compare.seeds, compare.methods, compare.level and compare.resamples "
+                        "may change on a resume"
+                    )
+        os.makedirs(self.dir, exist_ok=True)
+        write_text_atomically(settings, json.dumps(now, indent=1, sort_keys=True, default=str))
+
+    def path(self, seed: int, stage: str) -> str:
+        return os.path.join(self.dir, f"seed{seed}_{stage}.json")
+
+    def get(self, seed: int, stage: str) -> dict | None:
+        p = self.path(seed, stage)
+        if not os.path.isfile(p):
+            return None
+        with open(p) as f:
+            return json.load(f)
+
+    def put(self, seed: int, stage: str, record: dict) -> None:
+        write_text_atomically(self.path(seed, stage), json.dumps(record))
+
+
+def _record(final_eval: dict, seconds: float, **extra) -> dict:
+    return {"scores": question_scores(final_eval), "seconds": round(seconds, 1), **extra}
+
+
+class Progress:
+    """``[k/N] seed S stage`` lines with the time so far and an ETA from the stages done
+    (per kind of stage: teacher, cold start, each method)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.time()
+        self.seconds: dict[str, list[float]] = {}
+
+    def finished(self, kind: str, seconds: float, skipped: bool = False) -> None:
+        self.done += 1
+        if not skipped:
+            self.seconds.setdefault(kind, []).append(seconds)
+
+    def eta(self, remaining_kinds: list[str]) -> float | None:
+        every = [s for v in self.seconds.values() for s in v]
+        if not every:
+            return None
+        fallback = float(np.mean(every))
+        return sum(float(np.mean(self.seconds.get(k, [fallback]))) for k in remaining_kinds)
+
+    def announce(self, seed: int, stage: str, remaining_kinds: list[str]) -> None:
+        eta = self.eta(remaining_kinds)
+        elapsed = time.time() - self.start
+        eta_text = f", ETA {eta / 60:.1f} min" if eta is not None else ""
+        print(
+            f"\n=== compare [{self.done + 1}/{self.total}] seed {seed}: {stage} "
+            f"(elapsed {elapsed / 60:.1f} min{eta_text})",
+            flush=True,
+        )
+
+
+def run_compare(cfg) -> dict:
+    seeds = [int(s) for s in split_list(cfg.compare.seeds)]
+    methods = split_list(cfg.compare.methods)
+    store = StageStore(cfg.workdir, cfg)
+    print(f"\n=== compare: world (seed {cfg.seed}), {len(seeds)} seeds, methods {methods}")
+    prep = prepare_world(cfg)
+    base = prep.base
+    plan = [(s, st) for s in seeds for st in (TEACHER, COLDSTART, *methods)]
+    progress = Progress(len(plan))
+    for i, (seed, stage) in enumerate(plan):
+        kinds_left = [st for _, st in plan[i:] if store.get(_, st) is None]
+        if store.get(seed, stage) is not None:
+            progress.finished(stage, 0.0, skipped=True)
+            continue
+        progress.announce(seed, stage, kinds_left)
+        t = time.time()
+        sdir = f"seed{seed}"
+        teacher_dir = os.path.join(cfg.workdir, sdir, "teacher")
+        if stage == TEACHER:
+            info = teacher_stage(prep, seed, teacher_dir, os.path.join(cfg.workdir, sdir))
+            ev = run_eval(_eval_cfg(base, f"{sdir}/eval_teacher", teacher_dir, seed))
+            record = _record(ev["final_eval"], time.time() - t, teacher=info)
+        elif stage == COLDSTART:
+            cs = coldstart_stage(base, f"{sdir}/coldstart", teacher_dir, seed)
+            record = _record(
+                cs["final_eval"],
+                time.time() - t,
+                checkpoint=cs["checkpoint"],
+                num_sequences=cs["num_sequences"],
+            )
+        else:
+            student = store.get(seed, COLDSTART)["checkpoint"]
+            rl = rl_stage(base, f"{sdir}/{stage}", stage, student, teacher_dir, seed)
+            record = _record(rl["final_eval"], time.time() - t)
+        store.put(seed, stage, record)
+        progress.finished(stage, record["seconds"])
+        em = np.mean(record["scores"]["all"])
+        print(f"seed {seed} {stage}: EM {em:.3f} ({record['seconds']:.0f} s)", flush=True)
+
+    rows = [TEACHER, COLDSTART, *methods]
+    scores = {r: {s: store.get(s, r)["scores"] for s in seeds} for r in rows}
+    result = summarize_comparison(
+        scores, COLDSTART, cfg.compare.level, cfg.compare.resamples, cfg.seed
+    )
+    result["seconds"] = {r: {str(s): store.get(s, r)["seconds"] for s in seeds} for r in rows}
+    result["teacher_rounds"] = {str(s): store.get(s, TEACHER).get("teacher") for s in seeds}
+    result["world_seed"] = cfg.seed
+    write_text_atomically(os.path.join(cfg.workdir, "compare.json"), json.dumps(result, indent=1))
+    md = markdown(result)
+    write_text_atomically(os.path.join(cfg.workdir, "compare.md"), md)
+    plot(result, os.path.join(cfg.workdir, "compare.png"))
+    print("\n" + md)
+    print(f"results: {os.path.join(cfg.workdir, 'compare.json')}, compare.md, compare.png")
+    return result
+
+
+def _eval_cfg(base, name: str, model: str, seed: int):
+    return stage_config(base, name, **{"model.student": model, "seed": seed})
+
+
+# ----------------------------------------------------------------------------- statistics ---
+def summarize_comparison(
+    scores: dict[str, dict[int, dict[str, list[float]]]],
+    reference: str,
+    level: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """The comparison from per-question scores ``scores[row][seed][data_source]``.
+
+    Per row and data source: the mean over seeds of the per-seed EM; its interval is a Student
+    t interval across seeds (the seed-to-seed spread: teacher, cold start and RL all differ by
+    seed), or with one seed a percentile bootstrap over questions; ``questions_ci_*`` is the
+    bootstrap over questions within seeds (the spread from the finite question set alone).
+    Per row against ``reference`` (the cold start): the mean paired difference over every
+    (seed, question), a percentile bootstrap over questions within seeds, and an exact McNemar
+    p-value on the pooled discordant pairs (a sign-flip permutation test for non-binary
+    scores). Every interval is at ``level``.
+    """
+    seeds = sorted(next(iter(scores.values())))
+    sources = list(next(iter(next(iter(scores.values())).values())))
+    methods: dict[str, dict] = {}
+    for row, per_seed in scores.items():
+        methods[row] = {}
+        for src in sources:
+            vals = [per_seed[s][src] for s in seeds]
+            seed_means = [float(np.mean(v)) for v in vals]
+            flat = np.concatenate([np.asarray(v, float) for v in vals])
+            groups = np.repeat(np.arange(len(vals)), [len(v) for v in vals])
+            q = bootstrap_mean_ci(flat, level=level, resamples=resamples, seed=seed, groups=groups)
+            if len(seeds) > 1:
+                t = t_interval(seed_means, level=level)
+                low, high, how = t.low, t.high, f"t interval over {len(seeds)} seeds"
+            else:
+                low, high, how = q.low, q.high, "bootstrap over questions (one seed)"
+            methods[row][src] = {
+                "mean": float(np.mean(seed_means)),
+                "ci_low": low,
+                "ci_high": high,
+                "ci_method": how,
+                "per_seed": seed_means,
+                "questions_ci_low": q.low,
+                "questions_ci_high": q.high,
+            }
+    paired = {}
+    ref = scores[reference]
+    for row, per_seed in scores.items():
+        if row == reference:
+            continue
+        a = np.concatenate([np.asarray(per_seed[s]["all"], float) for s in seeds])
+        b = np.concatenate([np.asarray(ref[s]["all"], float) for s in seeds])
+        groups = np.repeat(np.arange(len(seeds)), [len(ref[s]["all"]) for s in seeds])
+        d = paired_difference(a, b, groups=groups, level=level, resamples=resamples, seed=seed)
+        paired[row] = {
+            "diff": d.diff,
+            "ci_low": d.low,
+            "ci_high": d.high,
+            "p_value": d.p_value,
+            "test": d.test,
+            "n": d.n,
+            "discordant": list(d.discordant) if d.discordant is not None else None,
+        }
+    return {
+        "seeds": seeds,
+        "level": level,
+        "resamples": resamples,
+        "reference": reference,
+        "methods": methods,
+        "paired_vs_coldstart": paired,
+        "statistics": (
+            f"per row: mean over seeds of the per-seed EM; ci: Student t over seeds (one "
+            f"seed: percentile bootstrap over questions); questions_ci: percentile bootstrap "
+            f"over questions within seeds ({resamples} resamples); paired_vs_coldstart: "
+            f"paired percentile bootstrap over (seed, question) pairs within seeds and an "
+            f"exact McNemar test on the pooled discordant pairs; level {level}"
+        ),
+    }
+
+
+def markdown(result: dict) -> str:
+    """compare.json as a table: ``mean [low, high]`` per row and data source, and the paired
+    difference to the cold start."""
+    methods, paired = result["methods"], result["paired_vs_coldstart"]
+    sources = [s for s in next(iter(methods.values())) if s != "all"] + ["all"]
+    pct = round(100 * result["level"])
+    head = ["method", *sources, f"vs {result['reference']} (paired, {pct}% CI, p)"]
+    lines = [
+        f"EM on held-out questions (greedy), seeds {result['seeds']}; mean over seeds [{pct}% CI]",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row, per in methods.items():
+        cells = [
+            f"{per[s]['mean']:.3f} [{per[s]['ci_low']:.3f}, {per[s]['ci_high']:.3f}]"
+            for s in sources
+        ]
+        d = paired.get(row)
+        vs = (
+            f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p = {d['p_value']:.2g}"
+            if d
+            else "–"
+        )
+        lines.append("| " + " | ".join([row, *cells, vs]) + " |")
+    lines += ["", result["statistics"], ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Bars of each row's EM on all held-out questions with its interval, and the per-seed
+    values as dots."""
+    import matplotlib  # noqa: PLC0415 (plotting only here)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = list(result["methods"])
+    allq = [result["methods"][r]["all"] for r in rows]
+    means = np.array([a["mean"] for a in allq])
+    low = np.array([a["ci_low"] for a in allq])
+    high = np.array([a["ci_high"] for a in allq])
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.6))
+    x = np.arange(len(rows))
+    ok = np.isfinite(low) & np.isfinite(high)
+    ax.bar(x, means, color="#8fb3d9", width=0.6)
+    ax.errorbar(
+        x[ok],
+        means[ok],
+        yerr=[means[ok] - low[ok], high[ok] - means[ok]],
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+    )
+    for i, a in enumerate(allq):
+        ax.plot([i] * len(a["per_seed"]), a["per_seed"], "k.", alpha=0.6)
+    ax.set_xticks(x, rows)
+    ax.set_ylabel("EM, held-out questions")
+    ax.set_ylim(0, 1)
+    pct = round(100 * result["level"])
+    ax.set_title(f"mean over seeds {result['seeds']}, {pct}% CI; dots: seeds", fontsize=9)
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""mode=compare: the statistics of the comparison against hand computations, and the mode end to
+end on a tiny world (2 seeds, 2 methods), interrupted in the middle and resumed."""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from dgpo_jax.config import ConfigError, load_config, validate
+from dgpo_jax.errors import OutputExistsError
+from dgpo_jax.launch import compare
+from dgpo_jax.launch.compare import run_compare, summarize_comparison
+
+T_975_1 = 12.706204736174698  # Student t, 97.5% quantile, 1 degree of freedom (tables)
+
+
+def test_summary_against_hand_values():
+    # 2 seeds x 4 questions of one data source; "all" is the same questions.
+    cold = {0: [1, 0, 1, 0], 1: [1, 1, 0, 0]}
+    dgpo = {0: [1, 1, 1, 0], 1: [1, 1, 1, 1]}
+    scores = {
+        name: {s: {"nq": v[s], "all": v[s]} for s in (0, 1)}
+        for name, v in (("coldstart", cold), ("dgpo", dgpo))
+    }
+    out = summarize_comparison(scores, "coldstart", resamples=2000)
+    row = out["methods"]["dgpo"]["all"]
+    assert row["per_seed"] == [0.75, 1.0]
+    assert row["mean"] == pytest.approx(0.875)
+    # t interval over the two seed means: sd = 0.25 / sqrt(2), half-width t * sd / sqrt(2)
+    half = T_975_1 * 0.125
+    assert row["ci_low"] == pytest.approx(0.875 - half, rel=1e-9)
+    assert row["ci_high"] == pytest.approx(0.875 + half, rel=1e-9)
+    assert "t interval" in row["ci_method"]
+    # Within seeds, only questions vary: seed 1 of dgpo is all right, so its share is fixed at
+    # 1; seed 0's share is a bootstrap of [1,1,1,0] in {0.25,..,1}: the mean of the two lies
+    # in [0.625, 1.0].
+    assert 0.625 <= row["questions_ci_low"] <= row["questions_ci_high"] <= 1.0
+    d = out["paired_vs_coldstart"]["dgpo"]
+    # per-seed differences 0.25 and 0.5; dgpo right where the cold start is wrong on 3 pairs
+    # (seed 0 q1, seed 1 q2, q3), never the reverse: McNemar 2 * 0.5**3.
+    assert d["diff"] == pytest.approx(0.375)
+    assert d["discordant"] == [3, 0]
+    assert d["test"] == "mcnemar_exact"
+    assert d["p_value"] == pytest.approx(0.25)
+    assert d["n"] == 8
+    assert d["ci_low"] <= 0.375 <= d["ci_high"]
+    assert "coldstart" not in out["paired_vs_coldstart"]
+    json.dumps(out)  # plain JSON
+
+
+def test_one_seed_falls_back_to_the_question_bootstrap():
+    scores = {
+        "coldstart": {3: {"all": [0, 1] * 50}},
+        "ppo": {3: {"all": [1, 1] * 50}},
+    }
+    out = summarize_comparison(scores, "coldstart", resamples=2000)
+    row = out["methods"]["coldstart"]["all"]
+    assert "bootstrap" in row["ci_method"]
+    # a share of 0.5 over 100 questions: the normal approximation +-1.96 * 0.05
+    assert row["ci_low"] == pytest.approx(0.5 - 0.098, abs=0.02)
+    assert row["ci_high"] == pytest.approx(0.5 + 0.098, abs=0.02)
+    assert out["paired_vs_coldstart"]["ppo"]["discordant"] == [50, 0]
+
+
+def tiny_compare_config(workdir, **changes):
+    args = [
+        "prog",
+        "--config=compare",
+        f"--config.workdir={workdir}",
+        "--config.compare.seeds=0,1",
+        "--config.compare.methods=ppo,opd",
+        "--config.compare.resamples=500",
+        # The teacher memorises 8 training questions and the cold start asks it those 8, so it
+        # has trajectories to distill at this size (as in the quickstart notebook's test).
+        "--config.quickstart.num_entities=100",
+        "--config.quickstart.teacher_questions=8",
+        "--config.quickstart.teacher_steps=60",
+        "--config.quickstart.teacher_lr=3e-3",
+        "--config.coldstart.max_questions=8",
+        "--config.coldstart.epochs=1",
+        "--config.coldstart.batch_size=4",
+        "--config.quickstart.rl_steps=1",
+        "--config.quickstart.rl_batch_size=4",
+        "--config.train.micro_batch_size=4",
+        "--config.eval.max_examples=6",
+        "--config.eval.batch_size=12",
+        "--config.logging.progress=False",
+        "--config.logging.tensorboard=False",
+        # not the subject here: the decode path with the cheaper compile
+        "--config.sampler.decode_path=accelerator",
+    ] + [f"--config.{k}={v}" for k, v in changes.items()]
+    cfg, _ = load_config(args)
+    return cfg
+
+
+def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
+    workdir = tmp_path / "cmp"
+    calls = []
+    real = {n: getattr(compare, n) for n in ("teacher_stage", "coldstart_stage", "rl_stage")}
+
+    def recorder(name, fail_on=None):
+        def stage(*args, **kwargs):
+            out = real[name](*args, **kwargs)
+            calls.append((name, args[1]))
+            if fail_on is not None and fail_on(args):
+                raise KeyboardInterrupt("killed after the stage's work, before its record")
+            return out
+
+        return stage
+
+    # The first run dies in seed 1's second method (opd), after training it.
+    monkeypatch.setattr(compare, "teacher_stage", recorder("teacher_stage"))
+    monkeypatch.setattr(compare, "coldstart_stage", recorder("coldstart_stage"))
+    monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage", lambda a: a[1] == "seed1/opd"))
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tiny_compare_config(workdir))
+    first = list(calls)
+    assert [c[0] for c in first].count("rl_stage") == 4
+    stored = sorted(os.listdir(workdir / "stages"))
+    assert "seed1_opd.json" not in stored and "seed1_ppo.json" in stored and len(stored) == 7
+
+    # Without resume the finished stages are not overwritten; a changed setting is named.
+    with pytest.raises(OutputExistsError, match="finished stages"):
+        run_compare(tiny_compare_config(workdir))
+    with pytest.raises(ConfigError, match="quickstart.rl_steps: 1 -> 2"):
+        run_compare(tiny_compare_config(workdir, resume=True, **{"quickstart.rl_steps": 2}))
+
+    calls.clear()
+    monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage"))
+    result = run_compare(tiny_compare_config(workdir, resume=True))
+    assert calls == [("rl_stage", "seed1/opd")]  # only the unfinished stage ran again
+
+    on_disk = json.loads((workdir / "compare.json").read_text())
+    assert on_disk["seeds"] == [0, 1]
+    assert set(on_disk["methods"]) == {"teacher", "coldstart", "ppo", "opd"}
+    for row in on_disk["methods"].values():
+        assert set(row) == {"synthetic_1hop", "synthetic_2hop", "all"}
+        cell = row["all"]
+        assert len(cell["per_seed"]) == 2
+        assert cell["mean"] == pytest.approx(np.mean(cell["per_seed"]))
+        for key in ("ci_low", "ci_high", "questions_ci_low", "questions_ci_high"):
+            assert math.isfinite(cell[key])
+    for name in ("teacher", "ppo", "opd"):
+        d = on_disk["paired_vs_coldstart"][name]
+        assert 0.0 <= d["p_value"] <= 1.0 and d["ci_low"] <= d["diff"] <= d["ci_high"]
+        assert d["n"] == 2 * 2 * 6  # seeds x data sources x eval.max_examples
+    assert result["methods"] == on_disk["methods"]
+    assert "| opd |" in (workdir / "compare.md").read_text()
+    assert (workdir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "compare.methods",
+            "dgpo,dgpoo",
+            "'dgpoo' is not an objective preset (did you mean 'dgpo'?)",
+        ),
+        ("compare.seeds", "0,1,0", "repeats a seed"),
+        ("compare.seeds", "0,x", "'x' is not an integer"),
+        ("compare.level", "1.5", "expected a level in (0, 1)"),
+        ("quickstart.teacher_min_train_em", "2.0", "expected a share in [0, 1]"),
+    ],
+)
+def test_compare_settings_are_checked_by_name(tmp_path, field, value, message):
+    cfg = tiny_compare_config(tmp_path / "c", **{field: value})
+    with pytest.raises(
+        ConfigError, match=re.escape(f"config.{field}: ") + ".*" + re.escape(message)
+    ):
+        validate(cfg)
