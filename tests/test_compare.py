@@ -85,8 +85,8 @@ def tiny_compare_config(workdir, **changes):
         "--config.quickstart.rl_steps=1",
         "--config.quickstart.rl_batch_size=4",
         "--config.train.micro_batch_size=4",
-        "--config.eval.max_examples=6",
-        "--config.eval.batch_size=12",
+        "--config.eval.max_examples=4",
+        "--config.eval.batch_size=8",
         "--config.logging.progress=False",
         "--config.logging.tensorboard=False",
         # not the subject here: the decode path with the cheaper compile
@@ -146,7 +146,7 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
     for name in ("teacher", "ppo", "opd"):
         d = on_disk["paired_vs_coldstart"][name]
         assert 0.0 <= d["p_value"] <= 1.0 and d["ci_low"] <= d["diff"] <= d["ci_high"]
-        assert d["n"] == 2 * 2 * 6  # seeds x data sources x eval.max_examples
+        assert d["n"] == 2 * 2 * 4  # seeds x data sources x eval.max_examples
     assert result["methods"] == on_disk["methods"]
     assert "| opd |" in (workdir / "compare.md").read_text()
     assert (workdir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
