@@ -170,7 +170,7 @@ def run_compare(cfg) -> dict:
     plan = [(s, st) for s in seeds for st in (TEACHER, COLDSTART, *methods)]
     progress = Progress(len(plan))
     for i, (seed, stage) in enumerate(plan):
-        kinds_left = [st for _, st in plan[i:] if store.get(_, st) is None]
+        kinds_left = [st for s, st in plan[i:] if store.get(s, st) is None]
         if store.get(seed, stage) is not None:
             progress.finished(stage, 0.0, skipped=True)
             continue
