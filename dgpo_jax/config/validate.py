@@ -33,10 +33,15 @@ def attention_backend(cfg: ml_collections.ConfigDict) -> str:
     return jax.default_backend()
 
 
+def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """`` (did you mean 'PREFIXclosest'?)`` for the closest of ``choices``, or ``""``."""
+    near = difflib.get_close_matches(name, sorted(choices), n=1)
+    return f" (did you mean {prefix + near[0]!r}?)" if near else ""
+
+
 def _missing_source(src: str) -> str:
     if src.startswith("preset:"):
-        near = difflib.get_close_matches(src[len("preset:") :], sorted(PRESETS), n=1)
-        hint = f" (did you mean 'preset:{near[0]}'?)" if near else ""
+        hint = _did_you_mean(src[len("preset:") :], PRESETS, prefix="preset:")
         return f"{src!r}: no such preset{hint}; presets: {', '.join(sorted(PRESETS))}"
     return f"{src!r} does not exist"
 
@@ -257,8 +262,7 @@ def _validate_quickstart(cfg, need) -> None:
     q = cfg.quickstart
     for role in ("teacher", "student"):
         name = q[f"{role}_preset"]
-        near = difflib.get_close_matches(name, sorted(PRESETS), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        hint = _did_you_mean(name, PRESETS)
         need(name in PRESETS, f"quickstart.{role}_preset", f"{name!r}: no such preset{hint}")
     need(
         0.0 <= q.teacher_min_train_em <= 1.0,
@@ -277,8 +281,7 @@ def _validate_quickstart(cfg, need) -> None:
     need(len(set(seeds)) == len(seeds), "compare.seeds", f"{c.seeds!r} repeats a seed")
     methods = split_list(c.methods)
     for m in methods:
-        near = difflib.get_close_matches(m, sorted(OBJECTIVE_PRESETS), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        hint = _did_you_mean(m, OBJECTIVE_PRESETS)
         need(
             m in OBJECTIVE_PRESETS and m != "dgpo_coldstart",
             "compare.methods",
