@@ -22,6 +22,7 @@ change: the run checks them against ``WORKDIR/compare_config.json``).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import time
 
 import numpy as np
 
-from dgpo_jax.checkpoint.fileio import write_text_atomically
+from dgpo_jax.checkpoint.fileio import write_bytes_atomically, write_text_atomically
 from dgpo_jax.config import ConfigError, split_list
 from dgpo_jax.errors import OutputExistsError
 from dgpo_jax.evaluation.stats import bootstrap_mean_ci, paired_difference, t_interval
@@ -361,7 +362,7 @@ def plot(result: dict, path: str) -> None:
     pct = round(100 * result["level"])
     ax.set_title(f"mean over seeds {result['seeds']}, {pct}% CI; dots: seeds", fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomically(path, png.getvalue())
