@@ -73,13 +73,14 @@ def tiny_compare_config(workdir, **changes):
         "--config.compare.seeds=0,1",
         "--config.compare.methods=ppo,opd",
         "--config.compare.resamples=500",
-        # The teacher memorises 8 training questions and the cold start asks it those 8, so it
-        # has trajectories to distill at this size (as in the quickstart notebook's test).
+        # The teacher memorises 4 training questions and the cold start asks it those 4, so it
+        # has trajectories to distill at this size.
         "--config.quickstart.num_entities=100",
-        "--config.quickstart.teacher_questions=8",
+        "--config.quickstart.teacher_questions=4",
+        "--config.quickstart.teacher_batch_size=4",
         "--config.quickstart.teacher_steps=60",
         "--config.quickstart.teacher_lr=3e-3",
-        "--config.coldstart.max_questions=8",
+        "--config.coldstart.max_questions=4",
         "--config.coldstart.epochs=1",
         "--config.coldstart.batch_size=4",
         "--config.quickstart.rl_steps=1",
@@ -164,6 +165,7 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
         ("compare.seeds", "0,x", "'x' is not an integer"),
         ("compare.level", "1.5", "expected a level in (0, 1)"),
         ("quickstart.teacher_min_train_em", "2.0", "expected a share in [0, 1]"),
+        ("quickstart.answers", "half", "'half': expected one of closed, open"),
     ],
 )
 def test_compare_settings_are_checked_by_name(tmp_path, field, value, message):

@@ -116,13 +116,13 @@ def test_quickstart_notebook(kernel, tmp_path):
         "    cfg.sampler.decode_path = 'accelerator'\n"
         "    return cfg\n"
     )
-    # The teacher memorises 8 training questions, and the cold start asks it those same 8:
+    # The teacher memorises 4 training questions, and the cold start asks it those same 4:
     # it answers them, so the cold start has trajectories to distill at this tiny size.
     overrides = (
         f"WORKDIR = {str(workdir)!r}\nCONFIG = {str(config_file)!r}\n"
-        "NUM_ENTITIES = 100\nTEACHER_QUESTIONS = 8\n"
-        f"TEACHER_STEPS = {teacher_steps}\nTEACHER_BATCH_SIZE = 8\nTEACHER_LR = 3e-3\n"
-        "COLDSTART_QUESTIONS = 8\nCOLDSTART_EPOCHS = 2\nCOLDSTART_BATCH_SIZE = 4\n"
+        "NUM_ENTITIES = 100\nTEACHER_QUESTIONS = 4\n"
+        f"TEACHER_STEPS = {teacher_steps}\nTEACHER_BATCH_SIZE = 4\nTEACHER_LR = 3e-3\n"
+        "COLDSTART_QUESTIONS = 4\nCOLDSTART_EPOCHS = 1\nCOLDSTART_BATCH_SIZE = 4\n"
         f"RL_STEPS = {rl_steps}\nRL_BATCH_SIZE = 4\nEVAL_EXAMPLES = 4\n"
         "EVAL_BATCH_SIZE = 8\nMICRO_BATCH_SIZE = 4\nSHOW_PROGRESS = False\n"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 
 from dgpo_jax.data import synthetic
 from dgpo_jax.data.synthetic import build_word_tokenizer, generate_world, write_world
+from dgpo_jax.errors import InvalidArgumentError
 from dgpo_jax.launch.quickstart import expert_turns
 from dgpo_jax.retrieval import (
     INVALID_ACTION_NOTICE,
@@ -379,3 +381,75 @@ def test_expert_quotes_the_last_document_then_answers(world):
         # The quote opens a sentence of the last document read.
         sentences = text_by_doc[gold[-1]].split("\n", 1)[1].split(". ")
         assert any(sentence.startswith(quote) for sentence in sentences), (quote, sentences)
+
+
+# ------------------------------------------------------------------------ answer classes ---
+def _row(split, question_type, source, answer):
+    return {
+        "data_source": source,
+        "golden_answers": [answer],
+        "extra_info": {"split": split, "question_type": question_type},
+    }
+
+
+def test_answer_statistics_by_hand():
+    # Type a: train x, x, y (majority x, 2/3); test x, z -> guessing x scores 1/2.
+    # Type b: train u (1/1); test v -> 0. Test overall: 1 of 3 guessed.
+    train = [
+        _row("train", "a", "s1", "x"),
+        _row("train", "a", "s1", "x"),
+        _row("train", "a", "s1", "y"),
+        _row("train", "b", "s2", "u"),
+    ]
+    test = [
+        _row("test", "a", "s1", "x"),
+        _row("test", "a", "s1", "z"),
+        _row("test", "b", "s2", "v"),
+    ]
+    world = synthetic.World(seed=0, entities=(), corpus=[], train=train, test=test)
+    stats = synthetic.answer_statistics(world)
+    assert stats["question_types"]["a"] == {
+        "train_questions": 3,
+        "distinct_answers": 2,
+        "majority_share": round(2 / 3, 4),
+        "test_questions": 2,
+        "majority_test_em": 0.5,
+    }
+    assert stats["question_types"]["b"]["majority_share"] == 1.0
+    assert stats["question_types"]["b"]["majority_test_em"] == 0.0
+    assert stats["data_sources"]["s1"]["majority_share"] == round(2 / 3, 4)
+    assert stats["majority_test_em"] == round(1 / 3, 4)
+
+
+def test_open_answers_do_not_repeat_and_follow_from_the_documents():
+    closed = generate_world(seed=5, num_entities=300)
+    world = generate_world(seed=5, num_entities=300, answers="open")
+    # The documents still read the same way, and every answer follows from them.
+    knowledge = read_encyclopedia(world.corpus)
+    for row in world.train + world.test:
+        assert row["golden_answers"] == [answer(row["question"], knowledge)[0]]
+    # Professions, industries, regions and products: one value per entity, and never a word of
+    # the closed lists; years from a millennium.
+    for attribute in ("profession", "industry", "region", "product"):
+        values = [e.facts[attribute] for e in world.entities if attribute in e.facts]
+        assert len(set(values)) == len(values) > 0, attribute
+        closed_values = {e.facts[attribute] for e in closed.entities if attribute in e.facts}
+        assert not set(values) & closed_values, attribute
+    years = [int(e.facts["birth_year"]) for e in world.entities if "birth_year" in e.facts]
+    assert min(years) < 1500 and max(years) < 2000
+    # Guessing a type's most frequent training answer: some EM in the closed world, none here
+    # (open values and linked entities never cross the train/test split).
+    assert synthetic.answer_statistics(closed)["majority_test_em"] > 0.01
+    assert synthetic.answer_statistics(world)["majority_test_em"] == 0.0
+    with pytest.raises(InvalidArgumentError, match="answers must be one of"):
+        generate_world(seed=5, num_entities=300, answers="half-open")
+
+
+def test_closed_world_is_the_world_from_before_the_answers_option():
+    # The digest of generate_world(seed=2, num_entities=80) as written before `answers` existed
+    # (2026-12-03): the quickstart's recorded results are on that world.
+    world = generate_world(seed=2, num_entities=80, answers="closed")
+    text = json.dumps([world.corpus, world.train, world.test], sort_keys=True).encode()
+    assert hashlib.sha256(text).hexdigest() == (
+        "87b42b8327aa508b7c306d725fea422ecb03371d6be56fa2c26080b116fe80f1"
+    )

@@ -13,6 +13,7 @@ import ml_collections
 from dgpo_jax.config.build import build_curriculum, build_objective
 from dgpo_jax.config.schema import MODES, ConfigError, parse_rules, split_list
 from dgpo_jax.data.prompts import TRUNCATION_MODES
+from dgpo_jax.data.synthetic import ANSWER_CLASSES
 from dgpo_jax.models.config import ATTENTION_KERNELS, PRESETS
 from dgpo_jax.objectives.presets import OBJECTIVE_PRESETS
 from dgpo_jax.sampler.config import DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
@@ -270,6 +271,11 @@ def _validate_quickstart(cfg, need) -> None:
         f"{q.teacher_min_train_em}: expected a share in [0, 1] (0 = no check)",
     )
     need(q.teacher_max_rounds >= 1, "quickstart.teacher_max_rounds", "expected >= 1")
+    need(
+        q.answers in ANSWER_CLASSES,
+        "quickstart.answers",
+        f"{q.answers!r}: expected one of {', '.join(ANSWER_CLASSES)}",
+    )
     need(q.teacher_check_questions >= 1, "quickstart.teacher_check_questions", "expected >= 1")
     if cfg.mode != "compare":
         return

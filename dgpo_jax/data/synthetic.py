@@ -168,6 +168,7 @@ _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "n", "r", "l", "s")
 
 # (question type, template, attribute) per entity kind; the answer is the subject's attribute.
+ANSWER_CLASSES = ("closed", "open")
 SINGLE_HOP = {
     PERSON: (
         ("person_birthplace", "where was {name} born?", "birthplace"),
@@ -390,6 +391,7 @@ def generate_world(
     single_hop_per_entity: int = 1,
     two_hop_per_entity: int = 1,
     prompt_template: str = SEARCH_R1_PROMPT_TEMPLATE,
+    answers: str = "closed",
 ) -> World:
     """Generates a world of `num_entities` entities (one corpus document each).
 
@@ -400,7 +402,15 @@ def generate_world(
       single_hop_per_entity / two_hop_per_entity: questions asked about each entity (distinct
         question types, drawn at random; places have no two-hop questions).
       prompt_template: template with a ``{question}`` placeholder for the prompt rows.
+      answers: "closed": professions, industries and products from short fixed lists, a few
+        dozen regions, years from a span of decades (a question type's most frequent answer
+        covers up to ~15% of its questions); "open": each of those values is an invented word
+        of its own entity and years span a millennium, so values repeat about as rarely as
+        the linked entities' names (as in open-domain QA, where the most frequent answer
+        covers well under 1%). `answer_statistics` measures it.
     """
+    if answers not in ANSWER_CLASSES:
+        raise InvalidArgumentError(f"answers must be one of {ANSWER_CLASSES}, got {answers!r}")
     if num_entities < 20:
         raise InvalidArgumentError(f"num_entities must be at least 20, got {num_entities}")
     if not 0.0 < test_fraction < 1.0:
@@ -440,6 +450,19 @@ def generate_world(
     family, pool = pool[:name_parts], pool[name_parts:]
     place_root_words, pool = pool[:place_roots], pool[place_roots:]
     org_root_words, regions = pool[:org_roots], pool[org_roots:]
+    # Open-class answers: one invented word per value (drawn after the closed world's words,
+    # so a closed world is the same as before this option existed).
+    open_values = iter(
+        _invented_words(
+            rng,
+            counts[PERSON] + 2 * counts[PLACE] + counts[ORGANISATION],
+            reserved
+            | {w.lower() for w in given + family + place_root_words + org_root_words}
+            | {w.lower() for w in regions},
+        )
+        if answers == "open"
+        else ()
+    )
     names = {
         PERSON: _distinct_pairs(rng, given, family, counts[PERSON]),
         PLACE: _distinct_pairs(rng, list(PLACE_PREFIXES), place_root_words, counts[PLACE]),
@@ -478,22 +501,37 @@ def generate_world(
         split = splits[index]
         if kind == PERSON:
             link = {"birthplace": pick(PLACE, split), "employer": pick(ORGANISATION, split)}
-            fact = {
-                "profession": PROFESSIONS[rng.integers(len(PROFESSIONS))],
-                "birth_year": str(int(rng.integers(1920, 2000))),
-            }
+            if answers == "open":
+                fact = {
+                    "profession": next(open_values).lower(),
+                    "birth_year": str(int(rng.integers(1000, 2000))),
+                }
+            else:
+                fact = {
+                    "profession": PROFESSIONS[rng.integers(len(PROFESSIONS))],
+                    "birth_year": str(int(rng.integers(1920, 2000))),
+                }
         elif kind == PLACE:
             link = {}
-            fact = {
-                "region": regions[rng.integers(len(regions))],
-                "product": PRODUCTS[rng.integers(len(PRODUCTS))],
-            }
+            if answers == "open":
+                fact = {"region": next(open_values), "product": next(open_values).lower()}
+            else:
+                fact = {
+                    "region": regions[rng.integers(len(regions))],
+                    "product": PRODUCTS[rng.integers(len(PRODUCTS))],
+                }
         else:
             link = {"headquarters": pick(PLACE, split), "founder": pick(PERSON, split)}
-            fact = {
-                "industry": INDUSTRIES[rng.integers(len(INDUSTRIES))],
-                "founding_year": str(int(rng.integers(1850, 2000))),
-            }
+            if answers == "open":
+                fact = {
+                    "industry": next(open_values).lower(),
+                    "founding_year": str(int(rng.integers(1000, 2000))),
+                }
+            else:
+                fact = {
+                    "industry": INDUSTRIES[rng.integers(len(INDUSTRIES))],
+                    "founding_year": str(int(rng.integers(1850, 2000))),
+                }
         links.append(link)
         facts.append(fact)
     entities = tuple(
@@ -559,6 +597,46 @@ def generate_world(
     )
 
 
+def answer_statistics(world: World) -> dict:
+    """How much a question's type alone tells about its answer: per question type (and per
+    data source) of the training questions, the number of questions, of distinct answers, and
+    the share of the most frequent answer (``majority_share``); and ``majority_test_em``: the
+    EM on the test questions of always answering the most frequent training answer of the
+    question's type (what a policy that never reads gets by guessing well)."""
+
+    def counts(rows, key):
+        out: dict[str, Counter] = {}
+        for row in rows:
+            out.setdefault(key(row), Counter())[row["golden_answers"][0]] += 1
+        return out
+
+    def by_type(row):
+        return row["extra_info"]["question_type"]
+
+    out = {}
+    for name, key in (("question_types", by_type), ("data_sources", lambda r: r["data_source"])):
+        train, test = counts(world.train, key), counts(world.test, key)
+        out[name] = {}
+        for group in sorted(set(train) | set(test)):
+            c, t = train.get(group, Counter()), test.get(group, Counter())
+            top = c.most_common(1)[0] if c else ("", 0)
+            n_train, n_test = sum(c.values()), sum(t.values())
+            out[name][group] = {
+                "train_questions": n_train,
+                "distinct_answers": len(c),
+                "majority_share": round(top[1] / n_train, 4) if n_train else 0.0,
+                "test_questions": n_test,
+                "majority_test_em": round(t[top[0]] / n_test, 4) if n_test else 0.0,
+            }
+    guessed = 0
+    train_types = counts(world.train, by_type)
+    for row in world.test:
+        c = train_types.get(by_type(row))
+        guessed += bool(c) and c.most_common(1)[0][0] == row["golden_answers"][0]
+    out["majority_test_em"] = round(guessed / len(world.test), 4) if world.test else 0.0
+    return out
+
+
 def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
     """Writes corpus.jsonl, train.parquet, test.parquet and world.json (sizes, seed) to `out_dir`.
 
@@ -591,6 +669,7 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, str]:
             split: dict(Counter(row["data_source"] for row in world.rows(split)))
             for split in SPLITS
         },
+        "answer_statistics": answer_statistics(world),
     }
 
     def write_summary(path):
@@ -741,13 +820,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-entities", type=int, default=3000, help="= number of documents")
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--answers",
+        choices=ANSWER_CLASSES,
+        default="closed",
+        help="closed: values from short lists (frequent answers); open: values that do not repeat",
+    )
     parser.add_argument("--no-tokenizer", action="store_true", help="skip the word tokenizer")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise OutputExistsError(
             f"--out {args.out}: exists and is not a directory", hint="give a directory path"
         )
-    world = generate_world(args.seed, args.num_entities, test_fraction=args.test_fraction)
+    world = generate_world(
+        args.seed, args.num_entities, test_fraction=args.test_fraction, answers=args.answers
+    )
     paths = write_world(world, args.out)
     if not args.no_tokenizer:
         tokenizer = build_word_tokenizer(world, os.path.join(args.out, "tokenizer"))
