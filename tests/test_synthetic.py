@@ -23,15 +23,15 @@ from dgpo_jax.retrieval import (
 
 # The documents' language, written out independently of the generator's templates.
 PERSON = re.compile(
-    r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<profession>[a-z]+) born in (?P<birthplace>[A-Z][^\n]*?) "
+    r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<profession>[a-z]+(?: [a-z]+)?) born in (?P<birthplace>[A-Z][^\n]*?) "
     r"in (?P<birth_year>\d{4})\. (?P=name) works for (?P<employer>[A-Z][^\n]*)\."
 )
 PLACE = re.compile(
-    r"(?P<name>[^\n]+)\n(?P=name) is a town in the (?P<region>[A-Z][a-z]+) region\. "
-    r"(?P=name) is known for its (?P<product>[a-z]+)\."
+    r"(?P<name>[^\n]+)\n(?P=name) is a town in the (?P<region>[A-Z][a-z]+(?: [A-Z][a-z]+)?) region\. "
+    r"(?P=name) is known for its (?P<product>[a-z]+(?: [a-z]+)?)\."
 )
 ORGANISATION = re.compile(
-    r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<industry>[a-z]+) company founded by "
+    r"(?P<name>[^\n]+)\n(?P=name) is an? (?P<industry>[a-z]+(?: [a-z]+)?) company founded by "
     r"(?P<founder>[A-Z][^\n]*?) in (?P<founding_year>\d{4})\. The headquarters of "
     r"(?P=name) are in (?P<headquarters>[A-Z][^\n]*)\."
 )
@@ -428,19 +428,25 @@ def test_open_answers_do_not_repeat_and_follow_from_the_documents():
     knowledge = read_encyclopedia(world.corpus)
     for row in world.train + world.test:
         assert row["golden_answers"] == [answer(row["question"], knowledge)[0]]
-    # Professions, industries, regions and products: one value per entity, and never a word of
-    # the closed lists; years from a millennium.
+    # Professions, industries, regions and products: one value per entity, two words that also
+    # occur in other values (so in training answers), never a value of the closed lists.
+    train_words = {w for row in world.train for w in row["golden_answers"][0].split()}
     for attribute in ("profession", "industry", "region", "product"):
         values = [e.facts[attribute] for e in world.entities if attribute in e.facts]
         assert len(set(values)) == len(values) > 0, attribute
+        assert all(len(v.split()) == 2 for v in values), attribute
         closed_values = {e.facts[attribute] for e in closed.entities if attribute in e.facts}
         assert not set(values) & closed_values, attribute
-    years = [int(e.facts["birth_year"]) for e in world.entities if "birth_year" in e.facts]
-    assert min(years) < 1500 and max(years) < 2000
-    # Guessing a type's most frequent training answer: some EM in the closed world, none here
-    # (open values and linked entities never cross the train/test split).
+    held_out_words = [w for row in world.test for w in row["golden_answers"][0].split()]
+    assert sum(w in train_words for w in held_out_words) / len(held_out_words) > 0.9
+    # Guessing a type's most frequent training answer: some EM in the closed world; in the open
+    # one only years are ever guessed (they span two centuries).
     assert synthetic.answer_statistics(closed)["majority_test_em"] > 0.01
-    assert synthetic.answer_statistics(world)["majority_test_em"] == 0.0
+    stats = synthetic.answer_statistics(world)
+    assert stats["majority_test_em"] < 0.01
+    for question_type, row in stats["question_types"].items():
+        if not question_type.endswith("year"):
+            assert row["majority_test_em"] == 0.0, question_type
     with pytest.raises(InvalidArgumentError, match="answers must be one of"):
         generate_world(seed=5, num_entities=300, answers="half-open")
 

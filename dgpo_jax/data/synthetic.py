@@ -28,7 +28,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -404,9 +404,10 @@ def generate_world(
       prompt_template: template with a ``{question}`` placeholder for the prompt rows.
       answers: "closed": professions, industries and products from short fixed lists, a few
         dozen regions, years from a span of decades (a question type's most frequent answer
-        covers up to ~15% of its questions); "open": each of those values is an invented word
-        of its own entity and years span a millennium, so values repeat about as rarely as
-        the linked entities' names (as in open-domain QA, where the most frequent answer
+        covers up to ~20% of its questions); "open": each profession, industry, product and
+        region is a pair of invented words of its own entity (its words recur in other
+        values, as name parts do) and years span two centuries, so no held-out answer but a
+        year is a training answer (as in open-domain QA, where the most frequent answer
         covers well under 1%). `answer_statistics` measures it.
     """
     if answers not in ANSWER_CLASSES:
@@ -450,19 +451,27 @@ def generate_world(
     family, pool = pool[:name_parts], pool[name_parts:]
     place_root_words, pool = pool[:place_roots], pool[place_roots:]
     org_root_words, regions = pool[:org_roots], pool[org_roots:]
-    # Open-class answers: one invented word per value (drawn after the closed world's words,
-    # so a closed world is the same as before this option existed).
-    open_values = iter(
-        _invented_words(
-            rng,
-            counts[PERSON] + 2 * counts[PLACE] + counts[ORGANISATION],
-            reserved
-            | {w.lower() for w in given + family + place_root_words + org_root_words}
-            | {w.lower() for w in regions},
-        )
-        if answers == "open"
-        else ()
-    )
+    # Open-class answers: each value a pair of invented words, distinct per entity (as names
+    # are): the pair is new, its words recur across values, so every word of a held-out answer
+    # is also seen in training answers (a word-level model can write it). Drawn after the
+    # closed world's words, so a closed world is the same as before this option existed.
+    open_values: dict[str, Iterator[str]] = {}
+    if answers == "open":
+        taken = {w.lower() for w in given + family + place_root_words + org_root_words + regions}
+        for attribute, kind in (
+            ("profession", PERSON),
+            ("region", PLACE),
+            ("product", PLACE),
+            ("industry", ORGANISATION),
+        ):
+            side = math.ceil(math.sqrt(2 * counts[kind]))
+            words = _invented_words(rng, 2 * side, reserved | taken)
+            taken |= {w.lower() for w in words}
+            if attribute != "region":
+                words = [w.lower() for w in words]
+            open_values[attribute] = iter(
+                _distinct_pairs(rng, words[:side], words[side:], counts[kind])
+            )
     names = {
         PERSON: _distinct_pairs(rng, given, family, counts[PERSON]),
         PLACE: _distinct_pairs(rng, list(PLACE_PREFIXES), place_root_words, counts[PLACE]),
@@ -503,8 +512,8 @@ def generate_world(
             link = {"birthplace": pick(PLACE, split), "employer": pick(ORGANISATION, split)}
             if answers == "open":
                 fact = {
-                    "profession": next(open_values).lower(),
-                    "birth_year": str(int(rng.integers(1000, 2000))),
+                    "profession": next(open_values["profession"]),
+                    "birth_year": str(int(rng.integers(1800, 2000))),
                 }
             else:
                 fact = {
@@ -514,7 +523,10 @@ def generate_world(
         elif kind == PLACE:
             link = {}
             if answers == "open":
-                fact = {"region": next(open_values), "product": next(open_values).lower()}
+                fact = {
+                    "region": next(open_values["region"]),
+                    "product": next(open_values["product"]),
+                }
             else:
                 fact = {
                     "region": regions[rng.integers(len(regions))],
@@ -524,8 +536,8 @@ def generate_world(
             link = {"headquarters": pick(PLACE, split), "founder": pick(PERSON, split)}
             if answers == "open":
                 fact = {
-                    "industry": next(open_values).lower(),
-                    "founding_year": str(int(rng.integers(1000, 2000))),
+                    "industry": next(open_values["industry"]),
+                    "founding_year": str(int(rng.integers(1800, 2000))),
                 }
             else:
                 fact = {
