@@ -116,8 +116,10 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "teacher_stage", recorder("teacher_stage"))
     monkeypatch.setattr(compare, "coldstart_stage", recorder("coldstart_stage"))
     monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage", lambda a: a[1] == "seed1/opd"))
+    # The first run gets a relative workdir; the resume below runs from another directory.
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        run_compare(tiny_compare_config(workdir))
+        run_compare(tiny_compare_config("cmp"))
     first = list(calls)
     assert [c[0] for c in first].count("rl_stage") == 4
     stored = sorted(os.listdir(workdir / "stages"))
@@ -131,6 +133,8 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage"))
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
     result = run_compare(tiny_compare_config(workdir, resume=True))
     assert calls == [("rl_stage", "seed1/opd")]  # only the unfinished stage ran again
 

@@ -188,7 +188,9 @@ def run_compare(cfg) -> dict:
             record = _record(
                 cs["final_eval"],
                 time.time() - t,
-                checkpoint=cs["checkpoint"],
+                # absolute: a resume may start from another directory than a relative
+                # --config.workdir was given from
+                checkpoint=os.path.abspath(cs["checkpoint"]),
                 num_sequences=cs["num_sequences"],
             )
         else:
