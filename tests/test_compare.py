@@ -9,10 +9,11 @@ import re
 import numpy as np
 import pytest
 
-from dgpo_jax.config import ConfigError, load_config, validate
+from dgpo_jax.config import ConfigError, load_config, split_list, validate
 from dgpo_jax.errors import OutputExistsError
 from dgpo_jax.launch import compare
 from dgpo_jax.launch.compare import run_compare, summarize_comparison
+from dgpo_jax.models import get_preset
 
 T_975_1 = 12.706204736174698  # Student t, 97.5% quantile, 1 degree of freedom (tables)
 
@@ -178,3 +179,19 @@ def test_compare_settings_are_checked_by_name(tmp_path, field, value, message):
         ConfigError, match=re.escape(f"config.{field}: ") + ".*" + re.escape(message)
     ):
         validate(cfg)
+
+
+def test_gpu_quickstart_config_sizes():
+    """configs/quickstart_gpu.py loads and validates; its models have the sizes it states,
+    counted by hand: per layer q/o 512x512 (+ q bias 512), k/v 512x128 (+ 128 bias) each, the
+    MLP 3 x 512 x 1536, two norms of 512; tied embeddings of vocabulary x 512; a final norm."""
+    cfg, _ = load_config(["prog", "--config=quickstart_gpu"])
+    validate(cfg)
+    assert cfg.mode == "compare"
+    assert split_list(cfg.compare.methods) == ["dgpo", "ppo", "opd", "exopd", "kd"]
+    vocab = 1000
+    layer = 2 * 512 * 512 + 512 + 2 * (512 * 128 + 128) + 3 * 512 * 1536 + 2 * 512
+    for preset, layers in ((cfg.quickstart.teacher_preset, 8), (cfg.quickstart.student_preset, 4)):
+        config = get_preset(preset, vocab_size=vocab)
+        assert config.num_params() == vocab * 512 + layers * layer + 512
+    assert 20e6 < get_preset(cfg.quickstart.teacher_preset, vocab_size=vocab).num_params() < 30e6

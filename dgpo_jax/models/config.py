@@ -299,6 +299,17 @@ PRESETS["tiny-4l"] = PRESETS["tiny"].replace(num_hidden_layers=4, intermediate_s
 # 2026-11-22).
 PRESETS["quickstart-teacher"] = PRESETS["tiny-teacher"].replace(rope_theta=10_000.0)
 PRESETS["quickstart-student"] = PRESETS["quickstart-teacher"].replace(num_hidden_layers=2)
+# The GPU-sized quickstart's pair (configs/quickstart_gpu.py): tens of millions of parameters,
+# 64-dimensional heads, RoPE base 10^4 like the CPU pair; the student is the teacher's lower
+# half. With the word tokenizer's ~1000 tokens: about 25M and 13M parameters.
+PRESETS["quickstart-gpu-teacher"] = PRESETS["quickstart-teacher"].replace(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
+PRESETS["quickstart-gpu-student"] = PRESETS["quickstart-gpu-teacher"].replace(num_hidden_layers=4)
 
 
 def get_preset(name: str, **overrides) -> Qwen2Config:
