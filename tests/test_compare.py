@@ -82,6 +82,9 @@ def tiny_compare_config(workdir, **changes):
         "--config.quickstart.teacher_steps=60",
         "--config.quickstart.teacher_lr=3e-3",
         "--config.coldstart.max_questions=4",
+        # the teacher's self-check on training questions: 2 per data source, at most 2 cycles
+        "--config.quickstart.teacher_check_questions=2",
+        "--config.quickstart.teacher_max_rounds=2",
         "--config.coldstart.epochs=1",
         "--config.coldstart.batch_size=4",
         "--config.quickstart.rl_steps=1",
@@ -154,6 +157,15 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
         assert 0.0 <= d["p_value"] <= 1.0 and d["ci_low"] <= d["diff"] <= d["ci_high"]
         assert d["n"] == 2 * 2 * 4  # seeds x data sources x eval.max_examples
     assert result["methods"] == on_disk["methods"]
+    # The teacher stage stopped at the first cycle whose training-question EM reached the
+    # threshold, or after teacher_max_rounds cycles of 60 steps each.
+    threshold = tiny_compare_config(workdir).quickstart.teacher_min_train_em
+    assert threshold == 0.9  # configs/compare.py's choice
+    for seed in ("0", "1"):
+        rounds = on_disk["teacher_rounds"][seed]["rounds"]
+        assert [r["steps"] for r in rounds] == [60 * (i + 1) for i in range(len(rounds))]
+        assert all(r["train_em"] < threshold for r in rounds[:-1])
+        assert rounds[-1]["train_em"] >= threshold or len(rounds) == 2
     assert "| opd |" in (workdir / "compare.md").read_text()
     assert (workdir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
