@@ -1,7 +1,7 @@
 """The quickstart's teacher over seeds: its EM on training and on held-out questions after each
 cosine cycle of ``quickstart.teacher_steps`` steps.
 
-    python benchmarks/teacher_seeds.py --quick            # 2 seeds, tiny world, < 1 minute
+    python benchmarks/teacher_seeds.py --quick            # 2 seeds, tiny world, 1-2 minutes
     python benchmarks/teacher_seeds.py                    # seeds 0-4, 3 cycles, the quickstart's sizes
     python benchmarks/teacher_seeds.py --seeds 0,7 --rounds 2
 
@@ -114,7 +114,7 @@ def one_seed(seed: int, rounds: int, workdir: str, overrides: list[str]) -> list
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 seeds, tiny world, < 1 minute on CPU")
+    p.add_argument("--quick", action="store_true", help="2 seeds, tiny world, 1-2 minutes on CPU")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2,3,4)")
     p.add_argument("--rounds", type=int, default=None, help="cosine cycles (default 3)")
     p.add_argument("--workdir", default=None, help="default: a temporary directory")

@@ -230,7 +230,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.quickstart = ml_collections.ConfigDict()  # mode=quickstart (dgpo_jax.launch.quickstart)
     c.quickstart.num_entities = 1000  # size of the synthetic world
     # "closed": attribute values from short lists (a type's most frequent answer covers up to
-    # ~15% of its questions); "open": values that do not repeat (dgpo_jax.data.synthetic).
+    # ~20% of its questions); "open": values that do not repeat (dgpo_jax.data.synthetic).
     c.quickstart.answers = "closed"
     c.quickstart.prompt_template = ""  # "" = data.prompt_template
     c.quickstart.teacher_preset = "quickstart-teacher"  # dgpo_jax.models.PRESETS names

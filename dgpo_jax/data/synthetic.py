@@ -167,8 +167,9 @@ _ONSETS = (
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "n", "r", "l", "s")
 
-# (question type, template, attribute) per entity kind; the answer is the subject's attribute.
+# How attribute values are drawn (`generate_world`'s ``answers``).
 ANSWER_CLASSES = ("closed", "open")
+# (question type, template, attribute) per entity kind; the answer is the subject's attribute.
 SINGLE_HOP = {
     PERSON: (
         ("person_birthplace", "where was {name} born?", "birthplace"),
