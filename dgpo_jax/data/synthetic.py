@@ -505,46 +505,35 @@ def generate_world(
         candidates = members[(kind, split)]
         return candidates[rng.integers(len(candidates))]
 
+    closed_values = {
+        "profession": PROFESSIONS,
+        "region": regions,
+        "product": PRODUCTS,
+        "industry": INDUSTRIES,
+    }
+
+    def value(attribute: str) -> str:
+        if answers == "open":
+            return next(open_values[attribute])
+        choices = closed_values[attribute]
+        return choices[rng.integers(len(choices))]
+
+    def year(closed_from: int) -> str:
+        return str(int(rng.integers(1800 if answers == "open" else closed_from, 2000)))
+
     links: list[dict] = []
     facts: list[dict] = []
     for index, kind in enumerate(kinds):
         split = splits[index]
         if kind == PERSON:
             link = {"birthplace": pick(PLACE, split), "employer": pick(ORGANISATION, split)}
-            if answers == "open":
-                fact = {
-                    "profession": next(open_values["profession"]),
-                    "birth_year": str(int(rng.integers(1800, 2000))),
-                }
-            else:
-                fact = {
-                    "profession": PROFESSIONS[rng.integers(len(PROFESSIONS))],
-                    "birth_year": str(int(rng.integers(1920, 2000))),
-                }
+            fact = {"profession": value("profession"), "birth_year": year(1920)}
         elif kind == PLACE:
             link = {}
-            if answers == "open":
-                fact = {
-                    "region": next(open_values["region"]),
-                    "product": next(open_values["product"]),
-                }
-            else:
-                fact = {
-                    "region": regions[rng.integers(len(regions))],
-                    "product": PRODUCTS[rng.integers(len(PRODUCTS))],
-                }
+            fact = {"region": value("region"), "product": value("product")}
         else:
             link = {"headquarters": pick(PLACE, split), "founder": pick(PERSON, split)}
-            if answers == "open":
-                fact = {
-                    "industry": next(open_values["industry"]),
-                    "founding_year": str(int(rng.integers(1800, 2000))),
-                }
-            else:
-                fact = {
-                    "industry": INDUSTRIES[rng.integers(len(INDUSTRIES))],
-                    "founding_year": str(int(rng.integers(1850, 2000))),
-                }
+            fact = {"industry": value("industry"), "founding_year": year(1850)}
         links.append(link)
         facts.append(fact)
     entities = tuple(
