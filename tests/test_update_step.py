@@ -662,3 +662,69 @@ def test_compile_ahead_of_time_on_a_mesh_then_run_that_program(models):
     assert len(BACKEND_COMPILES) > n  # (the listener does see compiles)
     for k in ("loss", "grad_norm", "kl_loss", "entropy"):
         np.testing.assert_allclose(float(metrics[k]), float(want[k]), rtol=1e-6, err_msg=k)
+
+
+def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):
+    """A rollout batch as ``score_rollout`` lays it out (a left-padded prompt block, then a
+    right-padded response block, then the rollout buffer's spare columns) and the same batch
+    after ``right_align`` + ``fit_width`` (what ``train.pack=False`` trains on): the same
+    DGPO step (critic values computed in the program, GAE, whitening), in fewer columns. And the helpers on a hand example."""
+    from dgpo_jax.learner.batches import fit_width, right_align, width_buckets
+
+    m = np.array([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    ids = (np.arange(18).reshape(3, 6) + 1) * m
+    hand = right_align({"input_ids": ids, "attention_mask": m, "rewards": np.ones(3)})
+    np.testing.assert_array_equal(
+        hand["input_ids"], [[3, 4, 5, 0, 0, 0], [7, 8, 9, 10, 0, 0], [0] * 6]
+    )
+    np.testing.assert_array_equal(
+        hand["attention_mask"], [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6]
+    )
+    assert fit_width(hand, (2, 4, 6))["input_ids"].shape == (3, 4)
+    assert fit_width(hand, (2, 3))["input_ids"].shape == (
+        3,
+        64,
+    )  # past the buckets: a multiple of 64
+    assert width_buckets(320, 4) == (128, 192, 256, 320)
+    assert width_buckets(300, 0) == (320,)
+
+    sc, sp, tc, tp = models
+    r = np.random.default_rng(3)
+    prompt_len, resp_len = np.array([3, 5, 2, 4]), np.array([6, 3, 7, 0])  # row 3: no response
+    p_width, r_width, spare = 5, 8, 7
+    width = p_width + r_width + spare
+    ids = np.zeros((B, width), np.int32)
+    am = np.zeros((B, width), np.int32)
+    lm = np.zeros((B, width), np.float32)
+    for i in range(B):
+        a = p_width - prompt_len[i]
+        ids[i, a:p_width] = r.integers(1, V, prompt_len[i])
+        am[i, a:p_width] = 1
+        ids[i, p_width : p_width + resp_len[i]] = r.integers(1, V, resp_len[i])
+        am[i, p_width : p_width + resp_len[i]] = 1
+        lm[i, p_width : p_width + resp_len[i]] = 1
+    lm[0, p_width + 2 : p_width + 4] = 0  # an observation
+    full = dict(
+        input_ids=ids,
+        attention_mask=am,
+        loss_mask=lm,
+        old_logprobs=token_logprobs(sc, sp, ids, am) * lm,
+        teacher_logprobs=token_logprobs(tc, tp, ids, am) * lm,
+        rewards=np.array([0.0, 1.0, 0.0, 0.0], np.float32),
+    )
+    cut = fit_width(right_align(full), (8, 10, 20))  # the longest row: 2 + 7
+    assert cut["input_ids"].shape == (B, 10)
+    assert cut["attention_mask"].sum() == am.sum() and cut["loss_mask"].sum() == lm.sum()
+    cfg = get_objective("dgpo", beta=0.5, critic="value_head")
+    step = make_update_step(cfg, sc, None, optimizer=optax.sgd(0.5), compiler_options=FAST)
+    outs = []
+    for batch in (full, cut):
+        state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+        new, metrics = step(state, batch)
+        outs.append((jax.device_get(new.params), jax.device_get(metrics)))
+    (p_full, m_full), (p_cut, m_cut) = outs
+    for k in ("loss", "policy_loss", "value_loss", "token_reward_mean", "grad_norm"):
+        np.testing.assert_allclose(m_cut[k], m_full[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # float32 sums in another order; the step itself moves the weights by far more
+    assert max_abs_diff(p_cut, p_full) < 1e-5
+    assert max_abs_diff(p_full["policy"], sp) > 1e-2

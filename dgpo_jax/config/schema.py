@@ -163,6 +163,11 @@ def base_config() -> ml_collections.ConfigDict:
     # whole run and the work follows the real tokens. False: one trajectory per row, padded.
     c.train.pack = True
     c.train.pack_width = 0  # positions per packed row; 0 = sampler.cache_len (rounded up to 64)
+    # pack=False: each update batch is cut to the smallest of this many widths (1/n, 2/n, ...,
+    # n/n of the context, rounded up to 64) that holds its longest trajectory, after moving each
+    # row's prompt padding to its end: the passes follow the real length, and a run compiles its
+    # update for at most this many widths. 0 or 1: always the full context width.
+    c.train.width_buckets = 4
     # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
     # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.
     c.train.score_micro_batch_size = 0

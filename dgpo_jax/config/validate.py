@@ -196,7 +196,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 1, field, f"must be an int >= 1, got {value!r}")
-    for field in ("train.val_every", "train.score_micro_batch_size", "train.pack_width"):
+    for field in (
+        "train.val_every",
+        "train.score_micro_batch_size",
+        "train.pack_width",
+        "train.width_buckets",
+    ):
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 0, field, f"must be an int >= 0, got {value!r}")

@@ -47,11 +47,14 @@ from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import (
     SEQ_MULTIPLE,
     ScoredRollouts,
+    fit_width,
     micro_batches,
     pad_batch_to,
     pad_rows_to,
     resolve_micro_batches,
+    right_align,
     score_rollout,
+    width_buckets,
 )
 from dgpo_jax.learner.packing import WIDTH_MULTIPLE, pack_for_update, take_trajectories
 from dgpo_jax.learner.scoring import sequence_logprobs
@@ -110,6 +113,7 @@ def run_train(cfg) -> dict:
                 cfg.model.reference,
             )
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
+    widths = width_buckets(cfg.sampler.cache_len, cfg.train.width_buckets)
     # Every process holds the same global batch (dgpo_jax.parallel.distributed); shard_batch places it.
     data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
@@ -290,7 +294,10 @@ def run_train(cfg) -> dict:
                 validate_if_due(step, metrics)
                 logger.write(step + 1, metrics)
                 continue
-            batch = pad_batch_to(batch, SEQ_MULTIPLE)
+            if cfg.train.pack:
+                batch = pad_batch_to(batch, SEQ_MULTIPLE)
+            else:  # one trajectory per row: no pass runs over the rollout buffer's padding
+                batch = fit_width(right_align(batch), widths)
             if objective.divergence == "taid":
                 batch["taid_t"] = np.float32(extra["taid_t"])
             scoring = {

@@ -121,6 +121,57 @@ def trim_to_bucket(batch: dict[str, np.ndarray], multiple: int = 64) -> dict[str
     return {k: (v[:, :width] if np.ndim(v) == 2 else v) for k, v in batch.items()}
 
 
+def right_align(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each row's tokens moved left by its leading padding (a rollout batch is a left-padded
+    prompt block followed by a right-padded response block), so every row starts at column 0
+    and ends at its length; every per-token field moves with its row. The model reads the same
+    sequences: RoPE positions count a row's real tokens (``positions_from_mask``) and causal
+    attention skips padding wherever it is. A row of padding stays as it is."""
+    mask = np.asarray(batch["attention_mask"])
+    lead = np.where(mask.any(1), mask.argmax(1), 0)
+    if not lead.any():
+        return batch
+    t = mask.shape[1]
+    cols = np.arange(t)[None] + lead[:, None]
+    inside = cols < t
+    cols = np.minimum(cols, t - 1)
+    out = {}
+    for k, v in batch.items():
+        if np.ndim(v) == 2:
+            moved = np.take_along_axis(np.asarray(v), cols, axis=1)
+            out[k] = np.where(inside, moved, np.zeros((), moved.dtype))
+        else:
+            out[k] = v
+    return out
+
+
+def width_buckets(full_width: int, count: int, multiple: int = SEQ_MULTIPLE) -> tuple[int, ...]:
+    """The widths an update batch is cut to: ``count`` evenly spaced fractions of
+    ``full_width`` (1/count, 2/count, ..., 1), each rounded up to ``multiple``; so a run
+    compiles its update (and scoring) programs for at most ``count`` widths. ``count`` 0 or 1:
+    the full width only."""
+    up = lambda w: -(-int(w) // multiple) * multiple
+    if count <= 1:
+        return (up(full_width),)
+    return tuple(sorted({up(-(-full_width * i // count)) for i in range(1, count + 1)}))
+
+
+def fit_width(batch: dict[str, np.ndarray], widths: Sequence[int]) -> dict[str, np.ndarray]:
+    """The time axis cut (or right-padded) to the smallest of ``widths`` that holds every row's
+    last real token (no real token is dropped); past the largest, to a multiple of
+    ``SEQ_MULTIPLE``. Use after ``right_align`` so that the cut follows the longest row."""
+    mask = np.asarray(batch["attention_mask"])
+    t = mask.shape[1]
+    real = mask.any(0)
+    needed = int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1
+    fits = [w for w in sorted(widths) if w >= needed]
+    width = fits[0] if fits else needed + (-needed) % SEQ_MULTIPLE
+    if width <= t:
+        return {k: (v[:, :width] if np.ndim(v) == 2 else v) for k, v in batch.items()}
+    pad = width - t
+    return {k: (np.pad(v, ((0, 0), (0, pad))) if np.ndim(v) == 2 else v) for k, v in batch.items()}
+
+
 def pad_rows_to(batch: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
     """Append all-zero rows (no attention, no loss token, reward 0) up to a multiple of
     ``multiple`` rows, so that no row is dropped to fill whole micro-batches; the padded rows

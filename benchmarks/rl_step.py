@@ -1,0 +1,139 @@
+"""Seconds per RL step of the quickstart's DGPO stage (rollout, scoring, fused update), with the
+update-batch settings of this project against the earlier ones, side by side in one run.
+
+    python benchmarks/rl_step.py --workdir runs/quickstart    # after the quickstart: its teacher
+                                                              # and KD cold start, 20 steps each
+    python benchmarks/rl_step.py --quick                      # < 1 minute: random-weight models
+                                                              # on a small world, 3 steps each
+
+Each variant is the launcher's ``mode=train`` (``rl_stage``: the quickstart's RL sizes, 32
+rollouts a step, one update a step) from the same student, teacher, world and seed, in its own
+directory, on the same questions; the seconds come from its ``metrics.jsonl`` (``step_seconds``:
+the whole step; ``update_seconds``: the scoring passes and the update). The first step (the
+compiles of the rollout and the first update) is reported apart; ``median_*`` are over the
+later steps (a new batch width compiles the update once more: see ``compiled_widths``).
+
+Variants:
+  ``full_width``: the update batch is the rollout buffer as it comes (a left-padded prompt
+      block plus the whole response buffer: ``sampler.cache_len`` columns; the setting before
+      2026-12-03, ``train.width_buckets=0``).
+  ``width_buckets``: each row's prompt padding moved to its end and the batch cut to the
+      smallest of ``train.width_buckets`` widths that holds its longest trajectory (default).
+
+With random-weight models (``--quick``) the rollouts run to their budgets, so the cut is small:
+the figures that matter come from a trained quickstart run. The last stdout line is one JSON
+object with the machine, per variant the seconds and widths, and ``speedup`` = full_width's
+median step / width_buckets'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from attention import machine  # noqa: E402 (benchmarks/attention.py, beside this file)
+
+from dgpo_jax.config import load_config  # noqa: E402
+from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # noqa: E402
+
+VARIANTS = {
+    "full_width": {"train.width_buckets": 0},
+    "width_buckets": {},
+}
+QUICK = [
+    "--config.quickstart.num_entities=100",
+    "--config.quickstart.rl_batch_size=16",
+    "--config.sampler.decode_path=accelerator",  # compiles faster than the CPU path
+]
+
+
+def summarise(workdir: str) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [r for r in rows if "step_seconds" in r]
+    later = steps[1:] or steps
+    med = lambda key: round(float(np.median([r[key] for r in later])), 3)
+    return {
+        "steps": len(steps),
+        "first_step_s": round(steps[0]["step_seconds"], 2),
+        "median_step_s": med("step_seconds"),
+        "median_update_s": med("update_seconds"),
+        "median_rollout_s": round(
+            float(np.median([r["step_seconds"] - r["update_seconds"] for r in later])), 3
+        ),
+        "mean_step_s_after_first": round(float(np.mean([r["step_seconds"] for r in later])), 3),
+        "padded_positions_per_real_token": round(
+            float(np.mean([r["padded_positions_per_real_token"] for r in steps])), 3
+        ),
+        "total_s": round(sum(r["step_seconds"] for r in steps), 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="random-weight models, < 1 minute")
+    p.add_argument("--workdir", default=None, help="a finished quickstart run (its teacher/, ...)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per variant (default 20)")
+    args = p.parse_args()
+    steps = args.steps or (3 if args.quick else 20)
+    if args.quick:
+        workdir, student, teacher = tempfile.mkdtemp(prefix="rl-step-"), None, None
+    else:
+        if not args.workdir:
+            p.error("--workdir (a finished quickstart run) or --quick is required")
+        workdir = os.path.abspath(args.workdir)
+        student = os.path.join(workdir, "coldstart", "student_coldstart")
+        teacher = os.path.join(workdir, "teacher")
+        for path in (student, teacher):
+            if not os.path.isdir(path):
+                p.error(f"{path} is missing: run the quickstart into --workdir first")
+    cfg, _ = load_config(
+        [
+            "prog",
+            "--config=quickstart",
+            f"--config.workdir={workdir}",
+            "--config.logging.progress=False",
+            "--config.logging.tensorboard=False",
+            f"--config.quickstart.rl_steps={steps}",
+            *(QUICK if args.quick else []),
+        ]
+    )
+    prep = prepare_world(cfg)  # the run's world, tokenizer and index (reused when present)
+    base = prep.base
+    with base.unlocked():
+        base.eval.at_end = False
+    if args.quick:
+        student = f"preset:{base.quickstart.student_preset}"
+        teacher = os.path.join(workdir, "random_teacher")
+        from dgpo_jax.checkpoint.params import save_params_checkpoint  # noqa: PLC0415
+        from dgpo_jax.launch.context import load_model  # noqa: PLC0415
+
+        config, params = load_model(
+            f"preset:{base.quickstart.teacher_preset}", "float32", len(prep.tokenizer), seed=1
+        )
+        save_params_checkpoint(config, params, teacher)
+    out = {"machine": machine(), "steps": steps, "variants": {}}
+    for name, changes in VARIANTS.items():
+        c = stage_config(base, f"bench_rl_{name}", **changes)
+        print(f"--- {name}: {steps} DGPO steps", flush=True)
+        rl_stage(c, ".", "dgpo", student, teacher, base.seed)
+        out["variants"][name] = dict(summarise(c.workdir), settings=changes)
+        print(json.dumps({name: out["variants"][name]}), flush=True)
+    v = out["variants"]
+    out["speedup"] = round(
+        v["full_width"]["median_step_s"] / v["width_buckets"]["median_step_s"], 2
+    )
+    out["update_speedup"] = round(
+        v["full_width"]["median_update_s"] / v["width_buckets"]["median_update_s"], 2
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
