@@ -13,17 +13,18 @@ the whole step; ``update_seconds``: the scoring passes and the update). The firs
 compiles of the rollout and the first update) is reported apart; ``median_*`` are over the
 later steps (a new batch width compiles the update once more: see ``compiled_widths``).
 
-Variants:
-  ``full_width``: the update batch is the rollout buffer as it comes (a left-padded prompt
-      block plus the whole response buffer: ``sampler.cache_len`` columns; the setting before
-      2026-12-03, ``train.width_buckets=0``).
+Variants, each in a fresh process (its own compiles):
+  ``before``: the settings before 2026-12-03: the update batch is the rollout buffer as it
+      comes (a left-padded prompt block plus the whole response buffer, ``sampler.cache_len``
+      columns: ``train.width_buckets=0``) and the layer scan (``train.unroll_layers=off``).
   ``width_buckets``: each row's prompt padding moved to its end and the batch cut to the
-      smallest of ``train.width_buckets`` widths that holds its longest trajectory (default).
+      smallest of ``train.width_buckets`` widths that holds its longest trajectory.
+  ``unrolled_layers``: and the layers unrolled in the update (the defaults on CPU).
 
 With random-weight models (``--quick``) the rollouts run to their budgets, so the cut is small:
 the figures that matter come from a trained quickstart run. The last stdout line is one JSON
-object with the machine, per variant the seconds and widths, and ``speedup`` = full_width's
-median step / width_buckets'.
+object with the machine, per variant the seconds and padding, and ``speedup`` /
+``update_speedup`` = before's median step (update) seconds / the defaults'.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -43,9 +45,10 @@ from attention import machine  # noqa: E402 (benchmarks/attention.py, beside thi
 from dgpo_jax.config import load_config  # noqa: E402
 from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # noqa: E402
 
-VARIANTS = {
-    "full_width": {"train.width_buckets": 0},
-    "width_buckets": {},
+VARIANTS = {  # before 2026-12-03, then each change of that day added
+    "before": {"train.width_buckets": 0, "train.unroll_layers": "off"},
+    "width_buckets": {"train.unroll_layers": "off"},
+    "unrolled_layers": {},
 }
 QUICK = [
     "--config.quickstart.num_entities=100",
@@ -80,10 +83,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="random-weight models, < 1 minute")
     p.add_argument("--workdir", default=None, help="a finished quickstart run (its teacher/, ...)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per variant (default 20)")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one variant, this process
     args = p.parse_args()
     steps = args.steps or (3 if args.quick else 20)
     if args.quick:
-        workdir, student, teacher = tempfile.mkdtemp(prefix="rl-step-"), None, None
+        workdir = args.workdir or tempfile.mkdtemp(prefix="rl-step-")
+        student = teacher = None
     else:
         if not args.workdir:
             p.error("--workdir (a finished quickstart run) or --quick is required")
@@ -111,6 +116,13 @@ def main() -> None:
     if args.quick:
         student = f"preset:{base.quickstart.student_preset}"
         teacher = os.path.join(workdir, "random_teacher")
+    if args.variant:
+        name, changes = args.variant, VARIANTS[args.variant]
+        c = stage_config(base, f"bench_rl_{name}", **changes)
+        rl_stage(c, ".", "dgpo", student, teacher, base.seed)
+        print(json.dumps(dict(summarise(c.workdir), settings=changes)))
+        return
+    if args.quick:
         from dgpo_jax.checkpoint.params import save_params_checkpoint  # noqa: PLC0415
         from dgpo_jax.launch.context import load_model  # noqa: PLC0415
 
@@ -119,19 +131,16 @@ def main() -> None:
         )
         save_params_checkpoint(config, params, teacher)
     out = {"machine": machine(), "steps": steps, "variants": {}}
-    for name, changes in VARIANTS.items():
-        c = stage_config(base, f"bench_rl_{name}", **changes)
+    for name in VARIANTS:
         print(f"--- {name}: {steps} DGPO steps", flush=True)
-        rl_stage(c, ".", "dgpo", student, teacher, base.seed)
-        out["variants"][name] = dict(summarise(c.workdir), settings=changes)
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name, "--steps", str(steps)]
+        cmd += ["--quick", "--workdir", workdir] if args.quick else ["--workdir", workdir]
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        out["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps({name: out["variants"][name]}), flush=True)
-    v = out["variants"]
-    out["speedup"] = round(
-        v["full_width"]["median_step_s"] / v["width_buckets"]["median_step_s"], 2
-    )
-    out["update_speedup"] = round(
-        v["full_width"]["median_update_s"] / v["width_buckets"]["median_update_s"], 2
-    )
+    v, last = out["variants"], list(VARIANTS)[-1]
+    for key, field in (("speedup", "median_step_s"), ("update_speedup", "median_update_s")):
+        out[key] = round(v["before"][field] / v[last][field], 2)
     print(json.dumps(out))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from dgpo_jax.learner.batches import fit_width, right_align, width_buckets
 from dgpo_jax.learner.optim import OptimConfig
 from dgpo_jax.learner.update_step import (
     abstract_update_state,
@@ -668,9 +669,8 @@ def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):
     """A rollout batch as ``score_rollout`` lays it out (a left-padded prompt block, then a
     right-padded response block, then the rollout buffer's spare columns) and the same batch
     after ``right_align`` + ``fit_width`` (what ``train.pack=False`` trains on): the same
-    DGPO step (critic values computed in the program, GAE, whitening), in fewer columns. And the helpers on a hand example."""
-    from dgpo_jax.learner.batches import fit_width, right_align, width_buckets
-
+    DGPO step (critic values computed in the program, GAE, whitening), in fewer columns. And
+    the helpers on a hand example."""
     m = np.array([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
     ids = (np.arange(18).reshape(3, 6) + 1) * m
     hand = right_align({"input_ids": ids, "attention_mask": m, "rewards": np.ones(3)})
@@ -728,3 +728,36 @@ def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):
     # float32 sums in another order; the step itself moves the weights by far more
     assert max_abs_diff(p_cut, p_full) < 1e-5
     assert max_abs_diff(p_full["policy"], sp) > 1e-2
+
+
+def test_unrolled_layers_give_the_stacked_step(models):
+    """``unroll_layers`` (the CPU default) against the layer scan (GPU/TPU): the same DGPO step
+    with a separate critic, the teacher forward in the program and two micro-batches, and the
+    gradient lands on the stacked parameters."""
+    sc, sp, tc, tp = models
+    sc2 = sc.replace(num_hidden_layers=2)
+    sp2 = random_params(sc2, 4)
+    cfg = get_objective("dgpo", beta=0.5)
+    batch = select(make_batch(models), cfg, True, drop=("teacher_logprobs", "values"))
+    outs = []
+    for unroll in (False, True):
+        step = make_update_step(
+            cfg,
+            sc2,
+            tc,
+            optimizer=optax.sgd(0.5),
+            micro_batches=2,
+            compiler_options=FAST,
+            unroll_layers=unroll,
+        )
+        assert step.unroll_layers is unroll
+        state = create_update_state(cfg, copy_params(sp2), step.tx, 0)
+        new, metrics = step(state, batch, tp)
+        outs.append((jax.device_get(new.params), jax.device_get(metrics)))
+    (p_scan, m_scan), (p_unrolled, m_unrolled) = outs
+    for k in ("loss", "policy_loss", "value_loss", "grad_norm_policy", "grad_norm_critic"):
+        np.testing.assert_allclose(m_unrolled[k], m_scan[k], rtol=1e-5, err_msg=k)
+    assert jax.tree.structure(p_unrolled) == jax.tree.structure(p_scan)
+    assert max_abs_diff(p_unrolled, p_scan) < 1e-5
+    assert max_abs_diff(p_scan["policy"], sp2) > 1e-2
+    assert make_update_step(cfg, sc2, tc).unroll_layers  # auto: this is a CPU process
