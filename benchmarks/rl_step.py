@@ -14,12 +14,11 @@ compiles of the rollout and the first update) is reported apart; ``median_*`` ar
 later steps (a new batch width compiles the update once more: see ``compiled_widths``).
 
 Variants, each in a fresh process (its own compiles):
-  ``before``: the settings before 2026-12-03: the update batch is the rollout buffer as it
+  ``before``: the setting before 2026-12-03: the update batch is the rollout buffer as it
       comes (a left-padded prompt block plus the whole response buffer, ``sampler.cache_len``
-      columns: ``train.width_buckets=0``) and the layer scan (``train.unroll_layers=off``).
+      columns: ``train.width_buckets=0``).
   ``width_buckets``: each row's prompt padding moved to its end and the batch cut to the
-      smallest of ``train.width_buckets`` widths that holds its longest trajectory.
-  ``unrolled_layers``: and the layers unrolled in the update (the defaults on CPU).
+      smallest of ``train.width_buckets`` widths that holds its longest trajectory (default).
 
 With random-weight models (``--quick``) the rollouts run to their budgets, so the cut is small:
 the figures that matter come from a trained quickstart run. The last stdout line is one JSON
@@ -45,11 +44,7 @@ from attention import machine  # noqa: E402 (benchmarks/attention.py, beside thi
 from dgpo_jax.config import load_config  # noqa: E402
 from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # noqa: E402
 
-VARIANTS = {  # before 2026-12-03, then each change of that day added
-    "before": {"train.width_buckets": 0, "train.unroll_layers": "off"},
-    "width_buckets": {"train.unroll_layers": "off"},
-    "unrolled_layers": {},
-}
+VARIANTS = {"before": {"train.width_buckets": 0}, "width_buckets": {}}
 QUICK = [
     "--config.quickstart.num_entities=100",
     "--config.quickstart.rl_batch_size=16",

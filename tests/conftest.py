@@ -3,6 +3,7 @@ tiny reference models."""
 
 import atexit
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -116,3 +117,41 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# Opt-in: DGPO_TEST_COMPILE_REPORT=FILE.json writes, per test, the seconds this process spent
+# tracing, lowering to MLIR and compiling XLA programs, and the number of backend compiles (the
+# suite is compile-bound: docs/design.md, 2026-12-03). Launcher subprocesses are not counted.
+_COMPILE_REPORT = os.environ.get("DGPO_TEST_COMPILE_REPORT")
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",
+}
+_compile_totals: dict[str, dict[str, float]] = {}
+_current_test = ["(outside tests)"]
+
+if _COMPILE_REPORT:
+
+    def _on_duration(event, duration, **_):
+        key = _COMPILE_EVENTS.get(event)
+        if key is not None:
+            row = _compile_totals.setdefault(_current_test[0], {})
+            row[key] = row.get(key, 0.0) + duration
+            if key == "compile_s":
+                row["compiles"] = row.get("compiles", 0) + 1
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _current_test[0] = item.nodeid
+        try:
+            return (yield)
+        finally:
+            _current_test[0] = "(outside tests)"
+
+    def pytest_sessionfinish(session, exitstatus):
+        rows = sorted(_compile_totals.items(), key=lambda kv: -kv[1].get("compile_s", 0.0))
+        with open(_COMPILE_REPORT, "w") as f:
+            json.dump({k: {n: round(v, 2) for n, v in r.items()} for k, r in rows}, f, indent=1)

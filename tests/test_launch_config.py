@@ -95,11 +95,6 @@ def _valid(tmp_path):
         ("train.score_micro_batch_size", -1, "config.train.score_micro_batch_size: must be an int"),
         ("train.pack_width", 8, "config.train.pack_width: 8 is shorter than sampler.cache_len"),
         ("train.width_buckets", -1, "config.train.width_buckets: must be an int >= 0, got -1"),
-        (
-            "train.unroll_layers",
-            "yes",
-            "config.train.unroll_layers: 'yes': expected one of ('auto', 'on', 'off')",
-        ),
     ],
 )
 def test_validate_names_the_field(tmp_path, field, value, message):

@@ -728,36 +728,3 @@ def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):
     # float32 sums in another order; the step itself moves the weights by far more
     assert max_abs_diff(p_cut, p_full) < 1e-5
     assert max_abs_diff(p_full["policy"], sp) > 1e-2
-
-
-def test_unrolled_layers_give_the_stacked_step(models):
-    """``unroll_layers`` (the CPU default) against the layer scan (GPU/TPU): the same DGPO step
-    with a separate critic, the teacher forward in the program and two micro-batches, and the
-    gradient lands on the stacked parameters."""
-    sc, sp, tc, tp = models
-    sc2 = sc.replace(num_hidden_layers=2)
-    sp2 = random_params(sc2, 4)
-    cfg = get_objective("dgpo", beta=0.5)
-    batch = select(make_batch(models), cfg, True, drop=("teacher_logprobs", "values"))
-    outs = []
-    for unroll in (False, True):
-        step = make_update_step(
-            cfg,
-            sc2,
-            tc,
-            optimizer=optax.sgd(0.5),
-            micro_batches=2,
-            compiler_options=FAST,
-            unroll_layers=unroll,
-        )
-        assert step.unroll_layers is unroll
-        state = create_update_state(cfg, copy_params(sp2), step.tx, 0)
-        new, metrics = step(state, batch, tp)
-        outs.append((jax.device_get(new.params), jax.device_get(metrics)))
-    (p_scan, m_scan), (p_unrolled, m_unrolled) = outs
-    for k in ("loss", "policy_loss", "value_loss", "grad_norm_policy", "grad_norm_critic"):
-        np.testing.assert_allclose(m_unrolled[k], m_scan[k], rtol=1e-5, err_msg=k)
-    assert jax.tree.structure(p_unrolled) == jax.tree.structure(p_scan)
-    assert max_abs_diff(p_unrolled, p_scan) < 1e-5
-    assert max_abs_diff(p_scan["policy"], sp2) > 1e-2
-    assert make_update_step(cfg, sc2, tc).unroll_layers  # auto: this is a CPU process

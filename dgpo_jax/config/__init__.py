@@ -7,13 +7,7 @@ builders of the objects it configures, validation, and ``--config`` resolution.
 - `dgpo_jax.config.resolve`: packaged config names, override checking, ``load_config``.
 """
 
-from dgpo_jax.config.build import (
-    build_curriculum,
-    build_objective,
-    optim_config,
-    sampler_config,
-    unroll_layers,
-)
+from dgpo_jax.config.build import build_curriculum, build_objective, optim_config, sampler_config
 from dgpo_jax.config.resolve import (
     available_configs,
     check_override_keys,

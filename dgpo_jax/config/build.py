@@ -89,11 +89,3 @@ def optim_config(
         weight_decay=o.weight_decay,
         grad_clip=o.grad_clip,
     )
-
-
-UNROLL_LAYERS = {"auto": None, "on": True, "off": False}
-
-
-def unroll_layers(cfg: ml_collections.ConfigDict) -> bool | None:
-    """``train.unroll_layers`` as ``make_update_step`` takes it (None: by backend)."""
-    return UNROLL_LAYERS[cfg.train.unroll_layers]

@@ -168,9 +168,6 @@ def base_config() -> ml_collections.ConfigDict:
     # row's prompt padding to its end: the passes follow the real length, and a run compiles its
     # update for at most this many widths. 0 or 1: always the full context width.
     c.train.width_buckets = 4
-    # The update's model passes: layers unrolled (on) or the layer scan (off); auto: unrolled on
-    # CPU (XLA:CPU runs the scan's backward slower), the scan on GPU/TPU (one compiled layer).
-    c.train.unroll_layers = "auto"
     # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
     # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.
     c.train.score_micro_batch_size = 0

@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from dgpo_jax.config.build import UNROLL_LAYERS, build_curriculum, build_objective
+from dgpo_jax.config.build import build_curriculum, build_objective
 from dgpo_jax.config.schema import MODES, ConfigError, parse_rules, split_list
 from dgpo_jax.data.prompts import TRUNCATION_MODES
 from dgpo_jax.data.synthetic import ANSWER_CLASSES
@@ -111,11 +111,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for field, choices in (("decode_path", DECODE_PATHS), ("host_calls", HOST_CALLS)):
         value = cfg.sampler[field]
         need(value in choices, f"sampler.{field}", f"{value!r}: expected one of {choices}")
-    need(
-        cfg.train.unroll_layers in UNROLL_LAYERS,
-        "train.unroll_layers",
-        f"{cfg.train.unroll_layers!r}: expected one of {tuple(UNROLL_LAYERS)}",
-    )
     need(
         0.0 <= cfg.sampler.wave_fraction <= 1.0,
         "sampler.wave_fraction",

@@ -12,7 +12,7 @@ import numpy as np
 from etils import epath
 
 from dgpo_jax.checkpoint.params import save_params_checkpoint
-from dgpo_jax.config import build_objective, optim_config, split_list, unroll_layers
+from dgpo_jax.config import build_objective, optim_config, split_list
 from dgpo_jax.data.search_r1 import read_question_files
 from dgpo_jax.errors import NothingToTrainError
 from dgpo_jax.evaluation.evaluate import rollout_records
@@ -119,7 +119,6 @@ def kd_train(
         micro_batches=micro,
         plan=run.plan,
         compute_dtype=run.compute_dtype,
-        unroll_layers=unroll_layers(cfg),
     )
     # Packed: every step has the shape [batch_size, the longest sequence]: one program.
     width = pack_width(trajectory_lengths(seqs["attention_mask"]))

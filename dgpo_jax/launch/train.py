@@ -28,13 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer, abstract_like
-from dgpo_jax.config import (
-    build_curriculum,
-    build_objective,
-    optim_config,
-    split_list,
-    unroll_layers,
-)
+from dgpo_jax.config import build_curriculum, build_objective, optim_config, split_list
 from dgpo_jax.curricula.config import needs_teacher_model
 from dgpo_jax.curricula.replay import ReplayBuffer, load_for_checkpoint, save_with_checkpoint
 from dgpo_jax.curricula.schedules import (
@@ -92,7 +86,6 @@ def run_train(cfg) -> dict:
         micro_batches=resolve_micro_batches(mini_rows, cfg.train.micro_batch_size),
         plan=run.plan,
         compute_dtype=run.compute_dtype,
-        unroll_layers=unroll_layers(cfg),
     )
     ref_params = ref_config = None
     if objective.needs_ref_logp:

@@ -30,12 +30,6 @@ respect to that copy, accumulates the gradient in float32 and applies the optimi
 masters (moments float32). The cast's gradient is the cast of the copy's gradient, so this
 equals differentiating through the cast.
 
-Layers: on CPU (``unroll_layers=None``) the model passes run the layers unrolled from a
-per-layer split of the stacked weights (``split_layers``, inside the differentiated function, so
-the gradient is the stacked tree's): XLA:CPU then skips the scan's stacked residuals and their
-strided copies (the quickstart's DGPO update 1.55 -> 1.36 s, docs/design.md 2026-12-03). GPU
-and TPU keep the layer scan (one compiled layer body).
-
 The state is donated; with a ``plan`` the batch is placed by the plan and the new state keeps
 the input state's shardings. ``UpdateStep.compile`` compiles the step ahead of time from
 concrete or abstract arguments; calls with the same shapes, dtypes and shardings run that
@@ -70,8 +64,6 @@ from dgpo_jax.learner.train_state import (
     replicated_sharding_like,
 )
 from dgpo_jax.models import Qwen2Config, cast_params, forward_hidden, lm_logits
-from dgpo_jax.models.attention import backend
-from dgpo_jax.models.qwen2 import split_layers
 from dgpo_jax.objectives import advantages as adv_lib
 from dgpo_jax.objectives.batch import (
     abstract_batch,
@@ -263,7 +255,6 @@ class UpdateStep:
         donate: bool = True,
         compiler_options: dict | None = None,
         compute_dtype=None,
-        unroll_layers: bool | None = None,
     ):
         if not isinstance(objective, ObjectiveConfig):
             raise TypeError(f"objective must be an ObjectiveConfig, got {type(objective).__name__}")
@@ -295,7 +286,6 @@ class UpdateStep:
         self.micro_batches = micro_batches
         self.plan = plan
         self.compute_dtype = compute_dtype
-        self.unroll_layers = backend(plan) == "cpu" if unroll_layers is None else unroll_layers
         self.terms = loss_terms.active_terms(objective)
         optimizer = OptimConfig() if optimizer is None else optimizer
         self.tx = make_optimizer(optimizer) if isinstance(optimizer, OptimConfig) else optimizer
@@ -478,16 +468,6 @@ class UpdateStep:
             out["critic"] = dict(params["critic"], trunk=trunk)
         return out
 
-    def _layers(self, params, teacher_params):
-        """The params (``{"policy", "critic"?, ...}``) and teacher params as the model passes
-        read them: with ``unroll_layers``, each trunk's stacked layers split per layer."""
-        if not self.unroll_layers:
-            return params, teacher_params
-        out = dict(params, policy=split_layers(params["policy"]))
-        if "critic" in params:
-            out["critic"] = dict(params["critic"], trunk=split_layers(params["critic"]["trunk"]))
-        return out, None if teacher_params is None else split_layers(teacher_params)
-
     def _hidden(self, config, params, ids, attention_mask, segment_ids=None):
         if segment_ids is None:
             return forward_hidden(config, params, ids, attention_mask, self.plan)
@@ -507,7 +487,6 @@ class UpdateStep:
         """No-gradient pass over micro-batches: teacher log-probs and/or critic values [B, T]."""
         m = self.micro_batches if micro is None else micro
         cfg = self.objective
-        params, teacher_params = self._layers(params, teacher_params)
 
         def one(x):
             ids_mb, am_mb, *seg_mb = x
@@ -759,7 +738,6 @@ class UpdateStep:
         cfg = self.objective
         sc = self.student_config
         ids, am, seg = rows.ids, rows.attention_mask, rows.segment_ids
-        params, teacher_params = self._layers(params, teacher_params)
         sp = params["policy"]
         h = self._hidden(sc, sp, ids, am, seg)
 
@@ -858,7 +836,6 @@ def make_update_step(
     donate: bool = True,
     compiler_options: dict | None = None,
     compute_dtype=None,
-    unroll_layers: bool | None = None,
 ) -> UpdateStep:
     """Builds the fused update step for ``objective`` (see the module docstring).
 
@@ -877,7 +854,6 @@ def make_update_step(
         level to compile faster).
       compute_dtype: the dtype the forward and backward passes run in (e.g. ``"bfloat16"``),
         with the state's trained params as the (float32) masters; None: the params' own dtype.
-      unroll_layers: run the layers unrolled (see the module docstring); None: on CPU only.
     """
     return UpdateStep(
         objective,
@@ -890,5 +866,4 @@ def make_update_step(
         donate,
         compiler_options,
         compute_dtype,
-        unroll_layers,
     )

@@ -501,11 +501,6 @@ def forward_hidden(
         if attention_mask is not None:
             segment_ids = jnp.where(attention_mask.astype(bool), segment_ids, 0)
         positions = positions_from_segments(segment_ids)
-    if isinstance(params["layers"], (tuple, list)):  # `split_layers`: the layers unrolled
-        h, _ = _hidden_split_layers(
-            config, params, plan, input_ids, positions, segment_ids, None, None
-        )
-        return h
     m = _module(config, params, plan)
     h, _ = m.apply({"params": params}, input_ids, positions, segment_ids, method=Qwen2.hidden)
     return h
