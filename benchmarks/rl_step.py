@@ -3,8 +3,8 @@ update-batch settings of this project against the earlier ones, side by side in 
 
     python benchmarks/rl_step.py --workdir runs/quickstart    # after the quickstart: its teacher
                                                               # and KD cold start, 20 steps each
-    python benchmarks/rl_step.py --quick                      # < 1 minute: random-weight models
-                                                              # on a small world, 3 steps each
+    python benchmarks/rl_step.py --quick                      # random-weight models, 2 min with the
+                                                              # test suite alongside: 3 small steps each
 
 Each variant is the launcher's ``mode=train`` (``rl_stage``: the quickstart's RL sizes, 32
 rollouts a step, one update a step) from the same student, teacher, world and seed, in its own
@@ -13,7 +13,7 @@ the whole step; ``update_seconds``: the scoring passes and the update). The firs
 compiles of the rollout and the first update) is reported apart; ``median_*`` are over the
 later steps (a new batch width compiles the update once more: see ``compiled_widths``).
 
-Variants, each in a fresh process (its own compiles):
+Variants, each in a fresh process (its own compiles; with ``--quick`` both in one):
   ``before``: the setting before 2026-12-03: the update batch is the rollout buffer as it
       comes (a left-padded prompt block plus the whole response buffer, ``sampler.cache_len``
       columns: ``train.width_buckets=0``).
@@ -47,7 +47,7 @@ from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # 
 VARIANTS = {"before": {"train.width_buckets": 0}, "width_buckets": {}}
 QUICK = [
     "--config.quickstart.num_entities=100",
-    "--config.quickstart.rl_batch_size=16",
+    "--config.quickstart.rl_batch_size=8",
     "--config.sampler.decode_path=accelerator",  # compiles faster than the CPU path
 ]
 
@@ -75,7 +75,9 @@ def summarise(workdir: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="random-weight models, < 1 minute")
+    p.add_argument(
+        "--quick", action="store_true", help="random-weight models, small world, 3 steps"
+    )
     p.add_argument("--workdir", default=None, help="a finished quickstart run (its teacher/, ...)")
     p.add_argument("--steps", type=int, default=None, help="RL steps per variant (default 20)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one variant, this process
@@ -126,12 +128,17 @@ def main() -> None:
         )
         save_params_checkpoint(config, params, teacher)
     out = {"machine": machine(), "steps": steps, "variants": {}}
-    for name in VARIANTS:
+    for name, changes in VARIANTS.items():
         print(f"--- {name}: {steps} DGPO steps", flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name, "--steps", str(steps)]
-        cmd += ["--quick", "--workdir", workdir] if args.quick else ["--workdir", workdir]
-        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-        out["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.quick:  # one process: the second variant reuses the compiled rollout
+            c = stage_config(base, f"bench_rl_{name}", **changes)
+            rl_stage(c, ".", "dgpo", student, teacher, base.seed)
+            out["variants"][name] = dict(summarise(c.workdir), settings=changes)
+        else:
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", name]
+            cmd += ["--steps", str(steps), "--workdir", workdir]
+            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            out["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps({name: out["variants"][name]}), flush=True)
     v, last = out["variants"], list(VARIANTS)[-1]
     for key, field in (("speedup", "median_step_s"), ("update_speedup", "median_update_s")):
