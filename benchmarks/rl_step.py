@@ -3,8 +3,8 @@ update-batch settings of this project against the earlier ones, side by side in 
 
     python benchmarks/rl_step.py --workdir runs/quickstart    # after the quickstart: its teacher
                                                               # and KD cold start, 20 steps each
-    python benchmarks/rl_step.py --quick                      # random-weight models, 2 min with the
-                                                              # test suite alongside: 3 small steps each
+    python benchmarks/rl_step.py --quick                      # random-weight models, 85 s on a quiet
+                                                              # 2-core Xeon: 3 small steps each
 
 Each variant is the launcher's ``mode=train`` (``rl_stage``: the quickstart's RL sizes, 32
 rollouts a step, one update a step) from the same student, teacher, world and seed, in its own
