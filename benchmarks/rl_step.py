@@ -73,6 +73,35 @@ def summarise(workdir: str) -> dict:
     }
 
 
+def prepare(workdir: str, steps: int, quick: bool):
+    """The stages' base config on the run's world, tokenizer and index (``prepare_world``
+    reuses an index already there), without a final evaluation; and the tokenizer's size."""
+    cfg, _ = load_config(
+        [
+            "prog",
+            "--config=quickstart",
+            f"--config.workdir={workdir}",
+            "--config.logging.progress=False",
+            "--config.logging.tensorboard=False",
+            f"--config.quickstart.rl_steps={steps}",
+            *(QUICK if quick else []),
+        ]
+    )
+    prep = prepare_world(cfg)
+    base = prep.base
+    with base.unlocked():
+        base.eval.at_end = False
+    return base, len(prep.tokenizer)
+
+
+def run_variant(base, name: str, student: str, teacher: str) -> dict:
+    """One variant's DGPO stage in ``WORKDIR/bench_rl_NAME``, summarised."""
+    changes = VARIANTS[name]
+    c = stage_config(base, f"bench_rl_{name}", **changes)
+    rl_stage(c, ".", "dgpo", student, teacher, base.seed)
+    return dict(summarise(c.workdir), settings=changes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -95,45 +124,24 @@ def main() -> None:
         for path in (student, teacher):
             if not os.path.isdir(path):
                 p.error(f"{path} is missing: run the quickstart into --workdir first")
-    cfg, _ = load_config(
-        [
-            "prog",
-            "--config=quickstart",
-            f"--config.workdir={workdir}",
-            "--config.logging.progress=False",
-            "--config.logging.tensorboard=False",
-            f"--config.quickstart.rl_steps={steps}",
-            *(QUICK if args.quick else []),
-        ]
-    )
-    prep = prepare_world(cfg)  # the run's world, tokenizer and index (reused when present)
-    base = prep.base
-    with base.unlocked():
-        base.eval.at_end = False
-    if args.quick:
-        student = f"preset:{base.quickstart.student_preset}"
-        teacher = os.path.join(workdir, "random_teacher")
-    if args.variant:
-        name, changes = args.variant, VARIANTS[args.variant]
-        c = stage_config(base, f"bench_rl_{name}", **changes)
-        rl_stage(c, ".", "dgpo", student, teacher, base.seed)
-        print(json.dumps(dict(summarise(c.workdir), settings=changes)))
+    if args.variant:  # a child process of the run below: one variant
+        base, _ = prepare(workdir, steps, quick=False)
+        print(json.dumps(run_variant(base, args.variant, student, teacher)))
         return
-    if args.quick:
+    if args.quick:  # random weights; both variants in this process (one rollout compile)
         from dgpo_jax.checkpoint.params import save_params_checkpoint  # noqa: PLC0415
         from dgpo_jax.launch.context import load_model  # noqa: PLC0415
 
-        config, params = load_model(
-            f"preset:{base.quickstart.teacher_preset}", "float32", len(prep.tokenizer), seed=1
-        )
-        save_params_checkpoint(config, params, teacher)
+        base, vocab = prepare(workdir, steps, quick=True)
+        student = f"preset:{base.quickstart.student_preset}"
+        teacher = os.path.join(workdir, "random_teacher")
+        preset = f"preset:{base.quickstart.teacher_preset}"
+        save_params_checkpoint(*load_model(preset, "float32", vocab, seed=1), teacher)
     out = {"machine": machine(), "steps": steps, "variants": {}}
-    for name, changes in VARIANTS.items():
+    for name in VARIANTS:
         print(f"--- {name}: {steps} DGPO steps", flush=True)
-        if args.quick:  # one process: the second variant reuses the compiled rollout
-            c = stage_config(base, f"bench_rl_{name}", **changes)
-            rl_stage(c, ".", "dgpo", student, teacher, base.seed)
-            out["variants"][name] = dict(summarise(c.workdir), settings=changes)
+        if args.quick:
+            out["variants"][name] = run_variant(base, name, student, teacher)
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", name]
             cmd += ["--steps", str(steps), "--workdir", workdir]

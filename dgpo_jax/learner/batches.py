@@ -128,7 +128,7 @@ def right_align(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sequences: RoPE positions count a row's real tokens (``positions_from_mask``) and causal
     attention skips padding wherever it is. A row of padding stays as it is."""
     mask = np.asarray(batch["attention_mask"])
-    lead = np.where(mask.any(1), mask.argmax(1), 0)
+    lead = mask.argmax(1)  # 0 for a row of padding
     if not lead.any():
         return batch
     t = mask.shape[1]
