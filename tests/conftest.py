@@ -33,8 +33,13 @@ from dgpo_jax.models import param_shapes  # noqa: E402
 # init), and a program without host callbacks is then compiled once. Launcher subprocesses use
 # it too (dgpo_jax.launch.cli reads DGPO_JAX_COMPILATION_CACHE); a test that must compile from
 # scratch sets that variable to "" for its subprocess.
-_XLA_CACHE = tempfile.mkdtemp(prefix="dgpo-test-xla-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# With pytest-xdist the workers inherit the directory from the controller's environment, so
+# they share it (the cache's writes are atomic), and the controller removes it at the end.
+_XLA_CACHE = os.environ.get("DGPO_TEST_XLA_CACHE", "")
+if not _XLA_CACHE:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="dgpo-test-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["DGPO_TEST_XLA_CACHE"] = _XLA_CACHE
 os.environ["DGPO_JAX_COMPILATION_CACHE"] = _XLA_CACHE
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -122,7 +127,12 @@ def _release_compiled_programs():
 # Opt-in: DGPO_TEST_COMPILE_REPORT=FILE.json writes, per test, the seconds this process spent
 # tracing, lowering to MLIR and compiling XLA programs, and the number of backend compiles (the
 # suite is compile-bound: docs/design.md, 2026-12-03). Launcher subprocesses are not counted.
+# Under pytest-xdist each worker writes its own file: FILE.gw0.json, FILE.gw1.json, ...
 _COMPILE_REPORT = os.environ.get("DGPO_TEST_COMPILE_REPORT")
+if _COMPILE_REPORT and os.environ.get("PYTEST_XDIST_WORKER"):
+    _COMPILE_REPORT = (
+        f"{os.path.splitext(_COMPILE_REPORT)[0]}.{os.environ['PYTEST_XDIST_WORKER']}.json"
+    )
 _COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",

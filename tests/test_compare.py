@@ -96,6 +96,7 @@ def tiny_compare_config(workdir, **changes):
         "--config.logging.tensorboard=False",
         # not the subject here: the decode path with the cheaper compile
         "--config.sampler.decode_path=accelerator",
+        "--config.mesh.num_devices=1",
     ] + [f"--config.{k}={v}" for k, v in changes.items()]
     cfg, _ = load_config(args)
     return cfg

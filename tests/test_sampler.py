@@ -134,6 +134,14 @@ def observation_text(query):
     return f"\n\n<information>Doc 1(Title: {query}) {query} is in paris</information>\n\n"
 
 
+# The decode path: "auto" (the cpu path on this machine) where the test's subject is what the
+# cpu path does differently (sub-batches, key windows, chunked ingestion, the teacher's and the
+# prefixes' caches, a sharded cache); the scanned accelerator path, whose program compiles ~3x
+# faster, where the subject is the rollout's bookkeeping (budgets, turns, seeds, long prompts).
+# Both paths are checked against transformers here and against each other in test_sampler_waves.
+SCANNED = "accelerator"
+
+
 def config(**overrides):
     base = dict(
         stop_sequences_for(TOK),
@@ -255,9 +263,11 @@ def test_search_observation_and_cache_match_fresh_forward(chain_models, chunk):
     hf, model_config, params = chain_models["answering"]
     retriever = ScriptedRetriever()
     prompts = ["where is zorp?", "tell me!", "x?", "why?"] * 2  # shared with the sharding test
-    out = Sampler(model_config, config(ingest_chunk=chunk), TOK, retriever).generate(
-        params, prompts
-    )
+    # chunk 8 on the cpu path (its program is shared with the sharding test), chunk 1 scanned
+    path = "auto" if chunk > 1 else SCANNED
+    out = Sampler(
+        model_config, config(ingest_chunk=chunk, decode_path=path), TOK, retriever
+    ).generate(params, prompts)
     search_turn = TOK.encode("<search>zorp</search>")
     assert len(TOK.encode("</search>")) == 2  # the stop tag spans two tokens
     answer_turn = TOK.encode("<answer>paris</answer>")
@@ -303,7 +313,7 @@ def test_search_observation_and_cache_match_fresh_forward(chain_models, chunk):
 def test_max_turns_then_final_turn_without_search(chain_models):
     hf, model_config, params = chain_models["always_search"]
     retriever = ScriptedRetriever()
-    out = Sampler(model_config, config(max_turns=2), TOK, retriever).generate(
+    out = Sampler(model_config, config(max_turns=2, decode_path=SCANNED), TOK, retriever).generate(
         params, ["where is zorp?"]
     )
     turn = TOK.encode("<search>zorp</search>")
@@ -321,7 +331,10 @@ def test_observation_truncation_and_budgets(chain_models):
     _, model_config, params = chain_models["answering"]
     # Observations cut to 10 tokens; 6 generated tokens per trajectory.
     out = Sampler(
-        model_config, config(max_obs_length=10, max_new_tokens=6), TOK, ScriptedRetriever()
+        model_config,
+        config(max_obs_length=10, max_new_tokens=6, decode_path=SCANNED),
+        TOK,
+        ScriptedRetriever(),
     ).generate(params, ["where is zorp?"])
     n1 = len(TOK.encode("<search>zorp</search>"))
     np.testing.assert_array_equal(
@@ -331,9 +344,9 @@ def test_observation_truncation_and_budgets(chain_models):
     assert out.finish_reasons == ["max_tokens"] and out.arrays.generated[0] == 6
     assert out.arrays.length[0] == n1 + 10 + 2
     # Context: the observation does not fit in cache_len -> context_full, nothing half-ingested.
-    out = Sampler(model_config, config(cache_len=40), TOK, ScriptedRetriever()).generate(
-        params, ["where is zorp?"]
-    )
+    out = Sampler(
+        model_config, config(cache_len=40, decode_path=SCANNED), TOK, ScriptedRetriever()
+    ).generate(params, ["where is zorp?"])
     assert out.finish_reasons == ["context_full"]
     assert out.arrays.length[0] == n1 and out.queries[0] == ["zorp"]
 
@@ -477,7 +490,14 @@ def test_stop_matching_matches_python_endswith():
 def test_same_seed_same_rollouts_different_seed_different(tmp_path):
     hf = make_hf_model(tmp_path, vocab=VOCAB, std=0.1, seed=5)
     model_config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
-    cfg = config(greedy=False, temperature=1.0, top_k=50, max_turns=0, max_new_tokens_per_turn=16)
+    cfg = config(
+        greedy=False,
+        temperature=1.0,
+        top_k=50,
+        max_turns=0,
+        max_new_tokens_per_turn=16,
+        decode_path=SCANNED,
+    )
     sampler = Sampler(model_config, cfg, TOK, ScriptedRetriever())
     prompts = [[20, 21, 22], [30, 31], [40, 41, 42, 43]]
     a = sampler.generate(params, prompts, seed=7).arrays
@@ -516,11 +536,13 @@ def test_sharded_rollout_equals_single_device(chain_models):
     np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
     # Host calls per batch shard (what several processes do): every shard searches for its own
-    # rows (4 of them: data=2 x fsdp=4 over 8 rows, 2 rows each), the rollout is the same.
+    # rows (4 of them: data=2 x fsdp=4 over 8 rows, 2 rows each), the rollout is the same. On
+    # the scanned path (what a GPU/TPU mesh runs), a second sharded program.
     retriever = ScriptedRetriever()
-    out = Sampler(
-        model_config, cfg.replace(host_calls="per_shard"), TOK, retriever, plan=plan
-    ).generate(sharded_params, prompts)
+    per_shard = cfg.replace(host_calls="per_shard", decode_path=SCANNED)
+    out = Sampler(model_config, per_shard, TOK, retriever, plan=plan).generate(
+        sharded_params, prompts
+    )
     np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
     assert out.turn_texts == plain.turn_texts
@@ -530,15 +552,12 @@ def test_sharded_rollout_equals_single_device(chain_models):
 def test_prompt_too_long_finishes_only_its_row(chain_models):
     _, model_config, params = chain_models["answering"]
     long_prompt = "where is " + "zorp " * 40 + "?"
-    out = Sampler(model_config, config(), TOK, ScriptedRetriever()).generate(
-        params, ["where is zorp?", long_prompt, "tell me!", "x?"]
-    )
+    sampler = Sampler(model_config, config(decode_path=SCANNED), TOK, ScriptedRetriever())
+    out = sampler.generate(params, ["where is zorp?", long_prompt, "tell me!", "x?"])
     assert out.finish_reasons == ["answer", "prompt_too_long", "answer", "answer"]
     assert out.arrays.length[1] == 0 and out.arrays.generated[1] == 0
     # The other rows are unaffected.
-    reference = Sampler(model_config, config(), TOK, ScriptedRetriever()).generate(
-        params, ["where is zorp?", "why?", "tell me!", "x?"]
-    )
+    reference = sampler.generate(params, ["where is zorp?", "why?", "tell me!", "x?"])
     for row in (0, 2, 3):
         np.testing.assert_array_equal(out.response_ids(row), reference.response_ids(row))
 
