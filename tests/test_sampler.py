@@ -17,6 +17,7 @@ import dgpo_jax
 from dgpo_jax.parallel.sharding import plan_from_config
 from dgpo_jax.retrieval.formatting import INVALID_ACTION_NOTICE
 from dgpo_jax.sampler import Sampler, SamplerConfig, stop_sequences_for
+from dgpo_jax.sampler.loop import sub_batch_sizes
 from dgpo_jax.sampler.sampling import sampling_logprobs
 from dgpo_jax.sampler.stops import ends_with_any
 from tests.conftest import make_hf_model
@@ -353,8 +354,9 @@ def test_observation_truncation_and_budgets(chain_models):
 
 def test_batch_rollout_equals_each_row_alone_across_key_windows(chain_models):
     """Rows end their turns at different steps, so decode steps run on shrinking sub-batches
-    (8, 4, 2, 1 rows) and contexts grow past several key windows (128, 192, 256 slots): every
-    row's greedy rollout equals that row rolled out alone, and transformers' log-probs."""
+    (8 rows, then 4 with dummy rows in the places of finished ones) and contexts grow past
+    several key windows (128, 192, 256 slots): every row's greedy rollout equals that row rolled
+    out alone, and transformers' log-probs."""
     hf, model_config, params = chain_models["always_search"]
     sampler = Sampler(model_config, config(max_turns=3), TOK, ScriptedRetriever())
     # First turns of 4 ("?": a search), 2 ("!": hello<eos>; "zorp": </search>, both invalid
@@ -473,6 +475,15 @@ def test_sampling_distribution_matches_numpy(temperature, top_k, top_p):
     kept = np.isfinite(ref)
     np.testing.assert_array_equal(got > -1e29, kept)
     np.testing.assert_allclose(got[kept], ref[kept], atol=1e-5)
+
+
+def test_cpu_sub_batch_sizes_halve_down_to_four_rows():
+    assert sub_batch_sizes(32) == (32, 16, 8, 4)
+    assert sub_batch_sizes(8) == (8, 4)
+    assert sub_batch_sizes(6) == (6, 4)  # 6 // 2 = 3 is below the smallest size
+    assert sub_batch_sizes(4) == (4,) and sub_batch_sizes(3) == (3,) and sub_batch_sizes(1) == (1,)
+    assert sub_batch_sizes(8, smallest=1) == (8, 4, 2, 1)
+    assert sub_batch_sizes(64, factor=4) == (64, 16, 4)
 
 
 def test_stop_matching_matches_python_endswith():

@@ -24,7 +24,7 @@ therefore makes few host calls (about one per turn level) instead of one per tur
 Two decode paths (`SamplerConfig.decode_path`, docs/sampler.md):
 
 * ``cpu``: layers unrolled from `split_layers` weights; a step runs on the rows that need it,
-  gathered into compiled sub-batches (B, B/2, ..., 1, for decoding and for ingestion); each
+  gathered into compiled sub-batches (B, B/2, ..., 4, for decoding and for ingestion); each
   layer picks its key window with a ``lax.switch``. These were measured on XLA:CPU, where work
   follows the rows and slots in use.
 * ``accelerator``: stacked layers in one scan (the weights stay where the partitioner put
@@ -207,11 +207,20 @@ def _scatter(full: Array, values: Array, rows: Array | None) -> Array:
     return values if rows is None else full.at[rows].set(values, mode="drop")
 
 
-def sub_batch_sizes(batch: int, factor: int = 2) -> tuple[int, ...]:
-    """Compiled sub-batch sizes of the cpu path: B, B/factor, B/factor^2, ... down to 1."""
+# The cpu path's smallest sub-batch: each size adds a decode and an ingest loop to the program,
+# and the sizes below 4 made the rollout compile ~1.6x longer without making it faster
+# (docs/sampler.md, "Known limits").
+CPU_SMALLEST_SUB_BATCH = 4
+
+
+def sub_batch_sizes(
+    batch: int, factor: int = 2, smallest: int = CPU_SMALLEST_SUB_BATCH
+) -> tuple[int, ...]:
+    """Compiled sub-batch sizes of the cpu path: B, B/factor, B/factor^2, ... down to
+    `smallest` (just B when B is not larger)."""
     sizes = [batch]
-    while sizes[-1] > 1:
-        sizes.append(max(sizes[-1] // factor, 1))
+    while sizes[-1] > smallest:
+        sizes.append(max(sizes[-1] // factor, smallest))
     return tuple(sizes)
 
 
