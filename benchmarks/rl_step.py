@@ -13,17 +13,21 @@ the whole step; ``update_seconds``: the scoring passes and the update). The firs
 compiles of the rollout and the first update) is reported apart; ``median_*`` are over the
 later steps (a new batch width compiles the update once more: see ``compiled_widths``).
 
-Variants, each in a fresh process (its own compiles; with ``--quick`` both in one):
-  ``before``: the setting before 2026-12-03: the update batch is the rollout buffer as it
+Variants, each in a fresh process (its own compiles; with ``--quick`` all in one):
+  ``before``: the settings before 2026-12-03: the update batch is the rollout buffer as it
       comes (a left-padded prompt block plus the whole response buffer, ``sampler.cache_len``
-      columns: ``train.width_buckets=0``).
+      columns: ``train.width_buckets=0``), and the behaviour log-probs and the critic's old
+      values from separate passes (``train.behaviour_from_update=False``).
   ``width_buckets``: each row's prompt padding moved to its end and the batch cut to the
-      smallest of ``train.width_buckets`` widths that holds its longest trajectory (default).
+      smallest of ``train.width_buckets`` widths that holds its longest trajectory; separate
+      passes still.
+  ``default``: width buckets, and the behaviour log-probs and old values from the update's own
+      forward (one update per step: ``train.behaviour_from_update``, the default).
 
 With random-weight models (``--quick``) the rollouts run to their budgets, so the cut is small:
 the figures that matter come from a trained quickstart run. The last stdout line is one JSON
 object with the machine, per variant the seconds and padding, and ``speedup`` /
-``update_speedup`` = before's median step (update) seconds / the defaults'.
+``update_speedup`` = before's median step (update) seconds / the default's.
 """
 
 from __future__ import annotations
@@ -44,7 +48,11 @@ from attention import machine  # noqa: E402 (benchmarks/attention.py, beside thi
 from dgpo_jax.config import load_config  # noqa: E402
 from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # noqa: E402
 
-VARIANTS = {"before": {"train.width_buckets": 0}, "width_buckets": {}}
+VARIANTS = {
+    "before": {"train.width_buckets": 0, "train.behaviour_from_update": False},
+    "width_buckets": {"train.behaviour_from_update": False},
+    "default": {},
+}
 QUICK = [
     "--config.quickstart.num_entities=100",
     "--config.quickstart.rl_batch_size=8",

@@ -728,3 +728,57 @@ def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):
     # float32 sums in another order; the step itself moves the weights by far more
     assert max_abs_diff(p_cut, p_full) < 1e-5
     assert max_abs_diff(p_full["policy"], sp) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("dgpo", {"critic": "separate", "beta": 0.5}), ("opd", {})],
+    ids=["dgpo-separate-critic", "opd"],
+)
+def test_on_policy_step_equals_separate_behaviour_and_critic_passes(models, name, overrides):
+    """``on_policy=True`` (one update per rollout batch: behaviour log-probs and old values
+    from the step's own forward) against the step fed the behaviour log-probs of an
+    independent forward (``forward`` + log-softmax here) and computing the critic's old values
+    in its pre-pass: the same updated parameters (policy and critic) and the same metrics.
+    DGPO as the quickstart runs it (GAE, a separate critic, the teacher's log-probs from the
+    in-program pre-pass) and OPD (immediate token rewards from the behaviour log-probs)."""
+    sc, sp, tc, tp = models
+    cfg = get_objective(name, **overrides)
+    full = make_batch(models, seed=3)
+    full["rewards"] = np.array([1.0, 0.0, 0.0, 0.0], np.float32)  # three KL-pulled rows
+    batch = {
+        k: v for k, v in select(full, cfg, True).items() if k not in ("teacher_logprobs", "values")
+    }
+    out = {}
+    for on_policy in (False, True):
+        step = make_update_step(
+            cfg, sc, tc, optimizer=optax.sgd(0.5), compiler_options=FAST, on_policy=on_policy
+        )
+        state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+        given = {k: v for k, v in batch.items() if not (on_policy and k == "old_logprobs")}
+        new, metrics = step(state, given, tp)
+        out[on_policy] = (jax.device_get(new.params), jax.device_get(metrics))
+    (p0, m0), (p1, m1) = out[False], out[True]
+    assert max_abs_diff(p0, sp) > 1e-3  # the step moved the policy
+    assert max_abs_diff(p0, p1) < 1e-5
+    for k in ("loss", "policy_loss", "value_loss", "advantage_mean", "token_reward_mean"):
+        if k in m0:
+            assert float(m1[k]) == pytest.approx(float(m0[k]), rel=1e-4, abs=1e-6), k
+    assert float(m1["clip_frac"]) == 0.0 and abs(float(m1["approx_kl_old"])) < 1e-6
+    if cfg.critic == "separate":
+        assert "value_loss" in m1 and max_abs_diff(p0["critic"], p1["critic"]) < 1e-5
+
+
+def test_on_policy_step_refuses_what_it_computes_itself(models):
+    sc, sp, tc, tp = models
+    cfg = get_objective("dgpo", critic="separate")
+    batch = select(make_batch(models), cfg, False)
+    step = make_update_step(cfg, sc, on_policy=True)
+    for extra in ({}, {"values": make_batch(models)["values"]}):
+        with pytest.raises(ValueError, match=r"carries \['old_logprobs'.*on_policy"):
+            step(None, dict(batch, **extra))
+    with pytest.raises(ValueError, match="on_policy"):
+        step.prepare_rollout(None, batch)
+    with pytest.raises(ValueError, match="on_policy=True needs micro_batches=1, got 2"):
+        make_update_step(cfg, sc, micro_batches=2, on_policy=True)
+    assert step._jitted is None  # nothing was compiled

@@ -171,6 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
     # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.
     c.train.score_micro_batch_size = 0
+    # When a step makes one update (one mini-batch, one epoch, one micro-batch), the behaviour
+    # log-probs and the critic's old values are the update's own forward at the rollout's
+    # parameters (stop-gradient): no scoring pass and no critic pre-pass, the same numbers.
+    # False: separate passes as the reference runs them (learner.update_step, on_policy).
+    c.train.behaviour_from_update = True
     c.train.eval_every = 100  # 0 = only at the end
     # DistiLLM's adaptive student-data share: the objective's loss on the teacher's correct
     # rollouts of the first train.mini_batch_size test questions, every val_every steps

@@ -68,7 +68,7 @@ from dgpo_jax.config import (
 )
 from dgpo_jax.curricula.config import needs_teacher_model
 from dgpo_jax.errors import ModelFormatError
-from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches
+from dgpo_jax.learner.batches import SEQ_MULTIPLE, micro_batches, on_policy_update
 from dgpo_jax.learner.update_step import abstract_update_state, make_update_step
 from dgpo_jax.models import Qwen2Config, cast_params, get_preset, param_shapes, resolve_kernel
 from dgpo_jax.models.qwen2 import KVCache, init_cache
@@ -772,18 +772,22 @@ def plan_scoring(
     return measured
 
 
-def _used_fields(objective, teacher_in_program: bool, fields) -> tuple[str, ...]:
+def _used_fields(
+    objective, teacher_in_program: bool, fields, on_policy: bool = False
+) -> tuple[str, ...]:
     """Of ``fields`` (what the loop hands over), those the update step keeps."""
-    required, optional = batch_requirements(objective, teacher_in_program)
+    required, optional = batch_requirements(objective, teacher_in_program, on_policy)
     return tuple(f for f in fields if f in optional and f not in required)
 
 
-def _loop_fields(objective, has_ref: bool, prepared: bool) -> tuple[str, ...]:
+def _loop_fields(
+    objective, has_ref: bool, prepared: bool, on_policy: bool = False
+) -> tuple[str, ...]:
     """The batch fields the loop hands to the update step (before validation drops unused
     ones): the scored rollout, behaviour / reference log-probs, TAID's t, and the whole-batch
     pass's outputs when it ran."""
     fields = ["teacher_mask", "sampler_logprobs", "rewards", "group_ids"]
-    if objective.uses_policy:
+    if objective.uses_policy and not on_policy:
         fields.append("old_logprobs")
     if has_ref:
         fields.append("ref_logprobs")
@@ -818,6 +822,7 @@ def plan_update_programs(
     """(abstract update state, [prepare, update, loss programs] of those ``wanted``)."""
     in_program = objective.teacher_in_update and teacher is not None
     tx = optim_config(cfg, cfg.train.steps * shapes.updates)
+    on_policy = on_policy_update(cfg, objective.uses_policy, shapes.updates, shapes.micro)
     update = make_update_step(
         objective,
         student["config"],
@@ -827,6 +832,7 @@ def plan_update_programs(
         plan=plan,
         compute_dtype=jnp.dtype(cfg.model.dtype),
         compiler_options=compiler.options,
+        on_policy=on_policy,
     )
     state = abstract_update_state(objective, student["params"], update.tx)
     teacher_params = teacher["params"] if in_program else None
@@ -863,7 +869,9 @@ def plan_update_programs(
             )
         )
         programs[-1].occupancy = shapes.occupancy_whole
-    fields = _used_fields(objective, in_program, _loop_fields(objective, has_ref, prepared))
+    fields = _used_fields(
+        objective, in_program, _loop_fields(objective, has_ref, prepared, on_policy), on_policy
+    )
     batch = abstract_batch(
         objective,
         shapes.mini_rows,
@@ -873,6 +881,7 @@ def plan_update_programs(
         packed=shapes.packed,
         trajectories=shapes.mini_trajectories,
         fields=fields,
+        on_policy=on_policy,
     )
     if "update" in wanted:
         note = (
@@ -1137,7 +1146,10 @@ def build_memory_plan(cfg) -> MemoryPlan:
         )
     if "score" in wanted:
         behaviour = None
-        if objective.uses_policy:
+        # An on-policy update (one per step) takes the behaviour log-probs from its forward.
+        if objective.uses_policy and not on_policy_update(
+            cfg, objective.uses_policy, shapes.updates, shapes.micro
+        ):
             behaviour = plan_scoring(
                 compiler,
                 "score: behaviour log-probs",

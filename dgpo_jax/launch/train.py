@@ -49,6 +49,7 @@ from dgpo_jax.learner.batches import (
     ScoredRollouts,
     fit_width,
     micro_batches,
+    on_policy_update,
     pad_batch_to,
     pad_rows_to,
     resolve_micro_batches,
@@ -77,15 +78,19 @@ def run_train(cfg) -> dict:
     in_program_teacher = run.teacher_config if objective.teacher_in_update else None
     teacher_arg = run.teacher_params if in_program_teacher else None
 
+    micro = resolve_micro_batches(mini_rows, cfg.train.micro_batch_size)
+    # One update per rollout batch: the behaviour log-probs come from the update's forward.
+    on_policy = on_policy_update(cfg, objective.uses_policy, updates_per_step, micro)
     # The float32 masters are cast to the compute dtype inside the step's loss.
     update = make_update_step(
         objective,
         run.student_config,
         in_program_teacher,
         optimizer=optim_config(cfg, total_updates),
-        micro_batches=resolve_micro_batches(mini_rows, cfg.train.micro_batch_size),
+        micro_batches=micro,
         plan=run.plan,
         compute_dtype=run.compute_dtype,
+        on_policy=on_policy,
     )
     ref_params = ref_config = None
     if objective.needs_ref_logp:
@@ -201,7 +206,7 @@ def run_train(cfg) -> dict:
         # DistiLLM's first comparison point: a validation before training.
         extra["val_loss"] = float(update.loss(state, val_batch, teacher_arg)["loss"])
     scorers = {}
-    if objective.uses_policy:
+    if objective.uses_policy and not on_policy:
         scorers["old_logprobs"] = run.student_config  # with this step's policy
     if ref_params is not None:
         scorers["ref_logprobs"] = ref_config

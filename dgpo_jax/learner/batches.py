@@ -28,6 +28,18 @@ def micro_batches(rows: int, per_micro: int) -> int:
     return m
 
 
+def on_policy_update(cfg, uses_policy: bool, updates_per_step: int, micro: int) -> bool:
+    """Whether the run's update step is ``on_policy`` (its own forward gives the behaviour
+    log-probs and old values): ``train.behaviour_from_update`` and a policy term, one update
+    per rollout batch, one micro-batch."""
+    return bool(
+        cfg.train.get("behaviour_from_update", True)
+        and uses_policy
+        and updates_per_step == 1
+        and micro == 1
+    )
+
+
 def resolve_micro_batches(rows: int, per_micro: int, what: str = "mini-batch") -> int:
     """`micro_batches`, logged when ``train.micro_batch_size`` is below the rows and does not
     divide them (the micro-batches are then smaller than asked)."""

@@ -10,6 +10,8 @@ metrics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,9 @@ class PreparedBatch:
     dens: Denominators
     taid_t: jax.Array | None = None  # TAID's interpolation t (scalar)
     metrics: dict = flax.struct.field(default_factory=dict)  # whole-batch metrics
+    # An on-policy step's whole-batch advantages, deferred to its forward:
+    # (rows, old values) -> (rows with advantages, metrics). Not a pytree leaf.
+    complete: Callable | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def split_micro(x, m: int):

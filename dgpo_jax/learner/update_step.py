@@ -19,6 +19,13 @@
 4. a non-finite guard: a step whose loss or gradient is not finite changes nothing but the
    ``skipped_steps`` counter; otherwise the optax update.
 
+``on_policy=True`` (one update per rollout batch, one micro-batch: the quickstart's RL stages)
+fuses the behaviour pass into the update: the batch carries no ``old_logprobs``; the step's own
+forward at the current parameters gives them and the critic's old values (stop-gradient), and
+the whole-batch advantages of step 2 are computed from those inside the differentiated
+function, before the loss terms. The same numbers as separate passes at these parameters
+(the PPO ratio is 1), with one student forward and one critic forward fewer per step.
+
 Batches may pack several trajectories per row (``segment_ids``, ``traj_index``: see
 ``dgpo_jax.objectives.batch``); every per-trajectory quantity is computed per trajectory, so a
 packed batch gives the padded batch's loss and gradients.
@@ -255,11 +262,17 @@ class UpdateStep:
         donate: bool = True,
         compiler_options: dict | None = None,
         compute_dtype=None,
+        on_policy: bool = False,
     ):
         if not isinstance(objective, ObjectiveConfig):
             raise TypeError(f"objective must be an ObjectiveConfig, got {type(objective).__name__}")
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        if on_policy and micro_batches != 1:
+            raise ValueError(
+                f"on_policy=True needs micro_batches=1, got {micro_batches}: the whole-batch "
+                "advantages would need every micro-batch's forward before the first loss"
+            )
         if objective.needs_teacher_logits and teacher_config is None:
             raise ValueError(
                 f"objective {objective.name!r} needs full-vocabulary teacher logits "
@@ -284,6 +297,9 @@ class UpdateStep:
         self.teacher_config = teacher_config
         self.critic_config = critic_config or student_config
         self.micro_batches = micro_batches
+        # The batch's behaviour log-probs and the critic's old values are this step's own
+        # forward (only where the objective has a policy term).
+        self.on_policy = bool(on_policy and objective.uses_policy)
         self.plan = plan
         self.compute_dtype = compute_dtype
         self.terms = loss_terms.active_terms(objective)
@@ -355,6 +371,7 @@ class UpdateStep:
             packed=packed,
             trajectories=trajectories,
             fields=fields,
+            on_policy=self.on_policy,
         )
 
     def loss(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None) -> dict:
@@ -383,6 +400,11 @@ class UpdateStep:
         without whole-batch advantages get the batch back unchanged. A packed batch gives
         per-token outputs in its packed layout (unpack them with the packing layout)."""
         cfg = self.objective
+        if self.on_policy:
+            raise ValueError(
+                "prepare_rollout is for several updates per rollout batch; this step is "
+                "on_policy (one update, which computes the whole-batch quantities itself)"
+            )
         if not (cfg.uses_policy and cfg.global_advantage):
             return dict(batch), {}
         placed = self.prepare_batch(batch, teacher_params, micro_batches)
@@ -400,7 +422,7 @@ class UpdateStep:
         if in_program and teacher_params is None:
             raise ValueError("this update step was built with teacher_config: pass teacher_params")
         micro = self.micro_batches if micro_batches is None else micro_batches
-        batch = validate_batch(batch, self.objective, in_program, micro)
+        batch = validate_batch(batch, self.objective, in_program, micro, self.on_policy)
         packed = "traj_index" in batch
         out = {}
         for name, x in batch.items():
@@ -419,7 +441,11 @@ class UpdateStep:
         """An abstract batch for ``compile``: validated, in the step's dtypes, placed as
         ``prepare_batch`` places a concrete one where a leaf has no sharding."""
         batch = validate_batch(
-            batch, self.objective, self.teacher_config is not None, self.micro_batches
+            batch,
+            self.objective,
+            self.teacher_config is not None,
+            self.micro_batches,
+            self.on_policy,
         )
         packed = "traj_index" in batch
         out = {}
@@ -560,8 +586,6 @@ class UpdateStep:
         crit_mask = _response_region(am, lm, traj) if cfg.reference_quirk else lm
         rewards = batch["rewards"].astype(f32) if "rewards" in batch else None
         teacher_lp = batch.get("teacher_logprobs")
-        ref_lp = batch.get("ref_logprobs")
-        old_lp = batch.get("old_logprobs")
         values = batch.get("values")
         given = "advantages" in batch
 
@@ -575,7 +599,8 @@ class UpdateStep:
                 or (cfg.uses_token_reward and cfg.trust_threshold is not None)
             )
         )
-        want_values = cfg.critic != "none" and values is None
+        # An on-policy step's critic values come from its own forward (the loss's).
+        want_values = cfg.critic != "none" and values is None and not self.on_policy
         if want_teacher or want_values:
             pre = self._prepass(
                 params, teacher_params, ids, am, seg, want_teacher, want_values, micro
@@ -618,6 +643,7 @@ class UpdateStep:
         )
         metrics = {"gate_share": traj.mean_of(gate, lm)}
         placed = None if rewards is None else adv_lib.place_outcome_reward(rewards, lm, traj)
+        complete = None
         if cfg.uses_policy and cfg.global_advantage and given:
             rows = rows.replace(
                 advantages=batch["advantages"].astype(f32),
@@ -628,41 +654,55 @@ class UpdateStep:
                     returns=batch["returns"].astype(f32), old_values=values.astype(f32)
                 )
         elif cfg.uses_policy and cfg.global_advantage:
-            tok_r, pgate = token_rewards(
-                cfg,
-                lm,
-                placed,
-                gate,
-                None if old_lp is None else old_lp.astype(f32),
-                None if teacher_lp is None else teacher_lp.astype(f32),
-                None if ref_lp is None else ref_lp.astype(f32),
-            )
-            adv, returns = self._advantages(
-                cfg,
-                tok_r,
-                None if values is None else values.astype(f32),
-                lm,
-                crit_mask,
-                rewards,
-                batch.get("group_ids"),
-                traj,
-            )
-            rows = rows.replace(advantages=adv, policy_gate=pgate)
-            metrics["token_reward_mean"] = jnp.sum(tok_r * lm) / n_tok
-            metrics["advantage_mean"] = jnp.sum(adv * lm) / n_tok
-            if returns is not None:
-                rows = rows.replace(returns=returns, old_values=values.astype(f32))
+
+            def complete(rows, values):
+                return self._global_advantages(
+                    rows, placed, rewards, batch.get("group_ids"), traj, values, n_tok
+                )
+
+            if not self.on_policy:
+                rows, more = complete(rows, None if values is None else values.astype(f32))
+                metrics.update(more)
+                complete = None
         elif cfg.uses_policy:  # immediate token rewards, per micro-batch
             rows = rows.replace(outcome=placed)
         taid_t = batch["taid_t"].astype(f32) if "taid_t" in batch else None
-        return PreparedBatch(rows=rows, dens=dens, taid_t=taid_t, metrics=metrics)
+        return PreparedBatch(
+            rows=rows, dens=dens, taid_t=taid_t, metrics=metrics, complete=complete
+        )
+
+    def _global_advantages(self, rows: TokenRows, placed, rewards, group_ids, traj, values, n_tok):
+        """(rows with the whole batch's advantages, policy gate, and for GAE returns and old
+        values; their metrics) from the rows' behaviour / teacher / reference log-probs and
+        the critic's ``values`` at the pre-update parameters."""
+        cfg, lm = self.objective, rows.loss_mask
+        tok_r, pgate = token_rewards(
+            cfg,
+            lm,
+            placed,
+            rows.gate,
+            rows.old_logprobs,
+            rows.teacher_logprobs,
+            rows.ref_logprobs,
+        )
+        adv, returns = self._advantages(
+            cfg, tok_r, values, lm, rows.critic_mask, rewards, group_ids, traj
+        )
+        rows = rows.replace(advantages=adv, policy_gate=pgate)
+        if returns is not None:
+            rows = rows.replace(returns=returns, old_values=values)
+        metrics = {
+            "token_reward_mean": jnp.sum(tok_r * lm) / n_tok,
+            "advantage_mean": jnp.sum(adv * lm) / n_tok,
+        }
+        return rows, metrics
 
     def _accumulate(self, params, teacher_params, prep: PreparedBatch, with_grad: bool):
         """Step 3: (metric sums, float32 gradients or None) over the micro-batches."""
         m = self.micro_batches
 
         def loss_fn(p, rows):
-            return self._micro_loss(p, teacher_params, rows, prep.dens, prep.taid_t)
+            return self._micro_loss(p, teacher_params, rows, prep.dens, prep.taid_t, prep.complete)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -732,9 +772,12 @@ class UpdateStep:
                 out[k] = sums[k] / prep.dens.student
         return out
 
-    def _micro_loss(self, params, teacher_params, rows: TokenRows, dens, taid_t):
+    def _micro_loss(self, params, teacher_params, rows: TokenRows, dens, taid_t, complete=None):
         """Loss of one micro-batch (every mean divided by the whole batch's denominator) and the
-        metric numerators: the student (and teacher) forward, then the loss terms."""
+        metric numerators: the student (and teacher) forward, then the loss terms. An on-policy
+        step reads its behaviour log-probs and old values off this forward (stop-gradient) and
+        ``complete``s the rows with the whole batch's advantages from them (one micro-batch:
+        this is the whole batch)."""
         cfg = self.objective
         sc = self.student_config
         ids, am, seg = rows.ids, rows.attention_mask, rows.segment_ids
@@ -776,18 +819,28 @@ class UpdateStep:
             if rows.teacher_logprobs is not None
             else stats.get("teacher_logp")
         )
-        adv, pgate = loss_terms.policy_inputs(cfg, rows, logp, l_t)
         values = None
         if cfg.critic != "none" and cfg.uses_policy:
             values = critic_values(
                 cfg.critic, params, self.critic_config, ids, am, h, self.plan, seg
             )
+        more = {}
+        if self.on_policy:
+            sg = jax.lax.stop_gradient
+            rows = rows.replace(old_logprobs=sg(logp))
+            if complete is not None:
+                rows, more = complete(rows, None if values is None else sg(values))
+        adv, pgate = loss_terms.policy_inputs(cfg, rows, logp, l_t)
         x = loss_terms.TermInputs(cfg, rows, logp, entropy, stats, l_t, adv, pgate, values)
-        return loss_terms.combine([term(x, dens) for _, term in self.terms], rows, dens)
+        loss, sums = loss_terms.combine([term(x, dens) for _, term in self.terms], rows, dens)
+        return loss, dict(sums, **{k: jax.lax.stop_gradient(v) for k, v in more.items()})
 
     def _metrics(self, sums, prep: PreparedBatch, grads, finite, skipped):
         dens = prep.dens
         out = dict(prep.metrics)
+        for k in ("token_reward_mean", "advantage_mean"):  # an on-policy step's, from its loss
+            if k in sums:
+                out[k] = sums[k]
         out["loss"] = sums["loss"]
         out["policy_loss"] = sums.get("policy_loss", jnp.zeros((), f32)) / dens.student
         for k in ("kl_loss", "divergence"):
@@ -836,6 +889,7 @@ def make_update_step(
     donate: bool = True,
     compiler_options: dict | None = None,
     compute_dtype=None,
+    on_policy: bool = False,
 ) -> UpdateStep:
     """Builds the fused update step for ``objective`` (see the module docstring).
 
@@ -854,6 +908,11 @@ def make_update_step(
         level to compile faster).
       compute_dtype: the dtype the forward and backward passes run in (e.g. ``"bfloat16"``),
         with the state's trained params as the (float32) masters; None: the params' own dtype.
+      on_policy: every call is the one update on a batch sampled at the state's current
+        parameters (one mini-batch, one epoch; needs ``micro_batches=1``): the behaviour
+        log-probs and the critic's old values are the step's own forward (stop-gradient), so
+        the batch has no ``old_logprobs`` and no separate scoring pass or critic pre-pass runs.
+        Equal to passing them from such passes; objectives without a policy term ignore it.
     """
     return UpdateStep(
         objective,
@@ -866,4 +925,5 @@ def make_update_step(
         donate,
         compiler_options,
         compute_dtype,
+        on_policy,
     )

@@ -73,13 +73,19 @@ TRAJECTORY_FIELDS = tuple(k for k, (kind, _) in BATCH_FIELDS.items() if kind == 
 PACKING_FIELDS = ("segment_ids", "traj_index")
 
 
+# What an on-policy step (``make_update_step(..., on_policy=True)``) computes from its own
+# forward instead of reading it from the batch.
+ON_POLICY_OWN_FIELDS = ("old_logprobs", "values", "advantages", "policy_gate", "returns")
+
+
 def batch_requirements(
-    cfg: ObjectiveConfig, teacher_in_program: bool
+    cfg: ObjectiveConfig, teacher_in_program: bool, on_policy: bool = False
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required fields, optional fields that the objective uses when present)."""
+    """(required fields, optional fields that the objective uses when present). With
+    ``on_policy`` the step computes ``ON_POLICY_OWN_FIELDS`` itself: none is read."""
     req = ["input_ids", "attention_mask", "loss_mask"]
     opt = []
-    if cfg.uses_policy:
+    if cfg.uses_policy and not on_policy:
         req.append("old_logprobs")
     if cfg.needs_rewards:
         req.append("rewards")
@@ -95,9 +101,9 @@ def batch_requirements(
         req.append("sampler_logprobs")
     if cfg.divergence == "taid":
         req.append("taid_t")
-    if cfg.critic != "none":
+    if cfg.critic != "none" and not on_policy:
         opt.append("values")
-    if cfg.uses_policy and cfg.global_advantage:
+    if cfg.uses_policy and cfg.global_advantage and not on_policy:
         opt.extend(["advantages", "policy_gate"] + (["returns"] if cfg.advantage == "gae" else []))
     # Metrics use teacher / reference log-probs when given; any objective takes packed rows.
     for f in ("teacher_logprobs", "ref_logprobs") + PACKING_FIELDS:
@@ -107,9 +113,15 @@ def batch_requirements(
 
 
 def validate_batch(
-    batch: Mapping[str, Any], cfg: ObjectiveConfig, teacher_in_program: bool, micro_batches: int = 1
+    batch: Mapping[str, Any],
+    cfg: ObjectiveConfig,
+    teacher_in_program: bool,
+    micro_batches: int = 1,
+    on_policy: bool = False,
 ) -> dict[str, Any]:
     """Checks names, shapes and dtypes; returns the fields the objective uses (others dropped).
+    ``on_policy``: the step computes ``ON_POLICY_OWN_FIELDS`` itself, and a batch that carries
+    one is refused (it would say the batch came from other parameters).
 
     Raises ``ValueError`` naming the objective, the missing/unknown field and the expected shape.
     """
@@ -120,7 +132,14 @@ def validate_batch(
         raise ValueError(
             f"batch has unknown field(s) {unknown}; known fields: {list(BATCH_FIELDS)}"
         )
-    req, opt = batch_requirements(cfg, teacher_in_program)
+    req, opt = batch_requirements(cfg, teacher_in_program, on_policy)
+    own = [f for f in ON_POLICY_OWN_FIELDS if f in batch] if on_policy and cfg.uses_policy else []
+    if own:
+        raise ValueError(
+            f"batch carries {own}, but this update step is on_policy: it takes the behaviour "
+            "log-probs and the critic's old values from its own forward at the current "
+            "parameters (build it with on_policy=False to pass them)"
+        )
     missing = [f for f in req if f not in batch]
     if missing:
         hint = ""
@@ -246,6 +265,7 @@ def abstract_batch(
     packed: bool = True,
     trajectories: int | None = None,
     fields: tuple[str, ...] = (),
+    on_policy: bool = False,
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """The update batch of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves (nothing allocated), for
     compiling the update step ahead of time (``UpdateStep.compile``, the memory plan).
@@ -255,9 +275,10 @@ def abstract_batch(
     they are ``[rows]``. The required fields of the objective plus ``fields`` (e.g. the outputs
     of ``prepare_rollout``: ``("advantages", "policy_gate", "returns", "values")``). With a
     ``plan``, per-token fields are sharded by rows over the batch axes, as
-    ``UpdateStep.prepare_batch`` places them.
+    ``UpdateStep.prepare_batch`` places them. ``on_policy``: the batch of an on-policy step
+    (no ``old_logprobs``).
     """
-    required, optional = batch_requirements(cfg, teacher_in_program)
+    required, optional = batch_requirements(cfg, teacher_in_program, on_policy)
     unknown = [f for f in fields if f not in BATCH_FIELDS]
     if unknown:
         raise ValueError(f"abstract_batch: unknown field(s) {unknown}; known: {list(BATCH_FIELDS)}")
