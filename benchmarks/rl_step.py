@@ -28,6 +28,15 @@ With random-weight models (``--quick``) the rollouts run to their budgets, so th
 the figures that matter come from a trained quickstart run. The last stdout line is one JSON
 object with the machine, per variant the seconds and padding, and ``speedup`` /
 ``update_speedup`` = before's median step (update) seconds / the default's.
+
+The variants run one after the other, so a machine whose speed drifts (a shared host: CPU
+time stolen by its neighbours) moves their ratio; each variant reports ``cpu_steal_share``, the
+share of the machine's CPU time stolen while it ran (``/proc/stat``; ``null`` where there is
+none). ``interleaved`` times the DGPO update alone at the quickstart's shape (32 rows x 192
+positions, random weights, the step's rows of 45-190 real tokens) with the separate behaviour
+pass (scoring program + update with its critic pre-pass) against the on-policy update, the two
+programs called in turn so that a drift falls on both: ``fused_update_speedup`` is the ratio of
+their medians.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -58,6 +68,81 @@ QUICK = [
     "--config.quickstart.rl_batch_size=8",
     "--config.sampler.decode_path=accelerator",  # compiles faster than the CPU path
 ]
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``: user ... steal), or None."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before, after) -> float | None:
+    if before is None or after is None:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    return round(delta[7] / max(sum(delta), 1), 3)
+
+
+def interleaved_update(vocab: int, reps: int, rows: int = 32, width: int = 192) -> dict:
+    """The quickstart's DGPO update alone, separate behaviour pass vs on-policy, in turn."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from dgpo_jax.learner.scoring import sequence_logprobs  # noqa: PLC0415
+    from dgpo_jax.learner.update_step import create_update_state, make_update_step  # noqa: PLC0415
+    from dgpo_jax.models import get_preset, init_params  # noqa: PLC0415
+    from dgpo_jax.objectives import get_objective  # noqa: PLC0415
+
+    sc = get_preset("quickstart-student", vocab_size=vocab)
+    tc = get_preset("quickstart-teacher", vocab_size=vocab)
+    sp, tp = init_params(sc, jax.random.key(0)), init_params(tc, jax.random.key(1))
+    cfg = get_objective("dgpo")
+    r = np.random.default_rng(0)
+    lengths = r.integers(45, min(190, width), rows)
+    mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    loss_mask = mask.astype(np.float32)
+    loss_mask[:, :35] = 0  # the prompt
+    batch = dict(
+        input_ids=r.integers(0, vocab, (rows, width)).astype(np.int32),
+        attention_mask=mask,
+        loss_mask=loss_mask,
+        rewards=(r.random(rows) < 0.5).astype(np.float32),
+    )
+    calls = {}
+    for name, on_policy in (("separate_passes", False), ("on_policy", True)):
+        step = make_update_step(cfg, sc, tc, on_policy=on_policy)
+        holder = {"state": create_update_state(cfg, jax.tree.map(jnp.copy, sp), step.tx, 0)}
+
+        def call(step=step, holder=holder, on_policy=on_policy):
+            b = dict(batch)
+            if not on_policy:  # the trainer's scoring pass, then the update
+                ids, am = jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"])
+                b["old_logprobs"] = sequence_logprobs(
+                    sc, holder["state"].params["policy"], ids, am, micro_batch=rows
+                )
+            holder["state"], metrics = step(holder["state"], b, tp)
+            jax.block_until_ready(metrics["loss"])
+
+        call()  # compiles
+        calls[name] = call
+    times = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t)
+    out = {
+        name: {"min_s": round(min(ts), 3), "median_s": round(float(np.median(ts)), 3)}
+        for name, ts in times.items()
+    }
+    out.update(rows=rows, width=width, reps=reps)
+    out["fused_update_speedup"] = round(
+        out["separate_passes"]["median_s"] / out["on_policy"]["median_s"], 2
+    )
+    return out
 
 
 def summarise(workdir: str) -> dict:
@@ -148,6 +233,7 @@ def main() -> None:
     out = {"machine": machine(), "steps": steps, "variants": {}}
     for name in VARIANTS:
         print(f"--- {name}: {steps} DGPO steps", flush=True)
+        t0 = cpu_times()
         if args.quick:
             out["variants"][name] = run_variant(base, name, student, teacher)
         else:
@@ -155,10 +241,16 @@ def main() -> None:
             cmd += ["--steps", str(steps), "--workdir", workdir]
             done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
             out["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
+        out["variants"][name]["cpu_steal_share"] = steal_share(t0, cpu_times())
         print(json.dumps({name: out["variants"][name]}), flush=True)
     v, last = out["variants"], list(VARIANTS)[-1]
     for key, field in (("speedup", "median_step_s"), ("update_speedup", "median_update_s")):
         out[key] = round(v["before"][field] / v[last][field], 2)
+    print("--- the update alone, separate behaviour pass vs on-policy, in turn", flush=True)
+    if args.quick:
+        out["interleaved"] = interleaved_update(vocab, reps=3, rows=8, width=128)
+    else:
+        out["interleaved"] = interleaved_update(prepare(workdir, steps, quick=False)[1], reps=10)
     print(json.dumps(out))
 
 
