@@ -21,8 +21,11 @@ Variants, each in a fresh process (its own compiles; with ``--quick`` all in one
   ``width_buckets``: each row's prompt padding moved to its end and the batch cut to the
       smallest of ``train.width_buckets`` widths that holds its longest trajectory; separate
       passes still.
-  ``default``: width buckets, and the behaviour log-probs and old values from the update's own
-      forward (one update per step: ``train.behaviour_from_update``, the default).
+  ``on_policy``: width buckets, and the behaviour log-probs and old values from the update's
+      own forward (one update per step: ``train.behaviour_from_update``, the default).
+  ``default``: the quickstart's settings: on-policy, and the RL update with each layer
+      rematerialised in the backward pass and blockwise attention in 64-position blocks
+      (``quickstart.rl_remat=full``, ``rl_attention=chunked``, ``rl_attention_block=64``).
 
 With random-weight models (``--quick``) the rollouts run to their budgets, so the cut is small:
 the figures that matter come from a trained quickstart run. The last stdout line is one JSON
@@ -58,9 +61,11 @@ from attention import machine  # noqa: E402 (benchmarks/attention.py, beside thi
 from dgpo_jax.config import load_config  # noqa: E402
 from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # noqa: E402
 
+PLAIN = {"quickstart.rl_remat": "none", "quickstart.rl_attention": "auto"}
 VARIANTS = {
-    "before": {"train.width_buckets": 0, "train.behaviour_from_update": False},
-    "width_buckets": {"train.behaviour_from_update": False},
+    "before": {"train.width_buckets": 0, "train.behaviour_from_update": False, **PLAIN},
+    "width_buckets": {"train.behaviour_from_update": False, **PLAIN},
+    "on_policy": PLAIN,
     "default": {},
 }
 QUICK = [
@@ -243,7 +248,7 @@ def main() -> None:
             out["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
         out["variants"][name]["cpu_steal_share"] = steal_share(t0, cpu_times())
         print(json.dumps({name: out["variants"][name]}), flush=True)
-    v, last = out["variants"], list(VARIANTS)[-1]
+    v, last = out["variants"], "default"
     for key, field in (("speedup", "median_step_s"), ("update_speedup", "median_update_s")):
         out[key] = round(v["before"][field] / v[last][field], 2)
     print("--- the update alone, separate behaviour pass vs on-policy, in turn", flush=True)

@@ -95,6 +95,7 @@ def _valid(tmp_path):
         ("train.score_micro_batch_size", -1, "config.train.score_micro_batch_size: must be an int"),
         ("train.pack_width", 8, "config.train.pack_width: 8 is shorter than sampler.cache_len"),
         ("train.width_buckets", -1, "config.train.width_buckets: must be an int >= 0, got -1"),
+        ("model.attention_block", 0, "config.model.attention_block: must be an int >= 1, got 0"),
     ],
 )
 def test_validate_names_the_field(tmp_path, field, value, message):
@@ -139,13 +140,13 @@ def test_plan_target_is_the_backend_an_attention_kernel_needs(tmp_path):
 
 def test_run_context_keeps_masters_in_param_dtype_and_computes_in_dtype(tmp_path):
     """The student a mode trains is loaded in model.param_dtype, the teacher (never trained)
-    and an evaluated student in model.dtype; both models get model.attention."""
+    and an evaluated student in model.dtype; both models get model.attention (and its block)."""
     build_word_tokenizer(generate_world(seed=0, num_entities=20), tmp_path / "tok")
     cfg = _valid(tmp_path)
     cfg.workdir = str(tmp_path / "run")
     cfg.model.student, cfg.model.teacher = "preset:tiny", "preset:tiny-teacher"
     cfg.model.tokenizer = str(tmp_path / "tok")
-    cfg.model.attention = "chunked"
+    cfg.model.attention, cfg.model.attention_block = "chunked", 64
     cfg.mesh.num_devices = 1
     cfg.retrieval.kind = "http"  # a client only; nothing is retrieved here
     run = RunContext(cfg, need_teacher=True)
@@ -154,6 +155,7 @@ def test_run_context_keeps_masters_in_param_dtype_and_computes_in_dtype(tmp_path
     assert dtypes(run.teacher_params) == {"bfloat16"}
     assert dtypes(run.compute(run.student_params)) == {"bfloat16"}
     assert run.student_config.attention == run.teacher_config.attention == "chunked"
+    assert run.student_config.attention_block == run.teacher_config.attention_block == 64
     assert run.batch_shards == 1
     # rows of a batch split over the data and fsdp axes (packed rows are a multiple of this)
     assert batch_shards(plan_from_config({"data": 2, "fsdp": 2, "tensor": 2})) == 4

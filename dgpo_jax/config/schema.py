@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Attention kernel of training and scoring (student and teacher; the KV-cache decode path
     # has its own): auto | xla | chunked | cudnn (GPU) | splash (TPU); dgpo_jax.models.attention.
     c.model.attention = "auto"
+    c.model.attention_block = 512  # query/key block of "chunked" and "splash" (positions)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # comma-separated Search-R1 parquet files
@@ -261,6 +262,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.quickstart.rl_batch_size = 32  # prompts per RL step (one rollout each)
     c.quickstart.rl_actor_lr = 1e-4
     c.quickstart.rl_critic_lr = 1e-3
+    # The RL stages' model.remat / model.attention / model.attention_block (speed only: the
+    # same computation; configs/quickstart.py picks the fastest on a 2-core CPU).
+    c.quickstart.rl_remat = "none"
+    c.quickstart.rl_attention = "auto"
+    c.quickstart.rl_attention_block = 512
 
     # mode=compare (dgpo_jax.launch.compare): the quickstart's stages over several seeds, one
     # world (config.seed's), sized by the quickstart.* fields above.

@@ -188,6 +188,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "train.micro_batch_size",
         "train.ppo_epochs",
         "retrieval.topk",
+        "model.attention_block",
         "coldstart.epochs",
         "coldstart.batch_size",
         "eval.batch_size",

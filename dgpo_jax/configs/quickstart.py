@@ -67,4 +67,10 @@ def get_config():
     cfg.quickstart.rl_batch_size = 32
     cfg.quickstart.rl_actor_lr = 1e-4
     cfg.quickstart.rl_critic_lr = 1e-3
+    # The RL update on CPU: recomputing each layer in the backward pass and blockwise attention
+    # in 64-position blocks beat storing the layers' activations and the materialised scores
+    # (DGPO stage: 1.70 -> 1.48 s a step, benchmarks/rl_step.py; docs/design.md, 2026-12-03).
+    cfg.quickstart.rl_remat = "full"
+    cfg.quickstart.rl_attention = "chunked"
+    cfg.quickstart.rl_attention_block = 64
     return cfg

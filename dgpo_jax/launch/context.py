@@ -145,8 +145,12 @@ class RunContext:
         epath.Path(cfg.workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
 
     def with_attention(self, config: Qwen2Config) -> Qwen2Config:
-        """``config`` with the run's attention kernel (``model.attention``)."""
-        return config.replace(attention=self.cfg.model.attention)
+        """``config`` with the run's attention kernel (``model.attention``, its block
+        ``model.attention_block``)."""
+        model = self.cfg.model
+        return config.replace(
+            attention=model.attention, attention_block=model.get("attention_block", 512)
+        )
 
     def compute(self, params):
         """``params`` in the compute dtype (a cast copy of float32 masters; the same arrays

@@ -363,7 +363,7 @@ def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
 
 def rl_stage(base, name: str, preset: str, student: str, teacher_dir: str, seed: int) -> dict:
     """``mode=train`` with objective ``preset`` from the checkpoint ``student``, at the
-    quickstart's RL sizes (``quickstart.rl_*``; one update per step)."""
+    quickstart's RL sizes and update settings (``quickstart.rl_*``; one update per step)."""
     q = base.quickstart
     return run_train(
         stage_config(
@@ -383,6 +383,9 @@ def rl_stage(base, name: str, preset: str, student: str, teacher_dir: str, seed:
                 "train.save_every": max(1, q.rl_steps // 2),
                 "optim.actor_lr": q.rl_actor_lr,
                 "optim.critic_lr": q.rl_critic_lr,
+                "model.remat": q.rl_remat,
+                "model.attention": q.rl_attention,
+                "model.attention_block": q.rl_attention_block,
             },
         )
     )
