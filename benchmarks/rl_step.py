@@ -3,7 +3,7 @@ update-batch settings of this project against the earlier ones, side by side in 
 
     python benchmarks/rl_step.py --workdir runs/quickstart    # after the quickstart: its teacher
                                                               # and KD cold start, 20 steps each
-    python benchmarks/rl_step.py --quick                      # random-weight models, 85 s on a quiet
+    python benchmarks/rl_step.py --quick                      # random-weight models, ~3 min on a
                                                               # 2-core Xeon: 3 small steps each
 
 Each variant is the launcher's ``mode=train`` (``rl_stage``: the quickstart's RL sizes, 32
