@@ -3,8 +3,8 @@ update-batch settings of this project against the earlier ones, side by side in 
 
     python benchmarks/rl_step.py --workdir runs/quickstart    # after the quickstart: its teacher
                                                               # and KD cold start, 20 steps each
-    python benchmarks/rl_step.py --quick                      # random-weight models, ~3 min on a
-                                                              # 2-core Xeon: 3 small steps each
+    python benchmarks/rl_step.py --quick                      # random-weight models, two
+                                                              # variants, 3 small steps each
 
 Each variant is the launcher's ``mode=train`` (``rl_stage``: the quickstart's RL sizes, 32
 rollouts a step, one update a step) from the same student, teacher, world and seed, in its own
@@ -16,16 +16,21 @@ later steps (a new batch width compiles the update once more: see ``compiled_wid
 Variants, each in a fresh process (its own compiles; with ``--quick`` all in one):
   ``before``: the settings before 2026-12-03: the update batch is the rollout buffer as it
       comes (a left-padded prompt block plus the whole response buffer, ``sampler.cache_len``
-      columns: ``train.width_buckets=0``), and the behaviour log-probs and the critic's old
-      values from separate passes (``train.behaviour_from_update=False``).
+      columns: ``train.width_buckets=0``), the behaviour log-probs and the critic's old
+      values from separate passes (``train.behaviour_from_update=False``), stored activations
+      and materialised attention, the cpu decode path.
   ``width_buckets``: each row's prompt padding moved to its end and the batch cut to the
       smallest of ``train.width_buckets`` widths that holds its longest trajectory; separate
       passes still.
   ``on_policy``: width buckets, and the behaviour log-probs and old values from the update's
       own forward (one update per step: ``train.behaviour_from_update``, the default).
-  ``default``: the quickstart's settings: on-policy, and the RL update with each layer
-      rematerialised in the backward pass and blockwise attention in 64-position blocks
-      (``quickstart.rl_remat=full``, ``rl_attention=chunked``, ``rl_attention_block=64``).
+  ``default``: the quickstart's settings: on-policy, each layer rematerialised in the
+      backward pass and blockwise attention in 64-position blocks (``model.remat=full``,
+      ``model.attention=chunked``, ``model.attention_block=64``), the scanned decode path
+      (``sampler.decode_path=accelerator``).
+
+``--quick`` runs ``before`` and ``default`` only, both on the scanned decode path (it compiles
+faster), in one process.
 
 With random-weight models (``--quick``) the rollouts run to their budgets, so the cut is small:
 the figures that matter come from a trained quickstart run. The last stdout line is one JSON
@@ -61,7 +66,7 @@ from attention import machine  # noqa: E402 (benchmarks/attention.py, beside thi
 from dgpo_jax.config import load_config  # noqa: E402
 from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # noqa: E402
 
-PLAIN = {"quickstart.rl_remat": "none", "quickstart.rl_attention": "auto"}
+PLAIN = {"model.remat": "none", "model.attention": "auto", "sampler.decode_path": "cpu"}
 VARIANTS = {
     "before": {"train.width_buckets": 0, "train.behaviour_from_update": False, **PLAIN},
     "width_buckets": {"train.behaviour_from_update": False, **PLAIN},
@@ -192,9 +197,12 @@ def prepare(workdir: str, steps: int, quick: bool):
     return base, len(prep.tokenizer)
 
 
-def run_variant(base, name: str, student: str, teacher: str) -> dict:
-    """One variant's DGPO stage in ``WORKDIR/bench_rl_NAME``, summarised."""
-    changes = VARIANTS[name]
+def run_variant(base, name: str, student: str, teacher: str, quick: bool = False) -> dict:
+    """One variant's DGPO stage in ``WORKDIR/bench_rl_NAME``, summarised (``quick``: on the
+    base's decode path)."""
+    changes = dict(VARIANTS[name])
+    if quick:
+        changes.pop("sampler.decode_path", None)
     c = stage_config(base, f"bench_rl_{name}", **changes)
     rl_stage(c, ".", "dgpo", student, teacher, base.seed)
     return dict(summarise(c.workdir), settings=changes)
@@ -236,11 +244,11 @@ def main() -> None:
         preset = f"preset:{base.quickstart.teacher_preset}"
         save_params_checkpoint(*load_model(preset, "float32", vocab, seed=1), teacher)
     out = {"machine": machine(), "steps": steps, "variants": {}}
-    for name in VARIANTS:
+    for name in ("before", "default") if args.quick else VARIANTS:
         print(f"--- {name}: {steps} DGPO steps", flush=True)
         t0 = cpu_times()
         if args.quick:
-            out["variants"][name] = run_variant(base, name, student, teacher)
+            out["variants"][name] = run_variant(base, name, student, teacher, quick=True)
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", name]
             cmd += ["--steps", str(steps), "--workdir", workdir]

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import dgpo_jax
+from dgpo_jax.models.qwen2 import forward_with_cache, init_cache
 from dgpo_jax.parallel.sharding import plan_from_config
 from dgpo_jax.retrieval.formatting import INVALID_ACTION_NOTICE
 from dgpo_jax.sampler import Sampler, SamplerConfig, stop_sequences_for
-from dgpo_jax.sampler.loop import sub_batch_sizes
+from dgpo_jax.sampler.loop import rollout_program, sub_batch_sizes
 from dgpo_jax.sampler.sampling import sampling_logprobs
 from dgpo_jax.sampler.stops import ends_with_any
 from tests.conftest import make_hf_model
@@ -326,6 +327,28 @@ def test_max_turns_then_final_turn_without_search(chain_models):
     assert out.turn_texts[0] == ["<search>zorp</search>"] * 3
     assert out.arrays.turn_ids[0, : out.arrays.length[0]].max() == 2
     check_logprobs_against_hf(hf, out, 0, out.arrays.loss_mask[0])
+
+
+def test_update_only_model_settings_share_one_rollout_program(chain_models):
+    """remat and the attention kernel are read only by the uncached forward (training,
+    scoring): the cached forward gives the same logits with them set, and a Sampler built from a
+    config that sets them reuses the plain config's compiled rollout (one program per model
+    for a run's rollouts and evaluations) and rolls out the same tokens."""
+    hf, model_config, params = chain_models["always_search"]
+    trained = model_config.replace(remat="full", attention="chunked", attention_block=4)
+    assert trained.for_decoding() == model_config
+    ids = jnp.asarray(TOK.encode("where is zorp? <search>zorp</search>"))[None]
+    logits = [
+        forward_with_cache(c, params, ids, init_cache(c, 1, 64))[0] for c in (model_config, trained)
+    ]
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+    cfg = config(max_turns=2, decode_path=SCANNED)
+    plain = Sampler(model_config, cfg, TOK, ScriptedRetriever()).generate(params, ["where?"])
+    programs = rollout_program._cache_size()
+    again = Sampler(trained, cfg, TOK, ScriptedRetriever()).generate(params, ["where?"])
+    assert rollout_program._cache_size() == programs
+    np.testing.assert_array_equal(again.arrays.tokens, plain.arrays.tokens)
 
 
 def test_observation_truncation_and_budgets(chain_models):

@@ -13,7 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from dgpo_jax.learner.batches import fit_width, right_align, width_buckets
+from dgpo_jax.learner.batches import (
+    data_width,
+    fit_width,
+    right_align,
+    trim_to_bucket,
+    width_buckets,
+)
 from dgpo_jax.learner.optim import OptimConfig
 from dgpo_jax.learner.update_step import (
     abstract_update_state,
@@ -663,6 +669,30 @@ def test_compile_ahead_of_time_on_a_mesh_then_run_that_program(models):
     assert len(BACKEND_COMPILES) > n  # (the listener does see compiles)
     for k in ("loss", "grad_norm", "kl_loss", "entropy"):
         np.testing.assert_allclose(float(metrics[k]), float(want[k]), rtol=1e-6, err_msg=k)
+
+
+def test_trim_to_bucket_counts_down_from_the_data_width():
+    """Hand cases: buckets are multiples of 64 by default; anchored at the data's width (its
+    longest sequence rounded up to 16) they are that width less whole multiples of 64, so a
+    batch whose longest row is near the data's longest takes the data's width; a batch longer
+    than the anchor (not from that data) falls back to the multiples."""
+    lengths = np.array([91, 100, 150, 120])
+    mask = (np.arange(192)[None] < lengths[:, None]).astype(np.int32)
+    data = {"input_ids": mask * 7, "attention_mask": mask, "rewards": np.ones(4)}
+    assert data_width(mask) == 160 and data_width(mask, 64) == 192
+    rows = lambda *i: {k: v[list(i)] for k, v in data.items()}
+    width = lambda b, **kw: trim_to_bucket(b, **kw)["input_ids"].shape[1]
+    assert [width(rows(2)), width(rows(1)), width(rows(0))] == [192, 128, 128]
+    top = data_width(mask)
+    assert [width(rows(2), top=top), width(rows(1, 3), top=top), width(rows(0), top=top)] == [
+        160,
+        160,
+        96,
+    ]
+    assert width(rows(0), top=top, multiple=32) == 96 and width(rows(1), top=80) == 128
+    trimmed = trim_to_bucket(rows(0, 2), top=top)
+    np.testing.assert_array_equal(trimmed["attention_mask"], mask[[0, 2], :160])
+    np.testing.assert_array_equal(trimmed["rewards"], [1, 1])
 
 
 def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):

@@ -262,11 +262,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.quickstart.rl_batch_size = 32  # prompts per RL step (one rollout each)
     c.quickstart.rl_actor_lr = 1e-4
     c.quickstart.rl_critic_lr = 1e-3
-    # The RL stages' model.remat / model.attention / model.attention_block (speed only: the
-    # same computation; configs/quickstart.py picks the fastest on a 2-core CPU).
-    c.quickstart.rl_remat = "none"
-    c.quickstart.rl_attention = "auto"
-    c.quickstart.rl_attention_block = 512
 
     # mode=compare (dgpo_jax.launch.compare): the quickstart's stages over several seeds, one
     # world (config.seed's), sized by the quickstart.* fields above.

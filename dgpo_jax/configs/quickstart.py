@@ -47,6 +47,18 @@ def get_config():
     # similar length and far shorter than the cache, so packing saves little, and the numbers
     # stay comparable with the earlier runs (docs/training_at_scale.md).
     cfg.train.pack = False
+    # Every update on CPU (the teacher's, the cold start's, the RL stages'): each layer
+    # recomputed in the backward pass and blockwise attention in 64-position blocks beat
+    # storing the layers' activations and the materialised scores (the RL update 1.70 ->
+    # 1.48 s on a 2-core Intel Xeon, the teacher's step 0.23 -> 0.18 s on a 2-core AMD EPYC;
+    # docs/design.md, 2026-12-03).
+    cfg.model.remat = "full"
+    cfg.model.attention = "chunked"
+    cfg.model.attention_block = 64
+    # The scanned decode path: it compiles in a quarter of the cpu path's time and decodes as
+    # fast at these sizes (evaluation at batch 100; the RL rollouts at 32), and the quickstart's
+    # rollouts are mostly compile (docs/design.md, 2026-12-03).
+    cfg.sampler.decode_path = "accelerator"
     cfg.logging.progress = True
 
     # The quickstart's own stages (dgpo_jax.config.schema documents each field).
@@ -67,10 +79,4 @@ def get_config():
     cfg.quickstart.rl_batch_size = 32
     cfg.quickstart.rl_actor_lr = 1e-4
     cfg.quickstart.rl_critic_lr = 1e-3
-    # The RL update on CPU: recomputing each layer in the backward pass and blockwise attention
-    # in 64-position blocks beat storing the layers' activations and the materialised scores
-    # (DGPO stage: 1.70 -> 1.48 s a step, benchmarks/rl_step.py; docs/design.md, 2026-12-03).
-    cfg.quickstart.rl_remat = "full"
-    cfg.quickstart.rl_attention = "chunked"
-    cfg.quickstart.rl_attention_block = 64
     return cfg

@@ -18,6 +18,12 @@ def get_config():
     cfg = compare_config()
     cfg.workdir = "runs/quickstart_gpu"
     cfg.model.dtype = "bfloat16"  # compute; float32 master weights (model.param_dtype)
+    # The CPU quickstart's speed settings undone: stored activations, the platform's attention
+    # kernel (cuDNN on a GPU), the decode path chosen by the platform.
+    cfg.model.remat = "none"
+    cfg.model.attention = "auto"
+    cfg.model.attention_block = 512
+    cfg.sampler.decode_path = "auto"
     cfg.compare.seeds = "0,1,2"
     cfg.compare.methods = "dgpo,ppo,opd,exopd,kd"
     q = cfg.quickstart

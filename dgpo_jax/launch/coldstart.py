@@ -18,7 +18,12 @@ from dgpo_jax.errors import NothingToTrainError
 from dgpo_jax.evaluation.evaluate import rollout_records
 from dgpo_jax.launch.context import RunContext
 from dgpo_jax.launch.metrics_log import MetricsLogger
-from dgpo_jax.learner.batches import SEQ_MULTIPLE, resolve_micro_batches, trim_to_bucket
+from dgpo_jax.learner.batches import (
+    SEQ_MULTIPLE,
+    data_width,
+    resolve_micro_batches,
+    trim_to_bucket,
+)
 from dgpo_jax.learner.packing import pack_for_update, pack_width, trajectory_lengths
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.objectives.config import ObjectiveConfig
@@ -101,7 +106,8 @@ def kd_train(
     With ``train.pack`` each step's sequences are packed into ``batch_size`` rows as wide as
     the longest of all the sequences (one shape for the whole run: one compiled program; the
     micro-batches of empty rows are skipped); otherwise each step's rows are trimmed to its
-    longest sequence. The student's master weights stay in
+    longest sequence's bucket, counted down from the data's width (`trim_to_bucket`). The
+    student's master weights stay in
     ``model.param_dtype``; the step computes in ``model.dtype``."""
     n = len(seqs["input_ids"])
     batch_size = min(batch_size, n)
@@ -122,6 +128,7 @@ def kd_train(
     )
     # Packed: every step has the shape [batch_size, the longest sequence]: one program.
     width = pack_width(trajectory_lengths(seqs["attention_mask"]))
+    top = data_width(seqs["attention_mask"])  # unpacked: widths counted down from it
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     logger = MetricsLogger(
         cfg.workdir,
@@ -147,7 +154,7 @@ def kd_train(
                     "padded_positions_per_real_token"
                 ]
             else:
-                batch = trim_to_bucket(part)
+                batch = trim_to_bucket(part, top=top)
                 state, m = update(state, batch, run.teacher_params)
                 m = dict(jax.device_get(m))
                 real = max(int(batch["attention_mask"].sum()), 1)

@@ -148,9 +148,7 @@ class RunContext:
         """``config`` with the run's attention kernel (``model.attention``, its block
         ``model.attention_block``)."""
         model = self.cfg.model
-        return config.replace(
-            attention=model.attention, attention_block=model.get("attention_block", 512)
-        )
+        return config.replace(attention=model.attention, attention_block=model.attention_block)
 
     def compute(self, params):
         """``params`` in the compute dtype (a cast copy of float32 masters; the same arrays

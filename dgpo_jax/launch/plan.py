@@ -1023,7 +1023,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
 
     def model(role, source, dtype):
         config = _with_attention(model_config_from_source(source, f"model.{role}"), kernel, plan)
-        config = config.replace(attention_block=cfg.model.get("attention_block", 512))
+        config = config.replace(attention_block=cfg.model.attention_block)
         return {"config": config, "params": abstract_params(config, dtype, plan)}
 
     # --- the resident state -------------------------------------------------------------------

@@ -47,7 +47,7 @@ from dgpo_jax.launch.coldstart import run_coldstart
 from dgpo_jax.launch.evaluate import run_eval
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.launch.train import run_train
-from dgpo_jax.learner.batches import trim_to_bucket
+from dgpo_jax.learner.batches import data_width, trim_to_bucket
 from dgpo_jax.learner.optim import OptimConfig
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.models import get_preset, init_params
@@ -162,9 +162,10 @@ def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str, params=None
     n = len(seqs["input_ids"])
     bs = min(qcfg.teacher_batch_size, n)
     tokens = 0
+    top = data_width(seqs["attention_mask"])
     for step in range(steps):
         idx = rng.choice(n, bs, replace=False)
-        state, m = update(state, trim_to_bucket({k: v[idx] for k, v in seqs.items()}))
+        state, m = update(state, trim_to_bucket({k: v[idx] for k, v in seqs.items()}, top=top))
         tokens += int(seqs["attention_mask"][idx].sum())
         if step % 10 == 0 or step == steps - 1:
             logger.write(step + 1, jax.device_get(m), tokens=tokens)
@@ -271,7 +272,13 @@ def prepare_world(cfg) -> Prepared:
         f"to {top[1]['majority_share']:.1%} of its questions ({top[0]}); guessing it scores EM "
         f"{stats['majority_test_em']:.3f} on the held-out questions (world.json)"
     )
-    teacher_config = get_preset(q.teacher_preset, vocab_size=len(tokenizer))
+    teacher_config = get_preset(
+        q.teacher_preset,
+        vocab_size=len(tokenizer),
+        remat=cfg.model.remat,  # the teacher stage's update, like every other stage's
+        attention=cfg.model.attention,
+        attention_block=cfg.model.attention_block,
+    )
     return Prepared(base, world, tokenizer, retriever, teacher_config)
 
 
@@ -363,7 +370,7 @@ def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
 
 def rl_stage(base, name: str, preset: str, student: str, teacher_dir: str, seed: int) -> dict:
     """``mode=train`` with objective ``preset`` from the checkpoint ``student``, at the
-    quickstart's RL sizes and update settings (``quickstart.rl_*``; one update per step)."""
+    quickstart's RL sizes (``quickstart.rl_*``; one update per step)."""
     q = base.quickstart
     return run_train(
         stage_config(
@@ -383,9 +390,6 @@ def rl_stage(base, name: str, preset: str, student: str, teacher_dir: str, seed:
                 "train.save_every": max(1, q.rl_steps // 2),
                 "optim.actor_lr": q.rl_actor_lr,
                 "optim.critic_lr": q.rl_critic_lr,
-                "model.remat": q.rl_remat,
-                "model.attention": q.rl_attention,
-                "model.attention_block": q.rl_attention_block,
             },
         )
     )

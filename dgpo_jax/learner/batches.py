@@ -125,11 +125,26 @@ def pad_batch_to(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.nd
     return out
 
 
-def trim_to_bucket(batch: dict[str, np.ndarray], multiple: int = 64) -> dict[str, np.ndarray]:
-    """Cut right padding down to the batch's longest sequence rounded up to ``multiple``: few
-    distinct widths (few compilations), no compute spent on the dataset's longest sequence."""
+def data_width(attention_mask: np.ndarray, multiple: int = 16) -> int:
+    """The longest sequence of a dataset, rounded up to ``multiple`` positions."""
+    longest = int(np.asarray(attention_mask).sum(1).max())
+    return longest + (-longest) % multiple
+
+
+def trim_to_bucket(
+    batch: dict[str, np.ndarray], multiple: int = SEQ_MULTIPLE, top: int | None = None
+) -> dict[str, np.ndarray]:
+    """Cut right padding down to the batch's longest sequence rounded up to a bucket: a multiple
+    of ``multiple``, or with ``top`` (the dataset's width, `data_width`) ``top`` less a whole
+    number of ``multiple``s. Few distinct widths (few compilations), no compute spent on the
+    dataset's padding. Anchored at ``top``, random batches (whose longest row is nearly always
+    near the dataset's longest) take that one width instead of the next multiple above it."""
     longest = int(np.asarray(batch["attention_mask"]).sum(1).max())
-    width = min(batch["input_ids"].shape[1], longest + (-longest) % multiple)
+    if top is None or longest > top:
+        width = longest + (-longest) % multiple
+    else:
+        width = top - multiple * ((top - longest) // multiple)
+    width = min(batch["input_ids"].shape[1], width)
     return {k: (v[:, :width] if np.ndim(v) == 2 else v) for k, v in batch.items()}
 
 

@@ -13,6 +13,8 @@ from dgpo_jax.errors import MissingFileError, ModelFormatError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
+# Read only by the uncached forward (training, scoring); see `Qwen2Config.for_decoding`.
+_UNCACHED_ONLY = ("remat", "attention", "attention_block")
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Where to_hf_dict records the source's generation config (checkpoint metadata; not config.json).
 GENERATION_CONFIG_KEY = "dgpo_generation_config"
@@ -112,6 +114,15 @@ class Qwen2Config:
         if shape_changed and derived and "head_dim" not in kw:
             kw["head_dim"] = None
         return dataclasses.replace(self, **kw)
+
+    def for_decoding(self) -> Qwen2Config:
+        """This config with the fields that only the uncached forward reads (``remat``,
+        ``attention``, ``attention_block``: training and scoring) at their defaults. The cached
+        decode path reads none of them, so the sampler compiles one program for a model
+        whatever the update's settings (a run's rollouts and evaluations share it)."""
+        return self.replace(
+            **{f.name: f.default for f in dataclasses.fields(self) if f.name in _UNCACHED_ONLY}
+        )
 
     def num_params(self) -> int:
         d, f, l = self.hidden_size, self.intermediate_size, self.num_hidden_layers

@@ -165,12 +165,14 @@ class Sampler:
                 f"SamplerConfig.teacher_turn_prob={config.teacher_turn_prob} needs a "
                 "teacher_config (and teacher_params in generate)"
             )
-        self.model_config = model_config
+        # The cached decode reads no training-only field (remat, attention kernel): one
+        # compiled rollout per model, whatever the run's update settings.
+        self.model_config = model_config.for_decoding()
         self.config = config
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.plan = plan
-        self.teacher_config = teacher_config
+        self.teacher_config = None if teacher_config is None else teacher_config.for_decoding()
         self.topk = topk
         self.on_retriever_error = on_retriever_error
         self.search_attempts = search_attempts
