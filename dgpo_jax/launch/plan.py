@@ -818,11 +818,12 @@ def plan_update_programs(
     shapes: StepShapes,
     has_ref: bool,
     wanted: set[str],
+    on_policy: bool,
 ):
-    """(abstract update state, [prepare, update, loss programs] of those ``wanted``)."""
+    """(abstract update state, [prepare, update, loss programs] of those ``wanted``);
+    ``on_policy``: the update takes its behaviour log-probs from its own forward."""
     in_program = objective.teacher_in_update and teacher is not None
     tx = optim_config(cfg, cfg.train.steps * shapes.updates)
-    on_policy = on_policy_update(cfg, objective.uses_policy, shapes.updates, shapes.micro)
     update = make_update_step(
         objective,
         student["config"],
@@ -1054,6 +1055,8 @@ def build_memory_plan(cfg) -> MemoryPlan:
             note = cfg.model.reference
         resident["reference params"] = bytes_per_device(reference["params"])
         result.notes["reference params"] = f"{note}, {compute_dtype.name}"
+    # One update per step with one micro-batch: the trainer's on-policy update (no scoring).
+    on_policy = on_policy_update(cfg, objective.uses_policy, shapes.updates, shapes.micro)
     state, update_programs = plan_update_programs(
         compiler,
         cfg,
@@ -1065,6 +1068,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
         shapes,
         reference is not None,
         wanted,
+        on_policy,
     )
     policy_bytes = bytes_per_device(state.train.params["policy"])
     critic = {k: v for k, v in state.train.params.items() if k != "policy"}
@@ -1148,9 +1152,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
     if "score" in wanted:
         behaviour = None
         # An on-policy update (one per step) takes the behaviour log-probs from its forward.
-        if objective.uses_policy and not on_policy_update(
-            cfg, objective.uses_policy, shapes.updates, shapes.micro
-        ):
+        if objective.uses_policy and not on_policy:
             behaviour = plan_scoring(
                 compiler,
                 "score: behaviour log-probs",
