@@ -77,8 +77,9 @@ def get_config():
     # reaches 0.9, at most 3 cycles: after one cycle seeds 0, 1 and 7 stood at 0.87, 0.60 and
     # 0.52 on training questions, after two at 1.0, 1.0 and 0.95; seed 2 needed three (0.30,
     # 0.72, 0.99) (benchmarks/teacher_seeds.py, docs/quickstart.md 2026-12-03). Chosen on
-    # training questions only. A cycle takes about two minutes on 2 CPU cores since the stages'
-    # update settings below (docs/design.md, 2026-12-03), so the check fits the 10-minute budget.
+    # training questions only. With the update settings above a cycle takes about two minutes on
+    # 2 CPU cores; re-measured with them, seeds 0, 1, 2, 7 pass after 1, 2, 3, 3 cycles
+    # (docs/quickstart.md, 2026-12-03 later).
     cfg.quickstart.teacher_min_train_em = 0.9
     cfg.quickstart.teacher_max_rounds = 3
     # The RL stages (DGPO, and PPO as the baseline) use the reference schedule shape (actor
