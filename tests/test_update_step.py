@@ -14,13 +14,14 @@ import optax
 import pytest
 
 from dgpo_jax.learner.batches import (
-    data_width,
+    TOP_MULTIPLE,
     fit_width,
     right_align,
     trim_to_bucket,
     width_buckets,
 )
 from dgpo_jax.learner.optim import OptimConfig
+from dgpo_jax.learner.packing import pack_width, trajectory_lengths
 from dgpo_jax.learner.update_step import (
     abstract_update_state,
     create_update_state,
@@ -679,11 +680,11 @@ def test_trim_to_bucket_counts_down_from_the_data_width():
     lengths = np.array([91, 100, 150, 120])
     mask = (np.arange(192)[None] < lengths[:, None]).astype(np.int32)
     data = {"input_ids": mask * 7, "attention_mask": mask, "rewards": np.ones(4)}
-    assert data_width(mask) == 160 and data_width(mask, 64) == 192
+    top = pack_width(trajectory_lengths(mask), TOP_MULTIPLE)
+    assert top == 160 and pack_width(trajectory_lengths(mask)) == 192
     rows = lambda *i: {k: v[list(i)] for k, v in data.items()}
     width = lambda b, **kw: trim_to_bucket(b, **kw)["input_ids"].shape[1]
     assert [width(rows(2)), width(rows(1)), width(rows(0))] == [192, 128, 128]
-    top = data_width(mask)
     assert [width(rows(2), top=top), width(rows(1, 3), top=top), width(rows(0), top=top)] == [
         160,
         160,

@@ -20,7 +20,7 @@ from dgpo_jax.launch.context import RunContext
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import (
     SEQ_MULTIPLE,
-    data_width,
+    TOP_MULTIPLE,
     resolve_micro_batches,
     trim_to_bucket,
 )
@@ -127,8 +127,9 @@ def kd_train(
         compute_dtype=run.compute_dtype,
     )
     # Packed: every step has the shape [batch_size, the longest sequence]: one program.
-    width = pack_width(trajectory_lengths(seqs["attention_mask"]))
-    top = data_width(seqs["attention_mask"])  # unpacked: widths counted down from it
+    lengths = trajectory_lengths(seqs["attention_mask"])
+    width = pack_width(lengths)
+    top = pack_width(lengths, TOP_MULTIPLE)  # unpacked: widths counted down from it
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     logger = MetricsLogger(
         cfg.workdir,

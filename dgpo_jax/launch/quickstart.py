@@ -47,8 +47,9 @@ from dgpo_jax.launch.coldstart import run_coldstart
 from dgpo_jax.launch.evaluate import run_eval
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.launch.train import run_train
-from dgpo_jax.learner.batches import data_width, trim_to_bucket
+from dgpo_jax.learner.batches import TOP_MULTIPLE, trim_to_bucket
 from dgpo_jax.learner.optim import OptimConfig
+from dgpo_jax.learner.packing import pack_width, trajectory_lengths
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.models import get_preset, init_params
 from dgpo_jax.objectives.presets import get_objective
@@ -162,7 +163,7 @@ def train_teacher(qcfg, model_config, seqs, seed: int, workdir: str, params=None
     n = len(seqs["input_ids"])
     bs = min(qcfg.teacher_batch_size, n)
     tokens = 0
-    top = data_width(seqs["attention_mask"])
+    top = pack_width(trajectory_lengths(seqs["attention_mask"]), TOP_MULTIPLE)
     for step in range(steps):
         idx = rng.choice(n, bs, replace=False)
         state, m = update(state, trim_to_bucket({k: v[idx] for k, v in seqs.items()}, top=top))

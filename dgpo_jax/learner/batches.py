@@ -14,6 +14,8 @@ from dgpo_jax.evaluation import exact_match, extract_answer
 log = logging.getLogger(__name__)
 
 SEQ_MULTIPLE = 64  # update batches are padded to a multiple of this many positions
+# A dataset's width for `trim_to_bucket(top=...)`: its longest sequence rounded up to this.
+TOP_MULTIPLE = 16
 
 
 def micro_batches(rows: int, per_micro: int) -> int:
@@ -125,20 +127,15 @@ def pad_batch_to(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.nd
     return out
 
 
-def data_width(attention_mask: np.ndarray, multiple: int = 16) -> int:
-    """The longest sequence of a dataset, rounded up to ``multiple`` positions."""
-    longest = int(np.asarray(attention_mask).sum(1).max())
-    return longest + (-longest) % multiple
-
-
 def trim_to_bucket(
     batch: dict[str, np.ndarray], multiple: int = SEQ_MULTIPLE, top: int | None = None
 ) -> dict[str, np.ndarray]:
     """Cut right padding down to the batch's longest sequence rounded up to a bucket: a multiple
-    of ``multiple``, or with ``top`` (the dataset's width, `data_width`) ``top`` less a whole
-    number of ``multiple``s. Few distinct widths (few compilations), no compute spent on the
-    dataset's padding. Anchored at ``top``, random batches (whose longest row is nearly always
-    near the dataset's longest) take that one width instead of the next multiple above it."""
+    of ``multiple``, or with ``top`` (the dataset's width: ``packing.pack_width(lengths,
+    TOP_MULTIPLE)``) ``top`` less a whole number of ``multiple``s. Few distinct widths (few
+    compilations), no compute spent on the dataset's padding. Anchored at ``top``, random
+    batches (whose longest row is nearly always near the dataset's longest) take that one width
+    instead of the next multiple above it."""
     longest = int(np.asarray(batch["attention_mask"]).sum(1).max())
     if top is None or longest > top:
         width = longest + (-longest) % multiple
