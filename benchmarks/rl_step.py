@@ -11,7 +11,8 @@ rollouts a step, one update a step) from the same student, teacher, world and se
 directory, on the same questions; the seconds come from its ``metrics.jsonl`` (``step_seconds``:
 the whole step; ``update_seconds``: the scoring passes and the update). The first step (the
 compiles of the rollout and the first update) is reported apart; ``median_*`` are over the
-later steps (a new batch width compiles the update once more: see ``compiled_widths``).
+later steps (a new batch width or grouping compiles the update once more: ``recompiling_steps``
+counts the later steps that took over 3x the median).
 
 Variants, each in a fresh process (its own compiles; with ``--quick`` all in one):
   ``before``: the settings before 2026-12-03: the update batch is the rollout buffer as it
@@ -24,10 +25,13 @@ Variants, each in a fresh process (its own compiles; with ``--quick`` all in one
       passes still.
   ``on_policy``: width buckets, and the behaviour log-probs and old values from the update's
       own forward (one update per step: ``train.behaviour_from_update``, the default).
-  ``default``: the quickstart's settings: on-policy, each layer rematerialised in the
-      backward pass and blockwise attention in 64-position blocks (``model.remat=full``,
+  ``remat_chunked``: on-policy, each layer rematerialised in the backward pass and
+      blockwise attention in 64-position blocks (``model.remat=full``,
       ``model.attention=chunked``, ``model.attention_block=64``), the scanned decode path
-      (``sampler.decode_path=accelerator``).
+      (``sampler.decode_path=accelerator``); one group of rows (``train.length_groups=1``).
+  ``default``: the quickstart's settings: as ``remat_chunked``, and the update's model passes
+      over two groups of rows sorted by length, each cut to its own width bucket
+      (``train.length_groups=2``).
 
 ``--quick`` runs ``before`` and ``default`` only, both on the scanned decode path (it compiles
 faster), in one process.
@@ -42,9 +46,10 @@ time stolen by its neighbours) moves their ratio; each variant reports ``cpu_ste
 share of the machine's CPU time stolen while it ran (``/proc/stat``; ``null`` where there is
 none). ``interleaved`` times the DGPO update alone at the quickstart's shape (32 rows x 192
 positions, random weights, the step's rows of 45-190 real tokens) with the separate behaviour
-pass (scoring program + update with its critic pre-pass) against the on-policy update, the two
-programs called in turn so that a drift falls on both: ``fused_update_speedup`` is the ratio of
-their medians.
+pass (scoring program + update with its critic pre-pass), the on-policy update, and the
+on-policy update on the rows sorted by length in two groups, the programs called in turn so
+that a drift falls on all: ``fused_update_speedup`` and ``grouped_update_speedup`` are the
+ratios of the separate passes' and the one-group update's medians to the next one's.
 """
 
 from __future__ import annotations
@@ -68,9 +73,15 @@ from dgpo_jax.launch.quickstart import prepare_world, rl_stage, stage_config  # 
 
 PLAIN = {"model.remat": "none", "model.attention": "auto", "sampler.decode_path": "cpu"}
 VARIANTS = {
-    "before": {"train.width_buckets": 0, "train.behaviour_from_update": False, **PLAIN},
-    "width_buckets": {"train.behaviour_from_update": False, **PLAIN},
-    "on_policy": PLAIN,
+    "before": {
+        "train.width_buckets": 0,
+        "train.behaviour_from_update": False,
+        "train.length_groups": 1,
+        **PLAIN,
+    },
+    "width_buckets": {"train.behaviour_from_update": False, "train.length_groups": 1, **PLAIN},
+    "on_policy": {"train.length_groups": 1, **PLAIN},
+    "remat_chunked": {"train.length_groups": 1},
     "default": {},
 }
 QUICK = [
@@ -97,17 +108,20 @@ def steal_share(before, after) -> float | None:
 
 
 def interleaved_update(vocab: int, reps: int, rows: int = 32, width: int = 192) -> dict:
-    """The quickstart's DGPO update alone, separate behaviour pass vs on-policy, in turn."""
+    """The quickstart's DGPO update alone (its model settings: remat, blockwise attention):
+    separate behaviour pass, on-policy, on-policy in two length groups, in turn."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from dgpo_jax.learner.batches import length_groups, width_buckets  # noqa: PLC0415
     from dgpo_jax.learner.scoring import sequence_logprobs  # noqa: PLC0415
     from dgpo_jax.learner.update_step import create_update_state, make_update_step  # noqa: PLC0415
     from dgpo_jax.models import get_preset, init_params  # noqa: PLC0415
     from dgpo_jax.objectives import get_objective  # noqa: PLC0415
 
-    sc = get_preset("quickstart-student", vocab_size=vocab)
-    tc = get_preset("quickstart-teacher", vocab_size=vocab)
+    kw = dict(vocab_size=vocab, remat="full", attention="chunked", attention_block=64)
+    sc = get_preset("quickstart-student", **kw)
+    tc = get_preset("quickstart-teacher", **kw)
     sp, tp = init_params(sc, jax.random.key(0)), init_params(tc, jax.random.key(1))
     cfg = get_objective("dgpo")
     r = np.random.default_rng(0)
@@ -121,19 +135,22 @@ def interleaved_update(vocab: int, reps: int, rows: int = 32, width: int = 192) 
         loss_mask=loss_mask,
         rewards=(r.random(rows) < 0.5).astype(np.float32),
     )
+    grouped, groups = length_groups(batch, 2, width_buckets(320, 4))
     calls = {}
-    for name, on_policy in (("separate_passes", False), ("on_policy", True)):
+    variants = (("separate_passes", False, 1), ("on_policy", True, 1), ("grouped", True, 2))
+    for name, on_policy, n_groups in variants:
         step = make_update_step(cfg, sc, tc, on_policy=on_policy)
         holder = {"state": create_update_state(cfg, jax.tree.map(jnp.copy, sp), step.tx, 0)}
 
-        def call(step=step, holder=holder, on_policy=on_policy):
-            b = dict(batch)
+        def call(step=step, holder=holder, on_policy=on_policy, n_groups=n_groups):
+            b = dict(grouped if n_groups > 1 else batch)
             if not on_policy:  # the trainer's scoring pass, then the update
                 ids, am = jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"])
                 b["old_logprobs"] = sequence_logprobs(
                     sc, holder["state"].params["policy"], ids, am, micro_batch=rows
                 )
-            holder["state"], metrics = step(holder["state"], b, tp)
+            g = groups if n_groups > 1 else None
+            holder["state"], metrics = step(holder["state"], b, tp, row_groups=g)
             jax.block_until_ready(metrics["loss"])
 
         call()  # compiles
@@ -148,10 +165,10 @@ def interleaved_update(vocab: int, reps: int, rows: int = 32, width: int = 192) 
         name: {"min_s": round(min(ts), 3), "median_s": round(float(np.median(ts)), 3)}
         for name, ts in times.items()
     }
-    out.update(rows=rows, width=width, reps=reps)
-    out["fused_update_speedup"] = round(
-        out["separate_passes"]["median_s"] / out["on_policy"]["median_s"], 2
-    )
+    out.update(rows=rows, width=width, reps=reps, groups=[list(g) for g in groups])
+    ratio = lambda a, b: round(out[a]["median_s"] / out[b]["median_s"], 2)
+    out["fused_update_speedup"] = ratio("separate_passes", "on_policy")
+    out["grouped_update_speedup"] = ratio("on_policy", "grouped")
     return out
 
 
@@ -172,6 +189,15 @@ def summarise(workdir: str) -> dict:
         "padded_positions_per_real_token": round(
             float(np.mean([r["padded_positions_per_real_token"] for r in steps])), 3
         ),
+        # the padding the update's model passes ran over (after the length groups)
+        "passes_padded_positions_per_real_token": round(
+            float(
+                np.mean([r.get("passes_padded_positions_per_real_token", np.nan) for r in steps])
+            ),
+            3,
+        ),
+        # later steps 3x slower than the median: a new width or grouping compiled
+        "recompiling_steps": int(sum(r["step_seconds"] > 3 * med("step_seconds") for r in later)),
         "total_s": round(sum(r["step_seconds"] for r in steps), 1),
     }
 

@@ -95,6 +95,8 @@ def _valid(tmp_path):
         ("train.score_micro_batch_size", -1, "config.train.score_micro_batch_size: must be an int"),
         ("train.pack_width", 8, "config.train.pack_width: 8 is shorter than sampler.cache_len"),
         ("train.width_buckets", -1, "config.train.width_buckets: must be an int >= 0, got -1"),
+        ("train.length_groups", 0, "config.train.length_groups: must be an int >= 1, got 0"),
+        ("train.length_groups", 2, "config.train.length_groups: 2 groups need train.pack=False"),
         ("model.attention_block", 0, "config.model.attention_block: must be an int >= 1, got 0"),
     ],
 )

@@ -15,7 +15,10 @@ import pytest
 
 from dgpo_jax.learner.batches import (
     TOP_MULTIPLE,
+    RowGrouper,
+    best_row_groups,
     fit_width,
+    length_groups,
     right_align,
     trim_to_bucket,
     width_buckets,
@@ -759,6 +762,123 @@ def test_right_aligned_and_trimmed_batch_gives_the_same_step(models):
     # float32 sums in another order; the step itself moves the weights by far more
     assert max_abs_diff(p_cut, p_full) < 1e-5
     assert max_abs_diff(p_full["policy"], sp) > 1e-2
+
+
+def _fewest_positions(sorted_lengths, groups, widths, quantum):
+    """Brute force: the fewest positions (sum of rows x width) over every cut of the sorted
+    rows into at most ``groups`` runs of multiples of ``quantum`` rows."""
+    import itertools  # noqa: PLC0415
+
+    rows = len(sorted_lengths)
+    cuts = [c for c in range(quantum, rows, quantum)]
+    best = None
+    for k in range(groups):
+        for inner in itertools.combinations(cuts, k):
+            bounds = (0, *inner, rows)
+            cost = sum(
+                (b - a) * min(w for w in widths if w >= max(sorted_lengths[b - 1], 1))
+                for a, b in zip(bounds, bounds[1:])
+            )
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_length_groups_on_hand_batches():
+    """Rows sorted by length, runs of whole quanta of rows, each run at the smallest bucket
+    holding its longest row, the fewest positions (against a brute force over every cut);
+    a compiled grouping reused when it holds the rows within the slack."""
+    lengths = np.array([11, 3, 7, 0, 12, 5])
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+    batch = {"attention_mask": mask, "rewards": np.arange(6.0), "taid_t": np.float32(0.5)}
+    out, groups = length_groups(batch, 3, (4, 8, 12))
+    assert groups == ((2, 4), (2, 8), (2, 12))  # lengths (0, 3), (5, 7), (11, 12): 48 positions
+    np.testing.assert_array_equal(out["rewards"], [3, 1, 5, 2, 0, 4])
+    np.testing.assert_array_equal(out["attention_mask"].sum(1), [0, 3, 5, 7, 11, 12])
+    assert out["taid_t"] == np.float32(0.5)
+    assert length_groups(batch, 6, (4, 8, 12))[1] == groups  # no cheaper cut with more runs
+    assert length_groups(batch, 2, (6,))[1] == ((3, 6), (3, 12))  # past the buckets: the width
+    long = {"attention_mask": np.ones((4, 8), np.int32)}
+    assert length_groups(long, 2, (4, 8))[1] == ()  # one width holds every row
+    assert length_groups(batch, 1, (4, 8, 12)) == (batch, ())
+    r = np.random.default_rng(0)
+    for trial in range(20):
+        n, g = int(r.integers(2, 33)), int(r.integers(1, 4))
+        ls = np.sort(r.integers(0, 200, n))
+        widths = (64, 128, 192, 256)
+        found = best_row_groups(ls, g, widths)
+        whole = ((n, min(w for w in widths if w >= max(ls[-1], 1))),)
+        quantum = max(1, n // 8)
+        positions = sum(a * b for a, b in found or whole)
+        assert positions == _fewest_positions(ls, g, widths, quantum), (trial, ls, g, found)
+        assert all(a % quantum == 0 for a, _ in found[:-1]) and len(found) <= g
+    # compiled groupings: reused within 10% more positions, when they hold the rows
+    eight = {"attention_mask": (np.arange(8)[None] < np.array([2, 6] * 4)[:, None]).astype(int)}
+    assert length_groups(eight, 2, (4, 8))[1] == ((4, 4), (4, 8))  # 48 positions
+    assert length_groups(eight, 2, (4, 8), known=[()])[1] == ((4, 4), (4, 8))  # 64: too many
+    assert length_groups(eight, 2, (4, 8), known=[(), ((3, 4), (5, 8))])[1] == ((3, 4), (5, 8))
+    assert length_groups(eight, 2, (4, 8), known=[((5, 4), (3, 8))])[1] == ((4, 4), (4, 8))
+    # a run's grouper: reuse while a compile (9 updates' time here) costs more than it saves
+    grouper = RowGrouper(2, (4, 8))
+    assert grouper(eight, 100)[1] == ((4, 4), (4, 8))  # nothing compiled: the best
+    grouper.record(8, ((3, 4), (5, 8)), 10.0)  # (as if that one had been compiled)
+    assert grouper(eight, 100)[1] == ((3, 4), (5, 8))  # no steady update timed yet: keep it
+    grouper.record(8, ((3, 4), (5, 8)), 1.0)
+    # 52 positions against 48: 8.3% of an update saved per update; a compile costs 9 updates
+    assert grouper(eight, 200)[1] == ((4, 4), (4, 8))  # 8.3% x 200 updates > 9
+    assert grouper(eight, 100)[1] == ((3, 4), (5, 8))  # 8.3% x 100 updates < 9
+
+
+@pytest.mark.parametrize(
+    "name, overrides, on_policy",
+    [("dgpo", {"critic": "separate", "beta": 0.5}, True), ("kd", {}, False)],
+    ids=["dgpo-on-policy", "kd-teacher-forward"],
+)
+def test_length_grouped_step_equals_the_whole_batch_step(models, name, overrides, on_policy):
+    """The step on rows of 2-12 real tokens in 16 columns against the same rows sorted by
+    length and run as groups of 8, 12 and 16 columns (3, 2 and 1 rows) (``length_groups`` + ``row_groups``):
+    the same updated parameters (policy and critic) and metrics. DGPO as the quickstart runs
+    it (on-policy: behaviour log-probs, critic values and the teacher's log-probs from the
+    step's own grouped passes, whole-batch GAE and whitening) and KD (the teacher's full
+    logits in the differentiated pass)."""
+    sc, sp, tc, tp = models
+    cfg = get_objective(name, **overrides)
+    rows, width = 6, 16
+    r = np.random.default_rng(5)
+    lengths = np.array([12, 4, 9, 2, 16, 6])
+    am = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    lm = am * (np.arange(width)[None] >= 2).astype(np.float32)
+    batch = dict(
+        input_ids=(r.integers(1, V, (rows, width)) * am).astype(np.int32),
+        attention_mask=am,
+        loss_mask=lm,
+        rewards=np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], np.float32),
+    )
+    if not on_policy:
+        batch["old_logprobs"] = token_logprobs(sc, sp, batch["input_ids"], am) * lm
+    batch = select(batch, cfg, True)
+    grouped, groups = length_groups(batch, 3, (8, 12))
+    assert groups == ((3, 8), (2, 12), (1, 16))  # lengths (2, 4, 6), (9, 12), (16)
+    step = make_update_step(
+        cfg, sc, tc, optimizer=optax.sgd(0.5), compiler_options=FAST, on_policy=on_policy
+    )
+    out = []
+    for b, g in ((batch, None), (grouped, groups)):
+        state = create_update_state(cfg, copy_params(sp), step.tx, 0)
+        new, metrics = step(state, b, tp, row_groups=g)
+        out.append((jax.device_get(new.params), jax.device_get(metrics)))
+    (p0, m0), (p1, m1) = out
+    assert max_abs_diff(p0["policy"], sp) > 1e-3  # the step moved the policy
+    assert max_abs_diff(p0, p1) < 1e-5
+    for k in ("loss", "policy_loss", "value_loss", "advantage_mean", "divergence", "grad_norm"):
+        if k in m0:
+            assert float(m1[k]) == pytest.approx(float(m0[k]), rel=1e-4, abs=1e-6), k
+    with pytest.raises(ValueError, match=r"row_groups \(\(3, 8\), \(2, 12\)\): row counts"):
+        step(state, grouped, tp, row_groups=groups[:2])
+    two = make_update_step(cfg, sc, tc, micro_batches=2)
+    given = dict(grouped, old_logprobs=np.zeros((rows, width), np.float32))
+    with pytest.raises(ValueError, match="one micro-batch \\(got micro_batches=2\\)"):
+        two(state, given, tp, row_groups=groups)
+    assert two._jitted is None  # refused before any compile
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,11 @@ def base_config() -> ml_collections.ConfigDict:
     # row's prompt padding to its end: the passes follow the real length, and a run compiles its
     # update for at most this many widths. 0 or 1: always the full context width.
     c.train.width_buckets = 4
+    # pack=False, one update per step in one micro-batch, one batch shard (a CPU or one chip):
+    # the model passes run over this many groups of rows sorted by length, each group cut to
+    # the smallest width bucket that holds its longest row, so the short rows' padding is not
+    # computed (the same loss; one compile per distinct pair of group widths). 1: one group.
+    c.train.length_groups = 1
     # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
     # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.
     c.train.score_micro_batch_size = 0

@@ -191,6 +191,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "model.attention_block",
         "coldstart.epochs",
         "coldstart.batch_size",
+        "train.length_groups",
         "eval.batch_size",
         "eval.sampled_repeats",
     ):
@@ -206,6 +207,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         section, key = field.split(".")
         value = cfg[section][key]
         need(isinstance(value, int) and value >= 0, field, f"must be an int >= 0, got {value!r}")
+    need(
+        cfg.train.length_groups == 1 or not cfg.train.pack,
+        "train.length_groups",
+        f"{cfg.train.length_groups} groups need train.pack=False (one trajectory per row); "
+        "packed rows already follow the real tokens",
+    )
     need(
         cfg.train.pack_width == 0 or cfg.train.pack_width >= cfg.sampler.cache_len,
         "train.pack_width",

@@ -614,7 +614,8 @@ class StepShapes:
 def step_shapes(cfg, shards: int) -> StepShapes:
     """Rows and width of the scoring and update programs, as ``dgpo_jax.launch.train`` forms
     them. Padded (``train.pack=False``): one trajectory per row of the longest context,
-    ``sampler.cache_len`` (rounded up to 64), rows padded to whole micro-batches. Packed: N
+    ``sampler.cache_len`` (rounded up to 64), rows padded to whole micro-batches: the widest
+    program (``train.width_buckets`` and ``train.length_groups`` only narrow it). Packed: N
     trajectories become N rows of ``train.pack_width`` (default: the context) filled
     micro-batch by micro-batch, so the shapes do not depend on the lengths; how many
     micro-batches hold tokens follows ``plan.tokens_per_trajectory``. ``shards``: ways the

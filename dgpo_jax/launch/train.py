@@ -28,7 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer, abstract_like
-from dgpo_jax.config import build_curriculum, build_objective, optim_config, split_list
+from dgpo_jax.config import (
+    ConfigError,
+    build_curriculum,
+    build_objective,
+    optim_config,
+    split_list,
+)
 from dgpo_jax.curricula.config import needs_teacher_model
 from dgpo_jax.curricula.replay import ReplayBuffer, load_for_checkpoint, save_with_checkpoint
 from dgpo_jax.curricula.schedules import (
@@ -46,6 +52,7 @@ from dgpo_jax.launch.context import RunContext, load_model
 from dgpo_jax.launch.metrics_log import MetricsLogger
 from dgpo_jax.learner.batches import (
     SEQ_MULTIPLE,
+    RowGrouper,
     ScoredRollouts,
     fit_width,
     micro_batches,
@@ -119,6 +126,15 @@ def run_train(cfg) -> dict:
             )
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     widths = width_buckets(cfg.sampler.cache_len, cfg.train.width_buckets)
+    groups = cfg.train.length_groups
+    grouper = RowGrouper(groups, widths)  # each update's row groups (length_groups)
+    if groups > 1 and (micro != 1 or run.batch_shards != 1):
+        raise ConfigError(
+            f"config.train.length_groups: {groups} groups need each update in one micro-batch "
+            f"on one batch shard; this run has {micro} micro-batches and {run.batch_shards} "
+            "batch shards (set train.length_groups=1, or train.micro_batch_size >= the "
+            "mini-batch's rows)"
+        )
     # Every process holds the same global batch (dgpo_jax.parallel.distributed); shard_batch places it.
     data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
@@ -308,11 +324,15 @@ def run_train(cfg) -> dict:
             scoring = {
                 k: (c, policy if k == "old_logprobs" else ref_params) for k, c in scorers.items()
             }
-            update_pass = _packed_updates if cfg.train.pack else _padded_updates
             t_update = time.time()
-            state, update_metrics, whole, pad_stats = update_pass(
-                cfg, run, update, state, batch, scoring, teacher_arg, mini_rows
-            )
+            if cfg.train.pack:
+                state, update_metrics, whole, pad_stats = _packed_updates(
+                    cfg, run, update, state, batch, scoring, teacher_arg, mini_rows
+                )
+            else:
+                state, update_metrics, whole, pad_stats = _padded_updates(
+                    cfg, run, update, state, batch, scoring, teacher_arg, mini_rows, grouper, step
+                )
             metrics.update(pad_stats)
             # scoring passes, the whole-batch pass and the updates (the rollout not included)
             metrics["update_seconds"] = time.time() - t_update
@@ -375,10 +395,14 @@ def resumable(ckpt: Checkpointer, logger: MetricsLogger):
         raise
 
 
-def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows):
+def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows, grouper, step):
     """``train.pack=False``: one trajectory per row, padded to the rollout's width. Scoring
     passes, the whole-batch pass (when the step makes more than one update) and the PPO
-    mini-batches. Returns (state, per-update metrics, whole-batch metrics, padding metrics)."""
+    mini-batches, each run over at most ``train.length_groups`` groups of rows sorted by
+    length, each cut to its own width (``grouper``: a ``RowGrouper``; ``step``: 0-based, for
+    the updates left). Returns (state, per-update metrics,
+    whole-batch metrics, padding metrics; ``passes_padded_positions_per_real_token``: the
+    padding the update's model passes ran over, after the grouping)."""
     per_micro = max(1, mini_rows // update.micro_batches)
     # Every row trains: pad to whole micro-batches with rows that carry no token (counted).
     batch, padded_rows = pad_rows_to(dict(batch), update.micro_batches)
@@ -399,15 +423,25 @@ def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows)
             state, batch, teacher, micro_batches(rows_now, per_micro)
         )
         batch = to_host(batch)
-    update_metrics = []
+    update_metrics, computed = [], 0
     for _ in range(cfg.train.ppo_epochs):
         for lo in range(0, rows_now, mb):
             part = {k: (v[lo : lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
-            state, m = update(state, part, teacher)
+            per_step = -(-rows_now // mb) * cfg.train.ppo_epochs
+            left = (cfg.train.steps - step) * per_step - len(update_metrics)
+            part, groups = grouper(part, left)
+            t = time.time()
+            state, m = update(state, part, teacher, row_groups=groups)
             update_metrics.append(to_host(m))
+            grouper.record(part["input_ids"].shape[1], groups, time.time() - t)
+            computed += sum(n * w for n, w in groups) or part["input_ids"].size
     real = max(int(batch["attention_mask"].sum()), 1)
     positions = batch["input_ids"].size
-    pad = {"padded_rows": padded_rows, "padded_positions_per_real_token": (positions - real) / real}
+    pad = {
+        "padded_rows": padded_rows,
+        "padded_positions_per_real_token": (positions - real) / real,
+        "passes_padded_positions_per_real_token": computed / cfg.train.ppo_epochs / real - 1,
+    }
     return state, update_metrics, whole, pad
 
 

@@ -196,6 +196,142 @@ def fit_width(batch: dict[str, np.ndarray], widths: Sequence[int]) -> dict[str, 
     return {k: (np.pad(v, ((0, 0), (0, pad))) if np.ndim(v) == 2 else v) for k, v in batch.items()}
 
 
+RowGroups = tuple[tuple[int, int], ...]
+# Length groups' row counts are multiples of 1/GROUP_QUANTA of the batch's rows (at least 1).
+GROUP_QUANTA = 8
+# By default a grouping already compiled is used when it computes at most this share more
+# positions than the best grouping for the batch (length_groups' ``known``, ``slack``).
+GROUP_SLACK = 0.1
+
+
+def row_lengths(mask) -> np.ndarray:
+    """Each row's last real position + 1 (0 for a row of padding) of a ``[B, T]`` mask."""
+    mask = np.asarray(mask) > 0
+    return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+
+
+def groups_fit(groups: RowGroups, sorted_lengths: np.ndarray) -> bool:
+    """Whether each group of ``groups`` holds its rows of ``sorted_lengths`` (ascending)."""
+    lo = 0
+    for n, w in groups:
+        if sorted_lengths[lo + n - 1] > w:
+            return False
+        lo += n
+    return lo == len(sorted_lengths)
+
+
+def best_row_groups(sorted_lengths: np.ndarray, groups: int, widths: Sequence[int]) -> RowGroups:
+    """The grouping of rows sorted by length (ascending) into at most ``groups`` runs, each
+    of a multiple of ``rows / GROUP_QUANTA`` rows and cut to the smallest of ``widths`` that
+    holds its longest row, that computes the fewest positions (sum of rows x width; ties: fewer
+    groups); adjacent runs of one width merged; ``()`` for one run."""
+    rows = len(sorted_lengths)
+    quantum = max(1, rows // GROUP_QUANTA)
+    cuts = list(range(quantum, rows, quantum)) + [rows]
+    fits = sorted({int(w) for w in widths})
+
+    def width(last: int) -> int:
+        longest = max(int(sorted_lengths[last - 1]), 1)
+        return next((w for w in fits if w >= longest), fits[-1])
+
+    # best[g][j]: (positions, runs) covering the rows before cuts[j] with g runs
+    best = [{-1: (0, ())}]
+    for g in range(1, max(groups, 1) + 1):
+        layer = {}
+        for j, end in enumerate(cuts):
+            for i, (cost, runs) in best[g - 1].items():
+                start = 0 if i < 0 else cuts[i]
+                if start >= end:
+                    continue
+                w = width(end)
+                cand = (cost + (end - start) * w, runs + ((end - start, w),))
+                if j not in layer or cand[0] < layer[j][0]:
+                    layer[j] = cand
+        best.append(layer)
+    last = len(cuts) - 1
+    _, runs = min(
+        (best[g][last] for g in range(1, len(best)) if last in best[g]), key=lambda c: c[0]
+    )
+    merged: list[list[int]] = []
+    for n, w in runs:
+        if merged and merged[-1][1] == w:
+            merged[-1][0] += n
+        else:
+            merged.append([n, w])
+    return () if len(merged) == 1 else tuple((n, w) for n, w in merged)
+
+
+def length_groups(
+    batch: dict[str, np.ndarray],
+    groups: int,
+    widths: Sequence[int],
+    known: Sequence[RowGroups] = (),
+    slack: float = GROUP_SLACK,
+) -> tuple[dict[str, np.ndarray], RowGroups]:
+    """The rows sorted by length (stable) and grouped for ``UpdateStep(row_groups=...)``:
+    ``best_row_groups`` over ``widths`` (and the batch's width), unless a grouping in
+    ``known`` (those compiled so far for this batch width; ``()``: the ungrouped program)
+    holds the rows and computes at most ``slack`` (a share) more positions: each new grouping
+    is one more compile of the update (``RowGrouper`` sets ``slack`` from what a compile
+    costs and the updates left). Returns (the batch with every
+    row-indexed field in that order, the grouping; ``()`` with the batch as it is when one
+    run holds every row). The batch's width stays; use after ``right_align`` and
+    ``fit_width``. The order of rows changes no loss: every whole-batch quantity is a sum over
+    rows or tokens, and GRPO groups are ids."""
+    mask = np.asarray(batch["attention_mask"])
+    rows, t = mask.shape
+    if groups <= 1 or rows < 2:
+        return batch, ()
+    lengths = row_lengths(mask)
+    order = np.argsort(lengths, kind="stable")
+    ordered = lengths[order]
+    fits = sorted({int(w) for w in widths if int(w) <= t} | {t})
+    chosen = best_row_groups(ordered, groups, fits)
+    cost = lambda g: sum(n * w for n, w in g) if g else rows * t
+    usable = [g for g in known if not g or groups_fit(g, ordered)]
+    if chosen not in usable and usable:
+        cheapest = min(usable, key=lambda g: (cost(g), len(g)))
+        if cost(cheapest) <= (1 + slack) * cost(chosen):
+            chosen = cheapest
+    if not chosen:
+        return batch, ()
+    moved = {
+        k: (np.asarray(v)[order] if np.ndim(v) and len(v) == rows else v) for k, v in batch.items()
+    }
+    return moved, chosen
+
+
+class RowGrouper:
+    """Each update's row groups for a run (``length_groups`` with up to ``groups`` groups over
+    ``widths``), compiling a new grouping only where it pays: a compiled grouping that holds
+    the rows is kept unless the best one saves more positions over the updates left than a
+    compile costs, both measured on the run (``record``: each update's seconds; a grouping's
+    first call compiles it). Until a compile and a steady update have been timed, any compiled
+    grouping that holds the rows is kept."""
+
+    def __init__(self, groups: int, widths: Sequence[int]):
+        self.groups, self.widths = int(groups), tuple(widths)
+        self.known: dict[int, set] = {}  # batch width -> groupings compiled
+        self.first: list[float] = []  # seconds of calls that compiled
+        self.steady: list[float] = []  # seconds of calls that did not
+
+    def __call__(self, batch: dict[str, np.ndarray], updates_left: int):
+        width = np.shape(batch["attention_mask"])[1]
+        seen = sorted(self.known.get(width, ()))
+        slack = float("inf")
+        if self.first and self.steady:
+            steady = float(np.median(self.steady))
+            compile_updates = max(float(np.median(self.first)) - steady, 0.0) / max(steady, 1e-9)
+            slack = compile_updates / max(updates_left, 1)
+        return length_groups(batch, self.groups, self.widths, seen, slack)
+
+    def record(self, width: int, groups: RowGroups, seconds: float) -> None:
+        """After an update with ``groups`` on a batch of ``width`` columns took ``seconds``."""
+        seen = self.known.setdefault(width, set())
+        (self.steady if groups in seen else self.first).append(seconds)
+        seen.add(groups)
+
+
 def pad_rows_to(batch: dict[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
     """Append all-zero rows (no attention, no loss token, reward 0) up to a multiple of
     ``multiple`` rows, so that no row is dropped to fill whole micro-batches; the padded rows

@@ -26,6 +26,12 @@ the whole-batch advantages of step 2 are computed from those inside the differen
 function, before the loss terms. The same numbers as separate passes at these parameters
 (the PPO ratio is 1), with one student forward and one critic forward fewer per step.
 
+``row_groups`` (a call argument, static: one program per grouping) runs the model passes of a
+one-micro-batch step over groups of rows, each cut to its own width: rows sorted by length
+(``dgpo_jax.learner.batches.length_groups``) leave the short rows' padding out of the passes.
+The per-token outputs are padded back to the batch's width before the loss, so the step is
+the ungrouped one (the same numbers up to rounding).
+
 Batches may pack several trajectories per row (``segment_ids``, ``traj_index``: see
 ``dgpo_jax.objectives.batch``); every per-trajectory quantity is computed per trajectory, so a
 packed batch gives the padded batch's loss and gradients.
@@ -246,6 +252,45 @@ def _with_default_shardings(tree):
     )
 
 
+RowGroups = tuple[tuple[int, int], ...]
+
+
+def check_row_groups(row_groups, rows: int, width: int) -> RowGroups:
+    """``row_groups`` as a tuple of ``(rows, width)`` int pairs covering the batch's ``rows`` in
+    order, each width at most the batch's ``width``; ``()`` for None or one group of the whole
+    batch. A clear error otherwise."""
+    if not row_groups:
+        return ()
+    try:
+        groups = tuple((int(n), int(w)) for n, w in row_groups)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"row_groups must be (rows, width) pairs, got {row_groups!r}") from e
+    if sum(n for n, _ in groups) != rows or any(n < 1 for n, _ in groups):
+        raise ValueError(
+            f"row_groups {groups}: row counts must be >= 1 and sum to the batch's {rows} rows"
+        )
+    if any(not 1 <= w <= width for _, w in groups):
+        raise ValueError(f"row_groups {groups}: widths must be in [1, {width}] (the batch's)")
+    return () if groups == ((rows, width),) else groups
+
+
+def by_row_groups(fn, groups: RowGroups, *arrays):
+    """``fn(*arrays)`` for ``[B, T, ...]`` arrays (None passes through), run group by group:
+    rows ``[lo, lo + n)`` cut to the group's first ``w`` positions; every output leaf (``[n, w,
+    ...]``, per token) zero-padded back to ``T`` positions and the groups stacked in row order.
+    ``groups=()``: one call on the whole arrays."""
+    if not groups:
+        return fn(*arrays)
+    t = next(a for a in arrays if a is not None).shape[1]
+    outs, lo = [], 0
+    for n, w in groups:
+        part = [None if a is None else a[lo : lo + n, :w] for a in arrays]
+        pad = lambda x, w=w: jnp.pad(x, [(0, 0), (0, t - w)] + [(0, 0)] * (x.ndim - 2))
+        outs.append(jax.tree.map(pad, fn(*part)))
+        lo += n
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
 class UpdateStep:
     """The compiled update for one objective. Call as ``step(state, batch, teacher_params=None)``
     -> ``(new_state, metrics)``; see ``dgpo_jax.objectives.batch`` for the batch fields."""
@@ -310,21 +355,34 @@ class UpdateStep:
         self._jitted = None
         self._jitted_loss = None
         self._jitted_prepare = None
-        self._programs: list = []  # (signature, jax.stages.Compiled) from `compile`
+        self._programs: list = []  # (signature, row groups, jax.stages.Compiled) from `compile`
 
     # --- public -------------------------------------------------------------------------------
-    def __call__(self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None):
+    def __call__(
+        self,
+        state: UpdateState,
+        batch: Mapping[str, Any],
+        teacher_params=None,
+        row_groups: RowGroups | None = None,
+    ):
+        """``row_groups``: ``((rows, width), ...)`` in row order (see the module docstring;
+        ``dgpo_jax.learner.batches.length_groups`` makes them); one micro-batch only."""
         batch = self.prepare_batch(batch, teacher_params)
+        groups = self._row_groups(row_groups, batch)
         if self.teacher_config is None:
             teacher_params = None
         args = (state, batch, teacher_params)
-        compiled = self._find_program(args)
+        compiled = self._find_program(args, groups)
         if compiled is not None:
             return compiled(*args)
-        return self._compiled(state)(*args)
+        return self._compiled(state)(*args, row_groups=groups)
 
     def compile(
-        self, state: UpdateState, batch: Mapping[str, Any], teacher_params=None
+        self,
+        state: UpdateState,
+        batch: Mapping[str, Any],
+        teacher_params=None,
+        row_groups: RowGroups | None = None,
     ) -> jax.stages.Compiled:
         """Compiles the step ahead of time for these arguments -- concrete, or abstract
         (``jax.ShapeDtypeStruct`` with shardings: ``abstract_update_state``,
@@ -344,12 +402,13 @@ class UpdateStep:
         if self.plan is None:
             state = _with_default_shardings(state)
             teacher_params = _with_default_shardings(teacher_params)
+        groups = self._row_groups(row_groups, batch)
         args = (state, batch, teacher_params)
-        found = self._find_program(args)
+        found = self._find_program(args, groups)
         if found is not None:
             return found
-        compiled = self._compiled(state).lower(*args).compile()
-        self._programs.append((_signature(args), compiled))
+        compiled = self._compiled(state).lower(*args, row_groups=groups).compile()
+        self._programs.append((_signature(args), groups, compiled))
         return compiled
 
     def abstract_batch(
@@ -461,14 +520,25 @@ class UpdateStep:
             out[name] = jax.ShapeDtypeStruct(shape, field_dtype(name), sharding=sharding)
         return out
 
-    def _find_program(self, args):
+    def _find_program(self, args, groups: RowGroups = ()):
         if not self._programs:
             return None
         sig = _signature(args)
-        for known, compiled in self._programs:
-            if _same_signature(sig, known):
+        for known, known_groups, compiled in self._programs:
+            if known_groups == groups and _same_signature(sig, known):
                 return compiled
         return None
+
+    def _row_groups(self, row_groups, batch) -> RowGroups:
+        rows, width = batch["input_ids"].shape
+        groups = check_row_groups(row_groups, rows, width)
+        if groups and (self.micro_batches != 1 or "segment_ids" in batch):
+            raise ValueError(
+                "row_groups need one trajectory per row in one micro-batch (got "
+                f"micro_batches={self.micro_batches}"
+                + (", a packed batch)" if "segment_ids" in batch else ")")
+            )
+        return groups
 
     def _compiled(self, state):
         if self._jitted is None:
@@ -478,7 +548,9 @@ class UpdateStep:
                 kwargs["out_shardings"] = (shardings, None)
             if self._compiler_options:
                 kwargs["compiler_options"] = dict(self._compiler_options)
-            self._jitted = jax.jit(self._step, donate_argnums=self._donate, **kwargs)
+            self._jitted = jax.jit(
+                self._step, donate_argnums=self._donate, static_argnames=("row_groups",), **kwargs
+            )
         return self._jitted
 
     # --- pieces of the program -------------------------------------------------------------------
@@ -508,9 +580,19 @@ class UpdateStep:
         )["logp"]
 
     def _prepass(
-        self, params, teacher_params, ids, am, seg, want_teacher: bool, want_values: bool, micro
+        self,
+        params,
+        teacher_params,
+        ids,
+        am,
+        seg,
+        want_teacher: bool,
+        want_values: bool,
+        micro,
+        groups: RowGroups = (),
     ):
-        """No-gradient pass over micro-batches: teacher log-probs and/or critic values [B, T]."""
+        """No-gradient pass over micro-batches (or, with ``groups``, over the row groups of the
+        one micro-batch): teacher log-probs and/or critic values [B, T]."""
         m = self.micro_batches if micro is None else micro
         cfg = self.objective
 
@@ -533,6 +615,9 @@ class UpdateStep:
                 )
             return out
 
+        if groups:
+            out = by_row_groups(lambda i, a: one((i, a)), groups, ids, am)
+            return jax.tree.map(jax.lax.stop_gradient, out)
         xs = (ids, am) + (() if seg is None else (seg,))
         out = jax.lax.map(
             lambda x: if_any_token(x[1], one, x), tuple(split_micro(x, m) for x in xs)
@@ -571,7 +656,9 @@ class UpdateStep:
         return adv, returns
 
     # --- the program --------------------------------------------------------------------------
-    def _prepared(self, params, batch: dict, teacher_params, micro=None) -> PreparedBatch:
+    def _prepared(
+        self, params, batch: dict, teacher_params, micro=None, groups: RowGroups = ()
+    ) -> PreparedBatch:
         """Steps 1-2 of the update: the pre-pass and the whole-batch quantities (gates,
         denominators, advantages) that every micro-batch's loss reads, per token. Advantages
         (and returns, old values, the policy token gate) given in the batch by
@@ -603,7 +690,7 @@ class UpdateStep:
         want_values = cfg.critic != "none" and values is None and not self.on_policy
         if want_teacher or want_values:
             pre = self._prepass(
-                params, teacher_params, ids, am, seg, want_teacher, want_values, micro
+                params, teacher_params, ids, am, seg, want_teacher, want_values, micro, groups
             )
             teacher_lp = pre.get("teacher_logp", teacher_lp)
             values = pre.get("values", values)
@@ -697,12 +784,16 @@ class UpdateStep:
         }
         return rows, metrics
 
-    def _accumulate(self, params, teacher_params, prep: PreparedBatch, with_grad: bool):
+    def _accumulate(
+        self, params, teacher_params, prep: PreparedBatch, with_grad: bool, groups: RowGroups = ()
+    ):
         """Step 3: (metric sums, float32 gradients or None) over the micro-batches."""
         m = self.micro_batches
 
         def loss_fn(p, rows):
-            return self._micro_loss(p, teacher_params, rows, prep.dens, prep.taid_t, prep.complete)
+            return self._micro_loss(
+                p, teacher_params, rows, prep.dens, prep.taid_t, prep.complete, groups
+            )
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -725,11 +816,11 @@ class UpdateStep:
         out, _ = jax.lax.scan(body, zeros, mbs)
         return out
 
-    def _step(self, state: UpdateState, batch: dict, teacher_params):
+    def _step(self, state: UpdateState, batch: dict, teacher_params, row_groups: RowGroups = ()):
         params = state.train.params  # the masters
         cparams = self._compute_params(params)
-        prep = self._prepared(cparams, batch, teacher_params)
-        sums, grads = self._accumulate(cparams, teacher_params, prep, with_grad=True)
+        prep = self._prepared(cparams, batch, teacher_params, groups=row_groups)
+        sums, grads = self._accumulate(cparams, teacher_params, prep, True, row_groups)
 
         # 4. guard + update (on the masters)
         finite = jnp.isfinite(sums["loss"])
@@ -772,17 +863,25 @@ class UpdateStep:
                 out[k] = sums[k] / prep.dens.student
         return out
 
-    def _micro_loss(self, params, teacher_params, rows: TokenRows, dens, taid_t, complete=None):
+    def _micro_loss(
+        self,
+        params,
+        teacher_params,
+        rows: TokenRows,
+        dens,
+        taid_t,
+        complete=None,
+        groups: RowGroups = (),
+    ):
         """Loss of one micro-batch (every mean divided by the whole batch's denominator) and the
         metric numerators: the student (and teacher) forward, then the loss terms. An on-policy
         step reads its behaviour log-probs and old values off this forward (stop-gradient) and
         ``complete``s the rows with the whole batch's advantages from them (one micro-batch:
-        this is the whole batch)."""
+        this is the whole batch). The model passes run per row group (``groups``)."""
         cfg = self.objective
         sc = self.student_config
         ids, am, seg = rows.ids, rows.attention_mask, rows.segment_ids
         sp = params["policy"]
-        h = self._hidden(sc, sp, ids, am, seg)
 
         lp_missing = self.teacher_config is not None and rows.teacher_logprobs is None
         need_teacher_fwd = cfg.needs_teacher_logits or (
@@ -794,24 +893,37 @@ class UpdateStep:
             divs["div"] = cfg.student_divergence_spec()
         if cfg.teacher_token_divergence_spec() is not None:
             divs["tdiv"] = cfg.teacher_token_divergence_spec()
-        th = tp = None
-        if need_teacher_fwd:
-            tp = jax.lax.stop_gradient(teacher_params)
-            th = jax.lax.stop_gradient(self._hidden(self.teacher_config, tp, ids, am, seg))
-        stats = chunked_token_stats(
-            lambda x: lm_logits(sc, sp, x),
-            h,
-            ids,
-            teacher_logits_fn=(
-                (lambda x: lm_logits(self.teacher_config, tp, x)) if th is not None else None
-            ),
-            teacher_hidden=th,
-            want_entropy=True,
-            want_teacher_logp=need_teacher_lp,
-            divergences=divs,
-            t_interp=taid_t,
-            chunk=cfg.seq_chunk,
-        )
+        tp = jax.lax.stop_gradient(teacher_params) if need_teacher_fwd else None
+        with_critic = cfg.critic != "none" and cfg.uses_policy
+
+        def forward(ids, am, seg):
+            """The model passes: per-token statistics and the critic's values."""
+            h = self._hidden(sc, sp, ids, am, seg)
+            th = None
+            if need_teacher_fwd:
+                th = jax.lax.stop_gradient(self._hidden(self.teacher_config, tp, ids, am, seg))
+            stats = chunked_token_stats(
+                lambda x: lm_logits(sc, sp, x),
+                h,
+                ids,
+                teacher_logits_fn=(
+                    (lambda x: lm_logits(self.teacher_config, tp, x)) if th is not None else None
+                ),
+                teacher_hidden=th,
+                want_entropy=True,
+                want_teacher_logp=need_teacher_lp,
+                divergences=divs,
+                t_interp=taid_t,
+                chunk=cfg.seq_chunk,
+            )
+            values = None
+            if with_critic:
+                values = critic_values(
+                    cfg.critic, params, self.critic_config, ids, am, h, self.plan, seg
+                )
+            return stats, values
+
+        stats, values = by_row_groups(forward, groups, ids, am, seg)
         logp = stats["logp"]
         entropy = stats["entropy"] if cfg.entropy_coef else jax.lax.stop_gradient(stats["entropy"])
         l_t = (
@@ -819,11 +931,6 @@ class UpdateStep:
             if rows.teacher_logprobs is not None
             else stats.get("teacher_logp")
         )
-        values = None
-        if cfg.critic != "none" and cfg.uses_policy:
-            values = critic_values(
-                cfg.critic, params, self.critic_config, ids, am, h, self.plan, seg
-            )
         more = {}
         if self.on_policy:
             sg = jax.lax.stop_gradient
