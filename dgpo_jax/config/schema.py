@@ -169,10 +169,12 @@ def base_config() -> ml_collections.ConfigDict:
     # row's prompt padding to its end: the passes follow the real length, and a run compiles its
     # update for at most this many widths. 0 or 1: always the full context width.
     c.train.width_buckets = 4
-    # pack=False, one update per step in one micro-batch, one batch shard (a CPU or one chip):
-    # the model passes run over this many groups of rows sorted by length, each group cut to
-    # the smallest width bucket that holds its longest row, so the short rows' padding is not
-    # computed (the same loss; one compile per distinct pair of group widths). 1: one group.
+    # pack=False, updates of one micro-batch on one batch shard (a CPU or one chip): the
+    # update's model passes run over at most this many groups of rows sorted by length, each
+    # cut to the smallest width bucket that holds its longest row, so the short rows' padding
+    # is not computed (the same loss). Each grouping is one more compile; a new one is compiled
+    # only when it saves more than a compile costs over the updates left
+    # (learner.batches.RowGrouper). 1: one group.
     c.train.length_groups = 1
     # Rows per micro-batch of the scoring passes (behaviour / reference log-probs, and the
     # whole-batch pass before the mini-batches); 0 = the update's micro-batch rows.

@@ -47,9 +47,10 @@ def get_config():
     # similar length and far shorter than the cache, so packing saves little, and the numbers
     # stay comparable with the earlier runs (docs/training_at_scale.md).
     cfg.train.pack = False
-    # The RL update's model passes over two groups of rows sorted by length, each cut to its
-    # own width bucket (rows of ~45-190 tokens: 16 x 128 + 16 x 192 positions instead of
-    # 32 x 192); the same loss (docs/design.md, 2026-12-04).
+    # The RL update's model passes over at most two groups of rows sorted by length, each cut
+    # to its own width bucket (the DGPO stage's rows of 91-169 tokens: 12 x 128 + 20 x 192
+    # positions instead of 32 x 192, one program for the stage); the same loss
+    # (docs/design.md, 2026-12-04).
     cfg.train.length_groups = 2
     # Every update on CPU (the teacher's, the cold start's, the RL stages'): each layer
     # recomputed in the backward pass and blockwise attention in 64-position blocks beat

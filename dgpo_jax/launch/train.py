@@ -127,7 +127,6 @@ def run_train(cfg) -> dict:
     state = create_update_state(objective, run.student_params, update.tx, cfg.seed)
     widths = width_buckets(cfg.sampler.cache_len, cfg.train.width_buckets)
     groups = cfg.train.length_groups
-    grouper = RowGrouper(groups, widths)  # each update's row groups (length_groups)
     if groups > 1 and (micro != 1 or run.batch_shards != 1):
         raise ConfigError(
             f"config.train.length_groups: {groups} groups need each update in one micro-batch "
@@ -135,6 +134,7 @@ def run_train(cfg) -> dict:
             "batch shards (set train.length_groups=1, or train.micro_batch_size >= the "
             "mini-batch's rows)"
         )
+    grouper = RowGrouper(groups, widths)  # each update's row groups (length_groups)
     # Every process holds the same global batch (dgpo_jax.parallel.distributed); shard_batch places it.
     data = PromptBatches(records, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.train.max_to_keep)
@@ -331,7 +331,16 @@ def run_train(cfg) -> dict:
                 )
             else:
                 state, update_metrics, whole, pad_stats = _padded_updates(
-                    cfg, run, update, state, batch, scoring, teacher_arg, mini_rows, grouper, step
+                    cfg,
+                    run,
+                    update,
+                    state,
+                    batch,
+                    scoring,
+                    teacher_arg,
+                    mini_rows,
+                    grouper,
+                    (cfg.train.steps - step) * updates_per_step,
                 )
             metrics.update(pad_stats)
             # scoring passes, the whole-batch pass and the updates (the rollout not included)
@@ -395,12 +404,14 @@ def resumable(ckpt: Checkpointer, logger: MetricsLogger):
         raise
 
 
-def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows, grouper, step):
+def _padded_updates(
+    cfg, run, update, state, batch, scoring, teacher, mini_rows, grouper, updates_left
+):
     """``train.pack=False``: one trajectory per row, padded to the rollout's width. Scoring
     passes, the whole-batch pass (when the step makes more than one update) and the PPO
     mini-batches, each run over at most ``train.length_groups`` groups of rows sorted by
-    length, each cut to its own width (``grouper``: a ``RowGrouper``; ``step``: 0-based, for
-    the updates left). Returns (state, per-update metrics,
+    length, each cut to its own width (``grouper``: a ``RowGrouper``; ``updates_left``: the
+    run's updates from this step's first on). Returns (state, per-update metrics,
     whole-batch metrics, padding metrics; ``passes_padded_positions_per_real_token``: the
     padding the update's model passes ran over, after the grouping)."""
     per_micro = max(1, mini_rows // update.micro_batches)
@@ -427,9 +438,7 @@ def _padded_updates(cfg, run, update, state, batch, scoring, teacher, mini_rows,
     for _ in range(cfg.train.ppo_epochs):
         for lo in range(0, rows_now, mb):
             part = {k: (v[lo : lo + mb] if np.ndim(v) else v) for k, v in batch.items()}
-            per_step = -(-rows_now // mb) * cfg.train.ppo_epochs
-            left = (cfg.train.steps - step) * per_step - len(update_metrics)
-            part, groups = grouper(part, left)
+            part, groups = grouper(part, updates_left - len(update_metrics))
             t = time.time()
             state, m = update(state, part, teacher, row_groups=groups)
             update_metrics.append(to_host(m))

@@ -61,6 +61,7 @@ import numpy as np
 import optax
 
 from dgpo_jax.learner import loss_terms
+from dgpo_jax.learner.batches import RowGroups
 from dgpo_jax.learner.optim import OptimConfig, make_optimizer
 from dgpo_jax.learner.prepared import (
     Denominators,
@@ -250,9 +251,6 @@ def _with_default_shardings(tree):
         ),
         tree,
     )
-
-
-RowGroups = tuple[tuple[int, int], ...]
 
 
 def check_row_groups(row_groups, rows: int, width: int) -> RowGroups:
