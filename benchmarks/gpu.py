@@ -57,6 +57,7 @@ from dgpo_jax.models import (  # noqa: E402
     init_params,
 )
 from dgpo_jax.objectives import get_objective  # noqa: E402
+from dgpo_jax.sampler import Sampler, SamplerConfig  # noqa: E402
 
 # Dense bfloat16 peaks (datasheet, per chip) and HBM bandwidth, by device_kind substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -314,6 +315,81 @@ def stage_decode(quick: bool) -> dict:
     }
 
 
+class _NoSearch:
+    """The sampler stage's retriever and tokenizer: search is off and prompts are token ids, so
+    neither is asked for text (the host formats its notices once, at start)."""
+
+    def search(self, queries):
+        raise AssertionError(f"search called with {len(queries)} queries in a plain decode")
+
+    def encode(self, text, add_special_tokens=False):
+        return [0]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
+
+
+def stage_sampler(quick: bool) -> dict:
+    """The sampler itself (``Sampler.generate``, the decode path the platform picks) in plain
+    decode: the 0.5B model at batch 256, random 512-token prompts, search off. Two compiled
+    samplers, generating 1 and ``steps`` tokens per row: the difference over ``steps - 1`` is
+    the sampler's ms per decode step (prefill, host transfers and output assembly cancel)."""
+    kind = jax.devices()[0].device_kind
+    dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    config = TINY if quick else get_preset("qwen2.5-0.5b")
+    batch, prompt, steps = (8, 64, 32) if quick else (256, 512, 256)
+    params = cast_params(
+        jax.jit(init_params, static_argnums=(0, 2))(config, jax.random.key(0)), dtype
+    )
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
+    walls, path = {}, None
+    for n in (1, steps):
+        cfg = SamplerConfig(
+            cache_len=prompt + steps,
+            max_prompt_length=prompt,
+            max_new_tokens_per_turn=n,
+            max_new_tokens=n,
+            max_obs_length=8,
+            max_turns=0,
+            search_stops=((config.vocab_size,),),  # an id no sample takes: no turn ends early
+            answer_stops=(),
+            eos_token_ids=(),
+            temperature=1.0,
+        )
+        sampler = Sampler(config, cfg, _NoSearch(), _NoSearch())
+        t0 = time.perf_counter()
+        out = sampler.generate(params, prompts, seed=0)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = sampler.generate(params, prompts, seed=1)
+        walls[n] = (time.perf_counter() - t0, first)
+        assert out.stats["generated_tokens"] == batch * n, out.stats
+        path = out.stats.get("decode_path", path)
+    ms = 1000 * (walls[steps][0] - walls[1][0]) / (steps - 1)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    kv_bytes = (
+        (2 * config.num_hidden_layers * batch * config.num_key_value_heads * config.dim_per_head)
+        * (prompt + steps / 2)
+        * jnp.dtype(dtype).itemsize
+    )
+    bandwidth = _lookup(HBM_BYTES_S, kind)
+    roofline_ms = None if bandwidth is None else 1000 * (weight_bytes + kv_bytes) / bandwidth
+    return {
+        "model": "tiny" if quick else "qwen2.5-0.5b",
+        "dtype": jnp.dtype(dtype).name,
+        "decode_path": path,
+        "batch": batch,
+        "context": f"{prompt} prompt + {steps} decoded",
+        "ms_per_step": round(ms, 3),
+        "generate_s": {str(n): round(w, 3) for n, (w, _) in walls.items()},
+        "first_call_s": {str(n): round(f, 1) for n, (_, f) in walls.items()},
+        "generated_tokens_per_s": round(batch * steps / walls[steps][0], 1),
+        "roofline_ms": None if roofline_ms is None else round(roofline_ms, 3),
+        "share_of_roofline": None if roofline_ms is None else round(roofline_ms / ms, 3),
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on any backend")
@@ -329,6 +405,7 @@ def main(argv=None) -> int:
     todo = {
         "update": (stage_update, args.quick),
         "decode": (stage_decode, args.quick),
+        "sampler": (stage_sampler, args.quick),
         "attention": (stage_attention, args.quick, dtype),
     }
     for name in args.stages.split(","):

@@ -178,6 +178,33 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
     np.testing.assert_allclose(results["stacked"][1].k, results["split"][1].k, atol=1e-6)
 
 
+def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models):
+    """One-token decode steps in both forms of the cached attention: batched dots (a static
+    key window, the accelerator path's form) and the float32 multiply-and-reduce (a traced
+    window on CPU, the CPU path's form) give transformers' logits for every step."""
+    path, hf = hf_models[(False, 1e6)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    rng = np.random.RandomState(7)
+    prompt = rng.randint(0, 256, (2, 20))
+    pmask = np.ones((2, 20), np.int64)
+    pmask[1, :6] = 0  # left padding
+    new = rng.randint(0, 256, (2, 5))
+    step = jax.jit(forward_with_cache, static_argnames=("config", "window"))
+    for window in (40, None):
+        cache = init_cache(config, 2, 40)
+        _, cache = step(config, params, prompt, cache, pmask, window=window)
+        logits = []
+        for i in range(new.shape[1]):
+            out, cache = step(config, params, new[:, i : i + 1], cache, window=window)
+            logits.append(np.asarray(out[:, 0]))
+        for row in range(2):
+            seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
+            got = np.stack([lg[row] for lg in logits])
+            # Step i's logits are transformers' at the position of new[:, i].
+            ref = _hf_logits(hf, seq[None])[0][-new.shape[1] :]
+            assert np.abs(got - ref).max() <= 1e-4, (window, row)
+
+
 def test_config_old_and_transformers5_formats(hf_models):
     base = {
         "architectures": ["Qwen2ForCausalLM"],

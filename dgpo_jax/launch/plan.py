@@ -53,7 +53,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.extend.core import jaxprs_in_params
+
+try:
+    from jax.extend.core import jaxprs_in_params
+except ImportError:  # not exported by every JAX release: the same walk over a primitive's params
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    def jaxprs_in_params(params):
+        for value in params.values():
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, Jaxpr):
+                    yield v
+                elif isinstance(v, ClosedJaxpr):
+                    yield v.jaxpr
+
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
 from dgpo_jax.checkpoint.fileio import write_text_atomically

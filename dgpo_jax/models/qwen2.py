@@ -139,16 +139,19 @@ def span_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
     return tuple(widths) + (max_len,)
 
 
-def _attention_window(q, keys, values, mask, dtype):
+def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
     """Attention over a window of the cache: q ``[M, T, K, G, Dh]``; keys/values ``[M, K, W,
     Dh]``; mask ``[M, T, W]`` -> ``[M, T, K, G, Dh]`` (float32). Scores and softmax in float32,
-    products in the activation dtype."""
+    products in the activation dtype. ``dots=False``: one query per row (T = 1) as a
+    multiply-and-reduce in float32 (the CPU decode path's form)."""
     m, t, kv, groups, hd = q.shape
     keys, values = keys.astype(dtype), values.astype(dtype)
-    if t == 1:
-        # One query per row (decoding): multiply-and-reduce in float32 fuses into a few loops
-        # over the keys/values, where XLA:CPU runs the equivalent batched [G, Dh] x [Dh, W]
-        # dots slower (measured in docs/sampler.md).
+    if t == 1 and not dots:
+        # One query per row (decoding) on XLA:CPU: multiply-and-reduce in float32 fuses into a
+        # few loops over the keys/values, where XLA:CPU runs the equivalent batched
+        # [G, Dh] x [Dh, W] dots slower (measured in docs/sampler.md). On a GPU the same form
+        # ran the 0.5B decode step at 5.6% of the HBM roofline (docs/gpu.md): the accelerators
+        # take the dots.
         prod = q[:, 0, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32)
         scores = jnp.sum(prod, axis=-1) * (hd**-0.5)  # [M, K, G, W]
         scores = jnp.where(mask[:, :, None, :], scores, _NEG)  # mask [M, 1, W]
@@ -175,12 +178,15 @@ def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
     ``lax.switch``, so a step costs the context actually in use, not the whole cache. A Python
     int ``span`` is a static window width: no switch (the caller picked it for the step)."""
     widths = span_buckets(ck.shape[3])
+    # Batched dots on the accelerator decode path (a static window) and on any non-CPU
+    # backend; the float32 multiply-and-reduce on the CPU path only.
+    dots = isinstance(span, int) or jax.default_backend() != "cpu"
 
     def window(width):
         def attend(q, ck, cv, mask):
             keys = _read_kv(ck, layer, rows, width)
             values = _read_kv(cv, layer, rows, width)
-            return _attention_window(q, keys, values, mask[:, :, :width], dtype)
+            return _attention_window(q, keys, values, mask[:, :, :width], dtype, dots)
 
         return attend
 

