@@ -55,7 +55,9 @@ from dgpo_jax.models import (  # noqa: E402
     get_preset,
     init_cache,
     init_params,
+    qwen2,
 )
+from dgpo_jax.models.qwen2 import split_layers  # noqa: E402
 from dgpo_jax.objectives import get_objective  # noqa: E402
 from dgpo_jax.sampler import Sampler, SamplerConfig  # noqa: E402
 
@@ -279,17 +281,30 @@ def stage_decode(quick: bool) -> dict:
         return decode
 
     token, cache = prefill(params, ids)
-    # "switch": each layer picks its key window with a lax.switch (the sampler's cpu path);
-    # "window": one static window for the step (the accelerator path: one loop per width).
+    # Variants (layers, key window, one-query attention form), to place the step's time:
+    # "window": the sampler's accelerator path (stacked layers in a scan, one static window,
+    # batched dots); "reduce": the same with the float32 multiply-and-reduce (the form every
+    # path used before 2026-12-04); "switch": a window switch per layer (the cpu path's
+    # choice); "unrolled": split layers (no layer loop: launch and loop overhead).
+    variants = {
+        "window": (params, cache_len, "dots"),
+        "reduce": (params, cache_len, "reduce"),
+        "switch": (params, None, "dots"),
+        "unrolled": (split_layers(params), cache_len, "dots"),
+    }
     timings = {}
-    for name, window in (("switch", None), ("window", cache_len)):
-        decode = make_decode(window)
-        t0 = time.perf_counter()
-        jax.block_until_ready(decode(params, token, cache))
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        jax.block_until_ready(decode(params, token, cache))
-        timings[name] = (1000 * (time.perf_counter() - t0) / steps, first)
+    for name, (p, window, form) in variants.items():
+        qwen2.DECODE_ATTENTION_FORM = form
+        try:
+            decode = make_decode(window)
+            t0 = time.perf_counter()
+            jax.block_until_ready(decode(p, token, cache))
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(decode(p, token, cache))
+            timings[name] = (1000 * (time.perf_counter() - t0) / steps, first)
+        finally:
+            qwen2.DECODE_ATTENTION_FORM = None
     ms, compile_s = timings["window"]
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     mean_context = prompt + steps / 2
@@ -306,7 +321,7 @@ def stage_decode(quick: bool) -> dict:
         "batch": batch,
         "context": f"{prompt} prompt + {steps} decoded",
         "ms_per_step": round(ms, 3),
-        "ms_per_step_per_layer_switch": round(timings["switch"][0], 3),
+        **{f"ms_per_step_{k}": round(v[0], 3) for k, v in timings.items() if k != "window"},
         "first_call_s": round(compile_s, 1),
         "bytes_per_step": int(weight_bytes + kv_bytes),
         "roofline_ms": None if roofline_ms is None else round(roofline_ms, 3),

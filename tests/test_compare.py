@@ -87,6 +87,9 @@ def tiny_compare_config(workdir, **changes):
         "--config.quickstart.teacher_max_rounds=2",
         "--config.coldstart.epochs=1",
         "--config.coldstart.batch_size=4",
+        # the cold start's check, set out of reach of one epoch: a second round continues
+        "--config.quickstart.coldstart_min_train_em=1.0",
+        "--config.quickstart.coldstart_max_rounds=2",
         "--config.quickstart.rl_steps=1",
         "--config.quickstart.rl_batch_size=4",
         "--config.train.micro_batch_size=4",
@@ -167,6 +170,22 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
         assert [r["steps"] for r in rounds] == [60 * (i + 1) for i in range(len(rounds))]
         assert all(r["train_em"] < threshold for r in rounds[:-1])
         assert rounds[-1]["train_em"] >= threshold or len(rounds) == 2
+    # Likewise the cold start, in rounds of one epoch; a second round continues from the first
+    # round's student (its first loss is below the fresh student's) and is the one recorded.
+    for seed in ("0", "1"):
+        rounds = on_disk["coldstart_rounds"][seed]
+        assert [r["epochs"] for r in rounds] == list(range(1, len(rounds) + 1))
+        assert rounds[-1]["train_em"] >= 1.0 or len(rounds) == 2
+        if len(rounds) == 2:
+            record = json.loads((workdir / "stages" / f"seed{seed}_coldstart.json").read_text())
+            assert record["checkpoint"].endswith(f"seed{seed}/coldstart_1/student_coldstart")
+            first_loss = [
+                json.loads(
+                    (workdir / f"seed{seed}" / d / "coldstart_metrics.jsonl").open().readline()
+                )["loss"]
+                for d in ("coldstart", "coldstart_1")
+            ]
+            assert first_loss[1] < first_loss[0]
     assert "| opd |" in (workdir / "compare.md").read_text()
     assert (workdir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -183,6 +202,8 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
         ("compare.seeds", "0,x", "'x' is not an integer"),
         ("compare.level", "1.5", "expected a level in (0, 1)"),
         ("quickstart.teacher_min_train_em", "2.0", "expected a share in [0, 1]"),
+        ("quickstart.coldstart_min_train_em", "-0.5", "expected a share in [0, 1]"),
+        ("quickstart.coldstart_max_rounds", "0", "expected >= 1"),
         ("quickstart.answers", "half", "'half': expected one of closed, open"),
     ],
 )

@@ -263,6 +263,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.quickstart.teacher_min_train_em = 0.0
     c.quickstart.teacher_max_rounds = 1
     c.quickstart.teacher_check_questions = 50
+    # Likewise the KD cold start: further rounds of coldstart.epochs from the last round's
+    # student until its greedy EM on training questions (teacher_check_questions per data
+    # source) reaches coldstart_min_train_em (0 = one round, no check), at most
+    # coldstart_max_rounds rounds.
+    c.quickstart.coldstart_min_train_em = 0.0
+    c.quickstart.coldstart_max_rounds = 1
     c.quickstart.ppo_baseline = True  # run PPO from the cold start too, time allowing
     c.quickstart.time_budget_s = 600  # skip the PPO baseline when it would end past this
     c.quickstart.rl_steps = 30  # steps of each RL stage (DGPO, PPO)

@@ -285,6 +285,12 @@ def _validate_quickstart(cfg, need) -> None:
     )
     need(q.teacher_max_rounds >= 1, "quickstart.teacher_max_rounds", "expected >= 1")
     need(
+        0.0 <= q.coldstart_min_train_em <= 1.0,
+        "quickstart.coldstart_min_train_em",
+        f"{q.coldstart_min_train_em}: expected a share in [0, 1] (0 = no check)",
+    )
+    need(q.coldstart_max_rounds >= 1, "quickstart.coldstart_max_rounds", "expected >= 1")
+    need(
         q.answers in ANSWER_CLASSES,
         "quickstart.answers",
         f"{q.answers!r}: expected one of {', '.join(ANSWER_CLASSES)}",

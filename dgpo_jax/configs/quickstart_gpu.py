@@ -7,8 +7,11 @@ as the student (`quickstart-gpu-*` presets), the reference's 512 prompts per RL 
 each), hundreds of steps per stage, and DGPO, PPO, OPD, ExOPD and KD (continued
 on-policy KD) each from the same KD cold start per seed (``mode=compare``,
 dgpo_jax/launch/compare.py). The sizes are chosen to make the paper's claim testable (DGPO above
-the cold start and near the teacher) on one GPU, not measured yet: no GPU run is on record
-(docs/quickstart.md). ``--config.quickstart.answers=open`` runs it on the open-class world.
+the cold start and near the teacher) on one GPU. Measured on one H200 (docs/gpu.md, 2026-12-04,
+seed 0, 40 RL steps): teacher 150 s, cold start 74 s, an RL step 0.45-0.62 s after a ~15 s
+compile; so one seed's teacher, cold start and one method of 300 steps take about 8 minutes
+and the whole comparison (3 seeds x 5 methods) about an hour. ``--config.quickstart.answers=open``
+runs it on the open-class world.
 """
 
 from dgpo_jax.configs.compare import get_config as compare_config
@@ -40,7 +43,16 @@ def get_config():
     q.rl_critic_lr = 3e-4
     cfg.train.micro_batch_size = 128
     cfg.coldstart.batch_size = 64
-    cfg.coldstart.epochs = 3
+    # Chosen on training data (docs/gpu.md, 2026-12-04): with 3 epochs (337 steps) the cold
+    # start's KD loss on the teacher's training trajectories was still falling at the end
+    # (1.26 -> 1.17 nats/token over its last 140 steps; the teacher's own SFT loss was 0.16
+    # by step 151). So 10 epochs a round, and further rounds until the student answers half
+    # of the training questions (the teacher's check, at 0.5: a student of half the teacher's
+    # depth that has the copying skill, not the teacher's mastery), at most 3 rounds. Not run
+    # on a GPU with these settings yet.
+    cfg.coldstart.epochs = 10
+    cfg.quickstart.coldstart_min_train_em = 0.5
+    cfg.quickstart.coldstart_max_rounds = 3
     cfg.eval.max_examples = 500  # per data source
     cfg.eval.batch_size = 500
     return cfg

@@ -192,6 +192,7 @@ def run_compare(cfg) -> dict:
                 # --config.workdir was given from
                 checkpoint=os.path.abspath(cs["checkpoint"]),
                 num_sequences=cs["num_sequences"],
+                coldstart=cs["rounds"],
             )
         else:
             student = store.get(seed, COLDSTART)["checkpoint"]
@@ -209,6 +210,7 @@ def run_compare(cfg) -> dict:
     )
     result["seconds"] = {r: {str(s): store.get(s, r)["seconds"] for s in seeds} for r in rows}
     result["teacher_rounds"] = {str(s): store.get(s, TEACHER).get("teacher") for s in seeds}
+    result["coldstart_rounds"] = {str(s): store.get(s, COLDSTART).get("coldstart") for s in seeds}
     result["world_seed"] = cfg.seed
     write_text_atomically(os.path.join(cfg.workdir, "compare.json"), json.dumps(result, indent=1))
     md = markdown(result)

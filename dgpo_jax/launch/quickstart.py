@@ -283,15 +283,16 @@ def prepare_world(cfg) -> Prepared:
     return Prepared(base, world, tokenizer, retriever, teacher_config)
 
 
-def teacher_train_em(base, teacher_dir: str, name: str, seed: int) -> float:
-    """Greedy EM of the teacher on (the first ``quickstart.teacher_check_questions`` per data
-    source of) the *training* questions: the teacher stage's stopping signal, which never
-    looks at the held-out questions."""
+def train_em(base, model_dir: str, name: str, seed: int) -> float:
+    """Greedy EM of the model in ``model_dir`` on (the first
+    ``quickstart.teacher_check_questions`` per data source of) the *training* questions: the
+    teacher's and the cold start's stopping signal, which never looks at the held-out
+    questions."""
     c = stage_config(
         base,
         name,
         **{
-            "model.student": teacher_dir,
+            "model.student": model_dir,
             "data.test_files": base.data.train_files,
             "eval.max_examples": base.quickstart.teacher_check_questions,
             "seed": seed,
@@ -340,7 +341,7 @@ def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> 
         if not check:
             break
         check_dir = os.path.join(os.path.relpath(workdir, cfg.workdir), f"teacher_check_{r}")
-        em = teacher_train_em(cfg, teacher_dir, check_dir, seed)
+        em = train_em(cfg, teacher_dir, check_dir, seed)
         rounds[-1]["train_em"] = round(em, 4)
         print(
             f"teacher after {rounds[-1]['steps']} steps: EM {em:.3f} on training questions "
@@ -352,21 +353,43 @@ def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> 
 
 
 def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
-    """``mode=coldstart``: KD of a fresh student on the teacher's correct trajectories."""
+    """``mode=coldstart``: KD of a fresh student on the teacher's correct trajectories.
+
+    With ``quickstart.coldstart_min_train_em`` > 0, further rounds of ``coldstart.epochs``
+    continue from the last round's student until its greedy EM on training questions reaches
+    that share, at most ``coldstart_max_rounds`` rounds (the held-out questions are never
+    consulted). Returns the last round's result with ``rounds`` (epochs and train EM each).
+    """
     q = base.quickstart
-    return run_coldstart(
-        stage_config(
-            base,
-            name,
-            **{
-                "mode": "coldstart",
-                "seed": seed,
-                "model.student": f"preset:{q.student_preset}",
-                "model.teacher": teacher_dir,
-                "objective.preset": "dgpo_coldstart",
-            },
+    check = q.coldstart_min_train_em > 0
+    student, rounds, result = f"preset:{q.student_preset}", [], None
+    for r in range(q.coldstart_max_rounds if check else 1):
+        result = run_coldstart(
+            stage_config(
+                base,
+                name if r == 0 else f"{name}_{r}",
+                **{
+                    "mode": "coldstart",
+                    "seed": seed + 1000 * r,  # round r > 0: another data order
+                    "model.student": student,
+                    "model.teacher": teacher_dir,
+                    "objective.preset": "dgpo_coldstart",
+                },
+            )
         )
-    )
+        student = os.path.abspath(result["checkpoint"])
+        rounds.append({"epochs": base.coldstart.epochs * (r + 1)})
+        if not check:
+            break
+        em = train_em(base, student, os.path.join(f"{name}_check", str(r)), seed)
+        rounds[-1]["train_em"] = round(em, 4)
+        print(
+            f"cold start after {rounds[-1]['epochs']} epochs: EM {em:.3f} on training questions "
+            f"(threshold {q.coldstart_min_train_em})"
+        )
+        if em >= q.coldstart_min_train_em:
+            break
+    return {**result, "rounds": rounds}
 
 
 def rl_stage(base, name: str, preset: str, student: str, teacher_dir: str, seed: int) -> dict:

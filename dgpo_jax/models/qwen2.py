@@ -171,6 +171,11 @@ def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
     return jnp.transpose(out.reshape(m, kv, groups, t, hd), (0, 3, 1, 2, 4))
 
 
+# Benchmarks only (benchmarks/gpu.py): "dots" or "reduce" forces the one-query attention form
+# at trace time, to time both on one machine; None: by the decode path and the platform.
+DECODE_ATTENTION_FORM: str | None = None
+
+
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
     """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
     restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
@@ -181,6 +186,8 @@ def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
     # Batched dots on the accelerator decode path (a static window) and on any non-CPU
     # backend; the float32 multiply-and-reduce on the CPU path only.
     dots = isinstance(span, int) or jax.default_backend() != "cpu"
+    if DECODE_ATTENTION_FORM is not None:
+        dots = DECODE_ATTENTION_FORM == "dots"
 
     def window(width):
         def attend(q, ck, cv, mask):
