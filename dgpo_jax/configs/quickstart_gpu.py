@@ -8,9 +8,10 @@ each), hundreds of steps per stage, and DGPO, PPO, OPD, ExOPD and KD (continued
 on-policy KD) each from the same KD cold start per seed (``mode=compare``,
 dgpo_jax/launch/compare.py). The sizes are chosen to make the paper's claim testable (DGPO above
 the cold start and near the teacher) on one GPU. Measured on one H200 (docs/gpu.md, 2026-12-04,
-seed 0, 40 RL steps): teacher 150 s, cold start 74 s, an RL step 0.45-0.62 s after a ~15 s
-compile; so one seed's teacher, cold start and one method of 300 steps take about 8 minutes
-and the whole comparison (3 seeds x 5 methods) about an hour. ``--config.quickstart.answers=open``
+seed 0, 40 RL steps): teacher 150 s, cold start 74 s with 3 epochs (~65 ms a step; now 10 a
+round), an RL step 0.45-0.62 s after a ~15 s compile; so one seed's teacher, cold start and one
+method of 300 steps take about 8-10 minutes and the whole comparison (3 seeds x 5 methods)
+about an hour. ``--config.quickstart.answers=open``
 runs it on the open-class world.
 """
 

@@ -149,9 +149,10 @@ def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
     if t == 1 and not dots:
         # One query per row (decoding) on XLA:CPU: multiply-and-reduce in float32 fuses into a
         # few loops over the keys/values, where XLA:CPU runs the equivalent batched
-        # [G, Dh] x [Dh, W] dots slower (measured in docs/sampler.md). On a GPU the same form
-        # ran the 0.5B decode step at 5.6% of the HBM roofline (docs/gpu.md): the accelerators
-        # take the dots.
+        # [G, Dh] x [Dh, W] dots slower (measured in docs/sampler.md). Accelerators take the
+        # dots, which their matrix units run: with this form on every path, the 0.5B decode
+        # step ran at 5.6% of an H200's HBM roofline (docs/gpu.md; the share due to this form
+        # is not measured yet).
         prod = q[:, 0, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32)
         scores = jnp.sum(prod, axis=-1) * (hd**-0.5)  # [M, K, G, W]
         scores = jnp.where(mask[:, :, None, :], scores, _NEG)  # mask [M, 1, W]
