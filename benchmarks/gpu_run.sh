@@ -10,7 +10,7 @@
 # Environment (all optional):
 #   BUDGET_S      seconds for the whole script (default 540); the compare gets what is left
 #   BENCH_STAGES  benchmarks/gpu.py stages (default decode,sampler); "none" skips it
-#   BENCH_S       seconds for them (default 170)
+#   BENCH_S       seconds for them (default 200)
 #   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
 #                 steps: a timing run that sizes the full one)
 # Python packages the image lacks travel as wheels in .whl/ (docs/gpu.md); they are installed
@@ -49,7 +49,7 @@ cat "$out/env.txt"
 
 stages=${BENCH_STAGES:-decode,sampler}
 if [[ $stages != none ]]; then
-  bench_s=${BENCH_S:-170}
+  bench_s=${BENCH_S:-200}
   timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
     --budget-s $((bench_s - 60)) 2>&1 | tee "$out/bench.log"
   [[ -f $out/bench/summary.json ]] && cp "$out/bench/summary.json" "$out/bench.json"
