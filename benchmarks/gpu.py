@@ -348,7 +348,8 @@ def stage_sampler(quick: bool) -> dict:
     """The sampler itself (``Sampler.generate``, the decode path the platform picks) in plain
     decode: the 0.5B model at batch 256, random 512-token prompts, search off. Two compiled
     samplers, generating 1 and ``steps`` tokens per row: the difference over ``steps - 1`` is
-    the sampler's ms per decode step (prefill, host transfers and output assembly cancel)."""
+    the sampler's ms per decode step (prefill, host transfers and output assembly cancel). Both
+    for the platform's default layers and for the other `SamplerConfig.decode_layers`."""
     kind = jax.devices()[0].device_kind
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     config = TINY if quick else get_preset("qwen2.5-0.5b")
@@ -358,29 +359,37 @@ def stage_sampler(quick: bool) -> dict:
     )
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
-    walls, path = {}, None
-    for n in (1, steps):
-        cfg = SamplerConfig(
-            cache_len=prompt + steps,
-            max_prompt_length=prompt,
-            max_new_tokens_per_turn=n,
-            max_new_tokens=n,
-            max_obs_length=8,
-            max_turns=0,
-            search_stops=((config.vocab_size,),),  # an id no sample takes: no turn ends early
-            answer_stops=(),
-            eos_token_ids=(),
-            temperature=1.0,
-        )
-        sampler = Sampler(config, cfg, _NoSearch(), _NoSearch())
-        t0 = time.perf_counter()
-        out = sampler.generate(params, prompts, seed=0)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = sampler.generate(params, prompts, seed=1)
-        walls[n] = (time.perf_counter() - t0, first)
-        assert out.stats["generated_tokens"] == batch * n, out.stats
-        path = out.stats.get("decode_path", path)
+    # The sampler's default layers for the platform ("scan" on an accelerator) and the other
+    # choice (`SamplerConfig.decode_layers`): ms per step of each, by difference.
+    path = None
+    per_layers = {}
+    for layers in ("auto", "split" if jax.default_backend() != "cpu" else "scan"):
+        walls = {}
+        for n in (1, steps):
+            cfg = SamplerConfig(
+                cache_len=prompt + steps,
+                max_prompt_length=prompt,
+                max_new_tokens_per_turn=n,
+                max_new_tokens=n,
+                max_obs_length=8,
+                max_turns=0,
+                search_stops=((config.vocab_size,),),  # an id no sample takes: no early end
+                answer_stops=(),
+                eos_token_ids=(),
+                temperature=1.0,
+                decode_layers=layers,
+            )
+            sampler = Sampler(config, cfg, _NoSearch(), _NoSearch())
+            t0 = time.perf_counter()
+            out = sampler.generate(params, prompts, seed=0)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = sampler.generate(params, prompts, seed=1)
+            walls[n] = (time.perf_counter() - t0, first)
+            assert out.stats["generated_tokens"] == batch * n, out.stats
+            path = out.stats["decode_path"]
+        per_layers[out.stats["decode_layers"]] = walls
+    walls = per_layers[next(iter(per_layers))]  # the default's
     ms = 1000 * (walls[steps][0] - walls[1][0]) / (steps - 1)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_bytes = (
@@ -396,7 +405,12 @@ def stage_sampler(quick: bool) -> dict:
         "decode_path": path,
         "batch": batch,
         "context": f"{prompt} prompt + {steps} decoded",
+        "decode_layers": next(iter(per_layers)),
         "ms_per_step": round(ms, 3),
+        **{
+            f"ms_per_step_{k}_layers": round(1000 * (w[steps][0] - w[1][0]) / (steps - 1), 3)
+            for k, w in list(per_layers.items())[1:]
+        },
         "generate_s": {str(n): round(w, 3) for n, (w, _) in walls.items()},
         "first_call_s": {str(n): round(f, 1) for n, (_, f) in walls.items()},
         "generated_tokens_per_s": round(batch * steps / walls[steps][0], 1),

@@ -13,6 +13,11 @@
 #   BENCH_S       seconds for them (default 200)
 #   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
 #                 steps: a timing run that sizes the full one)
+#   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
+#                 compare_config.json, e.g. unpacked from compare.tgz and kept in the
+#                 repository): copied into the workdir first, so that the compare continues
+#                 across machines with the stages it lacks (a seed whose methods are not all
+#                 finished needs that seed's teacher and cold start: seed whole seeds)
 # Python packages the image lacks travel as wheels in .whl/ (docs/gpu.md); they are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -61,6 +66,9 @@ fi
 read -r -a extra <<<"${COMPARE_ARGS:---config.compare.seeds=0 --config.quickstart.rl_steps=40}"
 for attempt in auto xla; do
   workdir=runs/gpu_run_compare_$attempt
+  if [[ -n ${SEED_FROM:-} && ! -d $workdir/stages ]]; then
+    mkdir -p "$workdir" && cp -r "$SEED_FROM/stages" "$SEED_FROM/compare_config.json" "$workdir/"
+  fi
   left=$((budget - ($(date +%s) - start) - 15))
   ((left > 60)) || break
   echo "compare (attention $attempt): $left s left; overrides: ${extra[*]}"

@@ -189,6 +189,11 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
     )
     with pytest.raises(ConfigError, match="teacher_prefix_share=0.5 needs teacher_prefix_tokens"):
         build_curriculum(cfg)
+    cfg, _ = load_config(["prog", "--config=quickstart", "--config.sampler.decode_layers=unroll"])
+    with pytest.raises(
+        ConfigError, match=r"config.sampler.decode_layers: 'unroll': expected one of \('auto'"
+    ):
+        validate(cfg)
 
 
 def test_presets_change_no_hyperparameter_by_name():

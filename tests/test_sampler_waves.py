@@ -82,6 +82,7 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
         ("wait for all", dict(wave_fraction=1.0)),
         ("max wait 2 steps", dict(wave_fraction=1.0, wave_max_wait=2)),
         ("accelerator path", dict(decode_path="accelerator")),
+        ("accelerator path, split layers", dict(decode_path="accelerator", decode_layers="split")),
     ):
         retriever = ScriptedRetriever()
         out = Sampler(model_config, wave_config(**overrides), TOK, retriever).generate(

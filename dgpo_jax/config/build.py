@@ -58,6 +58,7 @@ def sampler_config(
         wave_fraction=s.wave_fraction,
         wave_max_wait=s.wave_max_wait,
         decode_path=s.decode_path,
+        decode_layers=s.decode_layers,
         host_calls=s.host_calls,
     )
 

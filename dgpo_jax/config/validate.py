@@ -16,7 +16,7 @@ from dgpo_jax.data.prompts import TRUNCATION_MODES
 from dgpo_jax.data.synthetic import ANSWER_CLASSES
 from dgpo_jax.models.config import ATTENTION_KERNELS, PRESETS
 from dgpo_jax.objectives.presets import OBJECTIVE_PRESETS
-from dgpo_jax.sampler.config import DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
+from dgpo_jax.sampler.config import DECODE_LAYERS, DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "retrieval.on_error",
         f"{cfg.retrieval.on_error!r}: expected one of {ON_RETRIEVER_ERROR}",
     )
-    for field, choices in (("decode_path", DECODE_PATHS), ("host_calls", HOST_CALLS)):
+    for field, choices in (
+        ("decode_path", DECODE_PATHS),
+        ("decode_layers", DECODE_LAYERS),
+        ("host_calls", HOST_CALLS),
+    ):
         value = cfg.sampler[field]
         need(value in choices, f"sampler.{field}", f"{value!r}: expected one of {choices}")
     need(

@@ -38,6 +38,7 @@ ACTION_INVALID, ACTION_SEARCH, ACTION_ANSWER, ACTION_ERROR = 0, 1, 2, 3
 
 # Choices of the execution settings (one list, also read by the run config's validation).
 DECODE_PATHS = ("auto", "cpu", "accelerator")
+DECODE_LAYERS = ("auto", "scan", "split")
 HOST_CALLS = ("auto", "single", "per_shard")
 ON_RETRIEVER_ERROR = ("raise", "finish")  # `Sampler(on_retriever_error=)`, retrieval.on_error
 
@@ -97,6 +98,10 @@ class SamplerConfig:
     # "accelerator": scanned layers, all rows every step with a mask, one window per step;
     # "auto": by the platform of the devices.
     decode_path: str = "auto"
+    # "split": the layers' weights split once per rollout, the layers unrolled in each step;
+    # "scan": stacked weights, one scanned layer body; "auto": split on the cpu path, scan on
+    # the accelerator path.
+    decode_layers: str = "auto"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows
     # against its own retriever; "auto": per_shard when the mesh spans several processes.
@@ -126,7 +131,11 @@ class SamplerConfig:
                 f"SamplerConfig.wave_max_wait must be an int >= 0 (0 = no limit), got "
                 f"{self.wave_max_wait!r}"
             )
-        for name, choices in (("decode_path", DECODE_PATHS), ("host_calls", HOST_CALLS)):
+        for name, choices in (
+            ("decode_path", DECODE_PATHS),
+            ("decode_layers", DECODE_LAYERS),
+            ("host_calls", HOST_CALLS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"SamplerConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"

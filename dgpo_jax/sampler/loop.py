@@ -285,6 +285,15 @@ def plan_spans_processes(plan) -> bool:
     return plan is not None and len({d.process_index for d in plan.mesh.devices.flat}) > 1
 
 
+def resolve_decode_layers(config: SamplerConfig, path: str) -> str:
+    """``split`` or ``scan``: the config's choice, or for ``auto`` split on the cpu path (XLA:CPU
+    copies a layer's weights out of the stacked arrays every step) and scan on the accelerator
+    path (the weights stay where the partitioner put them)."""
+    if config.decode_layers != "auto":
+        return config.decode_layers
+    return "split" if path == "cpu" else "scan"
+
+
 def resolve_decode_path(config: SamplerConfig, plan=None) -> str:
     """``cpu`` or ``accelerator``: the config's choice, or for ``auto`` the platform of the
     plan's devices (or JAX's default backend without a plan)."""
@@ -786,7 +795,7 @@ def rollout_program(
         path=resolve_decode_path(config, plan),
         host_calls=resolve_host_calls(config, plan),
     )
-    if loop.path == "cpu":
+    if resolve_decode_layers(config, loop.path) == "split":
         # Per-layer weights, split once: a step never slices them out of the stacked arrays
         # (XLA:CPU copies such a slice, every weight, every step).
         params = split_layers(params)

@@ -28,6 +28,7 @@ from dgpo_jax.sampler.host import (
 from dgpo_jax.sampler.loop import (
     RolloutArrays,
     plan_spans_processes,
+    resolve_decode_layers,
     resolve_decode_path,
     rollout_program,
 )
@@ -296,6 +297,7 @@ class Sampler:
             "host_calls_per_process": record["num_calls_per_process"],
             "waves": int(arrays.waves),
             "decode_path": resolve_decode_path(cfg, self.plan),
+            "decode_layers": resolve_decode_layers(cfg, resolve_decode_path(cfg, self.plan)),
             "max_turns": cfg.max_turns,
             "decode_steps": int(arrays.steps) - int(arrays.ingest_steps),
             "decode_rows": int(arrays.decode_rows),
