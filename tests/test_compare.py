@@ -139,6 +139,11 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="quickstart.rl_steps: 1 -> 2"):
         run_compare(tiny_compare_config(workdir, resume=True, **{"quickstart.rl_steps": 2}))
 
+    # A setting the schema gained after that run, at its default, does not block the resume.
+    settings = workdir / "compare_config.json"
+    stored_settings = json.loads(settings.read_text())
+    assert stored_settings.pop("sampler.decode_layers") == "auto"
+    settings.write_text(json.dumps(stored_settings))
     calls.clear()
     monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage"))
     os.makedirs(tmp_path / "elsewhere")

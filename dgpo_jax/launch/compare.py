@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from dgpo_jax.checkpoint.fileio import write_bytes_atomically, write_text_atomically
-from dgpo_jax.config import ConfigError, split_list
+from dgpo_jax.config import ConfigError, base_config, split_list
 from dgpo_jax.errors import OutputExistsError
 from dgpo_jax.evaluation.stats import bootstrap_mean_ci, paired_difference, t_interval
 from dgpo_jax.launch.evaluate import run_eval
@@ -98,7 +98,11 @@ class StageStore:
             if os.path.isfile(settings):
                 with open(settings) as f:
                     before = json.load(f)
-                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                # A setting added to the schema since that run, at its default, is no change.
+                default = _flatten(base_config().to_dict())
+                changed = sorted(
+                    k for k in set(before) | set(now) if before.get(k, default.get(k)) != now.get(k)
+                )
                 if changed:
                     shown = ", ".join(
                         f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]
