@@ -10,7 +10,14 @@ import torch
 import transformers
 
 import dgpo_jax
-from dgpo_jax.models import Qwen2Config, forward_with_cache, get_preset, init_cache, param_shapes
+from dgpo_jax.models import (
+    Qwen2Config,
+    forward_with_cache,
+    get_preset,
+    init_cache,
+    param_shapes,
+    qwen2,
+)
 from dgpo_jax.models.qwen2 import span_buckets, split_layers
 from tests.conftest import make_hf_model
 
@@ -178,10 +185,10 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
     np.testing.assert_allclose(results["stacked"][1].k, results["split"][1].k, atol=1e-6)
 
 
-def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models):
-    """One-token decode steps in both forms of the cached attention: batched dots (a static
-    key window, the accelerator path's form) and the float32 multiply-and-reduce (a traced
-    window on CPU, the CPU path's form) give transformers' logits for every step."""
+def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models, monkeypatch):
+    """One-token decode steps in both forms of the cached one-query attention, forced on CPU:
+    batched dots (the form off CPU) and the float32 multiply-and-reduce (XLA:CPU's form), each
+    with a static key window and with a per-layer window switch, give transformers' logits."""
     path, hf = hf_models[(False, 1e6)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
     rng = np.random.RandomState(7)
@@ -189,20 +196,25 @@ def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models)
     pmask = np.ones((2, 20), np.int64)
     pmask[1, :6] = 0  # left padding
     new = rng.randint(0, 256, (2, 5))
-    step = jax.jit(forward_with_cache, static_argnames=("config", "window"))
-    for window in (40, None):
-        cache = init_cache(config, 2, 40)
-        _, cache = step(config, params, prompt, cache, pmask, window=window)
-        logits = []
-        for i in range(new.shape[1]):
-            out, cache = step(config, params, new[:, i : i + 1], cache, window=window)
-            logits.append(np.asarray(out[:, 0]))
-        for row in range(2):
-            seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
-            got = np.stack([lg[row] for lg in logits])
-            # Step i's logits are transformers' at the position of new[:, i].
-            ref = _hf_logits(hf, seq[None])[0][-new.shape[1] :]
-            assert np.abs(got - ref).max() <= 1e-4, (window, row)
+    refs = []
+    for row in range(2):
+        seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
+        # Step i's logits are transformers' at the position of new[:, i].
+        refs.append(_hf_logits(hf, seq[None])[0][-new.shape[1] :])
+    for form in ("dots", "reduce"):
+        monkeypatch.setattr(qwen2, "DECODE_ATTENTION_FORM", form)
+        # A fresh jit per form: the form is read when the step is traced.
+        step = jax.jit(forward_with_cache, static_argnames=("config", "window"))
+        for window in (40, None):
+            cache = init_cache(config, 2, 40)
+            _, cache = step(config, params, prompt, cache, pmask, window=window)
+            logits = []
+            for i in range(new.shape[1]):
+                out, cache = step(config, params, new[:, i : i + 1], cache, window=window)
+                logits.append(np.asarray(out[:, 0]))
+            for row in range(2):
+                got = np.stack([lg[row] for lg in logits])
+                assert np.abs(got - refs[row]).max() <= 1e-4, (form, window, row)
 
 
 def test_config_old_and_transformers5_formats(hf_models):

@@ -172,23 +172,31 @@ def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
     return jnp.transpose(out.reshape(m, kv, groups, t, hd), (0, 3, 1, 2, 4))
 
 
-# Benchmarks only (benchmarks/gpu.py): "dots" or "reduce" forces the one-query attention form
-# at trace time, to time both on one machine; None: by the decode path and the platform.
+# "dots" or "reduce" forces the one-query attention form at trace time (benchmarks/gpu.py times
+# both on one machine; tests check both on CPU); None: by the platform (`_one_query_dots`).
 DECODE_ATTENTION_FORM: str | None = None
 
 
-def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype):
+def _one_query_dots(plan) -> bool:
+    """Whether one-query (decode) attention takes batched dots: on any platform but CPU (the
+    plan's devices, else JAX's default backend), where the matrix units run them; XLA:CPU runs
+    the float32 multiply-and-reduce faster (docs/sampler.md). A property of the platform, not
+    of the decode path: the accelerator path forced on CPU keeps the CPU form."""
+    if DECODE_ATTENTION_FORM is not None:
+        return DECODE_ATTENTION_FORM == "dots"
+    platform = plan.mesh.devices.flat[0].platform if plan is not None else jax.default_backend()
+    return platform != "cpu"
+
+
+def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False):
     """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
     restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
     scalar: no query of this step sees a slot >= span). The window is picked with
     ``lax.switch``, so a step costs the context actually in use, not the whole cache. A Python
-    int ``span`` is a static window width: no switch (the caller picked it for the step)."""
+    int ``span`` is a static window width: no switch (the caller picked it for the step).
+    ``dots``: one query per row by batched dots, else the float32 multiply-and-reduce
+    (`_one_query_dots`)."""
     widths = span_buckets(ck.shape[3])
-    # Batched dots on the accelerator decode path (a static window) and on any non-CPU
-    # backend; the float32 multiply-and-reduce on the CPU path only.
-    dots = isinstance(span, int) or jax.default_backend() != "cpu"
-    if DECODE_ATTENTION_FORM is not None:
-        dots = DECODE_ATTENTION_FORM == "dots"
 
     def window(width):
         def attend(q, ck, cv, mask):
@@ -260,7 +268,8 @@ class Attention(nn.Module):
             ck = _scatter_kv(cache[0], k, layer, rows, slots)
             cv = _scatter_kv(cache[1], v, layer, rows, slots)
             cache = (ck, cv)
-            attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype)
+            dots = _one_query_dots(self.plan)
+            attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots)
         out = _matmul("btnh,nhd->btd", attn.astype(x.dtype).reshape(b, t, h, hd), wo)
         return out, cache
 
