@@ -15,16 +15,18 @@ measured), in this order:
    the memory plan adds up) against ``memory_stats()["peak_bytes_in_use"]`` after its first
    real step. It runs first in the process because that peak never goes down.
 3. ``decode``: the 0.5B student's single-token KV-cache decode step at batch 256, in ms per
-   step, against the HBM roofline (weights + the KV read once per step): with one static key
-   window per step (the sampler's accelerator path) and with a window switch per layer (its
-   cpu path), side by side.
+   step, against the HBM roofline (weights + the KV read once per step), in four variants side
+   by side: one static key window per step (the sampler's accelerator path), the float32
+   multiply-and-reduce attention, a window switch per layer, and unrolled (split) layers.
+   ``sampler``: `Sampler.generate` itself in plain decode, same shapes, both layer choices.
 4. ``attention``: the training/scoring attention kernels (xla, chunked, cudnn) at 2048 and 8704
    positions, forward + backward: milliseconds and the compiled program's temporary bytes.
 
-Random weights from the model presets: nothing is downloaded. It imports only jax, flax,
-optax, numpy, safetensors and this package's models/learner/objectives (no ml_collections,
-grain or tokenizer), so it runs on a bare JAX GPU image; `pip install -e . --no-deps` is not
-even needed when run from the repository root. The last stdout line is one JSON object with
+Random weights from the model presets: nothing is downloaded. Besides this package (models,
+learner, objectives, sampler) it imports jax, flax, optax, numpy, safetensors, pyarrow,
+requests and tqdm (no ml_collections, grain or tokenizer), so it runs on a JAX GPU image such
+as the H200 one of docs/gpu.md; `pip install -e . --no-deps` is not even needed when run from
+the repository root. The last stdout line is one JSON object with
 every stage's figures and the machine's name.
 """
 
@@ -424,7 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes on any backend")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_bench"))
     p.add_argument("--budget-s", type=float, default=420.0, help="skip stages started after")
-    p.add_argument("--stages", default="update,decode,attention")
+    p.add_argument("--stages", default="update,decode,sampler,attention")
     args = p.parse_args(argv)
     device = jax.devices()[0]
     machine = attention_bench.machine()
