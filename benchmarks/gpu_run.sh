@@ -66,7 +66,8 @@ fi
 read -r -a extra <<<"${COMPARE_ARGS:---config.compare.seeds=0 --config.quickstart.rl_steps=40}"
 for attempt in auto xla; do
   workdir=runs/gpu_run_compare_$attempt
-  if [[ -n ${SEED_FROM:-} && ! -d $workdir/stages ]]; then
+  # (the records hold the default attention's settings: not the retry's)
+  if [[ -n ${SEED_FROM:-} && $attempt == auto && ! -d $workdir/stages ]]; then
     mkdir -p "$workdir" && cp -r "$SEED_FROM/stages" "$SEED_FROM/compare_config.json" "$workdir/"
   fi
   left=$((budget - ($(date +%s) - start) - 15))
