@@ -10,7 +10,7 @@ dgpo_jax/launch/compare.py). The sizes are chosen to make the paper's claim test
 the cold start and near the teacher) on one GPU. Measured on one H200 (docs/gpu.md, 2026-12-04,
 seed 0, 40 RL steps): teacher 150 s, cold start 74 s with 3 epochs (~65 ms a step; now 10 a
 round), an RL step 0.45-0.62 s after a ~15 s compile; so one seed's teacher, cold start and one
-method of 300 steps take about 8-10 minutes and the whole comparison (3 seeds x 5 methods)
+method of 300 steps take about 8-12 minutes and the whole comparison (3 seeds x 5 methods)
 about an hour. ``--config.quickstart.answers=open``
 runs it on the open-class world.
 """
