@@ -11,8 +11,7 @@ the cold start and near the teacher) on one GPU. Measured on one H200 (docs/gpu.
 seed 0, 40 RL steps): teacher 150 s, cold start 74 s with 3 epochs (~65 ms a step; now 10 a
 round), an RL step 0.45-0.62 s after a ~15 s compile; so one seed's teacher, cold start and one
 method of 300 steps take about 8-12 minutes and the whole comparison (3 seeds x 5 methods)
-about an hour. ``--config.quickstart.answers=open``
-runs it on the open-class world.
+about an hour. ``--config.quickstart.answers=open`` runs it on the open-class world.
 """
 
 from dgpo_jax.configs.compare import get_config as compare_config
