@@ -250,6 +250,18 @@ def stage_update(quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------- decode ---
+def _decode_roofline(config, params, batch: int, mean_context: float) -> tuple[int, float | None]:
+    """Bytes one decode step must read (the weights, and each row's KV cache at the mean
+    context, in the params' dtype) and that over the chip's HBM bandwidth in ms (None when
+    the chip is not in `HBM_BYTES_S`)."""
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    itemsize = jax.tree.leaves(params)[0].dtype.itemsize
+    kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.dim_per_head
+    total = int(weight_bytes + kv_per_slot * batch * mean_context * itemsize)
+    bandwidth = _lookup(HBM_BYTES_S, jax.devices()[0].device_kind)
+    return total, None if bandwidth is None else 1000 * total / bandwidth
+
+
 def stage_decode(quick: bool) -> dict:
     kind = jax.devices()[0].device_kind
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
@@ -308,15 +320,7 @@ def stage_decode(quick: bool) -> dict:
         finally:
             qwen2.DECODE_ATTENTION_FORM = None
     ms, compile_s = timings["window"]
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    mean_context = prompt + steps / 2
-    kv_bytes = (
-        (2 * config.num_hidden_layers * batch * config.num_key_value_heads * config.dim_per_head)
-        * mean_context
-        * jnp.dtype(dtype).itemsize
-    )
-    bandwidth = _lookup(HBM_BYTES_S, kind)
-    roofline_ms = None if bandwidth is None else 1000 * (weight_bytes + kv_bytes) / bandwidth
+    bytes_per_step, roofline_ms = _decode_roofline(config, params, batch, prompt + steps / 2)
     return {
         "model": "tiny" if quick else "qwen2.5-0.5b",
         "dtype": jnp.dtype(dtype).name,
@@ -325,10 +329,10 @@ def stage_decode(quick: bool) -> dict:
         "ms_per_step": round(ms, 3),
         **{f"ms_per_step_{k}": round(v[0], 3) for k, v in timings.items() if k != "window"},
         "first_call_s": round(compile_s, 1),
-        "bytes_per_step": int(weight_bytes + kv_bytes),
+        "bytes_per_step": bytes_per_step,
         "roofline_ms": None if roofline_ms is None else round(roofline_ms, 3),
         "share_of_roofline": None if roofline_ms is None else round(roofline_ms / ms, 3),
-        "hbm_bytes_s": bandwidth,
+        "hbm_bytes_s": _lookup(HBM_BYTES_S, kind),
     }
 
 
@@ -352,7 +356,6 @@ def stage_sampler(quick: bool) -> dict:
     samplers, generating 1 and ``steps`` tokens per row: the difference over ``steps - 1`` is
     the sampler's ms per decode step (prefill, host transfers and output assembly cancel). Both
     for the platform's default layers and for the other `SamplerConfig.decode_layers`."""
-    kind = jax.devices()[0].device_kind
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     config = TINY if quick else get_preset("qwen2.5-0.5b")
     batch, prompt, steps = (8, 64, 32) if quick else (256, 512, 256)
@@ -393,14 +396,7 @@ def stage_sampler(quick: bool) -> dict:
         per_layers[out.stats["decode_layers"]] = walls
     walls = per_layers[next(iter(per_layers))]  # the default's
     ms = 1000 * (walls[steps][0] - walls[1][0]) / (steps - 1)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    kv_bytes = (
-        (2 * config.num_hidden_layers * batch * config.num_key_value_heads * config.dim_per_head)
-        * (prompt + steps / 2)
-        * jnp.dtype(dtype).itemsize
-    )
-    bandwidth = _lookup(HBM_BYTES_S, kind)
-    roofline_ms = None if bandwidth is None else 1000 * (weight_bytes + kv_bytes) / bandwidth
+    _, roofline_ms = _decode_roofline(config, params, batch, prompt + steps / 2)
     return {
         "model": "tiny" if quick else "qwen2.5-0.5b",
         "dtype": jnp.dtype(dtype).name,
