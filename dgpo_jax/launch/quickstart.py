@@ -301,6 +301,14 @@ def train_em(base, model_dir: str, name: str, seed: int) -> float:
     return float(run_eval(c)["final_eval"]["greedy"]["all"]["em"])
 
 
+def _round_passes(record: dict, em: float, threshold: float, what: str) -> bool:
+    """Records a training round's check (``train_em`` in its ``record``), prints it (``what``
+    formatted with the record's fields), and says whether the EM reached the threshold."""
+    record["train_em"] = round(em, 4)
+    print(f"{what.format(**record)}: EM {em:.3f} on training questions (threshold {threshold})")
+    return em >= threshold
+
+
 def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> dict:
     """Trains the teacher on the expert trajectories and saves it to ``teacher_dir``.
 
@@ -342,12 +350,7 @@ def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> 
             break
         check_dir = os.path.join(os.path.relpath(workdir, cfg.workdir), f"teacher_check_{r}")
         em = train_em(cfg, teacher_dir, check_dir, seed)
-        rounds[-1]["train_em"] = round(em, 4)
-        print(
-            f"teacher after {rounds[-1]['steps']} steps: EM {em:.3f} on training questions "
-            f"(threshold {q.teacher_min_train_em})"
-        )
-        if em >= q.teacher_min_train_em:
+        if _round_passes(rounds[-1], em, q.teacher_min_train_em, "teacher after {steps} steps"):
             break
     return {"rounds": rounds}
 
@@ -382,12 +385,9 @@ def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
         if not check:
             break
         em = train_em(base, student, os.path.join(f"{name}_check", str(r)), seed)
-        rounds[-1]["train_em"] = round(em, 4)
-        print(
-            f"cold start after {rounds[-1]['epochs']} epochs: EM {em:.3f} on training questions "
-            f"(threshold {q.coldstart_min_train_em})"
-        )
-        if em >= q.coldstart_min_train_em:
+        if _round_passes(
+            rounds[-1], em, q.coldstart_min_train_em, "cold start after {epochs} epochs"
+        ):
             break
     return {**result, "rounds": rounds}
 
