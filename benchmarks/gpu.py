@@ -15,9 +15,13 @@ measured), in this order:
    the memory plan adds up) against ``memory_stats()["peak_bytes_in_use"]`` after its first
    real step. It runs first in the process because that peak never goes down.
 3. ``decode``: the 0.5B student's single-token KV-cache decode step at batch 256, in ms per
-   step, against the HBM roofline (weights + the KV read once per step), in four variants side
-   by side: one static key window per step (the sampler's accelerator path), the float32
-   multiply-and-reduce attention, a window switch per layer, and unrolled (split) layers.
+   step, against the HBM roofline (weights + the KV read once per step), in variants side by
+   side (``--decode-variants``; the first is the headline): stacked layers in a scan with one
+   static key window, the float32 multiply-and-reduce attention, a window switch per layer,
+   split layers with the stacked cache or with a cache array per layer (the sampler's split
+   layers), a window sliced out of a wider per-layer cache, and XLA options (cuBLAS for every
+   gemm; dynamic-slice fusion). ``--profile`` traces each variant once: device time per HLO
+   op (``decode_<variant>_profile.json``) and the compiled HLO, in ``--out``.
    ``sampler``: `Sampler.generate` itself in plain decode, same shapes, both layer choices.
 4. ``attention``: the training/scoring attention kernels (xla, chunked, cudnn) at 2048 and 8704
    positions, forward + backward: milliseconds and the compiled program's temporary bytes.
@@ -33,9 +37,12 @@ every stage's figures and the machine's name.
 from __future__ import annotations
 
 import argparse
+import functools
+import glob
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -59,9 +66,10 @@ from dgpo_jax.models import (  # noqa: E402
     init_params,
     qwen2,
 )
-from dgpo_jax.models.qwen2 import split_layers  # noqa: E402
+from dgpo_jax.models.qwen2 import split_cache, split_layers  # noqa: E402
 from dgpo_jax.objectives import get_objective  # noqa: E402
 from dgpo_jax.sampler import Sampler, SamplerConfig  # noqa: E402
+from dgpo_jax.sampler.loop import resolve_decode_layers, resolve_decode_path  # noqa: E402
 
 # Dense bfloat16 peaks (datasheet, per chip) and HBM bandwidth, by device_kind substring.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -250,6 +258,58 @@ def stage_update(quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------- decode ---
+def device_profile(fn, args, steps: int, top: int = 30) -> dict:
+    """Where a compiled call spends its device time: one call traced with `jax.profiler`,
+    events summed by name per timeline (on a GPU the "XLA Ops" line holds HLO ops and the
+    "Stream" lines kernels; on a CPU the XLA threads' ops), divided by ``steps``. ``top``:
+    the heaviest names of the busiest op timeline with their HLO op and share."""
+    trace_dir = tempfile.mkdtemp(prefix="gpu_profile_")
+    with jax.profiler.trace(trace_dir):
+        jax.block_until_ready(fn(*args))
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    lines: dict[str, dict] = {}
+    for plane in data.planes:
+        device = plane.name.startswith("/device:")
+        for line in plane.lines:
+            if not (device or line.name.startswith("tf_XLA")):
+                continue
+            key = f"{plane.name} {line.name}" if device else "/host:CPU XLA threads"
+            names = lines.setdefault(key, {})
+            for event in line.events:
+                entry = names.setdefault(event.name, [0.0, 0, None])
+                entry[0] += event.duration_ns
+                entry[1] += 1
+                if entry[2] is None:
+                    stats = dict(event.stats)
+                    entry[2] = str(stats.get("long_name") or stats.get("hlo_op") or "")[:400]
+    summary = {
+        key: {
+            "busy_ms_per_step": round(sum(v[0] for v in names.values()) / 1e6 / steps, 4),
+            "events_per_step": round(sum(v[1] for v in names.values()) / steps, 1),
+        }
+        for key, names in lines.items()
+    }
+    ops = [k for k in lines if "XLA Ops" in k] or list(lines)
+    busiest = max(ops, key=lambda k: summary[k]["busy_ms_per_step"]) if ops else None
+    heaviest = []
+    if busiest:
+        total = sum(v[0] for v in lines[busiest].values()) or 1.0
+        for name, (ns, count, detail) in sorted(lines[busiest].items(), key=lambda kv: -kv[1][0])[
+            :top
+        ]:
+            heaviest.append(
+                {
+                    "name": name,
+                    "ms_per_step": round(ns / 1e6 / steps, 4),
+                    "per_step": round(count / steps, 2),
+                    "share": round(ns / total, 4),
+                    "op": detail,
+                }
+            )
+    return {"timelines": summary, "busiest": busiest, "top": heaviest}
+
+
 def _decode_roofline(config, params, batch: int, mean_context: float) -> tuple[int, float | None]:
     """Bytes one decode step must read (the weights, and each row's KV cache at the mean
     context, in the params' dtype) and that over the chip's HBM bandwidth in ms (None when
@@ -262,7 +322,7 @@ def _decode_roofline(config, params, batch: int, mean_context: float) -> tuple[i
     return total, None if bandwidth is None else 1000 * total / bandwidth
 
 
-def stage_decode(quick: bool) -> dict:
+def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
     kind = jax.devices()[0].device_kind
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     config = TINY if quick else get_preset("qwen2.5-0.5b")
@@ -273,9 +333,9 @@ def stage_decode(quick: bool) -> dict:
     )
     ids = jax.random.randint(jax.random.key(1), (batch, prompt), 0, config.vocab_size)
 
-    @jax.jit
-    def prefill(params, ids):
-        cache = init_cache(config, batch, cache_len, dtype)
+    @functools.partial(jax.jit, static_argnums=2)
+    def prefill(params, ids, slots=cache_len):
+        cache = init_cache(config, batch, slots, dtype)
         logits, cache = forward_with_cache(config, params, ids, cache)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
@@ -300,35 +360,68 @@ def stage_decode(quick: bool) -> dict:
     # batched dots); "reduce": the same with the float32 multiply-and-reduce (the form every
     # path used before 2026-12-04); "switch": a window switch per layer (the cpu path's
     # choice); "unrolled": split layers (no layer loop: launch and loop overhead).
-    variants = {
-        "window": (params, cache_len, "dots"),
-        "reduce": (params, cache_len, "reduce"),
-        "switch": (params, None, "dots"),
-        "unrolled": (split_layers(params), cache_len, "dots"),
+    # "unrolled_cache": split layers, each with its own cache array (the sampler's split
+    # layers); XLA options: let cuBLAS gemms read dynamic slices in place (the scanned layers' weights
+    # and cache); cuBLAS instead of Triton for every gemm.
+    dsf = {"xla_gpu_enable_dynamic_slice_fusion": True}
+    cublas = {"xla_gpu_enable_triton_gemm": False}
+    split = split_layers(params)
+    per_layer = split_cache(cache)
+    variants = {  # (params, cache, window, attention form, XLA options)
+        "window": (params, cache, cache_len, "dots", {}),
+        "reduce": (params, cache, cache_len, "reduce", {}),
+        "switch": (params, cache, None, "dots", {}),
+        "unrolled": (split, cache, cache_len, "dots", {}),
+        "unrolled_cache": (split, per_layer, cache_len, "dots", {}),
+        "unrolled_cache_cublas": (split, per_layer, cache_len, "dots", cublas),
+        # the same window out of a wider cache: a strided slice of each layer's array
+        "unrolled_cache_slice": (split, None, cache_len, "dots", {}),
+        "window_dsf": (params, cache, cache_len, "dots", dsf),
+        "window_dsf_cublas": (params, cache, cache_len, "dots", {**dsf, **cublas}),
     }
-    timings = {}
-    for name, (p, window, form) in variants.items():
+    unknown = set(names or ()) - set(variants)
+    if unknown:
+        raise ValueError(f"decode variants {sorted(unknown)} unknown; known: {sorted(variants)}")
+    timings, temp_gib, profiles = {}, {}, {}
+    for name in names or variants:
+        p, c, window, form, options = variants[name]
+        if c is None:  # a cache of 4/3 the slots, the same context
+            c = split_cache(prefill(params, ids, cache_len + cache_len // 3)[1])
         qwen2.DECODE_ATTENTION_FORM = form
         try:
-            decode = make_decode(window)
             t0 = time.perf_counter()
-            jax.block_until_ready(decode(p, token, cache))
+            compiled = make_decode(window).lower(p, token, c).compile(compiler_options=options)
             first = time.perf_counter() - t0
+            temp_gib[name] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
+            jax.block_until_ready(compiled(p, token, c))
             t0 = time.perf_counter()
-            jax.block_until_ready(decode(p, token, cache))
+            jax.block_until_ready(compiled(p, token, c))
             timings[name] = (1000 * (time.perf_counter() - t0) / steps, first)
+            if profile_dir:
+                profiles[name] = device_profile(compiled, (p, token, c), steps)
+                with open(os.path.join(profile_dir, f"decode_{name}_profile.json"), "w") as f:
+                    json.dump(profiles[name], f, indent=1)
+                with open(os.path.join(profile_dir, f"decode_{name}.hlo.txt"), "w") as f:
+                    f.write(compiled.as_text())
+        except Exception as e:  # one variant an XLA refuses must not lose the others
+            timings[name] = (float("nan"), 0.0)
+            temp_gib[name] = f"{type(e).__name__}: {e}"[:300]
         finally:
             qwen2.DECODE_ATTENTION_FORM = None
-    ms, compile_s = timings["window"]
+    first_name = next(iter(timings))
+    ms, compile_s = timings[first_name]
     bytes_per_step, roofline_ms = _decode_roofline(config, params, batch, prompt + steps / 2)
     return {
         "model": "tiny" if quick else "qwen2.5-0.5b",
         "dtype": jnp.dtype(dtype).name,
         "batch": batch,
         "context": f"{prompt} prompt + {steps} decoded",
+        "variant": first_name,
         "ms_per_step": round(ms, 3),
-        **{f"ms_per_step_{k}": round(v[0], 3) for k, v in timings.items() if k != "window"},
+        **{f"ms_per_step_{k}": round(v[0], 3) for k, v in timings.items() if k != first_name},
         "first_call_s": round(compile_s, 1),
+        "compiled_temp_gib": temp_gib,
+        "profile_top": {k: v["top"][:8] for k, v in profiles.items()},
         "bytes_per_step": bytes_per_step,
         "roofline_ms": None if roofline_ms is None else round(roofline_ms, 3),
         "share_of_roofline": None if roofline_ms is None else round(roofline_ms / ms, 3),
@@ -364,11 +457,13 @@ def stage_sampler(quick: bool) -> dict:
     )
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
-    # The sampler's default layers for the platform ("scan" on an accelerator) and the other
+    # The sampler's default layers for the platform (split on CPU and GPUs) and the other
     # choice (`SamplerConfig.decode_layers`): ms per step of each, by difference.
     path = None
     per_layers = {}
-    for layers in ("auto", "split" if jax.default_backend() != "cpu" else "scan"):
+    auto = SamplerConfig(search_stops=((config.vocab_size,),))  # its layer choice only
+    default = resolve_decode_layers(auto, resolve_decode_path(auto))
+    for layers in ("auto", "scan" if default == "split" else "split"):
         walls = {}
         for n in (1, steps):
             cfg = SamplerConfig(
@@ -423,6 +518,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_bench"))
     p.add_argument("--budget-s", type=float, default=420.0, help="skip stages started after")
     p.add_argument("--stages", default="update,decode,sampler,attention")
+    p.add_argument(
+        "--decode-variants",
+        default="",
+        help="comma-separated subset of the decode stage's variants (default: all; the first "
+        "one is the headline figure)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace each decode variant once: per-op device time in OUT/decode_<variant>"
+        "_profile.json, and its compiled HLO in OUT/decode_<variant>.hlo.txt",
+    )
     args = p.parse_args(argv)
     device = jax.devices()[0]
     machine = attention_bench.machine()
@@ -431,7 +538,12 @@ def main(argv=None) -> int:
     dtype = jnp.float32 if device.platform == "cpu" else jnp.bfloat16
     todo = {
         "update": (stage_update, args.quick),
-        "decode": (stage_decode, args.quick),
+        "decode": (
+            stage_decode,
+            args.quick,
+            [v for v in args.decode_variants.split(",") if v] or None,
+            args.out if args.profile else None,
+        ),
         "sampler": (stage_sampler, args.quick),
         "attention": (stage_attention, args.quick, dtype),
     }

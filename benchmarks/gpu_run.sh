@@ -11,6 +11,7 @@
 #   BUDGET_S      seconds for the whole script (default 540); the compare gets what is left
 #   BENCH_STAGES  benchmarks/gpu.py stages (default decode,sampler); "none" skips it
 #   BENCH_S       seconds for them (default 200)
+#   BENCH_ARGS    more benchmarks/gpu.py arguments (e.g. "--profile --decode-variants=window")
 #   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
 #                 steps: a timing run that sizes the full one)
 #   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
@@ -55,10 +56,12 @@ cat "$out/env.txt"
 stages=${BENCH_STAGES:-decode,sampler}
 if [[ $stages != none ]]; then
   bench_s=${BENCH_S:-200}
+  read -r -a bench_args <<<"${BENCH_ARGS:-}"
   timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
-    --budget-s $((bench_s - 60)) 2>&1 | tee "$out/bench.log"
+    --budget-s $((bench_s - 60)) "${bench_args[@]}" 2>&1 | tee "$out/bench.log"
   [[ -f $out/bench/summary.json ]] && cp "$out/bench/summary.json" "$out/bench.json"
-  rm -rf "$out/bench"  # the per-stage files are in bench.log and bench.json
+  # the per-stage files are in bench.log and bench.json; profiles and HLO (--profile) travel
+  tar czf "$out/bench.tgz" -C "$out" bench && rm -rf "$out/bench"
 fi
 
 # A compare that fails at once (a kernel this JAX or cuDNN refuses, say) is run again with

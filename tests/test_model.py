@@ -18,7 +18,7 @@ from dgpo_jax.models import (
     param_shapes,
     qwen2,
 )
-from dgpo_jax.models.qwen2 import span_buckets, split_layers
+from dgpo_jax.models.qwen2 import span_buckets, split_cache, split_layers
 from tests.conftest import make_hf_model
 
 
@@ -138,7 +138,8 @@ def test_cache_prefill_then_ragged_chunks_equal_full_forward(hf_models):
 def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
     """Steps on subsets of the rows (``rows=``, with a dummy row), whose key windows cross
     several `span_buckets` widths, give transformers' logits for every real token; rows outside
-    a step keep their cache exactly; split-layer parameters give the same as stacked ones."""
+    a step keep their cache exactly; split-layer parameters, with the stacked cache or with one
+    cache array per layer (`split_cache`), give the same as stacked ones."""
     path, hf = hf_models[(False, 1e6)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
     slots = 300
@@ -159,12 +160,25 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
     steps.append((rng.randint(0, 256, (2, 8)), chunk, [1, 2]))  # 161 -> 192
     step = jax.jit(forward_with_cache, static_argnames=("config",))
     results = {}
-    for name, p in (("stacked", params), ("split", split_layers(params))):
+
+    def stacked(kv):  # [L, B, K, S, Dh] from either layout
+        return np.concatenate(kv) if isinstance(kv, tuple) else np.asarray(kv)
+
+    split = split_layers(params)
+    for name, p, per_layer in (
+        ("stacked", params, False),
+        ("split", split, False),
+        ("split cache", split, True),
+    ):
         cache, seqs = init_cache(config, 3, slots), [[] for _ in range(3)]
+        if per_layer:
+            cache = split_cache(cache)
+            assert len(cache.k) == config.num_hidden_layers and cache.max_len == slots
         outs = [[] for _ in range(3)]
         for ids, mask, rows in steps:
             before = cache
             logits, cache = step(config, p, ids, cache, mask, rows=rows)
+            assert isinstance(cache.k, tuple) == per_layer
             logits = np.asarray(logits)
             for i, row in enumerate(range(3) if rows is None else rows):
                 if row < 3:
@@ -172,7 +186,7 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
                     seqs[row].extend(ids[i][real].tolist())
                     outs[row].append(logits[i][real])
             for row in set(range(3)) - set(range(3) if rows is None else rows):
-                np.testing.assert_array_equal(np.asarray(cache.k[:, row]), before.k[:, row])
+                np.testing.assert_array_equal(stacked(cache.k)[:, row], stacked(before.k)[:, row])
                 assert int(cache.end[row]) == int(before.end[row])
         results[name] = (outs, cache)
         np.testing.assert_array_equal(np.asarray(cache.end), [261, 129, 166])
@@ -180,9 +194,17 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
         for row in range(3):
             ref = _hf_logits(hf, np.asarray(seqs[row])[None])[0]
             assert np.abs(np.concatenate(outs[row]) - ref).max() <= 1e-4, (name, row)
-    for a, b in zip(results["stacked"][0], results["split"][0]):
-        np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-5)
-    np.testing.assert_allclose(results["stacked"][1].k, results["split"][1].k, atol=1e-6)
+    for name in ("split", "split cache"):
+        for a, b in zip(results["stacked"][0], results[name][0]):
+            np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-5)
+        for field in ("k", "v"):
+            np.testing.assert_allclose(
+                stacked(getattr(results["stacked"][1], field)),
+                stacked(getattr(results[name][1], field)),
+                atol=1e-6,
+            )
+    with pytest.raises(ValueError, match="per-layer cache .* needs split_layers"):
+        step(config, params, steps[0][0], split_cache(init_cache(config, 3, slots)), steps[0][1])
 
 
 def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models, monkeypatch):

@@ -17,6 +17,7 @@ from dgpo_jax.models.qwen2 import forward_with_cache, init_cache
 from dgpo_jax.retrieval.documents import Document
 from dgpo_jax.retrieval.formatting import information_observation
 from dgpo_jax.sampler import Sampler
+from dgpo_jax.sampler import loop as loop_module
 from dgpo_jax.sampler.host import RolloutRetrievalError, prepare_prompts, prompt_widths
 from tests.test_sampler import (
     ANSWERING,
@@ -67,6 +68,24 @@ def assert_same_rollout(out, ref):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     assert out.finish_reasons == ref.finish_reasons
     assert out.queries == ref.queries and out.turn_texts == ref.turn_texts
+
+
+def test_decode_layers_auto_by_path_and_platform(monkeypatch):
+    """``decode_layers="auto"``: split on the cpu path and on GPUs (docs/gpu.md: XLA:GPU copies
+    each layer's slice of stacked weights and cache), scan on the accelerator path elsewhere (a
+    TPU, or that path forced on CPU); an explicit choice wins everywhere."""
+    auto, scan = wave_config(), wave_config(decode_layers="scan")
+    expected = {
+        ("cpu", "cpu"): "split",
+        ("cpu", "accelerator"): "scan",
+        ("gpu", "accelerator"): "split",
+        ("tpu", "accelerator"): "scan",
+    }
+    for (platform, path), layers in expected.items():
+        monkeypatch.setattr(loop_module.jax, "default_backend", lambda p=platform: p)
+        assert loop_module.resolve_decode_layers(auto, path) == layers, (platform, path)
+        assert loop_module.resolve_decode_layers(scan, path) == "scan"
+    assert loop_module.resolve_decode_path(auto) == "accelerator"  # tpu, the last set
 
 
 def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):

@@ -132,7 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.wave_fraction = 0.75
     c.sampler.wave_max_wait = 0  # 0 = no limit
     c.sampler.decode_path = "auto"  # auto | cpu | accelerator
-    c.sampler.decode_layers = "auto"  # auto (split on the cpu path, else scan) | scan | split
+    c.sampler.decode_layers = (
+        "auto"  # auto (split on the cpu path and GPUs, else scan) | scan | split
+    )
     c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)
 
     # The objective: a preset (dgpo_jax.objectives.presets) and any of its knobs

@@ -99,7 +99,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[3]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,11 +450,36 @@ def _hidden_split_layers(config, params, plan, input_ids, positions, mask, cache
     h = m.apply(outer, input_ids, method=Qwen2.embed)
     cos, sin = rope_tables(positions, config.dim_per_head, config.rope_theta)
     layer = DecoderLayer(config, m.param_dtype, plan)
+    per_layer = cache_kv is not None and isinstance(cache_kv[0], tuple)
+    new_k, new_v = [], []
     for index, layer_params in enumerate(params["layers"]):
-        (h, cache_kv, _), _ = layer.apply(
-            {"params": layer_params}, (h, cache_kv, index), cos, sin, mask, cache_io
-        )
+        if per_layer:  # this layer's own [1, B, K, S, Dh] cache: written and read at index 0
+            kv = (cache_kv[0][index], cache_kv[1][index])
+            (h, kv, _), _ = layer.apply(
+                {"params": layer_params}, (h, kv, 0), cos, sin, mask, cache_io
+            )
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+        else:
+            (h, cache_kv, _), _ = layer.apply(
+                {"params": layer_params}, (h, cache_kv, index), cos, sin, mask, cache_io
+            )
+    if per_layer:
+        cache_kv = (tuple(new_k), tuple(new_v))
     return m.apply(outer, h, method=Qwen2.final), cache_kv
+
+
+def split_cache(cache: KVCache) -> KVCache:
+    """The cache with one ``[1, B, K, S, Dh]`` array per layer instead of the stacked ``[L, B,
+    K, S, Dh]`` (for `split_layers` parameters): a layer then attends over its own array, where
+    a slice of the stacked one is copied before the dot on a GPU."""
+    if isinstance(cache.k, tuple):
+        return cache
+    layers = cache.k.shape[0]
+    return cache.replace(
+        k=tuple(cache.k[i : i + 1] for i in range(layers)),
+        v=tuple(cache.v[i : i + 1] for i in range(layers)),
+    )
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -650,6 +675,8 @@ def forward_with_cache(
         if not 0 < window <= s:
             raise ValueError(f"window {window} outside (0, {s}] (the cache's slots)")
         span = int(window)
+    if isinstance(cache.k, tuple) and not isinstance(params["layers"], (tuple, list)):
+        raise ValueError("a per-layer cache (split_cache) needs split_layers parameters")
     if isinstance(params["layers"], (tuple, list)):
         h, (k, v) = _hidden_split_layers(
             config,

@@ -98,9 +98,9 @@ class SamplerConfig:
     # "accelerator": scanned layers, all rows every step with a mask, one window per step;
     # "auto": by the platform of the devices.
     decode_path: str = "auto"
-    # "split": the layers' weights split once per rollout, the layers unrolled in each step;
-    # "scan": stacked weights, one scanned layer body; "auto": split on the cpu path, scan on
-    # the accelerator path.
+    # "split": the layers' weights split once per rollout, the layers unrolled in each step,
+    # a KV cache array per layer; "scan": stacked weights and cache, one scanned layer body;
+    # "auto": split on the cpu path and on GPUs, else scan.
     decode_layers: str = "auto"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows

@@ -297,7 +297,9 @@ class Sampler:
             "host_calls_per_process": record["num_calls_per_process"],
             "waves": int(arrays.waves),
             "decode_path": resolve_decode_path(cfg, self.plan),
-            "decode_layers": resolve_decode_layers(cfg, resolve_decode_path(cfg, self.plan)),
+            "decode_layers": resolve_decode_layers(
+                cfg, resolve_decode_path(cfg, self.plan), self.plan
+            ),
             "max_turns": cfg.max_turns,
             "decode_steps": int(arrays.steps) - int(arrays.ingest_steps),
             "decode_rows": int(arrays.decode_rows),
