@@ -19,8 +19,9 @@ measured), in this order:
    side (``--decode-variants``; the first is the headline): stacked layers in a scan with one
    static key window, the float32 multiply-and-reduce attention, a window switch per layer,
    split layers with the stacked cache or with a cache array per layer (the sampler's split
-   layers), a window sliced out of a wider per-layer cache, and XLA options (cuBLAS for every
-   gemm; dynamic-slice fusion). ``--profile`` traces each variant once: device time per HLO
+   layers), a window sliced out of a wider per-layer cache, JAX's Pallas GPU decode kernel
+   (``decode_kernel="pallas"``), and XLA options (cuBLAS for every gemm; dynamic-slice
+   fusion). ``--profile`` traces each variant once: device time per HLO
    op (``decode_<variant>_profile.json``) and the compiled HLO, in ``--out``.
    ``sampler``: `Sampler.generate` itself in plain decode, same shapes, both layer choices.
 4. ``attention``: the training/scoring attention kernels (xla, chunked, cudnn) at 2048 and 8704
@@ -339,13 +340,13 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
         logits, cache = forward_with_cache(config, params, ids, cache)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-    def make_decode(window):
+    def make_decode(window, kernel):
         @jax.jit
         def decode(params, token, cache):
             def body(carry, _):
                 token, cache = carry
                 logits, cache = forward_with_cache(
-                    config, params, token[:, None], cache, window=window
+                    config, params, token[:, None], cache, window=window, decode_kernel=kernel
                 )
                 return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
 
@@ -367,30 +368,34 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
     cublas = {"xla_gpu_enable_triton_gemm": False}
     split = split_layers(params)
     per_layer = split_cache(cache)
-    variants = {  # (params, cache, window, attention form, XLA options)
-        "window": (params, cache, cache_len, "dots", {}),
-        "reduce": (params, cache, cache_len, "reduce", {}),
-        "switch": (params, cache, None, "dots", {}),
-        "unrolled": (split, cache, cache_len, "dots", {}),
-        "unrolled_cache": (split, per_layer, cache_len, "dots", {}),
-        "unrolled_cache_cublas": (split, per_layer, cache_len, "dots", cublas),
+    xla = "xla"
+    variants = {  # (params, cache, window, attention form, XLA options, decode kernel)
+        "window": (params, cache, cache_len, "dots", {}, xla),
+        "reduce": (params, cache, cache_len, "reduce", {}, xla),
+        "switch": (params, cache, None, "dots", {}, xla),
+        "unrolled": (split, cache, cache_len, "dots", {}, xla),
+        "unrolled_cache": (split, per_layer, cache_len, "dots", {}, xla),
+        # JAX's Pallas GPU decode kernel: each row's slots up to its length, read in place
+        "unrolled_cache_pallas": (split, per_layer, cache_len, "dots", {}, "pallas"),
+        "unrolled_cache_cublas": (split, per_layer, cache_len, "dots", cublas, xla),
         # the same window out of a wider cache: a strided slice of each layer's array
-        "unrolled_cache_slice": (split, None, cache_len, "dots", {}),
-        "window_dsf": (params, cache, cache_len, "dots", dsf),
-        "window_dsf_cublas": (params, cache, cache_len, "dots", {**dsf, **cublas}),
+        "unrolled_cache_slice": (split, None, cache_len, "dots", {}, xla),
+        "window_dsf": (params, cache, cache_len, "dots", dsf, xla),
+        "window_dsf_cublas": (params, cache, cache_len, "dots", {**dsf, **cublas}, xla),
     }
     unknown = set(names or ()) - set(variants)
     if unknown:
         raise ValueError(f"decode variants {sorted(unknown)} unknown; known: {sorted(variants)}")
     timings, temp_gib, profiles = {}, {}, {}
     for name in names or variants:
-        p, c, window, form, options = variants[name]
+        p, c, window, form, options, kernel = variants[name]
         if c is None:  # a cache of 4/3 the slots, the same context
             c = split_cache(prefill(params, ids, cache_len + cache_len // 3)[1])
         qwen2.DECODE_ATTENTION_FORM = form
         try:
             t0 = time.perf_counter()
-            compiled = make_decode(window).lower(p, token, c).compile(compiler_options=options)
+            lowered = make_decode(window, kernel).lower(p, token, c)
+            compiled = lowered.compile(compiler_options=options)
             first = time.perf_counter() - t0
             temp_gib[name] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
             jax.block_until_ready(compiled(p, token, c))

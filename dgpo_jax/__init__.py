@@ -24,6 +24,8 @@ from dgpo_jax.models import (
     load_hf,
     positions_from_segments,
     save_hf,
+    split_cache,
+    split_layers,
 )
 from dgpo_jax.parallel.sharding import ShardingPlan, make_mesh, plan_from_config
 

@@ -194,6 +194,11 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
         ConfigError, match=r"config.sampler.decode_layers: 'unroll': expected one of \('auto'"
     ):
         validate(cfg)
+    cfg, _ = load_config(["prog", "--config=quickstart", "--config.sampler.decode_attention=flash"])
+    with pytest.raises(
+        ConfigError, match=r"config.sampler.decode_attention: 'flash': expected one of \('xla'"
+    ):
+        validate(cfg)
 
 
 def test_presets_change_no_hyperparameter_by_name():

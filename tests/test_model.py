@@ -239,6 +239,54 @@ def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models,
                 assert np.abs(got - refs[row]).max() <= 1e-4, (form, window, row)
 
 
+def test_pallas_decode_kernel_matches_transformers(hf_models):
+    """One-token steps through the ragged Pallas decode kernel (interpreted on CPU) over a
+    per-layer cache give transformers' logits for rows with left padding; a row whose visible
+    slots have a hole gets NaN instead of a silent answer; the kernel's preconditions are
+    one-line errors."""
+    path, hf = hf_models[(False, 1e6)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    split = split_layers(params)
+    rng = np.random.RandomState(11)
+    prompt = rng.randint(0, 256, (3, 20))
+    pmask = np.ones((3, 20), np.int64)
+    pmask[1, :6] = 0  # left padding
+    pmask[2, :19] = 0  # one real prompt token
+    new = rng.randint(0, 256, (3, 4))
+    step = jax.jit(forward_with_cache, static_argnames=("config", "window", "decode_kernel"))
+    cache = split_cache(init_cache(config, 3, 48))
+    _, cache = step(config, split, prompt, cache, pmask)
+    got = []
+    for i in range(new.shape[1]):
+        out, cache = step(config, split, new[:, i : i + 1], cache, decode_kernel="pallas")
+        got.append(np.asarray(out[:, 0]))
+    for row in range(3):
+        seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
+        ref = _hf_logits(hf, seq[None])[0][-new.shape[1] :]
+        assert np.abs(np.stack([g[row] for g in got]) - ref).max() <= 1e-4, row
+    # A left-padded chunk after row 0's tokens leaves a hole in its visible slots.
+    chunk = rng.randint(0, 256, (3, 2))
+    _, cache = step(config, split, chunk, cache, np.array([[0, 1], [1, 1], [1, 1]]))
+    out, _ = step(config, split, new[:, :1], cache, decode_kernel="pallas")
+    out = np.asarray(out)
+    assert np.isnan(out[0]).all() and np.isfinite(out[1:]).all()
+    stacked = init_cache(config, 3, 48)
+    with pytest.raises(ValueError, match="needs a per-layer cache"):
+        step(config, split, new[:, :1], stacked, decode_kernel="pallas")
+    with pytest.raises(ValueError, match="every cache row"):
+        step(config, split, new[:2, :1], cache, rows=np.array([0, 1]), decode_kernel="pallas")
+    with pytest.raises(ValueError, match="multiple of 16 slots .* it has 40"):
+        step(
+            config,
+            split,
+            new[:, :1],
+            split_cache(init_cache(config, 3, 40)),
+            decode_kernel="pallas",
+        )
+    with pytest.raises(ValueError, match="decode_kernel 'triton'"):
+        step(config, split, new[:, :1], cache, decode_kernel="triton")
+
+
 def test_config_old_and_transformers5_formats(hf_models):
     base = {
         "architectures": ["Qwen2ForCausalLM"],

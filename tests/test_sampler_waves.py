@@ -86,6 +86,12 @@ def test_decode_layers_auto_by_path_and_platform(monkeypatch):
         assert loop_module.resolve_decode_layers(auto, path) == layers, (platform, path)
         assert loop_module.resolve_decode_layers(scan, path) == "scan"
     assert loop_module.resolve_decode_path(auto) == "accelerator"  # tpu, the last set
+    # The Pallas decode kernel reads a per-layer cache: split layers, on the accelerator path.
+    pallas = wave_config(decode_attention="pallas")
+    assert loop_module.resolve_decode_layers(pallas, "accelerator") == "split"
+    for bad in (dict(decode_layers="scan"), dict(decode_path="cpu")):
+        with pytest.raises(ValueError, match="decode_attention='pallas' runs on the accelerator"):
+            wave_config(decode_attention="pallas", **bad)
 
 
 def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
@@ -102,6 +108,10 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
         ("max wait 2 steps", dict(wave_fraction=1.0, wave_max_wait=2)),
         ("accelerator path", dict(decode_path="accelerator")),
         ("accelerator path, split layers", dict(decode_path="accelerator", decode_layers="split")),
+        (  # the Pallas GPU decode kernel, interpreted on CPU
+            "accelerator path, pallas attention",
+            dict(decode_path="accelerator", decode_attention="pallas"),
+        ),
     ):
         retriever = ScriptedRetriever()
         out = Sampler(model_config, wave_config(**overrides), TOK, retriever).generate(

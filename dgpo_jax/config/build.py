@@ -59,6 +59,7 @@ def sampler_config(
         wave_max_wait=s.wave_max_wait,
         decode_path=s.decode_path,
         decode_layers=s.decode_layers,
+        decode_attention=s.decode_attention,
         host_calls=s.host_calls,
     )
 

@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.decode_layers = (
         "auto"  # auto (split on the cpu path and GPUs, else scan) | scan | split
     )
+    # one-token decode attention: xla | pallas (JAX's Pallas GPU kernel over each row's slots;
+    # the accelerator path with split layers)
+    c.sampler.decode_attention = "xla"
     c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)
 
     # The objective: a preset (dgpo_jax.objectives.presets) and any of its knobs

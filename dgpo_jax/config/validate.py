@@ -16,7 +16,13 @@ from dgpo_jax.data.prompts import TRUNCATION_MODES
 from dgpo_jax.data.synthetic import ANSWER_CLASSES
 from dgpo_jax.models.config import ATTENTION_KERNELS, PRESETS
 from dgpo_jax.objectives.presets import OBJECTIVE_PRESETS
-from dgpo_jax.sampler.config import DECODE_LAYERS, DECODE_PATHS, HOST_CALLS, ON_RETRIEVER_ERROR
+from dgpo_jax.sampler.config import (
+    DECODE_ATTENTION,
+    DECODE_LAYERS,
+    DECODE_PATHS,
+    HOST_CALLS,
+    ON_RETRIEVER_ERROR,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for field, choices in (
         ("decode_path", DECODE_PATHS),
         ("decode_layers", DECODE_LAYERS),
+        ("decode_attention", DECODE_ATTENTION),
         ("host_calls", HOST_CALLS),
     ):
         value = cfg.sampler[field]

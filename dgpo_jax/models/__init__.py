@@ -20,4 +20,6 @@ from dgpo_jax.models.qwen2 import (
     param_shapes,
     positions_from_mask,
     positions_from_segments,
+    split_cache,
+    split_layers,
 )

@@ -10,9 +10,12 @@ Dh head dim, F FFN width, V vocab, L layers.
 The KV cache is one buffer per k/v for all layers, ``[L, B, K, S, Dh]``, carried through the
 layer scan: each layer scatters only its new entries into it (in place) and attends over a
 window of slots chosen per step (`span_buckets`), so a step never copies the cache and reads
-only the context in use. Every row has its own write offset, so rows can be at different
-lengths (the multi-turn sampler appends observations to some rows while others decode), and a
-step may run on a subset of the rows (``rows=``).
+only the context in use. With `split_layers` weights it may also be one array per layer
+(`split_cache`; XLA:GPU copies a layer's slice of a stacked array before a dot reads it), and
+one-token steps may then attend through a ragged Pallas kernel (``decode_kernel="pallas"``).
+Every row has its own write offset, so rows can be at different lengths (the multi-turn
+sampler appends observations to some rows while others decode), and a step may run on a subset
+of the rows (``rows=``).
 
 Without a cache (training, scoring) a row may pack several sequences (``segment_ids``): RoPE
 positions restart per sequence and attention stays within it, computed by the kernel that
@@ -172,6 +175,61 @@ def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
     return jnp.transpose(out.reshape(m, kv, groups, t, hd), (0, 3, 1, 2, 4))
 
 
+DECODE_KERNELS = ("xla", "pallas")
+
+
+def _ragged_blocks(slots: int) -> tuple[int, int]:
+    """(k_splits, block_k) of the Pallas decode kernel for a cache of `slots` slots: the most
+    key splits (up to 16) of at least 16 slots each, and the largest block (128..16) dividing a
+    split."""
+    for splits in (16, 8, 4, 2, 1):
+        width = slots // splits
+        if slots % splits or width < 16:
+            continue
+        for block in (128, 64, 32, 16):
+            if width % block == 0:
+                return splits, block
+    raise ValueError(
+        f"decode_kernel='pallas' needs a cache of a multiple of 16 slots (>= 16); it has {slots}"
+    )
+
+
+def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array) -> Array:
+    """One query per row against the row's own run of cached slots, by JAX's Pallas GPU decode
+    kernel (`jax.experimental.pallas.ops.gpu.decode_attention`): each (row, KV head) reads the
+    keys and values from the row's first visible slot to its last, and nothing past them.
+
+    q ``[B, 1, K, G, Dh]``; ck/cv one layer's cache ``[1, B, K, S, Dh]`` (`split_cache`: the
+    kernel reads it in place); mask ``[B, 1, S]``. The visible slots must be one contiguous
+    run per row, which is what `forward_with_cache` writes (left padding only before a row's
+    first token, right-padded chunks leave no hole); a row with a hole gets NaN, loudly, rather
+    than attention over its masked slots. Off a GPU the kernel runs in Pallas' interpreter (for
+    tests). Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
+    from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (GPU only)
+
+    b, _, kv, groups, hd = q.shape
+    slots = ck.shape[3]
+    splits, block = _ragged_blocks(slots)
+    visible = mask[:, 0]  # [B, S]
+    count = jnp.sum(visible, axis=1, dtype=jnp.int32)
+    start = jnp.argmax(visible, axis=1).astype(jnp.int32)
+    stop = jnp.where(count > 0, slots - jnp.argmax(visible[:, ::-1], axis=1), 0).astype(jnp.int32)
+    out = decode_attention.mqa(
+        q.reshape(b * kv, groups, hd),
+        ck[0].astype(q.dtype).reshape(b * kv, slots, hd),
+        cv[0].astype(q.dtype).reshape(b * kv, slots, hd),
+        jnp.repeat(start, kv),
+        jnp.repeat(stop, kv),
+        sm_scale=hd**-0.5,
+        k_splits=splits,
+        block_k=block,
+        interpret=jax.default_backend() != "gpu",
+    )
+    holes = count != stop - jnp.minimum(start, stop)
+    out = jnp.where(jnp.repeat(holes, kv)[:, None, None], jnp.nan, out)
+    return out.reshape(b, 1, kv, groups, hd)
+
+
 # "dots" or "reduce" forces the one-query attention form at trace time (benchmarks/gpu.py times
 # both on one machine; tests check both on CPU); None: by the platform (`_one_query_dots`).
 DECODE_ATTENTION_FORM: str | None = None
@@ -227,8 +285,9 @@ class Attention(nn.Module):
         int (0 = padding; causal attention within a segment, by the kernel
         ``config.attention``); with one, mask is ``[M, T, S]`` bool. cache: None, or the
         stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written into layer `layer` at
-        ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``) before
-        attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated (k, v) or
+        ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``, decode
+        kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps)
+        before attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated (k, v) or
         None).
         """
         c = self.config
@@ -264,12 +323,15 @@ class Attention(nn.Module):
                 qg, k, v, mask, kernel=c.attention, block=c.attention_block, plan=self.plan
             )
         else:
-            rows, slots, span = cache_io
+            rows, slots, span, kernel = cache_io
             ck = _scatter_kv(cache[0], k, layer, rows, slots)
             cv = _scatter_kv(cache[1], v, layer, rows, slots)
             cache = (ck, cv)
-            dots = _one_query_dots(self.plan)
-            attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots)
+            if kernel == "pallas" and t == 1:  # per-layer cache, all rows (forward_with_cache)
+                attn = _ragged_decode_attention(qg, ck, cv, mask)
+            else:
+                dots = _one_query_dots(self.plan)
+                attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots)
         out = _matmul("btnh,nhd->btd", attn.astype(x.dtype).reshape(b, t, h, hd), wo)
         return out, cache
 
@@ -617,6 +679,7 @@ def forward_with_cache(
     return_hidden: bool = False,
     rows: Array | None = None,
     window: int | None = None,
+    decode_kernel: str = "xla",
 ) -> tuple[Array, KVCache]:
     """Run ``input_ids [M, T]`` against the cache and append them to it; returns logits/hidden.
 
@@ -637,7 +700,13 @@ def forward_with_cache(
     with no per-layer choice; the caller guarantees that no query of the step sees a slot past
     it (the sampler's accelerator path runs one loop per window width).
 
-    ``params`` may be `split_layers` parameters (faster per step on CPU, see there).
+    ``params`` may be `split_layers` parameters (faster per step on CPU, see there), and then
+    the cache may be `split_cache`'s one array per layer.
+
+    ``decode_kernel`` (static): "xla", or "pallas" to attend one-token steps (T = 1) through
+    JAX's Pallas GPU decode kernel, which reads each row's run of cached slots and nothing
+    past it (`_ragged_decode_attention`; needs a `split_cache` cache and all rows, ``rows=None``;
+    longer steps keep the XLA attention).
 
     Not jitted itself: call it inside a jitted program (the sampler) or wrap it.
     """
@@ -677,6 +746,14 @@ def forward_with_cache(
         span = int(window)
     if isinstance(cache.k, tuple) and not isinstance(params["layers"], (tuple, list)):
         raise ValueError("a per-layer cache (split_cache) needs split_layers parameters")
+    if decode_kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel {decode_kernel!r}: expected one of {DECODE_KERNELS}")
+    if decode_kernel == "pallas":
+        if not isinstance(cache.k, tuple):
+            raise ValueError("decode_kernel='pallas' needs a per-layer cache (split_cache)")
+        if rows is not None:
+            raise ValueError("decode_kernel='pallas' steps every cache row (rows=None)")
+        _ragged_blocks(s)  # a cache size the kernel can split: a clear error here
     if isinstance(params["layers"], (tuple, list)):
         h, (k, v) = _hidden_split_layers(
             config,
@@ -686,7 +763,7 @@ def forward_with_cache(
             positions,
             mask,
             (cache.k, cache.v),
-            (rows, slots, span),
+            (rows, slots, span, decode_kernel),
         )
     else:
         h, (k, v) = _module(config, params, plan).apply(
@@ -695,7 +772,7 @@ def forward_with_cache(
             positions,
             mask,
             (cache.k, cache.v),
-            (rows, slots, span),
+            (rows, slots, span, None),  # (the stacked cache: XLA attention)
             method=Qwen2.hidden,
         )
     last_real = jnp.max(jnp.where(token_mask, jnp.arange(1, t + 1)[None], 0), axis=1)

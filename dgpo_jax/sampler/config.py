@@ -39,6 +39,7 @@ ACTION_INVALID, ACTION_SEARCH, ACTION_ANSWER, ACTION_ERROR = 0, 1, 2, 3
 # Choices of the execution settings (one list, also read by the run config's validation).
 DECODE_PATHS = ("auto", "cpu", "accelerator")
 DECODE_LAYERS = ("auto", "scan", "split")
+DECODE_ATTENTION = ("xla", "pallas")
 HOST_CALLS = ("auto", "single", "per_shard")
 ON_RETRIEVER_ERROR = ("raise", "finish")  # `Sampler(on_retriever_error=)`, retrieval.on_error
 
@@ -102,6 +103,10 @@ class SamplerConfig:
     # a KV cache array per layer; "scan": stacked weights and cache, one scanned layer body;
     # "auto": split on the cpu path and on GPUs, else scan.
     decode_layers: str = "auto"
+    # One-token decode attention: "xla" (the masked key window); "pallas": JAX's Pallas GPU
+    # decode kernel, reading each row's run of cached slots and nothing past it (accelerator
+    # path with split layers; off a GPU it runs interpreted, for tests).
+    decode_attention: str = "xla"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows
     # against its own retriever; "auto": per_shard when the mesh spans several processes.
@@ -134,12 +139,21 @@ class SamplerConfig:
         for name, choices in (
             ("decode_path", DECODE_PATHS),
             ("decode_layers", DECODE_LAYERS),
+            ("decode_attention", DECODE_ATTENTION),
             ("host_calls", HOST_CALLS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"SamplerConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
                 )
+        if self.decode_attention == "pallas" and (
+            self.decode_layers == "scan" or self.decode_path == "cpu"
+        ):
+            raise ValueError(
+                "SamplerConfig.decode_attention='pallas' runs on the accelerator path with split "
+                f"layers; got decode_path={self.decode_path!r}, decode_layers="
+                f"{self.decode_layers!r}"
+            )
         if not isinstance(self.max_turns, int) or self.max_turns < 0:
             raise ValueError(f"SamplerConfig.max_turns must be an int >= 0, got {self.max_turns!r}")
         if self.max_prefix_length < 0:

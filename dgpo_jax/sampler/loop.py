@@ -243,13 +243,25 @@ def _teacher_turn(has_teacher: bool, row_keys: Array, turn: Array, prob: Array) 
     return u < prob
 
 
-def _run_model(model_cfg, params, ids, mask, cache, plan, logits, rows=None, window=None):
+def _run_model(
+    model_cfg, params, ids, mask, cache, plan, logits, rows=None, window=None, kernel="xla"
+):
     """One model step on ``ids [M, T]`` for cache rows `rows` (None: all, M = B). Returns the
     next-token logits of every row, ``[B, V]``: after its last real token for a stepped row that
     had one, else unchanged from `logits` ``[B, V]`` (dummy rows >= B are dropped); and the
-    cache. `window`: a static key window (see `forward_with_cache`)."""
+    cache. `window`: a static key window; `kernel`: the one-token attention (see
+    `forward_with_cache`)."""
     hidden, cache = forward_with_cache(
-        model_cfg, params, ids, cache, mask, plan, return_hidden=True, rows=rows, window=window
+        model_cfg,
+        params,
+        ids,
+        cache,
+        mask,
+        plan,
+        return_hidden=True,
+        rows=rows,
+        window=window,
+        decode_kernel=kernel,
     )
     last, has = _last_real(hidden, mask)
     new = lm_logits(model_cfg, params, last)
@@ -306,6 +318,8 @@ def resolve_decode_layers(config: SamplerConfig, path: str, plan=None) -> str:
     measured). Split layers also split the KV cache into one array per layer."""
     if config.decode_layers != "auto":
         return config.decode_layers
+    if config.decode_attention == "pallas":  # the kernel reads a per-layer cache in place
+        return "split"
     return "split" if path == "cpu" or _platform(plan) == "gpu" else "scan"
 
 
@@ -351,6 +365,11 @@ class SamplerLoop:
             )
         if self.path not in ("cpu", "accelerator"):
             raise ValueError(f"decode path {self.path!r}: expected 'cpu' or 'accelerator'")
+        if cfg.decode_attention == "pallas" and self.path != "accelerator":
+            raise ValueError(
+                "SamplerConfig.decode_attention='pallas' runs on the accelerator path (all rows "
+                f"every step); this rollout's decode path is {self.path!r}"
+            )
         if self.host_calls == "per_shard" and self.plan is None:
             raise ValueError("host_calls='per_shard' needs a sharding plan")
 
@@ -392,8 +411,9 @@ class SamplerLoop:
     # --- models -----------------------------------------------------------------------------
     def step_models(self, w: _Weights, s: _State, ids, mask, rows=None, window=None) -> _State:
         """Both models (the teacher when there is one) see the same tokens ``ids [M, T]``."""
+        kernel = self.config.decode_attention
         logits, cache = _run_model(
-            self.model, w.params, ids, mask, s.cache, self.plan, s.next_logits, rows, window
+            self.model, w.params, ids, mask, s.cache, self.plan, s.next_logits, rows, window, kernel
         )
         s = s.replace(cache=cache, next_logits=logits)
         if self.has_teacher:
@@ -407,6 +427,7 @@ class SamplerLoop:
                 s.teacher_next_logits,
                 rows,
                 window,
+                kernel,
             )
             s = s.replace(teacher_cache=cache, teacher_next_logits=logits)
         return s
