@@ -552,9 +552,13 @@ def main(argv=None) -> int:
         "sampler": (stage_sampler, args.quick),
         "attention": (stage_attention, args.quick, dtype),
     }
-    for name in args.stages.split(","):
+    names = args.stages.split(",")
+    for name in names:
         if name not in todo:
             raise SystemExit(f"--stages: unknown stage {name!r}; known: {sorted(todo)}")
+    # The update stage first, whatever the order asked: its memory check reads the process's
+    # peak, which never goes down (after the decode stages it was 3x the plan, docs/gpu.md).
+    for name in sorted(names, key=lambda n: n != "update"):
         fn, *fn_args = todo[name]
         stages.run(name, fn, *fn_args)
         if name == "update" and "memory" in stages.results["update"]:

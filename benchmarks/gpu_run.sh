@@ -10,8 +10,10 @@
 # Environment (all optional):
 #   BUDGET_S      seconds for the whole script (default 540); the compare gets what is left
 #   BENCH_STAGES  benchmarks/gpu.py stages (default decode,sampler); "none" skips it
-#   BENCH_S       seconds for them (default 200)
-#   BENCH_ARGS    more benchmarks/gpu.py arguments (e.g. "--profile --decode-variants=window")
+#   BENCH_S       seconds for them (default 300)
+#   BENCH_ARGS    more benchmarks/gpu.py arguments (default: the decode variants that decide
+#                 the next default, "--decode-variants=unrolled_cache,unrolled_cache_pallas,
+#                 window"; add --profile for device time per op)
 #   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
 #                 steps: a timing run that sizes the full one)
 #   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
@@ -55,8 +57,8 @@ cat "$out/env.txt"
 
 stages=${BENCH_STAGES:-decode,sampler}
 if [[ $stages != none ]]; then
-  bench_s=${BENCH_S:-200}
-  read -r -a bench_args <<<"${BENCH_ARGS:-}"
+  bench_s=${BENCH_S:-300}
+  read -r -a bench_args <<<"${BENCH_ARGS:---decode-variants=unrolled_cache,unrolled_cache_pallas,window}"
   timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
     --budget-s $((bench_s - 60)) "${bench_args[@]}" 2>&1 | tee "$out/bench.log"
   [[ -f $out/bench/summary.json ]] && cp "$out/bench/summary.json" "$out/bench.json"

@@ -717,10 +717,13 @@ def plan_rollout(
 
     # As generate(): the teacher coin and the wave policy are traced. The devices stand for the
     # target's accelerators (fake CPU devices shaped like GPUs, or a TPU topology): the rollout
-    # is planned on the decode path that runs there.
+    # is planned on the decode path, and with the layers, that run there (a GPU splits its
+    # layers and KV cache: `resolve_decode_layers`).
     static = sampler_cfg.compiled()
     if static.decode_path == "auto":
         static = static.replace(decode_path="accelerator")
+    if static.decode_layers == "auto" and plan.mesh.devices.flat[0].platform in ("cpu", "gpu"):
+        static = static.replace(decode_layers="split")
     args = (
         params,
         teacher_params if teacher_config is not None else None,
