@@ -356,14 +356,14 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
         return decode
 
     token, cache = prefill(params, ids)
-    # Variants (layers, key window, one-query attention form), to place the step's time:
-    # "window": the sampler's accelerator path (stacked layers in a scan, one static window,
-    # batched dots); "reduce": the same with the float32 multiply-and-reduce (the form every
-    # path used before 2026-12-04); "switch": a window switch per layer (the cpu path's
-    # choice); "unrolled": split layers (no layer loop: launch and loop overhead).
-    # "unrolled_cache": split layers, each with its own cache array (the sampler's split
-    # layers); XLA options: let cuBLAS gemms read dynamic slices in place (the scanned layers' weights
-    # and cache); cuBLAS instead of Triton for every gemm.
+    # Variants (layers, cache layout, key window, one-query attention form, XLA options), to
+    # place the step's time: "window": stacked layers in a scan, one static window, batched
+    # dots (the accelerator path's layers before the second GPU run); "reduce": the same with
+    # the float32 multiply-and-reduce (every path's form before the first); "switch": a window
+    # switch per layer; "unrolled": split layers over the stacked cache; "unrolled_cache":
+    # split layers, each with its own cache array (the sampler's split layers, now the GPU
+    # default). XLA options: let cuBLAS gemms read dynamic slices in place (the scanned
+    # layers' weights and cache); cuBLAS instead of Triton for every gemm.
     dsf = {"xla_gpu_enable_dynamic_slice_fusion": True}
     cublas = {"xla_gpu_enable_triton_gemm": False}
     split = split_layers(params)

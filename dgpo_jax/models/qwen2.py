@@ -287,8 +287,8 @@ class Attention(nn.Module):
         stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written into layer `layer` at
         ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``, decode
         kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps)
-        before attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated (k, v) or
-        None).
+        before attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated
+        (k, v) or None).
         """
         c = self.config
         d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.dim_per_head

@@ -27,10 +27,13 @@ Two decode paths (`SamplerConfig.decode_path`, docs/sampler.md):
   gathered into compiled sub-batches (B, B/2, ..., 4, for decoding and for ingestion); each
   layer picks its key window with a ``lax.switch``. These were measured on XLA:CPU, where work
   follows the rows and slots in use.
-* ``accelerator``: stacked layers in one scan (the weights stay where the partitioner put
-  them); every step runs on all B rows with a mask (no gather of rows out of a batch-sharded
-  cache, so no collectives); one key window per step, chosen by running one loop per static
-  window width (the context only grows, so the loops run from narrow to wide).
+* ``accelerator``: every step runs on all B rows with a mask (no gather of rows out of a
+  batch-sharded cache, so no collectives); one key window per step, chosen by running one loop
+  per static window width (the context only grows, so the loops run from narrow to wide). On a
+  GPU the layers are split and each has its own KV cache array (XLA:GPU copies a layer's slice
+  of stacked arrays before each dot); elsewhere the stacked layers run in one scan.
+  `SamplerConfig.decode_attention="pallas"` attends the one-token steps through JAX's Pallas
+  GPU decode kernel instead (each row's slots only; no window).
 
 The optional teacher (Guided-OPD) has its own KV cache and sees every token the student sees
 (`SamplerLoop.step_models` steps both); it writes the turns whose coin (per row and turn,
@@ -369,6 +372,12 @@ class SamplerLoop:
             raise ValueError(
                 "SamplerConfig.decode_attention='pallas' runs on the accelerator path (all rows "
                 f"every step); this rollout's decode path is {self.path!r}"
+            )
+        if cfg.decode_attention == "pallas" and self.plan is not None and self.plan.mesh.size > 1:
+            # The kernel is not wrapped in shard_map yet: the partitioner would gather the cache.
+            raise ValueError(
+                "SamplerConfig.decode_attention='pallas' runs on one device for now; this "
+                f"rollout's mesh has {self.plan.mesh.size} (use decode_attention='xla')"
             )
         if self.host_calls == "per_shard" and self.plan is None:
             raise ValueError("host_calls='per_shard' needs a sharding plan")
