@@ -70,10 +70,11 @@ def assert_same_rollout(out, ref):
     assert out.queries == ref.queries and out.turn_texts == ref.turn_texts
 
 
-def test_decode_layers_auto_by_path_and_platform(monkeypatch):
+def test_decode_layers_and_windows_by_path_and_platform(monkeypatch):
     """``decode_layers="auto"``: split on the cpu path and on GPUs (docs/gpu.md: XLA:GPU copies
     each layer's slice of stacked weights and cache), scan on the accelerator path elsewhere (a
-    TPU, or that path forced on CPU); an explicit choice wins everywhere."""
+    TPU, or that path forced on CPU); an explicit choice wins everywhere. The key windows of a
+    GPU's split layers; the Pallas decode kernel's settings."""
     auto, scan = wave_config(), wave_config(decode_layers="scan")
     expected = {
         ("cpu", "cpu"): "split",
@@ -86,6 +87,20 @@ def test_decode_layers_auto_by_path_and_platform(monkeypatch):
         assert loop_module.resolve_decode_layers(auto, path) == layers, (platform, path)
         assert loop_module.resolve_decode_layers(scan, path) == "scan"
     assert loop_module.resolve_decode_path(auto) == "accelerator"  # tpu, the last set
+    # Key windows: every span bucket, or on a GPU with split layers those up to a third of the
+    # cache, then the whole cache (a narrower window is copied there, docs/gpu.md).
+    sizes = dict(batch=4, prompt_width=16, prefix_width=1, path="accelerator", teacher=None)
+    for cache_len, narrow in (
+        (768, (128, 192, 256, 768)),
+        (8704, (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 8704)),
+    ):
+        cfg = wave_config(cache_len=cache_len)
+        loop = loop_module.SamplerLoop(model=None, config=cfg, plan=None, **sizes)
+        assert loop.windows == loop_module.span_buckets(cache_len)
+        loop = loop_module.SamplerLoop(
+            model=None, config=cfg, plan=None, narrow_windows=True, **sizes
+        )
+        assert loop.windows == narrow
     # The Pallas decode kernel reads a per-layer cache: split layers, on the accelerator path.
     pallas = wave_config(decode_attention="pallas")
     assert loop_module.resolve_decode_layers(pallas, "accelerator") == "split"
@@ -94,7 +109,7 @@ def test_decode_layers_auto_by_path_and_platform(monkeypatch):
             wave_config(decode_attention="pallas", **bad)
 
 
-def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
+def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monkeypatch):
     model_config, params = models["answering"]
     ref = Sampler(model_config, wave_config(wave_fraction=0.0), TOK, ScriptedRetriever())
     ref = ref.generate(params, PROMPTS, seed=5)
@@ -120,6 +135,15 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models):
         assert_same_rollout(out, ref)
         calls[name] = out.stats["host_calls"]
         assert out.stats["waves"] == out.stats["host_calls"]
+    # What a GPU runs (the platform forced): split layers and caches, and key windows up to a
+    # third of the cache, then the whole cache.
+    with monkeypatch.context() as m:
+        m.setattr(loop_module, "_platform", lambda plan=None: "gpu")
+        out = Sampler(model_config, wave_config(), TOK, ScriptedRetriever()).generate(
+            params, PROMPTS, seed=5
+        )
+    assert (out.stats["decode_path"], out.stats["decode_layers"]) == ("accelerator", "split")
+    assert_same_rollout(out, ref)
     # Host calls: one per turn end at wave_fraction 0; at most 2 x max_turns + 2 in waves.
     assert ref.stats["host_calls"] > calls["default waves"] >= calls["wait for all"]
     assert calls["default waves"] <= 2 * MAX_TURNS + 2

@@ -350,6 +350,7 @@ class SamplerLoop:
     prefix_width: int
     path: str  # "cpu" | "accelerator"
     host_calls: str = "single"  # "single" | "per_shard" (see `resolve_host_calls`)
+    narrow_windows: bool = False  # key windows up to a third of the cache only (`windows`)
 
     def __post_init__(self):
         cfg = self.config
@@ -414,8 +415,16 @@ class SamplerLoop:
 
     @property
     def windows(self) -> tuple[int, ...]:
-        """Static key-window widths of the accelerator path."""
-        return span_buckets(self.config.cache_len)
+        """Static key-window widths of the accelerator path: `span_buckets` of the cache, or
+        with ``narrow_windows`` (a GPU with split layers) those up to a third of the cache and
+        then the whole cache. XLA:GPU copies a window narrower than a layer's cache array
+        before the dot reads it (docs/gpu.md): the copy reads and writes the window and the dot
+        reads it again, three passes, against one pass over the whole cache without a window,
+        so a window pays only below a third of the cache."""
+        widths = span_buckets(self.config.cache_len)
+        if self.narrow_windows:
+            widths = tuple(w for w in widths[:-1] if 3 * w <= widths[-1]) + widths[-1:]
+        return widths
 
     # --- models -----------------------------------------------------------------------------
     def step_models(self, w: _Weights, s: _State, ids, mask, rows=None, window=None) -> _State:
@@ -828,6 +837,8 @@ def rollout_program(
     if wave_max_wait is None:
         wave_max_wait = jnp.int32(config.wave_max_wait)
     batch, prompt_width = prompt_ids.shape
+    path = resolve_decode_path(config, plan)
+    layers = resolve_decode_layers(config, path, plan)
     loop = SamplerLoop(
         model=model_config,
         config=config,
@@ -836,10 +847,11 @@ def rollout_program(
         batch=batch,
         prompt_width=prompt_width,
         prefix_width=prefix_ids.shape[1],
-        path=resolve_decode_path(config, plan),
+        path=path,
         host_calls=resolve_host_calls(config, plan),
+        narrow_windows=path == "accelerator" and layers == "split" and _platform(plan) == "gpu",
     )
-    if resolve_decode_layers(config, loop.path, plan) == "split":
+    if layers == "split":
         # Per-layer weights, split once: a step never slices them out of the stacked arrays
         # (XLA:CPU copies such a slice, every weight, every step).
         params = split_layers(params)
