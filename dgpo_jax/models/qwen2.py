@@ -194,7 +194,7 @@ def _ragged_blocks(slots: int) -> tuple[int, int]:
     )
 
 
-def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array) -> Array:
+def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=None) -> Array:
     """One query per row against the row's own run of cached slots, by JAX's Pallas GPU decode
     kernel (`jax.experimental.pallas.ops.gpu.decode_attention`): each (row, KV head) reads the
     keys and values from the row's first visible slot to its last, and nothing past them.
@@ -203,31 +203,52 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array) -> Arr
     kernel reads it in place); mask ``[B, 1, S]``. The visible slots must be one contiguous
     run per row, which is what `forward_with_cache` writes (left padding only before a row's
     first token, right-padded chunks leave no hole); a row with a hole gets NaN, loudly, rather
-    than attention over its masked slots. Off a GPU the kernel runs in Pallas' interpreter (for
-    tests). Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
+    than attention over its masked slots. With a plan of several devices the kernel runs under
+    ``shard_map`` on each device's rows and KV heads (the cache's slots and head dim gathered
+    if a rule shards them). Off a GPU the kernel runs in Pallas' interpreter (for tests).
+    Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
     from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (GPU only)
 
-    b, _, kv, groups, hd = q.shape
-    slots = ck.shape[3]
-    splits, block = _ragged_blocks(slots)
-    visible = mask[:, 0]  # [B, S]
-    count = jnp.sum(visible, axis=1, dtype=jnp.int32)
-    start = jnp.argmax(visible, axis=1).astype(jnp.int32)
-    stop = jnp.where(count > 0, slots - jnp.argmax(visible[:, ::-1], axis=1), 0).astype(jnp.int32)
-    out = decode_attention.mqa(
-        q.reshape(b * kv, groups, hd),
-        ck[0].astype(q.dtype).reshape(b * kv, slots, hd),
-        cv[0].astype(q.dtype).reshape(b * kv, slots, hd),
-        jnp.repeat(start, kv),
-        jnp.repeat(stop, kv),
-        sm_scale=hd**-0.5,
-        k_splits=splits,
-        block_k=block,
-        interpret=jax.default_backend() != "gpu",
-    )
-    holes = count != stop - jnp.minimum(start, stop)
-    out = jnp.where(jnp.repeat(holes, kv)[:, None, None], jnp.nan, out)
-    return out.reshape(b, 1, kv, groups, hd)
+    splits, block = _ragged_blocks(ck.shape[3])
+    interpret = jax.default_backend() != "gpu"
+
+    def local(q, ck, cv, mask):
+        b, _, kv, groups, hd = q.shape
+        slots = ck.shape[3]
+        visible = mask[:, 0]  # [B, S]
+        count = jnp.sum(visible, axis=1, dtype=jnp.int32)
+        start = jnp.argmax(visible, axis=1).astype(jnp.int32)
+        last = slots - jnp.argmax(visible[:, ::-1], axis=1)
+        stop = jnp.where(count > 0, last, 0).astype(jnp.int32)
+        out = decode_attention.mqa(
+            q.reshape(b * kv, groups, hd),
+            ck[0].astype(q.dtype).reshape(b * kv, slots, hd),
+            cv[0].astype(q.dtype).reshape(b * kv, slots, hd),
+            jnp.repeat(start, kv),
+            jnp.repeat(stop, kv),
+            sm_scale=hd**-0.5,
+            k_splits=splits,
+            block_k=block,
+            interpret=interpret,
+        )
+        holes = count != stop - jnp.minimum(start, stop)
+        out = jnp.where(jnp.repeat(holes, kv)[:, None, None], jnp.nan, out)
+        return out.reshape(b, 1, kv, groups, hd)
+
+    if plan is None or plan.mesh.size == 1:
+        return local(q, ck, cv, mask)
+    spec = jax.sharding.PartitionSpec
+    batch = plan.spec(("batch",), (q.shape[0],))[0]
+    kv_heads = plan.spec(("act_kv_heads",), (q.shape[2],))[0]
+    q_spec = spec(batch, None, kv_heads, None, None)
+    cache_spec = spec(None, batch, kv_heads, None, None)
+    return jax.shard_map(
+        local,
+        mesh=plan.mesh,
+        in_specs=(q_spec, cache_spec, cache_spec, spec(batch, None, None)),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, ck, cv, mask)
 
 
 # "dots" or "reduce" forces the one-query attention form at trace time (benchmarks/gpu.py times
@@ -328,7 +349,7 @@ class Attention(nn.Module):
             cv = _scatter_kv(cache[1], v, layer, rows, slots)
             cache = (ck, cv)
             if kernel == "pallas" and t == 1:  # per-layer cache, all rows (forward_with_cache)
-                attn = _ragged_decode_attention(qg, ck, cv, mask)
+                attn = _ragged_decode_attention(qg, ck, cv, mask, self.plan)
             else:
                 dots = _one_query_dots(self.plan)
                 attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots)

@@ -374,12 +374,6 @@ class SamplerLoop:
                 "SamplerConfig.decode_attention='pallas' runs on the accelerator path (all rows "
                 f"every step); this rollout's decode path is {self.path!r}"
             )
-        if cfg.decode_attention == "pallas" and self.plan is not None and self.plan.mesh.size > 1:
-            # The kernel is not wrapped in shard_map yet: the partitioner would gather the cache.
-            raise ValueError(
-                "SamplerConfig.decode_attention='pallas' runs on one device for now; this "
-                f"rollout's mesh has {self.plan.mesh.size} (use decode_attention='xla')"
-            )
         if self.host_calls == "per_shard" and self.plan is None:
             raise ValueError("host_calls='per_shard' needs a sharding plan")
 
