@@ -580,6 +580,7 @@ def test_sharded_rollout_equals_single_device(chain_models):
     np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
     assert out.turn_texts == plain.turn_texts
+    assert max(len(call) for call in retriever.calls) <= 2  # each shard's own rows
     # The Pallas decode kernel (interpreted here) under shard_map on each device's rows: the
     # same rollout.
     pallas = cfg.replace(decode_path=SCANNED, decode_attention="pallas")
@@ -589,7 +590,6 @@ def test_sharded_rollout_equals_single_device(chain_models):
     np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
     np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
-    assert max(len(call) for call in retriever.calls) <= 2  # each shard's own rows
 
 
 def test_prompt_too_long_finishes_only_its_row(chain_models):
