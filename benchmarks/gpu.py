@@ -261,9 +261,11 @@ def stage_update(quick: bool) -> dict:
 # --------------------------------------------------------------------------------- decode ---
 def device_profile(fn, args, steps: int, top: int = 30) -> dict:
     """Where a compiled call spends its device time: one call traced with `jax.profiler`,
-    events summed by name per timeline (on a GPU the "XLA Ops" line holds HLO ops and the
-    "Stream" lines kernels; on a CPU the XLA threads' ops), divided by ``steps``. ``top``:
-    the heaviest names of the busiest op timeline with their HLO op and share."""
+    events summed by name per timeline and divided by ``steps``. On the H200 image the device
+    plane had one "Stream" line of kernels (named after their fusion; their `hlo_op` stat is
+    the command buffer that launched them), no "XLA Ops" line; on a CPU the XLA threads' ops.
+    ``top``: the heaviest names of the busiest timeline ("XLA Ops" when there is one), with
+    their op and share."""
     trace_dir = tempfile.mkdtemp(prefix="gpu_profile_")
     with jax.profiler.trace(trace_dir):
         jax.block_until_ready(fn(*args))
