@@ -732,7 +732,8 @@ def forward_with_cache(
     Not jitted itself: call it inside a jitted program (the sampler) or wrap it.
     """
     m_rows, t = input_ids.shape
-    if token_mask is None:
+    every_token_real = token_mask is None
+    if every_token_real:
         token_mask = jnp.ones((m_rows, t), bool)
     token_mask = token_mask.astype(bool)
     s = cache.max_len
@@ -749,7 +750,11 @@ def forward_with_cache(
         token_mask = token_mask & (rows < cache.end.shape[0])[:, None]  # dummy rows: no tokens
         read = jnp.minimum(rows, cache.end.shape[0] - 1)
         end, next_pos, valid = cache.end[read], cache.next_pos[read], cache.valid[read]
-    positions = next_pos[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1
+    if every_token_real:  # (XLA folds a cumsum of constant ones at compile time: > 1 s at 512)
+        counts = jnp.arange(1, t + 1, dtype=jnp.int32)[None]
+    else:
+        counts = jnp.cumsum(token_mask, axis=1, dtype=jnp.int32)
+    positions = next_pos[:, None] + counts - 1
     positions = jnp.maximum(positions, 0)
     slots = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [M, T]
     # This step's real tokens make their slots valid (writes past S are dropped: the caller
