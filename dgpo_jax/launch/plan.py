@@ -713,7 +713,10 @@ def plan_rollout(
     for ``rows`` prompts of ``prompt_width`` positions: prefill, the decode and ingest loops,
     the KV cache(s). ``params_resident``: ``params`` are resident state (else a copy made for
     this program); teacher params always are."""
-    from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415 (plan-only, heavy)
+    from dgpo_jax.sampler.loop import (  # noqa: PLC0415 (plan-only, heavy)
+        resolve_decode_layers,
+        rollout_program,
+    )
 
     # As generate(): the teacher coin and the wave policy are traced. The devices stand for the
     # target's accelerators (fake CPU devices shaped like GPUs, or a TPU topology): the rollout
@@ -722,8 +725,10 @@ def plan_rollout(
     static = sampler_cfg.compiled()
     if static.decode_path == "auto":
         static = static.replace(decode_path="accelerator")
-    if static.decode_layers == "auto" and plan.mesh.devices.flat[0].platform in ("cpu", "gpu"):
-        static = static.replace(decode_layers="split")
+    platform = plan.mesh.devices.flat[0].platform
+    target = "gpu" if platform == "cpu" else platform  # fake CPU devices stand for GPUs
+    layers = resolve_decode_layers(static, static.decode_path, platform=target)
+    static = static.replace(decode_layers=layers)
     args = (
         params,
         teacher_params if teacher_config is not None else None,

@@ -312,18 +312,22 @@ def _platform(plan=None) -> str:
     return plan.mesh.devices.flat[0].platform if plan is not None else jax.default_backend()
 
 
-def resolve_decode_layers(config: SamplerConfig, path: str, plan=None) -> str:
+def resolve_decode_layers(
+    config: SamplerConfig, path: str, plan=None, platform: str | None = None
+) -> str:
     """``split`` or ``scan``: the config's choice, or for ``auto`` split on the cpu path (XLA:CPU
     copies a layer's weights out of the stacked arrays every step) and on a GPU (XLA:GPU copies
     a layer's slice of the stacked weights and KV cache before each dot: the 0.5B decode step
     on an H200 took 4.66 ms scanned, 2.52 ms split with a per-layer cache, docs/gpu.md), else
     scan (the accelerator path forced on CPU, which compiles faster scanned; TPUs, not
-    measured). Split layers also split the KV cache into one array per layer."""
+    measured). Split layers also split the KV cache into one array per layer. ``platform``:
+    the platform to decide for (default: the plan's, `_platform`), e.g. the GPUs that a memory
+    plan's fake CPU devices stand for."""
     if config.decode_layers != "auto":
         return config.decode_layers
     if config.decode_attention == "pallas":  # the kernel reads a per-layer cache in place
         return "split"
-    return "split" if path == "cpu" or _platform(plan) == "gpu" else "scan"
+    return "split" if path == "cpu" or (platform or _platform(plan)) == "gpu" else "scan"
 
 
 def resolve_decode_path(config: SamplerConfig, plan=None) -> str:

@@ -287,6 +287,7 @@ class Sampler:
             )
         generated = int(arrays.generated.sum())
         ingested = int(arrays.length.sum()) - generated
+        path = resolve_decode_path(cfg, self.plan)
         stats = {
             "seconds": seconds,
             "steps": int(arrays.steps),
@@ -296,10 +297,8 @@ class Sampler:
             "host_calls": record["num_calls"],
             "host_calls_per_process": record["num_calls_per_process"],
             "waves": int(arrays.waves),
-            "decode_path": resolve_decode_path(cfg, self.plan),
-            "decode_layers": resolve_decode_layers(
-                cfg, resolve_decode_path(cfg, self.plan), self.plan
-            ),
+            "decode_path": path,
+            "decode_layers": resolve_decode_layers(cfg, path, self.plan),
             "max_turns": cfg.max_turns,
             "decode_steps": int(arrays.steps) - int(arrays.ingest_steps),
             "decode_rows": int(arrays.decode_rows),
