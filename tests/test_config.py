@@ -199,6 +199,16 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
         ConfigError, match=r"config.sampler.decode_attention: 'flash': expected one of \('xla'"
     ):
         validate(cfg)
+    cfg, _ = load_config(
+        ["prog", "--config=quickstart", "--config.sampler.decode_attention=pallas"]
+        + ["--config.sampler.decode_layers=scan"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"config.sampler.decode_attention: 'pallas' runs on the accelerator path with "
+        r"split layers; got decode_path='accelerator', decode_layers='scan'",
+    ):
+        validate(cfg)
 
 
 def test_presets_change_no_hyperparameter_by_name():

@@ -123,6 +123,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         value = cfg.sampler[field]
         need(value in choices, f"sampler.{field}", f"{value!r}: expected one of {choices}")
     need(
+        cfg.sampler.decode_attention != "pallas"
+        or (cfg.sampler.decode_layers != "scan" and cfg.sampler.decode_path != "cpu"),
+        "sampler.decode_attention",
+        f"'pallas' runs on the accelerator path with split layers; got decode_path="
+        f"{cfg.sampler.decode_path!r}, decode_layers={cfg.sampler.decode_layers!r}",
+    )
+    need(
         0.0 <= cfg.sampler.wave_fraction <= 1.0,
         "sampler.wave_fraction",
         f"{cfg.sampler.wave_fraction}: expected a share in [0, 1]",
