@@ -313,16 +313,77 @@ def device_profile(fn, args, steps: int, top: int = 30) -> dict:
     return {"timelines": summary, "busiest": busiest, "top": heaviest}
 
 
-def _decode_roofline(config, params, batch: int, mean_context: float) -> tuple[int, float | None]:
+def _decode_roofline(
+    config, params, batch: int, mean_context: float, device_kind: str | None = None
+) -> tuple[int, float | None]:
     """Bytes one decode step must read (the weights, and each row's KV cache at the mean
-    context, in the params' dtype) and that over the chip's HBM bandwidth in ms (None when
-    the chip is not in `HBM_BYTES_S`)."""
+    context, in the params' dtype) and that over the HBM bandwidth of ``device_kind`` (default:
+    the first device's) in ms (None when the chip is not in `HBM_BYTES_S`)."""
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     itemsize = jax.tree.leaves(params)[0].dtype.itemsize
     kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.dim_per_head
     total = int(weight_bytes + kv_per_slot * batch * mean_context * itemsize)
-    bandwidth = _lookup(HBM_BYTES_S, jax.devices()[0].device_kind)
+    bandwidth = _lookup(HBM_BYTES_S, device_kind or jax.devices()[0].device_kind)
     return total, None if bandwidth is None else 1000 * total / bandwidth
+
+
+def make_decode(config, steps: int, window, kernel, plan=None):
+    """A jitted ``steps``-token greedy decode (one scan) of ``config`` over a KV cache (``plan``:
+    the devices it is for, e.g. compile-only GPUs; None: the default backend's)."""
+
+    @jax.jit
+    def decode(params, token, cache):
+        def body(carry, _):
+            token, cache = carry
+            logits, cache = forward_with_cache(
+                config,
+                params,
+                token[:, None],
+                cache,
+                plan=plan,
+                window=window,
+                decode_kernel=kernel,
+            )
+            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
+
+        (token, cache), _ = jax.lax.scan(body, (token, cache), None, length=steps)
+        return token, cache
+
+    return decode
+
+
+def decode_variants(params, cache, cache_len: int, split=None, per_layer=None) -> dict:
+    """name -> (params, cache, window, one-query attention form, XLA options, decode kernel).
+
+    Variants (layers, cache layout, key window, attention form, XLA options), to place the
+    step's time: "window": stacked layers in a scan, one static window, batched dots (the
+    accelerator path's layers before the second GPU run); "reduce": the same with the float32
+    multiply-and-reduce (every path's form before the first); "switch": a window switch per
+    layer; "unrolled": split layers over the stacked cache; "unrolled_cache": split layers,
+    each with its own cache array (the sampler's split layers, now the GPU default). XLA
+    options: let cuBLAS gemms read dynamic slices in place (the scanned layers' weights and
+    cache); cuBLAS instead of Triton for every gemm. A cache of None: the same context in a
+    cache 4/3 as wide (the caller builds it). ``split`` / ``per_layer``: the split params and
+    cache when already made (abstract shapes: `jax.eval_shape` of `split_layers` / `split_cache`)."""
+    dsf = {"xla_gpu_enable_dynamic_slice_fusion": True}
+    cublas = {"xla_gpu_enable_triton_gemm": False}
+    split = split_layers(params) if split is None else split
+    per_layer = split_cache(cache) if per_layer is None else per_layer
+    xla = "xla"
+    return {
+        "window": (params, cache, cache_len, "dots", {}, xla),
+        "reduce": (params, cache, cache_len, "reduce", {}, xla),
+        "switch": (params, cache, None, "dots", {}, xla),
+        "unrolled": (split, cache, cache_len, "dots", {}, xla),
+        "unrolled_cache": (split, per_layer, cache_len, "dots", {}, xla),
+        # JAX's Pallas GPU decode kernel: each row's slots up to its length, read in place
+        "unrolled_cache_pallas": (split, per_layer, cache_len, "dots", {}, "pallas"),
+        "unrolled_cache_cublas": (split, per_layer, cache_len, "dots", cublas, xla),
+        # the same window out of a wider cache: a strided slice of each layer's array
+        "unrolled_cache_slice": (split, None, cache_len, "dots", {}, xla),
+        "window_dsf": (params, cache, cache_len, "dots", dsf, xla),
+        "window_dsf_cublas": (params, cache, cache_len, "dots", {**dsf, **cublas}, xla),
+    }
 
 
 def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
@@ -342,49 +403,8 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
         logits, cache = forward_with_cache(config, params, ids, cache)
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-    def make_decode(window, kernel):
-        @jax.jit
-        def decode(params, token, cache):
-            def body(carry, _):
-                token, cache = carry
-                logits, cache = forward_with_cache(
-                    config, params, token[:, None], cache, window=window, decode_kernel=kernel
-                )
-                return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
-
-            (token, cache), _ = jax.lax.scan(body, (token, cache), None, length=steps)
-            return token, cache
-
-        return decode
-
     token, cache = prefill(params, ids)
-    # Variants (layers, cache layout, key window, one-query attention form, XLA options), to
-    # place the step's time: "window": stacked layers in a scan, one static window, batched
-    # dots (the accelerator path's layers before the second GPU run); "reduce": the same with
-    # the float32 multiply-and-reduce (every path's form before the first); "switch": a window
-    # switch per layer; "unrolled": split layers over the stacked cache; "unrolled_cache":
-    # split layers, each with its own cache array (the sampler's split layers, now the GPU
-    # default). XLA options: let cuBLAS gemms read dynamic slices in place (the scanned
-    # layers' weights and cache); cuBLAS instead of Triton for every gemm.
-    dsf = {"xla_gpu_enable_dynamic_slice_fusion": True}
-    cublas = {"xla_gpu_enable_triton_gemm": False}
-    split = split_layers(params)
-    per_layer = split_cache(cache)
-    xla = "xla"
-    variants = {  # (params, cache, window, attention form, XLA options, decode kernel)
-        "window": (params, cache, cache_len, "dots", {}, xla),
-        "reduce": (params, cache, cache_len, "reduce", {}, xla),
-        "switch": (params, cache, None, "dots", {}, xla),
-        "unrolled": (split, cache, cache_len, "dots", {}, xla),
-        "unrolled_cache": (split, per_layer, cache_len, "dots", {}, xla),
-        # JAX's Pallas GPU decode kernel: each row's slots up to its length, read in place
-        "unrolled_cache_pallas": (split, per_layer, cache_len, "dots", {}, "pallas"),
-        "unrolled_cache_cublas": (split, per_layer, cache_len, "dots", cublas, xla),
-        # the same window out of a wider cache: a strided slice of each layer's array
-        "unrolled_cache_slice": (split, None, cache_len, "dots", {}, xla),
-        "window_dsf": (params, cache, cache_len, "dots", dsf, xla),
-        "window_dsf_cublas": (params, cache, cache_len, "dots", {**dsf, **cublas}, xla),
-    }
+    variants = decode_variants(params, cache, cache_len)
     unknown = set(names or ()) - set(variants)
     if unknown:
         raise ValueError(f"decode variants {sorted(unknown)} unknown; known: {sorted(variants)}")
@@ -396,7 +416,7 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
         qwen2.DECODE_ATTENTION_FORM = form
         try:
             t0 = time.perf_counter()
-            lowered = make_decode(window, kernel).lower(p, token, c)
+            lowered = make_decode(config, steps, window, kernel).lower(p, token, c)
             compiled = lowered.compile(compiler_options=options)
             first = time.perf_counter() - t0
             temp_gib[name] = round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
@@ -450,6 +470,25 @@ class _NoSearch:
         return ""
 
 
+def plain_decode_config(config, prompt: int, steps: int, layers: str, n: int | None = None):
+    """The sampler stage's config: ``n`` (default ``steps``) sampled tokens a row after a
+    ``prompt``-token prompt in a cache of ``prompt + steps`` slots, search off, no early end."""
+    n = steps if n is None else n
+    return SamplerConfig(
+        cache_len=prompt + steps,
+        max_prompt_length=prompt,
+        max_new_tokens_per_turn=n,
+        max_new_tokens=n,
+        max_obs_length=8,
+        max_turns=0,
+        search_stops=((config.vocab_size,),),  # an id no sample takes: no early end
+        answer_stops=(),
+        eos_token_ids=(),
+        temperature=1.0,
+        decode_layers=layers,
+    )
+
+
 def stage_sampler(quick: bool) -> dict:
     """The sampler itself (``Sampler.generate``, the decode path the platform picks) in plain
     decode: the 0.5B model at batch 256, random 512-token prompts, search off. Two compiled
@@ -473,19 +512,7 @@ def stage_sampler(quick: bool) -> dict:
     for layers in ("auto", "scan" if default == "split" else "split"):
         walls = {}
         for n in (1, steps):
-            cfg = SamplerConfig(
-                cache_len=prompt + steps,
-                max_prompt_length=prompt,
-                max_new_tokens_per_turn=n,
-                max_new_tokens=n,
-                max_obs_length=8,
-                max_turns=0,
-                search_stops=((config.vocab_size,),),  # an id no sample takes: no early end
-                answer_stops=(),
-                eos_token_ids=(),
-                temperature=1.0,
-                decode_layers=layers,
-            )
+            cfg = plain_decode_config(config, prompt, steps, layers, n)
             sampler = Sampler(config, cfg, _NoSearch(), _NoSearch())
             t0 = time.perf_counter()
             out = sampler.generate(params, prompts, seed=0)

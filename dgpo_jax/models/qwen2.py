@@ -204,12 +204,12 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
     first token, right-padded chunks leave no hole); a row with a hole gets NaN, loudly, rather
     than attention over its masked slots. With a plan of several devices the kernel runs under
     ``shard_map`` on each device's rows and KV heads (the cache's slots and head dim gathered
-    if a rule shards them). Off a GPU the kernel runs in Pallas' interpreter (for tests).
-    Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
+    if a rule shards them). Off a GPU (the plan's devices, else JAX's default backend) the
+    kernel runs in Pallas' interpreter (for tests). Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
     from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (GPU only)
 
     splits, block = _ragged_blocks(ck.shape[3])
-    interpret = jax.default_backend() != "gpu"
+    interpret = _platform(plan) != "gpu"
 
     def local(q, ck, cv, mask):
         b, _, kv, groups, hd = q.shape
@@ -255,15 +255,20 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
 DECODE_ATTENTION_FORM: str | None = None
 
 
+def _platform(plan) -> str:
+    """The platform a step is compiled for: the plan's devices' (which may be compile-only
+    devices of another platform), else JAX's default backend."""
+    return plan.mesh.devices.flat[0].platform if plan is not None else jax.default_backend()
+
+
 def _one_query_dots(plan) -> bool:
-    """Whether one-query (decode) attention takes batched dots: on any platform but CPU (the
-    plan's devices, else JAX's default backend), where the matrix units run them; XLA:CPU runs
-    the float32 multiply-and-reduce faster (docs/sampler.md). A property of the platform, not
-    of the decode path: the accelerator path forced on CPU keeps the CPU form."""
+    """Whether one-query (decode) attention takes batched dots: on any platform but CPU
+    (`_platform`), where the matrix units run them; XLA:CPU runs the float32
+    multiply-and-reduce faster (docs/sampler.md). A property of the platform, not of the
+    decode path: the accelerator path forced on CPU keeps the CPU form."""
     if DECODE_ATTENTION_FORM is not None:
         return DECODE_ATTENTION_FORM == "dots"
-    platform = plan.mesh.devices.flat[0].platform if plan is not None else jax.default_backend()
-    return platform != "cpu"
+    return _platform(plan) != "cpu"
 
 
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False):

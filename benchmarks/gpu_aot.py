@@ -1,0 +1,567 @@
+"""The decode step's GPU program without a GPU: XLA:GPU compiles it for an H100 or H200 on this
+CPU host (a deviceless compile), and the kernels one decode step launches are read off the
+compiled HLO.
+
+Why: a GPU is lent to a development session only now and then, for minutes. The compiled
+program is the same one the GPU would run: on the 2026-12-04 H200 the profiled
+``unrolled_cache`` step launched 348 kernels a step (347 fusions, a memset, a rare memcpy);
+this host's compile of the same variant has 347 fusions in its loop body. What the compile does
+not do here is autotune: gemm tilings (and Triton against cuBLAS) are XLA's defaults, not
+what a GPU's autotuner picks, so kernel counts and bytes carry over, gemm times do not.
+
+What it reports, per decode variant (those of ``benchmarks/gpu.py``'s decode stage) and for
+the sampler's own decode loop (``Sampler.generate``'s compiled rollout, plain decode):
+  * kernels per decode step, by kind (gemm fusions, other fusions by XLA's name, copies,
+    custom calls such as the Pallas kernel);
+  * bytes per step the kernels move (each kernel's operands and result, counting only the
+    slice a kernel reads of a buffer it slices and only the update it writes into a buffer
+    it updates in place) and float32 bytes written by gemms;
+  * ``bound_ms``: every kernel at the chip's full HBM bandwidth (or its dense bf16 peak for
+    dots, whichever is slower) but no faster than ``--floor-us`` (2.0 us: the smallest
+    kernels of the H200 profile), summed: a floor for the step, not a prediction. Against it,
+    the issue's goal: 60% of the HBM roofline (weights and the KV cache read once).
+
+Needs a JAX with the CUDA plugin (no GPU, no driver): the ``gpu`` extra in its own environment,
+
+    python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -e '.[gpu]'
+    .venv-gpu/bin/python benchmarks/gpu_aot.py --quick      # tiny model, < 1 minute
+    .venv-gpu/bin/python benchmarks/gpu_aot.py --gpu h200   # the 0.5B decode at batch 256
+
+The HLO reading (`loop_kernels`, `kernel_traffic`) is plain Python and tested on CPU
+(tests/test_gpu_aot.py). The last output line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+# Public datasheet figures; the rest of each entry is the H100 SXM description that XLA ships
+# for its own deviceless tests (xla/tools/hlo_opt/gpu_specs), the H200 being the same die.
+GPU_SPECS = {
+    "h100": {"name": "NVIDIA H100 80GB HBM3", "hbm_bytes_s": 3.35e12, "memory": 80 * 2**30},
+    "h200": {"name": "NVIDIA H200", "hbm_bytes_s": 4.8e12, "memory": 141 * 10**9},
+}
+PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense
+
+
+def target_config(kind: str) -> str:
+    """XLA's ``GpuTargetConfigProto`` (text) for ``kind``: what a deviceless compile needs."""
+    spec = GPU_SPECS[kind]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(spec["hbm_bytes_s"])}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {int(spec["memory"])}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{spec["name"]}"
+"""
+
+
+# ------------------------------------------------------------------------ reading the HLO ---
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\((.*)$")
+_NOT_KERNELS = {
+    "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+    "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain",
+}  # fmt: skip
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape: an array ``bf16[256,896]{1,0}`` or a tuple of them."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return int(total)
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    op: str
+    operands: list[str]
+    attrs: str  # everything after the operand list
+
+    def attr(self, key: str) -> str | None:
+        match = re.search(rf"\b{key}=%?([\w.\-]+)", self.attrs)
+        return match.group(1) if match else None
+
+
+@dataclasses.dataclass
+class Module:
+    """A compiled module's text, read: computations (name -> instructions by name, in order),
+    each computation's ROOT, and the entry computation's name."""
+
+    comps: dict[str, dict[str, Instr]]
+    roots: dict[str, str]
+    entry: str | None
+
+
+def _split_operands(rest: str) -> tuple[list[str], str]:
+    """``%a, %b), calls=%c`` -> (["a", "b"], "calls=%c"): the operand names up to the list's
+    closing parenthesis, then the attributes."""
+    depth, end = 1, len(rest)
+    for index, ch in enumerate(rest):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = index
+            break
+    return re.findall(r"%([\w.\-]+)", rest[:end]), rest[end + 1 :]
+
+
+def parse_hlo(text: str) -> Module:
+    """Reads a compiled module's text (``compiled.as_text()``)."""
+    module = Module({}, {}, None)
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
+        if head:
+            current = head.group(2)
+            module.comps[current] = {}
+            if head.group(1):
+                module.entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        match = _INSTR.match(line.strip()) if current else None
+        if match:
+            operands, attrs = _split_operands(match.group(4))
+            name = match.group(1)
+            module.comps[current][name] = Instr(
+                name, match.group(2), match.group(3), operands, attrs
+            )
+            if line.strip().startswith("ROOT "):
+                module.roots[current] = name
+    return module
+
+
+def _trip_count(instr: Instr) -> int | None:
+    match = re.search(r'known_trip_count"?:\{"n":"(\d+)"', instr.attrs)
+    return int(match.group(1)) if match else None
+
+
+def _users(comp: dict[str, Instr]) -> dict[str, list[Instr]]:
+    users = collections.defaultdict(list)
+    for instr in comp.values():
+        for operand in instr.operands:
+            users[operand].append(instr)
+    return users
+
+
+def _read_bytes(comp: dict[str, Instr], users, name: str) -> int:
+    """Bytes a fused computation reads of its value ``name``: through bitcasts, only the slices
+    a (dynamic-)slice or gather takes of it, nothing of the buffer a scatter or
+    dynamic-update-slice updates in place, else all of it."""
+    total = 0
+    for user in users.get(name, []):
+        if user.op == "bitcast":
+            total += _read_bytes(comp, users, user.name)
+        elif user.op in ("slice", "dynamic-slice", "gather") and user.operands[0] == name:
+            total += shape_bytes(user.shape)
+        elif user.op in ("scatter", "dynamic-update-slice") and user.operands[0] == name:
+            continue
+        else:
+            return shape_bytes(comp[name].shape)
+    return min(total, shape_bytes(comp[name].shape))
+
+
+def _written_bytes(comp: dict[str, Instr], root: Instr) -> int:
+    """Bytes a fused computation writes: its result, or only the update of an in-place
+    scatter / dynamic-update-slice (per element of a tuple result)."""
+    if root.op == "tuple":
+        return sum(_written_bytes(comp, comp[o]) for o in root.operands if o in comp)
+    if root.op == "bitcast" and root.operands[0] in comp:
+        return _written_bytes(comp, comp[root.operands[0]])
+    if root.op == "dynamic-update-slice":
+        return shape_bytes(comp[root.operands[1]].shape)
+    if root.op == "scatter":  # operands: n buffers, the indices, n updates
+        n = (len(root.operands) - 1) // 2
+        return sum(shape_bytes(comp[u].shape) for u in root.operands[n + 1 :] if u in comp)
+    return shape_bytes(root.shape)
+
+
+def _dims(shape: str) -> list[int]:
+    match = _ARRAY.search(shape)
+    return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _dot_flops(comp: dict[str, Instr]) -> float:
+    """2 x result elements x contracted elements, summed over the dots of a computation."""
+    flops = 0.0
+    for instr in comp.values():
+        match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
+        if instr.op != "dot" or instr.operands[0] not in comp or not match:
+            continue
+        lhs = _dims(comp[instr.operands[0]].shape)
+        contracted = math.prod(lhs[int(i)] for i in match.group(1).split(",") if i)
+        flops += 2.0 * math.prod(_dims(instr.shape)) * contracted
+    return flops
+
+
+@dataclasses.dataclass
+class Kernel:
+    name: str
+    kind: str  # "gemm", "copy", "custom-call:<target>", else the fusion's name stem or the op
+    bytes_read: int
+    bytes_written: int
+    flops: float
+    times: int  # launches per iteration of the loop read (nested loops multiply)
+    op_name: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, float]:
+    """(bytes read, bytes written, dot FLOPs) of one kernel-launching instruction of ``comp``."""
+    called = instr.attr("calls")
+    if instr.op in ("fusion", "fusion-start") and called in module.comps:
+        fused = module.comps[called]
+        users = _users(fused)
+        read = sum(_read_bytes(fused, users, i.name) for i in fused.values() if i.op == "parameter")
+        written = _written_bytes(fused, fused[module.roots[called]])
+        flops = _dot_flops(fused)  # a gemm fusion's dot may sit one computation deeper
+        for i in fused.values():
+            if i.op == "fusion" and i.attr("calls") in module.comps:
+                flops += _dot_flops(module.comps[i.attr("calls")])
+        return read, written, flops
+    where = module.comps[comp]
+    read = sum(shape_bytes(where[o].shape) for o in instr.operands if o in where)
+    if instr.op in ("dynamic-update-slice", "scatter"):  # in place: the update in and out
+        update = read - shape_bytes(where[instr.operands[0]].shape)
+        return update, update, 0.0
+    return read, shape_bytes(instr.shape), _dot_flops(where) if instr.op == "dot" else 0.0
+
+
+def _kind(instr: Instr) -> str:
+    if instr.op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
+        return f"custom-call:{target.group(1) if target else '?'}"
+    if instr.op == "fusion-start":  # an asynchronous fusion, by what it runs
+        return "async_" + re.sub(r"([._]\d+|\.clone)+$", "", instr.attr("calls") or "fusion")
+    if instr.op != "fusion":
+        return instr.op
+    stem = re.sub(r"[._]\d+$", "", instr.name)
+    return "gemm" if stem.startswith(("gemm_fusion", "cublas")) else stem
+
+
+def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict]:
+    """The kernels one iteration of a loop launches: ``body`` (a while body's name; default:
+    the body of the entry computation's first while) and, recursively, what it runs (nested
+    while bodies and conditions times their known trip count (once when unknown), of a
+    conditional the branch that moves the most bytes, called computations). Returns
+    (kernels, info: the body, its trip count, the nested loops' trip counts)."""
+    module = parse_hlo(text)
+    info: dict = {}
+    if body is None:
+        whiles = [i for i in module.comps.get(module.entry, {}).values() if i.op == "while"]
+        if not whiles:
+            raise ValueError("no while loop in the entry computation")
+        body = whiles[0].attr("body")
+        info["trip_count"] = _trip_count(whiles[0])
+    kernels: list[Kernel] = []
+
+    def walk(name: str, times: int, out: list[Kernel]):
+        for instr in module.comps[name].values():
+            if instr.op in _NOT_KERNELS or instr.op.endswith("-done"):  # a -start launched it
+                continue
+            if instr.op == "while":
+                trips = _trip_count(instr)
+                info.setdefault("nested_loops", []).append(trips)
+                walk(instr.attr("body"), times * (trips or 1), out)
+                walk(instr.attr("condition"), times * (trips or 1), out)
+                continue
+            if instr.op == "conditional":  # one branch runs: the one moving the most bytes
+                branches = re.search(r"branch_computations=\{([^}]*)\}", instr.attrs)
+                names = re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
+                names += [instr.attr(k) for k in ("true_computation", "false_computation")]
+                taken: list[list[Kernel]] = []
+                for branch in filter(None, names):
+                    taken.append([])
+                    walk(branch, times, taken[-1])
+                out += max(taken, key=lambda ks: sum(k.times * k.bytes for k in ks), default=[])
+                continue
+            if instr.op == "call" and instr.attr("to_apply") in module.comps:
+                walk(instr.attr("to_apply"), times, out)
+                continue
+            read, written, flops = kernel_traffic(module, name, instr)
+            op_name = re.search(r'op_name="([^"]*)"', instr.attrs)
+            op_name = op_name.group(1) if op_name else ""
+            out.append(Kernel(instr.name, _kind(instr), read, written, flops, times, op_name))
+
+    walk(body, 1, kernels)
+    info["body"] = body
+    return kernels, info
+
+
+def summarize(kernels: list[Kernel], hbm_bytes_s: float, floor_us: float) -> dict:
+    """Per iteration: kernels (by kind), bytes moved, copies, and ``bound_ms``: each kernel
+    at the HBM bandwidth or the bf16 peak, whichever is slower, and no faster than
+    ``floor_us``, summed."""
+    kinds = collections.Counter()
+    bound, at_floor = 0.0, 0
+    for k in kernels:
+        kinds[k.kind] += k.times
+        t = max(floor_us * 1e-6, k.bytes / hbm_bytes_s, k.flops / PEAK_BF16_FLOPS)
+        at_floor += k.times * (t == floor_us * 1e-6)
+        bound += k.times * t
+    return {
+        "kernels": sum(k.times for k in kernels),
+        "by_kind": dict(kinds.most_common()),
+        "bytes": sum(k.times * k.bytes for k in kernels),
+        "gemm_bytes_written": sum(k.times * k.bytes_written for k in kernels if k.kind == "gemm"),
+        "copies": kinds.get("copy", 0),
+        "copy_bytes": sum(k.times * k.bytes for k in kernels if k.kind == "copy"),
+        "kernels_at_floor": at_floor,
+        "bound_ms": round(1000 * bound, 4),
+    }
+
+
+def compile_only_devices(kind: str) -> list:
+    """One compile-only ``kind`` GPU (XLA's deviceless compile: no GPU, no driver)."""
+    from jax.experimental import topologies  # noqa: PLC0415 (after JAX_PLATFORMS is set)
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=target_config(kind), topology="1x1x1"
+        )
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(
+            f"gpu_aot: this JAX cannot compile for CUDA ({first}); install the gpu extra in an "
+            "environment of its own: python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -e "
+            "'.[gpu]'"
+        ) from None
+    return list(topology.devices)
+
+
+def _placed(tree, device):
+    import jax  # noqa: PLC0415 (after JAX_PLATFORMS is set)
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def _measure(compiled, args, text_dir: str, name: str, steps: int | None = None) -> dict:
+    text = compiled.as_text()
+    if text_dir:
+        os.makedirs(text_dir, exist_ok=True)
+        with open(os.path.join(text_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(text)
+    kernels, info = loop_kernels(text)
+    if steps is not None and info.get("trip_count") != steps:
+        raise RuntimeError(
+            f"{name}: the first loop runs {info.get('trip_count')} times, not {steps}"
+        )
+    out = summarize(kernels, GPU_SPECS[args.gpu]["hbm_bytes_s"], args.floor_us)
+    out["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
+    return out
+
+
+def stage_decode(args, device) -> dict:
+    """The decode stage's variants (`gpu.decode_variants`), compiled for ``args.gpu``."""
+    import gpu  # noqa: PLC0415 (benchmarks/gpu.py, beside this file; imports JAX)
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from dgpo_jax.models import (  # noqa: PLC0415
+        cast_params,
+        get_preset,
+        init_cache,
+        init_params,
+        qwen2,  # noqa: PLC0415
+    )
+    from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
+
+    config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
+    batch, prompt, steps = (8, 64, 32) if args.quick else (256, 512, 256)
+    cache_len, dtype = prompt + steps, jnp.bfloat16
+    params = jax.eval_shape(lambda: cast_params(init_params(config, jax.random.key(0)), dtype))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, cache_len, dtype))
+    split = jax.eval_shape(qwen2.split_layers, params)
+    per_layer = jax.eval_shape(qwen2.split_cache, cache)
+    variants = gpu.decode_variants(params, cache, cache_len, split, per_layer)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = set(names) - set(variants)
+    if unknown:
+        raise SystemExit(f"--variants: {sorted(unknown)} unknown; known: {sorted(variants)}")
+    token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    # A one-device plan of the compile-only GPU: the model picks its GPU forms (the Pallas
+    # kernel compiled by Triton, not interpreted) by the plan's platform.
+    plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
+    results = {}
+    for name in names:
+        p, c, window, form, options, kernel = variants[name]
+        if c is None:  # the same context in a cache 4/3 as wide
+            wide = cache_len + cache_len // 3
+            c = jax.eval_shape(lambda: qwen2.split_cache(init_cache(config, batch, wide, dtype)))
+        qwen2.DECODE_ATTENTION_FORM = form
+        try:
+            t0 = time.perf_counter()
+            decode = gpu.make_decode(config, steps, window, kernel, plan)
+            with jax.default_device(device):  # Pallas' Triton lowering asks it for the GPU
+                lowered = decode.lower(*_placed((p, token, c), device))
+            compiled = lowered.compile(compiler_options=options)
+            results[name] = _measure(compiled, args, args.out, f"decode_{name}", steps)
+            results[name]["compile_s"] = round(time.perf_counter() - t0, 1)
+        finally:
+            qwen2.DECODE_ATTENTION_FORM = None
+        print(f"[gpu_aot] decode {name}: {json.dumps(results[name])}", flush=True)
+    weights, roofline_ms = gpu._decode_roofline(
+        config, params, batch, prompt + steps / 2, GPU_SPECS[args.gpu]["name"]
+    )
+    return {
+        "model": "tiny" if args.quick else "qwen2.5-0.5b",
+        "batch": batch,
+        "context": f"{prompt} prompt + {steps} decoded",
+        "roofline_bytes": weights,
+        "roofline_ms": None if roofline_ms is None else round(roofline_ms, 4),
+        "goal_ms": None if roofline_ms is None else round(roofline_ms / 0.6, 4),
+        "variants": results,
+    }
+
+
+def stage_sampler(args, device) -> dict:
+    """``Sampler.generate``'s compiled rollout (plain decode: search off, the shapes of
+    ``benchmarks/gpu.py``'s sampler stage) for ``args.gpu``: the kernels of each of its loops
+    per iteration; the decode loop is the one with the most."""
+    import gpu  # noqa: PLC0415 (benchmarks/gpu.py)
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from dgpo_jax.models import cast_params, get_preset, init_params  # noqa: PLC0415
+    from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
+    from dgpo_jax.sampler import loop as loop_module  # noqa: PLC0415
+    from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415
+
+    config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
+    batch, prompt, steps = (8, 64, 32) if args.quick else (256, 512, 256)
+    cfg = gpu.plain_decode_config(config, prompt, steps, "auto").compiled()
+    plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
+    params = jax.eval_shape(
+        lambda: cast_params(init_params(config, jax.random.key(0)), jnp.bfloat16)
+    )
+    b = (batch,)
+    shapes = [
+        ((batch, prompt), jnp.int32), ((batch, prompt), jnp.bool_), (b, jnp.bool_),
+        ((batch, 1), jnp.int32), (b, jnp.int32), ((), jnp.uint32), (b, jnp.int32),
+        ((), jnp.int32), ((), jnp.float32), ((), jnp.float32), ((), jnp.int32),
+    ]  # fmt: skip
+    inputs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    # A deviceless compile cannot lower a host callback (it asks the GPU runtime for one):
+    # the host wave's callback is replaced by zeros of its shapes for this compile. It sits in
+    # the wave branch, outside the decode loop read here, which search off never takes.
+    loop_module.io_callback = lambda _f, shapes, *_a, **_k: jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes
+    )
+    t0 = time.perf_counter()
+    with jax.default_device(device):
+        lowered = rollout_program.lower(
+            config, cfg, plan, None, *_placed((params, None, *inputs), device)
+        )
+    compiled = lowered.compile()
+    text = compiled.as_text()
+    if args.out:
+        with open(os.path.join(args.out, "sampler_rollout.hlo.txt"), "w") as f:
+            f.write(text)
+    module = parse_hlo(text)
+    loops = {}
+    for comp in module.comps.values():
+        for instr in comp.values():
+            if instr.op != "while":
+                continue
+            kernels, _ = loop_kernels(text, instr.attr("body"))
+            # a decode loop samples (a log-softmax over the vocabulary); ingest loops do not
+            if (
+                any("log_softmax" in k.op_name for k in kernels)
+                and comp is not module.comps[module.entry]
+            ):
+                loops[instr.name] = summarize(
+                    kernels, GPU_SPECS[args.gpu]["hbm_bytes_s"], args.floor_us
+                )
+    if not loops:
+        raise RuntimeError("no decode loop (one with a log-softmax) in the compiled rollout")
+    # One decode loop per key window (narrow windows, then the whole cache): the last is the
+    # whole-cache loop, the one `decode` stage's variants compare with.
+    last = list(loops)[-1]
+    return {
+        "decode_layers": "split",
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "decode_loops": len(loops),
+        "whole_cache_loop": {"name": last, **loops[last]},
+        "loops": {
+            k: {"kernels": v["kernels"], "bound_ms": v["bound_ms"]} for k, v in loops.items()
+        },
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", default="h200", choices=sorted(GPU_SPECS))
+    p.add_argument("--quick", action="store_true", help="the tiny model at batch 8")
+    p.add_argument(
+        "--variants",
+        default="window,unrolled_cache,unrolled_cache_pallas",
+        help="decode variants of benchmarks/gpu.py, comma-separated",
+    )
+    p.add_argument("--stages", default="decode,sampler", help="decode, sampler or both")
+    p.add_argument("--floor-us", type=float, default=2.0, help="the shortest a kernel takes")
+    p.add_argument("--out", default="", help="keep each compiled program's HLO text here")
+    args = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    # This host only compiles: JAX computes on its CPU, and the CUDA plugin, asked for no
+    # GPU, skips its driver checks (it still compiles for the described one).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax  # noqa: PLC0415 (after JAX_PLATFORMS is set)
+
+    device = compile_only_devices(args.gpu)[0]
+    print(f"[gpu_aot] compiling for {device.device_kind} on this host, jax {jax.__version__}")
+    out = {"gpu": device.device_kind, "jax": jax.__version__, "floor_us": args.floor_us}
+    stages = [v for v in args.stages.split(",") if v]
+    if set(stages) - {"decode", "sampler"}:
+        raise SystemExit(f"--stages: {args.stages!r}: known stages are decode and sampler")
+    if "decode" in stages:
+        out["decode"] = stage_decode(args, device)
+    if "sampler" in stages:
+        out["sampler"] = stage_sampler(args, device)
+        print(f"[gpu_aot] sampler: {json.dumps(out['sampler'])}", flush=True)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

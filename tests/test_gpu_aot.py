@@ -1,0 +1,191 @@
+"""benchmarks/gpu_aot.py reads kernels off a compiled module's text: checked on a small
+hand-written module (the shape of XLA:GPU's output) whose kernels, bytes and bound are counted
+by hand below. The compile itself needs a JAX with the CUDA plugin and is not run here."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_aot.py")
+_SPEC = importlib.util.spec_from_file_location("gpu_aot", _PATH)
+gpu_aot = importlib.util.module_from_spec(_SPEC)
+sys.modules["gpu_aot"] = gpu_aot  # its dataclasses look their module up
+_SPEC.loader.exec_module(gpu_aot)
+
+# A decode loop (trip count 4) whose body runs: a gemm fusion (bf16[8,64] x bf16[64,32] ->
+# f32[8,32]), an in-place cache update (a dynamic-update-slice of bf16[1,32] into a
+# bf16[16,32] buffer), a fusion reading a 4-row slice of a f32[100,32] table, a copy, a
+# conditional with two branches (one kernel each, or a kernel and a wider one), and a nested
+# loop (trip count 3) of one fusion plus its condition's compare; tuples, bitcasts,
+# parameters and constants launch nothing.
+MODULE = """HloModule jit_decode, entry_computation_layout={()}
+
+%gemm_fusion_dot.1_computation (parameter_0: bf16[8,64], parameter_1: bf16[64,32]) -> f32[8,32] {
+  %parameter_0 = bf16[8,64]{1,0} parameter(0)
+  %parameter_1 = bf16[64,32]{1,0} parameter(1)
+  ROOT %dot.0 = f32[8,32]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_dus (param_0: bf16[16,32], param_1: bf16[1,32], param_2: s32[]) -> bf16[16,32] {
+  %param_0 = bf16[16,32]{1,0} parameter(0)
+  %param_1 = bf16[1,32]{1,0} parameter(1)
+  %param_2 = s32[] parameter(2)
+  %zero = s32[] constant(0)
+  ROOT %dus = bf16[16,32]{1,0} dynamic-update-slice(%param_0, %param_1, %param_2, %zero)
+}
+
+%fused_slice_add (param_0.1: f32[100,32], param_1.1: f32[4,32]) -> f32[4,32] {
+  %param_0.1 = f32[100,32]{1,0} parameter(0)
+  %param_1.1 = f32[4,32]{1,0} parameter(1)
+  %bc = f32[100,32]{1,0} bitcast(%param_0.1)
+  %slice.1 = f32[4,32]{1,0} slice(%bc), slice={[0:4], [0:32]}
+  ROOT %add.1 = f32[4,32]{1,0} add(%slice.1, %param_1.1)
+}
+
+%fused_neg (param_0.2: f32[4,32]) -> f32[4,32] {
+  %param_0.2 = f32[4,32]{1,0} parameter(0)
+  ROOT %neg.1 = f32[4,32]{1,0} negate(%param_0.2)
+}
+
+%branch_a (p.a: f32[4,32]) -> f32[4,32] {
+  %p.a = f32[4,32]{1,0} parameter(0)
+  ROOT %loop_negate_fusion = f32[4,32]{1,0} fusion(%p.a), kind=kLoop, calls=%fused_neg
+}
+
+%branch_b (p.b: f32[4,32]) -> f32[4,32] {
+  %p.b = f32[4,32]{1,0} parameter(0)
+  %copy.9 = f32[4,32]{1,0} copy(%p.b)
+  ROOT %copy.10 = f32[4,32]{1,0} copy(%copy.9)
+}
+
+%inner_body (p.i: (s32[], f32[4,32])) -> (s32[], f32[4,32]) {
+  %p.i = (s32[], f32[4,32]{1,0}) parameter(0)
+  %gte.i = f32[4,32]{1,0} get-tuple-element(%p.i), index=1
+  %n.i = s32[] get-tuple-element(%p.i), index=0
+  %loop_negate_fusion.2 = f32[4,32]{1,0} fusion(%gte.i), kind=kLoop, calls=%fused_neg
+  ROOT %t.i = (s32[], f32[4,32]{1,0}) tuple(%n.i, %loop_negate_fusion.2)
+}
+
+%inner_cond (p.c: (s32[], f32[4,32])) -> pred[] {
+  %p.c = (s32[], f32[4,32]{1,0}) parameter(0)
+  %n.c = s32[] get-tuple-element(%p.c), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%n.c, %three), direction=LT
+}
+
+%body (p: STATE_TYPE) -> (s32[], bf16[16,32]) {
+  %p = STATE parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[8,64]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[64,32]{1,0} get-tuple-element(%p), index=2
+  %cache = bf16[16,32]{1,0} get-tuple-element(%p), index=3
+  %table = f32[100,32]{1,0} get-tuple-element(%p), index=4
+  %y = f32[4,32]{1,0} get-tuple-element(%p), index=5
+  %gemm_fusion_dot.1 = f32[8,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%GEMM, metadata={op_name="dot"}
+  %new = bf16[1,32]{1,0} bitcast(%x)
+  %input_dus_fusion = bf16[16,32]{1,0} fusion(%cache, %new, %i), kind=kInput, calls=%fused_dus
+  %loop_add_fusion.3 = f32[4,32]{1,0} fusion(%table, %y), kind=kLoop, calls=%fused_slice_add
+  %copy.1 = f32[4,32]{1,0} copy(%loop_add_fusion.3)
+  %conditional.1 = f32[4,32]{1,0} conditional(%i, %copy.1, %copy.1), BRANCHES
+  %start = (s32[], f32[4,32]{1,0}) tuple(%i, %conditional.1)
+  %while.2 = (s32[], f32[4,32]{1,0}) while(%start), condition=%inner_cond, body=%inner_body, backend_config=TRIPS3
+  ROOT %out = (s32[], bf16[16,32]{1,0}) tuple(%i, %input_dus_fusion)
+}
+
+%cond (p.o: STATE_TYPE) -> pred[] {
+  %p.o = STATE parameter(0)
+  %n.o = s32[] get-tuple-element(%p.o), index=0
+  %four = s32[] constant(4)
+  ROOT %lt.o = pred[] compare(%n.o, %four), direction=LT
+}
+
+ENTRY %main (a: STATE_TYPE) -> (s32[], bf16[16,32]) {
+  %a = STATE parameter(0)
+  ROOT %while.1 = (s32[], bf16[16,32]{1,0}) while(%a), condition=%cond, body=%body, backend_config=TRIPS4
+}
+"""
+MODULE = (
+    MODULE.replace(
+        "STATE_TYPE", "(s32[], bf16[8,64], bf16[64,32], bf16[16,32], f32[100,32], f32[4,32])"
+    )
+    .replace(
+        "STATE",
+        "(s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}, bf16[16,32]{1,0}, f32[100,32]{1,0}, f32[4,32]{1,0})",
+    )
+    .replace("%GEMM", "%gemm_fusion_dot.1_computation")
+    .replace("BRANCHES", "branch_computations={%branch_a, %branch_b}")
+    .replace("TRIPS3", '{"known_trip_count":{"n":"3"}}')
+    .replace("TRIPS4", '{"known_trip_count":{"n":"4"}}')
+)
+
+
+def test_shape_bytes_of_arrays_and_tuples():
+    assert gpu_aot.shape_bytes("bf16[256,896]{1,0}") == 256 * 896 * 2
+    assert gpu_aot.shape_bytes("(s32[], f32[4,32]{1,0}, pred[7])") == 4 + 4 * 32 * 4 + 7
+    assert gpu_aot.shape_bytes("f32[]") == 4
+
+
+def test_loop_kernels_counts_what_one_iteration_launches():
+    kernels, info = gpu_aot.loop_kernels(MODULE)
+    assert info["body"] == "body" and info["trip_count"] == 4 and info["nested_loops"] == [3]
+    by_name = {k.name: k for k in kernels}
+    # gemm, cache update, sliced add, copy, the branch moving more bytes (branch_b: two copies
+    # of 512 bytes, against branch_a's one fusion), the inner fusion (x3) and the inner
+    # condition's compare (x3): 4 + 2 + 3 + 3 = 12 launches
+    assert sorted(by_name) == sorted(
+        [
+            "gemm_fusion_dot.1",
+            "input_dus_fusion",
+            "loop_add_fusion.3",
+            "copy.1",
+            "copy.9",
+            "copy.10",
+            "loop_negate_fusion.2",
+            "lt",
+        ]
+    )
+    assert by_name["loop_negate_fusion.2"].times == 3 and by_name["lt"].times == 3
+    summary = gpu_aot.summarize(kernels, hbm_bytes_s=1e12, floor_us=2.0)
+    assert summary["kernels"] == 12
+    assert summary["by_kind"]["gemm"] == 1 and summary["copies"] == 3
+
+
+def test_kernel_traffic_counts_slices_and_in_place_updates():
+    kernels, _ = gpu_aot.loop_kernels(MODULE)
+    k = {k.name: k for k in kernels}
+    # the gemm reads both operands whole and writes f32[8,32]; 2 * 8 * 32 * 64 FLOPs
+    assert (k["gemm_fusion_dot.1"].bytes_read, k["gemm_fusion_dot.1"].bytes_written) == (
+        8 * 64 * 2 + 64 * 32 * 2,
+        8 * 32 * 4,
+    )
+    assert k["gemm_fusion_dot.1"].flops == 2 * 8 * 32 * 64
+    # the cache update reads the new row and the index, writes the row: not the 16-row buffer
+    assert (k["input_dus_fusion"].bytes_read, k["input_dus_fusion"].bytes_written) == (
+        1 * 32 * 2 + 4,
+        1 * 32 * 2,
+    )
+    # the sliced add reads 4 of the table's 100 rows (through a bitcast) and y
+    assert k["loop_add_fusion.3"].bytes_read == 4 * 32 * 4 + 4 * 32 * 4
+    assert k["loop_add_fusion.3"].bytes_written == 4 * 32 * 4
+    assert (k["copy.1"].bytes_read, k["copy.1"].bytes_written) == (512, 512)
+
+
+def test_bound_is_each_kernel_at_bandwidth_or_floor():
+    kernels, _ = gpu_aot.loop_kernels(MODULE)
+    # at 1 GB/s every kernel here takes bytes / 1e9 s; at the floor of 2 us, max of the two
+    slow = gpu_aot.summarize(kernels, hbm_bytes_s=1e9, floor_us=0.0)
+    total_bytes = sum(k.times * k.bytes for k in kernels)
+    assert slow["bytes"] == total_bytes
+    assert slow["bound_ms"] == pytest.approx(1000 * total_bytes / 1e9, abs=1e-4)  # 4 decimals
+    fast = gpu_aot.summarize(kernels, hbm_bytes_s=1e15, floor_us=2.0)
+    assert fast["bound_ms"] == pytest.approx(12 * 2e-3)
+    assert fast["kernels_at_floor"] == 12
+
+
+def test_no_loop_is_a_clear_error():
+    with pytest.raises(ValueError, match="no while loop"):
+        gpu_aot.loop_kernels(
+            "HloModule m\n\nENTRY %main (a: f32[]) -> f32[] {\n  ROOT %a = f32[] parameter(0)\n}\n"
+        )
