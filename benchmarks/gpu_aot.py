@@ -15,7 +15,8 @@ the sampler's own decode loop (``Sampler.generate``'s compiled rollout, plain de
     custom calls such as the Pallas kernel);
   * bytes per step the kernels move (each kernel's operands and result, counting only the
     slice a kernel reads of a buffer it slices and only the update it writes into a buffer
-    it updates in place) and float32 bytes written by gemms;
+    it updates in place), and what the gemms write (float32 here: split-K partial sums,
+    the gate/up product, the logits);
   * ``bound_ms``: every kernel at the chip's full HBM bandwidth (or its dense bf16 peak for
     dots, whichever is slower) but no faster than ``--floor-us`` (2.0 us: the smallest
     kernels of the H200 profile), summed: a floor for the step, not a prediction. Against it,
@@ -402,7 +403,7 @@ def stage_decode(args, device) -> dict:
         get_preset,
         init_cache,
         init_params,
-        qwen2,  # noqa: PLC0415
+        qwen2,
     )
     from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
 
@@ -550,7 +551,14 @@ def main(argv=None) -> int:
 
     device = compile_only_devices(args.gpu)[0]
     print(f"[gpu_aot] compiling for {device.device_kind} on this host, jax {jax.__version__}")
-    out = {"gpu": device.device_kind, "jax": jax.__version__, "floor_us": args.floor_us}
+    import attention  # noqa: PLC0415 (benchmarks/attention.py: the host's name)
+
+    out = {
+        "gpu": device.device_kind,
+        "compiled_on": attention.machine(),
+        "jax": jax.__version__,
+        "floor_us": args.floor_us,
+    }
     stages = [v for v in args.stages.split(",") if v]
     if set(stages) - {"decode", "sampler"}:
         raise SystemExit(f"--stages: {args.stages!r}: known stages are decode and sampler")
