@@ -353,7 +353,8 @@ def make_decode(config, steps: int, window, kernel, plan=None):
 
 
 def decode_variants(params, cache, cache_len: int, split=None, per_layer=None) -> dict:
-    """name -> (params, cache, window, one-query attention form, XLA options, decode kernel).
+    """name -> (params, cache, window, one-query attention form, XLA options, decode kernel,
+    the Pallas kernel's (k_splits, block_k) or None for `qwen2._ragged_blocks`'s choice).
 
     Variants (layers, cache layout, key window, attention form, XLA options), to place the
     step's time: "window": stacked layers in a scan, one static window, batched dots (the
@@ -370,7 +371,7 @@ def decode_variants(params, cache, cache_len: int, split=None, per_layer=None) -
     split = split_layers(params) if split is None else split
     per_layer = split_cache(cache) if per_layer is None else per_layer
     xla = "xla"
-    return {
+    variants = {
         "window": (params, cache, cache_len, "dots", {}, xla),
         "reduce": (params, cache, cache_len, "reduce", {}, xla),
         "switch": (params, cache, None, "dots", {}, xla),
@@ -384,6 +385,19 @@ def decode_variants(params, cache, cache_len: int, split=None, per_layer=None) -
         "window_dsf": (params, cache, cache_len, "dots", dsf, xla),
         "window_dsf_cublas": (params, cache, cache_len, "dots", {**dsf, **cublas}, xla),
     }
+    variants = {k: (*v, None) for k, v in variants.items()}
+    # the Pallas kernel with the most key splits (16, small blocks): the choice until the
+    # third session, against `_ragged_blocks`'s fewest splits for ~1024 programs
+    variants["unrolled_cache_pallas_s16"] = (
+        split,
+        per_layer,
+        cache_len,
+        "dots",
+        {},
+        "pallas",
+        (16, 16),
+    )
+    return variants
 
 
 def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
@@ -410,10 +424,10 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
         raise ValueError(f"decode variants {sorted(unknown)} unknown; known: {sorted(variants)}")
     timings, temp_gib, profiles = {}, {}, {}
     for name in names or variants:
-        p, c, window, form, options, kernel = variants[name]
+        p, c, window, form, options, kernel, blocks = variants[name]
         if c is None:  # a cache of 4/3 the slots, the same context
             c = split_cache(prefill(params, ids, cache_len + cache_len // 3)[1])
-        qwen2.DECODE_ATTENTION_FORM = form
+        qwen2.DECODE_ATTENTION_FORM, qwen2.RAGGED_BLOCKS = form, blocks
         try:
             t0 = time.perf_counter()
             lowered = make_decode(config, steps, window, kernel).lower(p, token, c)
@@ -434,7 +448,7 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
             timings[name] = (float("nan"), 0.0)
             temp_gib[name] = f"{type(e).__name__}: {e}"[:300]
         finally:
-            qwen2.DECODE_ATTENTION_FORM = None
+            qwen2.DECODE_ATTENTION_FORM, qwen2.RAGGED_BLOCKS = None, None
     first_name = next(iter(timings))
     ms, compile_s = timings[first_name]
     bytes_per_step, roofline_ms = _decode_roofline(config, params, batch, prompt + steps / 2)

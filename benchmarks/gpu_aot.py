@@ -239,6 +239,7 @@ class Kernel:
     flops: float
     times: int  # launches per iteration of the loop read (nested loops multiply)
     op_name: str = ""
+    shape: str = ""  # the result's HLO shape
 
     @property
     def bytes(self) -> int:
@@ -320,7 +321,8 @@ def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict
             read, written, flops = kernel_traffic(module, name, instr)
             op_name = re.search(r'op_name="([^"]*)"', instr.attrs)
             op_name = op_name.group(1) if op_name else ""
-            out.append(Kernel(instr.name, _kind(instr), read, written, flops, times, op_name))
+            kernel = Kernel(instr.name, _kind(instr), read, written, flops, times, op_name)
+            out.append(dataclasses.replace(kernel, shape=instr.shape))
 
     walk(body, 1, kernels)
     info["body"] = body
@@ -425,11 +427,11 @@ def stage_decode(args, device) -> dict:
     plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
     results = {}
     for name in names:
-        p, c, window, form, options, kernel = variants[name]
+        p, c, window, form, options, kernel, blocks = variants[name]
         if c is None:  # the same context in a cache 4/3 as wide
             wide = cache_len + cache_len // 3
             c = jax.eval_shape(lambda: qwen2.split_cache(init_cache(config, batch, wide, dtype)))
-        qwen2.DECODE_ATTENTION_FORM = form
+        qwen2.DECODE_ATTENTION_FORM, qwen2.RAGGED_BLOCKS = form, blocks
         try:
             t0 = time.perf_counter()
             decode = gpu.make_decode(config, steps, window, kernel, plan)
@@ -439,7 +441,7 @@ def stage_decode(args, device) -> dict:
             results[name] = _measure(compiled, args, args.out, f"decode_{name}", steps)
             results[name]["compile_s"] = round(time.perf_counter() - t0, 1)
         finally:
-            qwen2.DECODE_ATTENTION_FORM = None
+            qwen2.DECODE_ATTENTION_FORM, qwen2.RAGGED_BLOCKS = None, None
         print(f"[gpu_aot] decode {name}: {json.dumps(results[name])}", flush=True)
     weights, roofline_ms = gpu._decode_roofline(
         config, params, batch, prompt + steps / 2, GPU_SPECS[args.gpu]["name"]
@@ -497,6 +499,7 @@ def stage_sampler(args, device) -> dict:
     compiled = lowered.compile()
     text = compiled.as_text()
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sampler_rollout.hlo.txt"), "w") as f:
             f.write(text)
     module = parse_hlo(text)
@@ -506,16 +509,14 @@ def stage_sampler(args, device) -> dict:
             if instr.op != "while":
                 continue
             kernels, _ = loop_kernels(text, instr.attr("body"))
-            # a decode loop samples (a log-softmax over the vocabulary); ingest loops do not
-            if (
-                any("log_softmax" in k.op_name for k in kernels)
-                and comp is not module.comps[module.entry]
-            ):
+            # a decode loop embeds one token a row ([B, 1, D]); ingest loops embed C
+            embeds = [_dims(k.shape) for k in kernels if "Qwen2.embed" in k.op_name]
+            if embeds and all(len(d) == 3 and d[1] == 1 for d in embeds):
                 loops[instr.name] = summarize(
                     kernels, GPU_SPECS[args.gpu]["hbm_bytes_s"], args.floor_us
                 )
     if not loops:
-        raise RuntimeError("no decode loop (one with a log-softmax) in the compiled rollout")
+        raise RuntimeError("no decode loop (one embedding [B, 1, D]) in the compiled rollout")
     # One decode loop per key window (narrow windows, then the whole cache): the last is the
     # whole-cache loop, the one `decode` stage's variants compare with.
     last = list(loops)[-1]
@@ -543,7 +544,8 @@ def main(argv=None) -> int:
     p.add_argument("--floor-us", type=float, default=2.0, help="the shortest a kernel takes")
     p.add_argument("--out", default="", help="keep each compiled program's HLO text here")
     args = p.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.dirname(here)]  # benchmarks/ and the repository root
     # This host only compiles: JAX computes on its CPU, and the CUDA plugin, asked for no
     # GPU, skips its driver checks (it still compiles for the described one).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -13,7 +13,7 @@
 #   BENCH_S       seconds for them (default 300)
 #   BENCH_ARGS    more benchmarks/gpu.py arguments (default: the decode variants that decide
 #                 the next default, "--decode-variants=unrolled_cache,unrolled_cache_pallas,
-#                 window"; add --profile for device time per op)
+#                 unrolled_cache_pallas_s16"; add --profile for device time per op)
 #   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
 #                 steps: a timing run that sizes the full one)
 #   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
@@ -58,7 +58,7 @@ cat "$out/env.txt"
 stages=${BENCH_STAGES:-decode,sampler}
 if [[ $stages != none ]]; then
   bench_s=${BENCH_S:-300}
-  read -r -a bench_args <<<"${BENCH_ARGS:---decode-variants=unrolled_cache,unrolled_cache_pallas,window}"
+  read -r -a bench_args <<<"${BENCH_ARGS:---decode-variants=unrolled_cache,unrolled_cache_pallas,unrolled_cache_pallas_s16}"
   timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
     --budget-s $((bench_s - 60)) "${bench_args[@]}" 2>&1 | tee "$out/bench.log"
   [[ -f $out/bench/summary.json ]] && cp "$out/bench/summary.json" "$out/bench.json"

@@ -239,7 +239,17 @@ def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models,
                 assert np.abs(got - refs[row]).max() <= 1e-4, (form, window, row)
 
 
-def test_pallas_decode_kernel_matches_transformers(hf_models):
+def test_ragged_blocks_fewest_splits_for_enough_programs():
+    """(k_splits, block_k) by hand: splits for ~1024 programs (heads x splits, powers of two up
+    to 16), each split at least 16 slots, then the largest block dividing a split."""
+    assert qwen2._ragged_blocks(768, 512) == (2, 128)  # 0.5B at batch 256: 1024 programs
+    assert qwen2._ragged_blocks(768, 4) == (16, 16)  # 16 splits of 48 slots: blocks of 16
+    assert qwen2._ragged_blocks(8704, 16) == (16, 32)  # 544 slots a split = 17 x 32
+    assert qwen2._ragged_blocks(2048, 2048) == (1, 128)
+    assert qwen2._ragged_blocks(48, 6) == (1, 16)  # 16 splits of 3 slots: too few; then 1
+
+
+def test_pallas_decode_kernel_matches_transformers(hf_models, monkeypatch):
     """One-token steps through the ragged Pallas decode kernel (interpreted on CPU) over a
     per-layer cache give transformers' logits for rows with left padding; a row whose visible
     slots have a hole gets NaN instead of a silent answer; the kernel's preconditions are
@@ -264,6 +274,15 @@ def test_pallas_decode_kernel_matches_transformers(hf_models):
         seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
         ref = _hf_logits(hf, seq[None])[0][-new.shape[1] :]
         assert np.abs(np.stack([g[row] for g in got]) - ref).max() <= 1e-4, row
+    # The same steps with the slots in 3 key splits (their partial results combined).
+    monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", (3, 16))
+    split_step = jax.jit(forward_with_cache, static_argnames=("config", "window", "decode_kernel"))
+    cache3 = split_cache(init_cache(config, 3, 48))
+    _, cache3 = split_step(config, split, prompt, cache3, pmask)
+    for i in range(new.shape[1]):
+        out, cache3 = split_step(config, split, new[:, i : i + 1], cache3, decode_kernel="pallas")
+        np.testing.assert_allclose(np.asarray(out[:, 0]), got[i], atol=1e-5)
+    monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", None)
     # A left-padded chunk after row 0's tokens leaves a hole in its visible slots.
     chunk = rng.randint(0, 256, (3, 2))
     _, cache = step(config, split, chunk, cache, np.array([[0, 1], [1, 1], [1, 1]]))

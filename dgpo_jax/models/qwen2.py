@@ -177,11 +177,26 @@ def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
 DECODE_KERNELS = ("xla", "pallas")
 
 
-def _ragged_blocks(slots: int) -> tuple[int, int]:
-    """(k_splits, block_k) of the Pallas decode kernel for a cache of `slots` slots: the most
-    key splits (up to 16) of at least 16 slots each, and the largest block (128..16) dividing a
-    split."""
-    for splits in (16, 8, 4, 2, 1):
+# (k_splits, block_k) forced for the Pallas decode kernel (benchmarks/gpu.py times the choice
+# of `_ragged_blocks` against others); None: `_ragged_blocks` decides.
+RAGGED_BLOCKS: tuple[int, int] | None = None
+RAGGED_PROGRAMS = 1024  # programs a step's kernel aims for: ~8 per SM of an H100/H200 (132)
+
+
+def _ragged_blocks(slots: int, heads: int = 1) -> tuple[int, int]:
+    """(k_splits, block_k) of the Pallas decode kernel for a cache of `slots` slots and
+    ``heads`` (row, KV head) pairs. The kernel runs heads x k_splits programs, each over its
+    split of the slots in blocks of block_k, and then combines the splits' partial results in
+    XLA: the fewest splits (powers of two, up to 16) that give `RAGGED_PROGRAMS` programs, then
+    the largest block (128..16) dividing a split. At batch 256 (512 heads) and 768 slots that
+    is 2 splits of 384 slots in blocks of 128, where the most splits (16 of 48 slots in blocks
+    of 16) wrote 8x the partial results and ran blocks a GPU's tensor cores barely fill
+    (docs/gpu.md); a small batch over a long cache still gets 16 splits."""
+    if RAGGED_BLOCKS is not None:
+        return RAGGED_BLOCKS
+    wanted = max(1, -(-RAGGED_PROGRAMS // max(heads, 1)))
+    candidates = [n for n in (1, 2, 4, 8, 16) if n >= min(wanted, 16)] + [8, 4, 2, 1]
+    for splits in candidates:
         width = slots // splits
         if slots % splits or width < 16:
             continue
@@ -208,12 +223,12 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
     kernel runs in Pallas' interpreter (for tests). Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
     from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (GPU only)
 
-    splits, block = _ragged_blocks(ck.shape[3])
     interpret = _platform(plan) != "gpu"
 
     def local(q, ck, cv, mask):
         b, _, kv, groups, hd = q.shape
         slots = ck.shape[3]
+        splits, block = _ragged_blocks(slots, b * kv)
         visible = mask[:, 0]  # [B, S]
         count = jnp.sum(visible, axis=1, dtype=jnp.int32)
         start = jnp.argmax(visible, axis=1).astype(jnp.int32)

@@ -119,6 +119,16 @@ class _Weights:
 
 
 @flax.struct.dataclass
+class _Next:
+    """Each row's next token, drawn as soon as its model step made the logits (with the row's
+    key at the slot the token will take), and its log-probability under the sampling
+    distribution: the loop carries ``[B]`` draws, not ``[B, V]`` logits."""
+
+    token: Array  # [B] int32
+    logprob: Array  # [B] float32
+
+
+@flax.struct.dataclass
 class _State:
     step: Array
     ingest_steps: Array
@@ -130,8 +140,8 @@ class _State:
     finish: Array  # [B]
     cache: KVCache
     teacher_cache: Any  # KVCache | None
-    next_logits: Array  # [B, V]
-    teacher_next_logits: Any  # [B, V] | None
+    next: _Next
+    teacher_next: Any  # _Next | None
     tokens: Array  # [B, buf_width]
     loss_mask: Array
     teacher_mask: Array
@@ -246,14 +256,11 @@ def _teacher_turn(has_teacher: bool, row_keys: Array, turn: Array, prob: Array) 
     return u < prob
 
 
-def _run_model(
-    model_cfg, params, ids, mask, cache, plan, logits, rows=None, window=None, kernel="xla"
-):
+def _run_model(model_cfg, params, ids, mask, cache, plan, rows=None, window=None, kernel="xla"):
     """One model step on ``ids [M, T]`` for cache rows `rows` (None: all, M = B). Returns the
-    next-token logits of every row, ``[B, V]``: after its last real token for a stepped row that
-    had one, else unchanged from `logits` ``[B, V]`` (dummy rows >= B are dropped); and the
-    cache. `window`: a static key window; `kernel`: the one-token attention (see
-    `forward_with_cache`)."""
+    next-token logits after each stepped row's last real token ``[M, V]``, whether the row had
+    one ``[M]``, and the cache. `window`: a static key window; `kernel`: the one-token
+    attention (see `forward_with_cache`)."""
     hidden, cache = forward_with_cache(
         model_cfg,
         params,
@@ -267,11 +274,12 @@ def _run_model(
         decode_kernel=kernel,
     )
     last, has = _last_real(hidden, mask)
-    new = lm_logits(model_cfg, params, last)
-    if rows is None:
-        return jnp.where(has[:, None], new, logits), _cache_constrain(plan, cache)
-    new = jnp.where(has[:, None], new, logits[jnp.minimum(rows, logits.shape[0] - 1)])
-    return logits.at[rows].set(new, mode="drop"), _cache_constrain(plan, cache)
+    return lm_logits(model_cfg, params, last), has, _cache_constrain(plan, cache)
+
+
+def _sample_keys(row_keys: Array) -> Array:
+    """Each row's sampling key ``[B]``; a token's key folds in the slot it takes."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys)
 
 
 def _call_host(host_id, args, obs_width):
@@ -425,28 +433,38 @@ class SamplerLoop:
         return widths
 
     # --- models -----------------------------------------------------------------------------
-    def step_models(self, w: _Weights, s: _State, ids, mask, rows=None, window=None) -> _State:
-        """Both models (the teacher when there is one) see the same tokens ``ids [M, T]``."""
+    def step_models(
+        self, w: _Weights, s: _State, ids, mask, keys, rows=None, window=None
+    ) -> _State:
+        """Both models (the teacher when there is one) see the same tokens ``ids [M, T]``; each
+        then draws the next token of every stepped row that had a real token, with ``keys
+        [M]`` (the rows' keys at the slot that token will take). A row keeps its draw until
+        its next step, so the loop never carries ``[B, V]`` logits."""
         kernel = self.config.decode_attention
-        logits, cache = _run_model(
-            self.model, w.params, ids, mask, s.cache, self.plan, s.next_logits, rows, window, kernel
+        logits, has, cache = _run_model(
+            self.model, w.params, ids, mask, s.cache, self.plan, rows, window, kernel
         )
-        s = s.replace(cache=cache, next_logits=logits)
+        s = s.replace(cache=cache, next=self._draw(s.next, logits, has, keys, rows))
         if self.has_teacher:
-            logits, cache = _run_model(
-                self.teacher,
-                w.teacher,
-                ids,
-                mask,
-                s.teacher_cache,
-                self.plan,
-                s.teacher_next_logits,
-                rows,
-                window,
-                kernel,
+            logits, has, cache = _run_model(
+                self.teacher, w.teacher, ids, mask, s.teacher_cache, self.plan, rows, window, kernel
             )
-            s = s.replace(teacher_cache=cache, teacher_next_logits=logits)
+            s = s.replace(
+                teacher_cache=cache,
+                teacher_next=self._draw(s.teacher_next, logits, has, keys, rows),
+            )
         return s
+
+    def _draw(self, old: _Next, logits, has, keys, rows=None) -> _Next:
+        """Draws from ``logits [M, V]`` for rows `rows` (None: all); rows without a real token
+        this step (``has [M]`` False) keep their draw."""
+        token, logprob = sample_tokens(self.config, logits, keys)
+        if rows is None:
+            return _Next(jnp.where(has, token, old.token), jnp.where(has, logprob, old.logprob))
+        read = jnp.minimum(rows, self.batch - 1)
+        token = jnp.where(has, token, old.token[read])
+        logprob = jnp.where(has, logprob, old.logprob[read])
+        return _Next(_scatter(old.token, token, rows), _scatter(old.logprob, logprob, rows))
 
     def _rows(self, selected: Array, size: int | None):
         """(rows ``[M]`` or None, read indices): the first `size` selected rows (index B:
@@ -465,6 +483,9 @@ class SamplerLoop:
         prefix_len = jnp.where(active, inputs["prefix_len"], 0).astype(jnp.int32)
         prefix_mask = jnp.arange(self.prefix_width, dtype=jnp.int32)[None] < prefix_len[:, None]
         prefix_ids = jnp.where(prefix_mask, inputs["prefix_ids"].astype(jnp.int32), pad)
+        resp_start = prefix_len if self.has_prefixes else jnp.zeros((batch,), jnp.int32)
+        # The first draw takes each row's first response slot (after its prefix).
+        first_keys = jax.vmap(jax.random.fold_in)(_sample_keys(inputs["row_keys"]), resp_start)
 
         def one_model(mcfg, p):
             # The cache has exactly cache_len slots: writes of masked columns past it are dropped.
@@ -473,28 +494,28 @@ class SamplerLoop:
             if isinstance(p["layers"], tuple):  # split layers: a cache array per layer
                 cache = split_cache(cache)
             cache = _cache_constrain(self.plan, cache)
-            logits = jnp.zeros((batch, mcfg.vocab_size), jnp.float32)
             # Static key windows: the prompt sees its own P slots, the prefixes P + Pf (not a
             # switch up to the whole cache, whose widest branch would set the temporaries).
-            logits, cache = _run_model(
+            logits, has, cache = _run_model(
                 mcfg,
                 p,
                 inputs["prompt_ids"],
                 prompt_mask,
                 cache,
                 self.plan,
-                logits,
                 window=self.prompt_width,
             )
+            logits = jnp.where(has[:, None], logits, 0.0)  # a row with no prompt (inactive)
             if self.has_prefixes:
                 window = min(self.prompt_width + self.prefix_width, cfg.cache_len)
-                logits, cache = _run_model(
-                    mcfg, p, prefix_ids, prefix_mask, cache, self.plan, logits, window=window
+                new, has, cache = _run_model(
+                    mcfg, p, prefix_ids, prefix_mask, cache, self.plan, window=window
                 )
-            return logits, cache
+                logits = jnp.where(has[:, None], new, logits)
+            return _Next(*sample_tokens(cfg, logits, first_keys)), cache
 
-        next_logits, cache = one_model(self.model, w.params)
-        teacher_next_logits, teacher_cache = (
+        first, cache = one_model(self.model, w.params)
+        teacher_first, teacher_cache = (
             one_model(self.teacher, w.teacher) if self.has_teacher else (None, None)
         )
 
@@ -519,14 +540,14 @@ class SamplerLoop:
             finish=jnp.where(active, C.RUNNING, C.PROMPT_TOO_LONG).astype(jnp.int32),
             cache=None,
             teacher_cache=None,
-            next_logits=next_logits,
-            teacher_next_logits=teacher_next_logits,
+            next=first,
+            teacher_next=teacher_first,
             tokens=response_buffer(pad, jnp.int32, prefix_ids),
             loss_mask=response_buffer(False, bool),
             teacher_mask=response_buffer(False, bool, True),
             logprobs=response_buffer(0.0, jnp.float32),
             turn_ids=response_buffer(-1, jnp.int32, 0),
-            resp_len=prefix_len if self.has_prefixes else zeros,
+            resp_len=resp_start,
             turn_start=zeros,
             turn_gen=zeros,
             total_gen=zeros,
@@ -554,12 +575,11 @@ class SamplerLoop:
         cfg, batch, pad = self.config, self.batch, self.config.pad_token_id
         gen = s.phase == C.GENERATING
         rows, read = self._rows(gen, rows_per_step)
-        keys = jax.vmap(jax.random.fold_in)(sample_keys[read], s.resp_len[read])
-        token, logprob = sample_tokens(cfg, s.next_logits[read], keys)
+        # The tokens were drawn when the rows' last step made their logits (`step_models`).
+        token, logprob = s.next.token[read], s.next.logprob[read]
         if self.has_teacher:
-            t_token, t_logprob = sample_tokens(cfg, s.teacher_next_logits[read], keys)
-            token = jnp.where(s.teacher_writes[read], t_token, token)
-            logprob = jnp.where(s.teacher_writes[read], t_logprob, logprob)
+            token = jnp.where(s.teacher_writes[read], s.teacher_next.token[read], token)
+            logprob = jnp.where(s.teacher_writes[read], s.teacher_next.logprob[read], logprob)
         token = _scatter(jnp.full((batch,), pad, token.dtype), token, rows)
         logprob = _scatter(jnp.zeros((batch,), logprob.dtype), logprob, rows)
         ids = jnp.where(gen, token, pad)[:, None]
@@ -567,9 +587,10 @@ class SamplerLoop:
         step_ids, step_mask = (
             (ids, mask) if rows is None else (ids[read], mask[read] & (rows < batch)[:, None])
         )
-        s = self.step_models(w, s, step_ids, step_mask, rows, window)
-
         resp_len = s.resp_len + gen
+        keys = jax.vmap(jax.random.fold_in)(sample_keys[read], resp_len[read])
+        s = self.step_models(w, s, step_ids, step_mask, keys, rows, window)
+
         window_tokens = push_window(s.window, token, gen)
         turn_gen = s.turn_gen + gen
         total_gen = s.total_gen + gen
@@ -612,7 +633,9 @@ class SamplerLoop:
         )
 
     # --- ingest -----------------------------------------------------------------------------
-    def ingest_step(self, w: _Weights, s: _State, rows_per_step=None, window=None) -> _State:
+    def ingest_step(
+        self, w: _Weights, s: _State, sample_keys, rows_per_step=None, window=None
+    ) -> _State:
         """One ``[M, C]`` model step: every ingesting row (at most M of them on the cpu path)
         appends its next C pending observation tokens; a row whose observation is complete
         starts its next turn."""
@@ -624,10 +647,11 @@ class SamplerLoop:
         cols = start[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None]  # [M, C]
         mask = live[:, None] & (cols < length[:, None])
         ids = jnp.where(mask, jnp.take_along_axis(s.pending[read], cols, axis=1), pad)
-        s = self.step_models(w, s, ids, mask, rows, window)
-
         count = jnp.sum(mask, axis=1, dtype=jnp.int32)
         at = s.resp_len[read]
+        keys = jax.vmap(jax.random.fold_in)(sample_keys[read], at + count)
+        s = self.step_models(w, s, ids, mask, keys, rows, window)
+
         turn = s.turn[read]
         complete = live & (start + count >= length)
         phase = jnp.where(complete, C.GENERATING, s.phase[read])
@@ -754,9 +778,9 @@ class SamplerLoop:
 
     def run(self, w: _Weights, inputs: dict, host_id) -> RolloutArrays:
         """The whole rollout; ``inputs`` as `rollout_program` builds it."""
-        sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(inputs["row_keys"])
+        sample_keys = _sample_keys(inputs["row_keys"])
         decode = functools.partial(self.decode_step, w, sample_keys=sample_keys)
-        ingest = functools.partial(self.ingest_step, w)
+        ingest = functools.partial(self.ingest_step, w, sample_keys=sample_keys)
         sizes = sub_batch_sizes(self.batch)  # of the cpu path, for decoding and ingestion
         wave_due = functools.partial(
             self.wave_due, fraction=inputs["wave_fraction"], max_wait=inputs["wave_max_wait"]
