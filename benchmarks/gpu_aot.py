@@ -44,41 +44,8 @@ import re
 import sys
 import time
 
-# Public datasheet figures; the rest of each entry is the H100 SXM description that XLA ships
-# for its own deviceless tests (xla/tools/hlo_opt/gpu_specs), the H200 being the same die.
-GPU_SPECS = {
-    "h100": {"name": "NVIDIA H100 80GB HBM3", "hbm_bytes_s": 3.35e12, "memory": 80 * 2**30},
-    "h200": {"name": "NVIDIA H200", "hbm_bytes_s": 4.8e12, "memory": 141 * 10**9},
-}
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense
-
-
-def target_config(kind: str) -> str:
-    """XLA's ``GpuTargetConfigProto`` (text) for ``kind``: what a deviceless compile needs."""
-    spec = GPU_SPECS[kind]
-    return f"""gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {int(spec["hbm_bytes_s"])}
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: {int(spec["memory"])}
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-device_description_str: "{spec["name"]}"
-"""
+GPUS = ("h100", "h200")  # dgpo_jax.launch.plan.GPU_KINDS (imported with JAX, in main)
 
 
 # ------------------------------------------------------------------------ reading the HLO ---
@@ -353,21 +320,21 @@ def summarize(kernels: list[Kernel], hbm_bytes_s: float, floor_us: float) -> dic
 
 
 def compile_only_devices(kind: str) -> list:
-    """One compile-only ``kind`` GPU (XLA's deviceless compile: no GPU, no driver)."""
-    from jax.experimental import topologies  # noqa: PLC0415 (after JAX_PLATFORMS is set)
+    """One compile-only ``kind`` GPU (XLA's deviceless compile: no GPU, no driver), as the
+    memory plan's ``plan.target=gpu:KIND-1`` has it."""
+    from dgpo_jax.config import ConfigError  # noqa: PLC0415 (imports JAX)
+    from dgpo_jax.launch.plan import parse_target, target_devices  # noqa: PLC0415
 
     try:
-        topology = topologies.get_topology_desc(
-            platform="cuda", target_config=target_config(kind), topology="1x1x1"
-        )
-    except Exception as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise SystemExit(
-            f"gpu_aot: this JAX cannot compile for CUDA ({first}); install the gpu extra in an "
-            "environment of its own: python3 -m venv .venv-gpu && .venv-gpu/bin/pip install -e "
-            "'.[gpu]'"
-        ) from None
-    return list(topology.devices)
+        return target_devices(parse_target(f"gpu:{kind}-1"))
+    except ConfigError as error:
+        raise SystemExit(f"gpu_aot: {error}") from None
+
+
+def _hbm_bytes_s(kind: str) -> float:
+    from dgpo_jax.launch.plan import GPU_KINDS  # noqa: PLC0415 (imports JAX)
+
+    return GPU_KINDS[kind].hbm_bytes_s
 
 
 def _placed(tree, device):
@@ -388,7 +355,7 @@ def _measure(compiled, args, text_dir: str, name: str, steps: int | None = None)
         raise RuntimeError(
             f"{name}: the first loop runs {info.get('trip_count')} times, not {steps}"
         )
-    out = summarize(kernels, GPU_SPECS[args.gpu]["hbm_bytes_s"], args.floor_us)
+    out = summarize(kernels, _hbm_bytes_s(args.gpu), args.floor_us)
     out["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
     return out
 
@@ -444,7 +411,7 @@ def stage_decode(args, device) -> dict:
             qwen2.DECODE_ATTENTION_FORM, qwen2.RAGGED_BLOCKS = None, None
         print(f"[gpu_aot] decode {name}: {json.dumps(results[name])}", flush=True)
     weights, roofline_ms = gpu._decode_roofline(
-        config, params, batch, prompt + steps / 2, GPU_SPECS[args.gpu]["name"]
+        config, params, batch, prompt + steps / 2, device.device_kind
     )
     return {
         "model": "tiny" if args.quick else "qwen2.5-0.5b",
@@ -466,9 +433,9 @@ def stage_sampler(args, device) -> dict:
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    from dgpo_jax.launch.plan import host_calls_stubbed  # noqa: PLC0415
     from dgpo_jax.models import cast_params, get_preset, init_params  # noqa: PLC0415
     from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
-    from dgpo_jax.sampler import loop as loop_module  # noqa: PLC0415
     from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415
 
     config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
@@ -485,14 +452,8 @@ def stage_sampler(args, device) -> dict:
         ((), jnp.int32), ((), jnp.float32), ((), jnp.float32), ((), jnp.int32),
     ]  # fmt: skip
     inputs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-    # A deviceless compile cannot lower a host callback (it asks the GPU runtime for one):
-    # the host wave's callback is replaced by zeros of its shapes for this compile. It sits in
-    # the wave branch, outside the decode loop read here, which search off never takes.
-    loop_module.io_callback = lambda _f, shapes, *_a, **_k: jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), shapes
-    )
     t0 = time.perf_counter()
-    with jax.default_device(device):
+    with host_calls_stubbed(plan):  # as the memory plan compiles a rollout for GPUs
         lowered = rollout_program.lower(
             config, cfg, plan, None, *_placed((params, None, *inputs), device)
         )
@@ -512,9 +473,7 @@ def stage_sampler(args, device) -> dict:
             # a decode loop embeds one token a row ([B, 1, D]); ingest loops embed C
             embeds = [_dims(k.shape) for k in kernels if "Qwen2.embed" in k.op_name]
             if embeds and all(len(d) == 3 and d[1] == 1 for d in embeds):
-                loops[instr.name] = summarize(
-                    kernels, GPU_SPECS[args.gpu]["hbm_bytes_s"], args.floor_us
-                )
+                loops[instr.name] = summarize(kernels, _hbm_bytes_s(args.gpu), args.floor_us)
     if not loops:
         raise RuntimeError("no decode loop (one embedding [B, 1, D]) in the compiled rollout")
     # One decode loop per key window (narrow windows, then the whole cache): the last is the
@@ -533,7 +492,7 @@ def stage_sampler(args, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gpu", default="h200", choices=sorted(GPU_SPECS))
+    p.add_argument("--gpu", default="h200", choices=GPUS)
     p.add_argument("--quick", action="store_true", help="the tiny model at batch 8")
     p.add_argument(
         "--variants",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import dgpo_jax.launch.plan as plan_module
 import dgpo_jax.launch.train as train_module
 from dgpo_jax.config import ConfigError, base_config, validate
 from dgpo_jax.launch.plan import (
@@ -272,6 +273,29 @@ def test_unknown_tpu_target_lists_the_known_ones(text):
     with pytest.raises(ValueError, match=r"known: tpu:v4-N .* tpu:v5e-N .* tpu:v6e-N") as info:
         parse_target(text)
     assert "\n" not in str(info.value) and repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text,topology",
+    [("gpu:h100-8", "1x1x8"), ("gpu:h200-1", "1x1x1"), ("gpu:h100-16", "1x2x8")],
+)
+def test_gpu_target_names(text, topology):
+    """N GPUs: up to 8 on one host, more in hosts of 8 (XLA:GPU's slices x hosts x GPUs)."""
+    target = parse_target(text)
+    assert target.is_gpu and not target.is_tpu and target.compile_only
+    assert target.topology == topology
+
+
+@pytest.mark.parametrize("text", ["gpu:a100-8", "gpu:h100-12", "gpu:h200-0"])
+def test_unknown_gpu_target_lists_the_known_ones(text):
+    with pytest.raises(ValueError, match=r"not a GPU target; known: .*gpu:h100-N / gpu:h200-N"):
+        parse_target(text)
+
+
+def test_gpu_target_without_the_cuda_plugin_names_the_extra(monkeypatch):
+    monkeypatch.setattr(plan_module, "cuda_plugin_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"needs JAX's CUDA plugin .*\(pip install -e '\.\[gpu\]'"):
+        target_devices(parse_target("gpu:h100-8"))
 
 
 @pytest.mark.skipif(

@@ -239,7 +239,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan.device_memory_gib = 0.0  # per device (chip); > 0: exit non-zero above it
     # "" = this process's (or the fake) devices; "tpu:v5e-16", "tpu:v5p-16", "tpu:v6e-8",
     # "tpu:v4-16" or "tpu:KIND:TOPOLOGY" (e.g. tpu:v5e:4x4): compile for that TPU slice on this
-    # host with libtpu (the tpu extra); device_memory_gib then defaults to the chip's HBM.
+    # host with libtpu (the tpu extra); "gpu:h100-8" / "gpu:h200-N": compile for N GPUs with
+    # XLA:GPU on this host, no GPU needed (the gpu extra); device_memory_gib then defaults to
+    # the chip's HBM.
     c.plan.target = ""
     # Mean real tokens per trajectory (0 = sampler.cache_len): packed batches skip their empty
     # micro-batches, so this sets the step's expected FLOPs (not its memory: the shapes do not

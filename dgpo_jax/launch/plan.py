@@ -29,16 +29,19 @@ resident state -- batch, prompts, a compute-dtype copy of the policy -- + tempor
 that do not reuse a donated argument).
 
 Targets: the configured mesh on this process's devices (``plan.fake_devices=N``: N fake CPU
-devices, compiled by XLA:CPU, GPU-shaped), or ``plan.target=tpu:v5e-16`` (v4, v5e, v5p, v6e):
+devices, compiled by XLA:CPU, GPU-shaped), ``plan.target=tpu:v5e-16`` (v4, v5e, v5p, v6e):
 the programs compiled by the TPU compiler (libtpu, the ``tpu`` extra) for that topology on this
-host (``jax.experimental.topologies``), bytes per chip, and the step's FLOPs as an ideal step
-time at the chip's bf16 peak. ``WORKDIR/memory_plan.json`` gets the figures; the command exits
+host (``jax.experimental.topologies``), or ``plan.target=gpu:h100-8`` (h100, h200): compiled by
+XLA:GPU for N GPUs on this host without one (JAX's CUDA plugin, the ``gpu`` extra; a
+deviceless compile given `gpu_target_config`); bytes per chip, and the step's FLOPs as an ideal
+step time at the chip's bf16 peak. ``WORKDIR/memory_plan.json`` gets the figures; the command exits
 non-zero, naming the program, when the peak exceeds ``plan.device_memory_gib`` (for a TPU
 target: the chip's HBM unless given). docs/scaleout.md has the figures and how to read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -116,9 +119,66 @@ TPU_KINDS = {
 }
 KNOWN_TARGETS = (
     "tpu:v4-N (N TensorCores: 8, 16, 32, ...), tpu:v5e-N (N chips: 4, 8, 16, ..., 256), "
-    "tpu:v5p-N (N TensorCores: 8, 16, ...), tpu:v6e-N (N chips: 4, 8, ..., 256), or "
-    "tpu:KIND:TOPOLOGY (e.g. tpu:v5e:4x4, tpu:v5p:2x2x2)"
+    "tpu:v5p-N (N TensorCores: 8, 16, ...), tpu:v6e-N (N chips: 4, 8, ..., 256), "
+    "tpu:KIND:TOPOLOGY (e.g. tpu:v5e:4x4, tpu:v5p:2x2x2), or gpu:h100-N / gpu:h200-N (N GPUs: "
+    "1 to 8 on one host, or a multiple of 8 over hosts of 8)"
 )
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    """An NVIDIA GPU XLA:GPU can compile for without one (a deviceless compile): its name as
+    the device reports it, the bf16 dense peak (TFLOP/s), the HBM (GiB) and bandwidth (B/s)."""
+
+    name: str
+    device: str
+    peak_tflops: float
+    hbm_gib: float
+    hbm_bytes_s: float
+
+
+# Datasheet figures (SXM); the HBM as the devices report it (81559 and 143771 MiB).
+GPU_KINDS = {
+    "h100": GpuKind("h100", "NVIDIA H100 80GB HBM3", 989.0, 79.6, 3.35e12),
+    "h200": GpuKind("h200", "NVIDIA H200", 989.0, 140.4, 4.8e12),
+}
+
+
+def gpu_target_config(kind: GpuKind) -> str:
+    """XLA's ``GpuTargetConfigProto`` (text) for ``kind``: what XLA:GPU needs to compile without
+    the device. Hopper's figures (132 SMs, compute capability 9.0), as XLA's own deviceless
+    tests describe an H100 SXM; the H200 is the same die with more, faster HBM."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(kind.hbm_bytes_s)}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {int(kind.hbm_gib * 2**30)}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+device_description_str: "{kind.device}"
+"""
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin is installed (the ``gpu`` extra): XLA:GPU compiles with it,
+    a GPU or not."""
+    if importlib.util.find_spec("jax_plugins") is None:  # the plugins' namespace package
+        return False
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
 
 
 def _grid(chips: int, dims: int) -> str:
@@ -133,14 +193,23 @@ def _grid(chips: int, dims: int) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """Where the programs are compiled for: this process's devices, or a TPU topology."""
+    """Where the programs are compiled for: this process's devices, a TPU topology, or GPUs."""
 
     name: str  # "" = local devices
-    kind: TpuKind | None = None
-    topology: str = ""  # libtpu's name, e.g. "v5e:4x4"
+    kind: TpuKind | GpuKind | None = None
+    topology: str = ""  # libtpu's name, e.g. "v5e:4x4"; XLA:GPU's "slices x hosts x GPUs"
 
     @property
     def is_tpu(self) -> bool:
+        return isinstance(self.kind, TpuKind)
+
+    @property
+    def is_gpu(self) -> bool:
+        return isinstance(self.kind, GpuKind)
+
+    @property
+    def compile_only(self) -> bool:
+        """Compiled for devices this host does not have (JAX itself runs on the CPU)."""
         return self.kind is not None
 
 
@@ -150,6 +219,12 @@ def parse_target(text: str) -> Target:
     text = (text or "").strip()
     if not text:
         return Target("")
+    gpu = re.fullmatch(r"gpu:([a-z0-9]+)-(\d+)", text)
+    if gpu:
+        kind, count = GPU_KINDS.get(gpu.group(1)), int(gpu.group(2))
+        if kind is None or count < 1 or (count > 8 and count % 8):
+            raise ConfigError(f"plan.target={text!r} is not a GPU target; known: {KNOWN_TARGETS}")
+        return Target(text, kind, f"1x{max(count // 8, 1)}x{min(count, 8)}")
     match = re.fullmatch(r"tpu:(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+){1,2}))", text)
     kind = TPU_KINDS.get(match.group(1)) if match else None
     if kind is None:
@@ -173,8 +248,10 @@ def parse_target(text: str) -> Target:
 
 
 def target_devices(target: Target) -> list:
-    """The devices of ``target``: a TPU topology's (compile-only; needs libtpu), else the local
-    ones."""
+    """The devices of ``target``: a TPU topology's (compile-only; needs libtpu), GPUs'
+    (compile-only; needs the CUDA plugin, no GPU), else the local ones."""
+    if target.is_gpu:
+        return _gpu_devices(target)
     if not target.is_tpu:
         return jax.devices()
     if importlib.util.find_spec("libtpu") is None:
@@ -195,6 +272,27 @@ def target_devices(target: Target) -> list:
             f"plan.target={target.name!r} (topology {target.topology}): libtpu says: {first}; "
             f"known: {KNOWN_TARGETS}"
         ) from None
+
+
+def _gpu_devices(target: Target) -> list:
+    if not cuda_plugin_installed():
+        raise ConfigError(
+            f"plan.target={target.name!r} compiles with XLA:GPU, which needs JAX's CUDA plugin "
+            "(no GPU): install the gpu extra, in an environment of its own on a machine "
+            "without GPUs (pip install -e '.[gpu]')"
+        )
+    from jax.experimental import topologies  # noqa: PLC0415 (only for compile-only targets)
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=gpu_target_config(target.kind), topology=target.topology
+        )
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"plan.target={target.name!r}: the CUDA plugin says: {first}; known: {KNOWN_TARGETS}"
+        ) from None
+    return list(topology.devices)
 
 
 def libtpu_version() -> str:
@@ -695,6 +793,31 @@ def _batch_shards(plan: ShardingPlan) -> int:
 
 
 # ---------------------------------------------------------------------------- the programs ---
+@contextlib.contextmanager
+def host_calls_stubbed(plan):
+    """For compile-only GPUs: a deviceless XLA:GPU compile cannot lower a host callback (JAX
+    asks the GPU runtime for one), so while the rollout is traced and lowered the host wave's
+    callback becomes zeros of its shapes. The callback runs on the host between decode loops;
+    its results (small) are in the program either way. Pallas' Triton lowering asks the
+    default device for the GPU, so that is the plan's first device meanwhile. Elsewhere: no
+    change."""
+    from dgpo_jax.sampler import loop as loop_module  # noqa: PLC0415 (plan-only, heavy)
+
+    device = plan.mesh.devices.flat[0]
+    if device.platform != "gpu" or jax.default_backend() == "gpu":
+        yield
+        return
+    real = loop_module.io_callback
+    loop_module.io_callback = lambda _f, shapes, *_a, **_k: jax.tree.map(
+        lambda x: jnp.zeros(x.shape, x.dtype), shapes
+    )
+    try:
+        with jax.default_device(device):
+            yield
+    finally:
+        loop_module.io_callback = real
+
+
 def plan_rollout(
     compiler: Compiler,
     name: str,
@@ -744,7 +867,9 @@ def plan_rollout(
         _batch_arg(plan, (), jnp.float32),
         _batch_arg(plan, (), jnp.int32),
     )
-    traced = rollout_program.trace(model_config, static, plan, teacher_config, *args)
+    with host_calls_stubbed(plan):
+        traced = rollout_program.trace(model_config, static, plan, teacher_config, *args)
+        lowered = traced.lower()
     inputs = bytes_per_device(args[2:]) + (0 if params_resident else bytes_per_device(params))
     dtype = params["embed_tokens"].dtype
     cache = bytes_per_device(abstract_cache(model_config, rows, static.cache_len, dtype, plan))
@@ -757,7 +882,7 @@ def plan_rollout(
         note += ", student + teacher caches"
     note += f"; its temporaries hold the KV cache, {_fmt(cache)} per device"
     return compiler.measure(
-        name, "rollout_program", traced.lower(), inputs, calls, note, jaxpr_flops(traced.jaxpr)
+        name, "rollout_program", lowered, inputs, calls, note, jaxpr_flops(traced.jaxpr)
     )
 
 
@@ -1006,7 +1131,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
     target = parse_target(cfg.plan.get("target", ""))
     wanted = _wanted(cfg)
     devices = target_devices(target)
-    if cfg.mesh.num_devices and not target.is_tpu:
+    if cfg.mesh.num_devices and not target.compile_only:
         devices = devices[: cfg.mesh.num_devices]
     shape = {k: int(v) for k, v in cfg.mesh.shape.items()}
     plan = _make_plan(shape, parse_rules(cfg.mesh.rules), devices)
@@ -1019,6 +1144,11 @@ def build_memory_plan(cfg) -> MemoryPlan:
         compiler_name = f"the TPU compiler (libtpu {libtpu_version()})"
         chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
         per_chip = max(1, n_devices // max(chips, 1))
+        memory_gib = memory_gib or target.kind.hbm_gib
+        peak_tflops = peak_tflops or target.kind.peak_tflops
+    elif target.is_gpu:
+        compiler = Compiler()
+        compiler_name = f"XLA:GPU without a GPU (jax {jax.__version__}, its CUDA plugin)"
         memory_gib = memory_gib or target.kind.hbm_gib
         peak_tflops = peak_tflops or target.kind.peak_tflops
     else:
@@ -1233,9 +1363,10 @@ def run_plan(cfg) -> dict:
     """The launcher's ``plan`` mode: print the table, write ``WORKDIR/memory_plan.json``; a plan
     that does not fit exits non-zero naming its largest program."""
     target = parse_target(cfg.plan.get("target", ""))
-    if target.is_tpu and not jax._src.xla_bridge.backends_are_initialized():
-        # The TPU devices are libtpu's compile-only topology; this host runs on its CPU
-        # (starting the TPU runtime on a machine without TPUs only waits and warns).
+    if target.compile_only and not jax._src.xla_bridge.backends_are_initialized():
+        # The TPU or GPU devices are compile-only; this host runs on its CPU (starting the TPU
+        # runtime on a machine without TPUs only waits and warns; the CUDA plugin, asked for
+        # no GPU, skips its driver checks).
         jax.config.update("jax_platforms", "cpu")
     result = build_memory_plan(cfg)
     print(result.table(), flush=True)
