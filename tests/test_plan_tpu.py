@@ -20,7 +20,9 @@ if not jax._src.xla_bridge.backends_are_initialized():
     jax.config.update("jax_platforms", "cpu")
 
 
-def tiny_tpu_config(tmp_path, attention: str):
+def tiny_tpu_config(tmp_path, attention: str, target="tpu:v5e-4", programs="update"):
+    """The tiny DGPO step's plan config for a compile-only target (tests/test_plan_gpu.py
+    uses it for GPUs)."""
     cfg = base_config()
     cfg.mode, cfg.workdir = "plan", str(tmp_path)
     cfg.objective.preset = "dgpo"
@@ -29,8 +31,8 @@ def tiny_tpu_config(tmp_path, attention: str):
     cfg.data.batch_size, cfg.train.mini_batch_size, cfg.train.micro_batch_size = 8, 8, 4
     cfg.train.pack = False
     cfg.sampler.cache_len, cfg.sampler.max_prompt_length = 256, 64
-    cfg.plan.target = "tpu:v5e-4"
-    cfg.plan.programs = "update"
+    cfg.plan.target = target
+    cfg.plan.programs = programs
     return cfg
 
 
