@@ -6,8 +6,9 @@ Why: a GPU is lent to a development session only now and then, for minutes. The 
 program is the same one the GPU would run: on the 2026-12-04 H200 the profiled
 ``unrolled_cache`` step launched 348 kernels a step (347 fusions, a memset, a rare memcpy);
 this host's compile of the same variant has 347 fusions in its loop body. What the compile does
-not do here is autotune: gemm tilings (and Triton against cuBLAS) are XLA's defaults, not
-what a GPU's autotuner picks, so kernel counts and bytes carry over, gemm times do not.
+not do here is autotune: gemm tilings, split-K and Triton against cuBLAS are XLA's defaults,
+not what a GPU's autotuner picks, so kernel counts carry over, a gemm's partial sums (bytes)
+may not, and times do not.
 
 What it reports, per decode variant (those of ``benchmarks/gpu.py``'s decode stage) and for
 the sampler's own decode loop (``Sampler.generate``'s compiled rollout, plain decode):
@@ -436,7 +437,11 @@ def stage_sampler(args, device) -> dict:
     from dgpo_jax.launch.plan import host_calls_stubbed  # noqa: PLC0415
     from dgpo_jax.models import cast_params, get_preset, init_params  # noqa: PLC0415
     from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
-    from dgpo_jax.sampler.loop import rollout_program  # noqa: PLC0415
+    from dgpo_jax.sampler.loop import (  # noqa: PLC0415
+        resolve_decode_layers,
+        resolve_decode_path,
+        rollout_program,
+    )
 
     config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
     batch, prompt, steps = (8, 64, 32) if args.quick else (256, 512, 256)
@@ -480,7 +485,7 @@ def stage_sampler(args, device) -> dict:
     # whole-cache loop, the one `decode` stage's variants compare with.
     last = list(loops)[-1]
     return {
-        "decode_layers": "split",
+        "decode_layers": resolve_decode_layers(cfg, resolve_decode_path(cfg, plan), plan),
         "compile_s": round(time.perf_counter() - t0, 1),
         "decode_loops": len(loops),
         "whole_cache_loop": {"name": last, **loops[last]},
