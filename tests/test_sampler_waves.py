@@ -138,7 +138,7 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monk
     # What a GPU runs (the platform forced): split layers and caches, and key windows up to a
     # third of the cache, then the whole cache.
     with monkeypatch.context() as m:
-        m.setattr(loop_module, "_platform", lambda plan=None: "gpu")
+        m.setattr(loop_module, "compile_platform", lambda plan=None: "gpu")
         out = Sampler(model_config, wave_config(), TOK, ScriptedRetriever()).generate(
             params, PROMPTS, seed=5
         )

@@ -786,6 +786,25 @@ def _batch_arg(plan: ShardingPlan, shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
+def rollout_inputs(plan: ShardingPlan, static, rows: int, prompt_width: int) -> tuple:
+    """``rollout_program``'s arguments after the params, abstract and placed as
+    ``Sampler.generate`` passes them: prompt ids and mask, active rows, prefix ids and lengths,
+    the seed, row ids, the host id, the teacher-turn probability and the wave policy."""
+    return (
+        _batch_arg(plan, (rows, prompt_width), jnp.int32),
+        _batch_arg(plan, (rows, prompt_width), jnp.bool_),
+        _batch_arg(plan, (rows,), jnp.bool_),
+        _batch_arg(plan, (rows, max(static.max_prefix_length, 1)), jnp.int32),
+        _batch_arg(plan, (rows,), jnp.int32),
+        _batch_arg(plan, (), jnp.uint32),
+        _batch_arg(plan, (rows,), jnp.int32),
+        _batch_arg(plan, (), jnp.int32),
+        _batch_arg(plan, (), jnp.float32),
+        _batch_arg(plan, (), jnp.float32),
+        _batch_arg(plan, (), jnp.int32),
+    )
+
+
 def _batch_shards(plan: ShardingPlan) -> int:
     spec = plan.spec(("batch",))[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
@@ -855,17 +874,7 @@ def plan_rollout(
     args = (
         params,
         teacher_params if teacher_config is not None else None,
-        _batch_arg(plan, (rows, prompt_width), jnp.int32),
-        _batch_arg(plan, (rows, prompt_width), jnp.bool_),
-        _batch_arg(plan, (rows,), jnp.bool_),
-        _batch_arg(plan, (rows, max(static.max_prefix_length, 1)), jnp.int32),
-        _batch_arg(plan, (rows,), jnp.int32),
-        _batch_arg(plan, (), jnp.uint32),
-        _batch_arg(plan, (rows,), jnp.int32),
-        _batch_arg(plan, (), jnp.int32),
-        _batch_arg(plan, (), jnp.float32),
-        _batch_arg(plan, (), jnp.float32),
-        _batch_arg(plan, (), jnp.int32),
+        *rollout_inputs(plan, static, rows, prompt_width),
     )
     with host_calls_stubbed(plan):
         traced = rollout_program.trace(model_config, static, plan, teacher_config, *args)

@@ -223,7 +223,7 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
     kernel runs in Pallas' interpreter (for tests). Returns ``[B, 1, K, G, Dh]`` in q's dtype."""
     from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (GPU only)
 
-    interpret = _platform(plan) != "gpu"
+    interpret = compile_platform(plan) != "gpu"
 
     def local(q, ck, cv, mask):
         b, _, kv, groups, hd = q.shape
@@ -270,20 +270,21 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
 DECODE_ATTENTION_FORM: str | None = None
 
 
-def _platform(plan) -> str:
+def compile_platform(plan=None) -> str:
     """The platform a step is compiled for: the plan's devices' (which may be compile-only
-    devices of another platform), else JAX's default backend."""
+    devices of another platform), else JAX's default backend. The sampler decides its decode
+    path and layers by it too."""
     return plan.mesh.devices.flat[0].platform if plan is not None else jax.default_backend()
 
 
 def _one_query_dots(plan) -> bool:
     """Whether one-query (decode) attention takes batched dots: on any platform but CPU
-    (`_platform`), where the matrix units run them; XLA:CPU runs the float32
+    (`compile_platform`), where the matrix units run them; XLA:CPU runs the float32
     multiply-and-reduce faster (docs/sampler.md). A property of the platform, not of the
     decode path: the accelerator path forced on CPU keeps the CPU form."""
     if DECODE_ATTENTION_FORM is not None:
         return DECODE_ATTENTION_FORM == "dots"
-    return _platform(plan) != "cpu"
+    return compile_platform(plan) != "cpu"
 
 
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False):

@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec
 from dgpo_jax.models.config import Qwen2Config
 from dgpo_jax.models.qwen2 import (
     KVCache,
+    compile_platform,
     forward_with_cache,
     init_cache,
     lm_logits,
@@ -315,11 +316,6 @@ def plan_spans_processes(plan) -> bool:
     return plan is not None and len({d.process_index for d in plan.mesh.devices.flat}) > 1
 
 
-def _platform(plan=None) -> str:
-    """The platform of the plan's devices, or JAX's default backend without a plan."""
-    return plan.mesh.devices.flat[0].platform if plan is not None else jax.default_backend()
-
-
 def resolve_decode_layers(
     config: SamplerConfig, path: str, plan=None, platform: str | None = None
 ) -> str:
@@ -329,13 +325,13 @@ def resolve_decode_layers(
     on an H200 took 4.66 ms scanned, 2.52 ms split with a per-layer cache, docs/gpu.md), else
     scan (the accelerator path forced on CPU, which compiles faster scanned; TPUs, not
     measured). Split layers also split the KV cache into one array per layer. ``platform``:
-    the platform to decide for (default: the plan's, `_platform`), e.g. the GPUs that a memory
-    plan's fake CPU devices stand for."""
+    the platform to decide for (default: the plan's, `compile_platform`), e.g. the GPUs that a
+    memory plan's fake CPU devices stand for."""
     if config.decode_layers != "auto":
         return config.decode_layers
     if config.decode_attention == "pallas":  # the kernel reads a per-layer cache in place
         return "split"
-    return "split" if path == "cpu" or (platform or _platform(plan)) == "gpu" else "scan"
+    return "split" if path == "cpu" or (platform or compile_platform(plan)) == "gpu" else "scan"
 
 
 def resolve_decode_path(config: SamplerConfig, plan=None) -> str:
@@ -343,7 +339,7 @@ def resolve_decode_path(config: SamplerConfig, plan=None) -> str:
     plan's devices (or JAX's default backend without a plan)."""
     if config.decode_path != "auto":
         return config.decode_path
-    return "cpu" if _platform(plan) == "cpu" else "accelerator"
+    return "cpu" if compile_platform(plan) == "cpu" else "accelerator"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -871,7 +867,9 @@ def rollout_program(
         prefix_width=prefix_ids.shape[1],
         path=path,
         host_calls=resolve_host_calls(config, plan),
-        narrow_windows=path == "accelerator" and layers == "split" and _platform(plan) == "gpu",
+        narrow_windows=path == "accelerator"
+        and layers == "split"
+        and compile_platform(plan) == "gpu",
     )
     if layers == "split":
         # Per-layer weights, split once: a step never slices them out of the stacked arrays
