@@ -45,7 +45,6 @@ import re
 import sys
 import time
 
-PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense
 GPUS = ("h100", "h200")  # dgpo_jax.launch.plan.GPU_KINDS (imported with JAX, in main)
 
 
@@ -185,17 +184,19 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
+def _one_dot_flops(comp: dict[str, Instr], instr: Instr) -> float:
+    """2 x result elements x contracted elements of ``instr`` (0 unless a dot of ``comp``)."""
+    match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
+    if instr.op != "dot" or instr.operands[0] not in comp or not match:
+        return 0.0
+    lhs = _dims(comp[instr.operands[0]].shape)
+    contracted = math.prod(lhs[int(i)] for i in match.group(1).split(",") if i)
+    return 2.0 * math.prod(_dims(instr.shape)) * contracted
+
+
 def _dot_flops(comp: dict[str, Instr]) -> float:
-    """2 x result elements x contracted elements, summed over the dots of a computation."""
-    flops = 0.0
-    for instr in comp.values():
-        match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
-        if instr.op != "dot" or instr.operands[0] not in comp or not match:
-            continue
-        lhs = _dims(comp[instr.operands[0]].shape)
-        contracted = math.prod(lhs[int(i)] for i in match.group(1).split(",") if i)
-        flops += 2.0 * math.prod(_dims(instr.shape)) * contracted
-    return flops
+    """The FLOPs of every dot of a (fused) computation."""
+    return sum(_one_dot_flops(comp, instr) for instr in comp.values())
 
 
 @dataclasses.dataclass
@@ -232,7 +233,7 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
     if instr.op in ("dynamic-update-slice", "scatter"):  # in place: the update in and out
         update = read - shape_bytes(where[instr.operands[0]].shape)
         return update, update, 0.0
-    return read, shape_bytes(instr.shape), _dot_flops(where) if instr.op == "dot" else 0.0
+    return read, shape_bytes(instr.shape), _one_dot_flops(where, instr)
 
 
 def _kind(instr: Instr) -> str:
@@ -297,15 +298,17 @@ def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict
     return kernels, info
 
 
-def summarize(kernels: list[Kernel], hbm_bytes_s: float, floor_us: float) -> dict:
+def summarize(
+    kernels: list[Kernel], hbm_bytes_s: float, floor_us: float, peak_flops: float
+) -> dict:
     """Per iteration: kernels (by kind), bytes moved, copies, and ``bound_ms``: each kernel
-    at the HBM bandwidth or the bf16 peak, whichever is slower, and no faster than
-    ``floor_us``, summed."""
+    at the HBM bandwidth or the bf16 peak (``peak_flops``), whichever is slower, and no faster
+    than ``floor_us``, summed."""
     kinds = collections.Counter()
     bound, at_floor = 0.0, 0
     for k in kernels:
         kinds[k.kind] += k.times
-        t = max(floor_us * 1e-6, k.bytes / hbm_bytes_s, k.flops / PEAK_BF16_FLOPS)
+        t = max(floor_us * 1e-6, k.bytes / hbm_bytes_s, k.flops / peak_flops)
         at_floor += k.times * (t == floor_us * 1e-6)
         bound += k.times * t
     return {
@@ -332,10 +335,12 @@ def compile_only_devices(kind: str) -> list:
         raise SystemExit(f"gpu_aot: {error}") from None
 
 
-def _hbm_bytes_s(kind: str) -> float:
+def _summarize(kernels: list[Kernel], args) -> dict:
+    """`summarize` at ``args.gpu``'s HBM bandwidth and bf16 peak (the memory plan's figures)."""
     from dgpo_jax.launch.plan import GPU_KINDS  # noqa: PLC0415 (imports JAX)
 
-    return GPU_KINDS[kind].hbm_bytes_s
+    kind = GPU_KINDS[args.gpu]
+    return summarize(kernels, kind.hbm_bytes_s, args.floor_us, kind.peak_tflops * 1e12)
 
 
 def _placed(tree, device):
@@ -356,7 +361,7 @@ def _measure(compiled, args, text_dir: str, name: str, steps: int | None = None)
         raise RuntimeError(
             f"{name}: the first loop runs {info.get('trip_count')} times, not {steps}"
         )
-    out = summarize(kernels, _hbm_bytes_s(args.gpu), args.floor_us)
+    out = _summarize(kernels, args)
     out["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
     return out
 
@@ -434,7 +439,7 @@ def stage_sampler(args, device) -> dict:
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from dgpo_jax.launch.plan import host_calls_stubbed  # noqa: PLC0415
+    from dgpo_jax.launch.plan import host_calls_stubbed, rollout_inputs  # noqa: PLC0415
     from dgpo_jax.models import cast_params, get_preset, init_params  # noqa: PLC0415
     from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
     from dgpo_jax.sampler.loop import (  # noqa: PLC0415
@@ -450,17 +455,11 @@ def stage_sampler(args, device) -> dict:
     params = jax.eval_shape(
         lambda: cast_params(init_params(config, jax.random.key(0)), jnp.bfloat16)
     )
-    b = (batch,)
-    shapes = [
-        ((batch, prompt), jnp.int32), ((batch, prompt), jnp.bool_), (b, jnp.bool_),
-        ((batch, 1), jnp.int32), (b, jnp.int32), ((), jnp.uint32), (b, jnp.int32),
-        ((), jnp.int32), ((), jnp.float32), ((), jnp.float32), ((), jnp.int32),
-    ]  # fmt: skip
-    inputs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    inputs = rollout_inputs(plan, cfg, batch, prompt)
     t0 = time.perf_counter()
     with host_calls_stubbed(plan):  # as the memory plan compiles a rollout for GPUs
         lowered = rollout_program.lower(
-            config, cfg, plan, None, *_placed((params, None, *inputs), device)
+            config, cfg, plan, None, _placed(params, device), None, *inputs
         )
     compiled = lowered.compile()
     text = compiled.as_text()
@@ -478,7 +477,7 @@ def stage_sampler(args, device) -> dict:
             # a decode loop embeds one token a row ([B, 1, D]); ingest loops embed C
             embeds = [_dims(k.shape) for k in kernels if "Qwen2.embed" in k.op_name]
             if embeds and all(len(d) == 3 and d[1] == 1 for d in embeds):
-                loops[instr.name] = summarize(kernels, _hbm_bytes_s(args.gpu), args.floor_us)
+                loops[instr.name] = _summarize(kernels, args)
     if not loops:
         raise RuntimeError("no decode loop (one embedding [B, 1, D]) in the compiled rollout")
     # One decode loop per key window (narrow windows, then the whole cache): the last is the

@@ -147,7 +147,7 @@ def test_loop_kernels_counts_what_one_iteration_launches():
         ]
     )
     assert by_name["loop_negate_fusion.2"].times == 3 and by_name["lt"].times == 3
-    summary = gpu_aot.summarize(kernels, hbm_bytes_s=1e12, floor_us=2.0)
+    summary = gpu_aot.summarize(kernels, hbm_bytes_s=1e12, floor_us=2.0, peak_flops=989e12)
     assert summary["kernels"] == 12
     assert summary["by_kind"]["gemm"] == 1 and summary["copies"] == 3
 
@@ -175,13 +175,16 @@ def test_kernel_traffic_counts_slices_and_in_place_updates():
 def test_bound_is_each_kernel_at_bandwidth_or_floor():
     kernels, _ = gpu_aot.loop_kernels(MODULE)
     # at 1 GB/s every kernel here takes bytes / 1e9 s; at the floor of 2 us, max of the two
-    slow = gpu_aot.summarize(kernels, hbm_bytes_s=1e9, floor_us=0.0)
+    slow = gpu_aot.summarize(kernels, hbm_bytes_s=1e9, floor_us=0.0, peak_flops=989e12)
     total_bytes = sum(k.times * k.bytes for k in kernels)
     assert slow["bytes"] == total_bytes
     assert slow["bound_ms"] == pytest.approx(1000 * total_bytes / 1e9, abs=1e-4)  # 4 decimals
-    fast = gpu_aot.summarize(kernels, hbm_bytes_s=1e15, floor_us=2.0)
+    fast = gpu_aot.summarize(kernels, hbm_bytes_s=1e15, floor_us=2.0, peak_flops=989e12)
     assert fast["bound_ms"] == pytest.approx(12 * 2e-3)
     assert fast["kernels_at_floor"] == 12
+    # at 1 MFLOP/s the gemm's 2 * 8 * 32 * 64 FLOPs (32.768 ms) outweigh everything else
+    slow_dots = gpu_aot.summarize(kernels, hbm_bytes_s=1e15, floor_us=0.0, peak_flops=1e6)
+    assert slow_dots["bound_ms"] == pytest.approx(32.768, abs=1e-3)
 
 
 def test_no_loop_is_a_clear_error():
@@ -189,3 +192,26 @@ def test_no_loop_is_a_clear_error():
         gpu_aot.loop_kernels(
             "HloModule m\n\nENTRY %main (a: f32[]) -> f32[] {\n  ROOT %a = f32[] parameter(0)\n}\n"
         )
+
+
+def test_unfused_dots_count_their_own_flops():
+    """Two plain dots in one loop body: each gets its own 2 x M x N x K, not the body's sum."""
+    text = """HloModule m
+
+%b (p: (f32[4,8], f32[8,16], f32[16,2])) -> f32[4,2] {
+  %p = (f32[4,8]{1,0}, f32[8,16]{1,0}, f32[16,2]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=0
+  %w1 = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %w2 = f32[16,2]{1,0} get-tuple-element(%p), index=2
+  %d1 = f32[4,16]{1,0} dot(%x, %w1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %d2 = f32[4,2]{1,0} dot(%d1, %w2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: (f32[4,8], f32[8,16], f32[16,2])) -> f32[4,2] {
+  %a = (f32[4,8]{1,0}, f32[8,16]{1,0}, f32[16,2]{1,0}) parameter(0)
+  ROOT %w = f32[4,2]{1,0} while(%a), condition=%b, body=%b
+}
+"""
+    kernels, _ = gpu_aot.loop_kernels(text)
+    flops = {k.name: k.flops for k in kernels}
+    assert flops == {"d1": 2 * 4 * 16 * 8, "d2": 2 * 4 * 2 * 16}
