@@ -147,21 +147,44 @@ def _users(comp: dict[str, Instr]) -> dict[str, list[Instr]]:
     return users
 
 
-def _read_bytes(comp: dict[str, Instr], users, name: str) -> int:
-    """Bytes a fused computation reads of its value ``name``: through bitcasts, only the slices
-    a (dynamic-)slice or gather takes of it, nothing of the buffer a scatter or
-    dynamic-update-slice updates in place, else all of it."""
-    total = 0
-    for user in users.get(name, []):
-        if user.op == "bitcast":
-            total += _read_bytes(comp, users, user.name)
+def _elements(shape: str) -> int:
+    match = _ARRAY.search(shape)
+    return math.prod(int(d) for d in match.group(2).split(",") if d) if match else 1
+
+
+# Ops through which a fused kernel reads of its input what it needs of the output: an element
+# per element (a reduce reads its reduced dimensions whole for each element it produces).
+_PASS_THROUGH = {"bitcast", "convert", "copy", "reshape", "negate", "reduce"}
+
+
+def _read_share(comp: dict[str, Instr], users, name: str) -> float:
+    """The share of the fused value ``name`` a kernel reads: through element-for-element ops
+    and reduces, only the slices a (dynamic-)slice or gather takes of it, nothing of the buffer
+    a scatter or dynamic-update-slice updates in place, else all of it. (XLA:GPU fuses a
+    split-K gemm's partial-sum reduce into consumers that slice its result, e.g. the K and V of
+    a merged q/k/v gemm: they read their slice of the partial sums, not all of them.)"""
+    if not users.get(name):
+        return 1.0  # the fusion's result
+    share = 0.0
+    for user in users[name]:
+        if user.op in _PASS_THROUGH and not user.shape.startswith("("):
+            if user.op == "reduce" and name not in user.operands[: len(user.operands) // 2]:
+                return 1.0  # the reduce's initial value
+            share += _read_share(comp, users, user.name)
         elif user.op in ("slice", "dynamic-slice", "gather") and user.operands[0] == name:
-            total += shape_bytes(user.shape)
+            share += _elements(user.shape) / max(_elements(comp[name].shape), 1)
         elif user.op in ("scatter", "dynamic-update-slice") and user.operands[0] == name:
             continue
         else:
-            return shape_bytes(comp[name].shape)
-    return min(total, shape_bytes(comp[name].shape))
+            return 1.0
+        if share >= 1.0:
+            return 1.0
+    return share
+
+
+def _read_bytes(comp: dict[str, Instr], users, name: str) -> int:
+    """Bytes a fused computation reads of its value ``name`` (see ``_read_share``)."""
+    return int(round(_read_share(comp, users, name) * shape_bytes(comp[name].shape)))
 
 
 def _written_bytes(comp: dict[str, Instr], root: Instr) -> int:
@@ -209,6 +232,7 @@ class Kernel:
     times: int  # launches per iteration of the loop read (nested loops multiply)
     op_name: str = ""
     shape: str = ""  # the result's HLO shape
+    config: str = ""  # a gemm's kernel: cuBLAS, or a Triton tiling (``gemm_config``)
 
     @property
     def bytes(self) -> int:
@@ -230,22 +254,61 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
         return read, written, flops
     where = module.comps[comp]
     read = sum(shape_bytes(where[o].shape) for o in instr.operands if o in where)
+    if _kind(instr) == "gemm":  # a cuBLAS call: (result, workspace); the workspace stays put
+        result = _ARRAY.search(instr.shape)
+        return read, shape_bytes(result.group(0)) if result else 0, _cublas_flops(where, instr)
     if instr.op in ("dynamic-update-slice", "scatter"):  # in place: the update in and out
         update = read - shape_bytes(where[instr.operands[0]].shape)
         return update, update, 0.0
     return read, shape_bytes(instr.shape), _one_dot_flops(where, instr)
 
 
+def _cublas_flops(comp: dict[str, Instr], instr: Instr) -> float:
+    """2 x result elements x contracted elements of a cuBLAS gemm call (its backend config
+    names the contracted dimensions of its first operand)."""
+    match = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs)
+    result = _ARRAY.search(instr.shape)
+    if not match or not result or instr.operands[0] not in comp:
+        return 0.0
+    lhs = _dims(comp[instr.operands[0]].shape)
+    contracted = math.prod(lhs[int(i)] for i in re.findall(r"\d+", match.group(1)))
+    return 2.0 * math.prod(_dims(result.group(0))) * contracted
+
+
 def _kind(instr: Instr) -> str:
     if instr.op == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
-        return f"custom-call:{target.group(1) if target else '?'}"
+        target = target.group(1) if target else "?"
+        # cuBLAS gemms (__cublas$gemm, __cublas$lt$matmul) are gemms like XLA's gemm fusions
+        return "gemm" if target.startswith("__cublas$") else f"custom-call:{target}"
     if instr.op == "fusion-start":  # an asynchronous fusion, by what it runs
         return "async_" + re.sub(r"([._]\d+|\.clone)+$", "", instr.attr("calls") or "fusion")
     if instr.op != "fusion":
         return instr.op
     stem = re.sub(r"[._]\d+$", "", instr.name)
     return "gemm" if stem.startswith(("gemm_fusion", "cublas")) else stem
+
+
+def gemm_config(instr: Instr) -> str:
+    """How a gemm runs, from its backend config: ``cublas``, or ``triton`` with its output
+    tile (``triton 1x8x16 w2``: XLA:GPU's block-level config) or its block sizes and split-K
+    (``triton 64x64x32 k4``: the older gemm config). What autotuning decides shows here."""
+    if instr.op == "custom-call":
+        return "cublas"
+    tiles = re.search(r'"output_tiles":\[\{"sizes":\[([^\]]*)\]', instr.attrs)
+    warps = re.search(r'"num_warps":"?(\d+)', instr.attrs)
+    if tiles:
+        sizes = "x".join(re.findall(r"\d+", tiles.group(1)))
+        return f"triton {sizes}" + (f" w{warps.group(1)}" if warps else "")
+    blocks = [re.search(rf'"{k}":"?(\d+)', instr.attrs) for k in ("block_m", "block_n", "block_k")]
+    split = re.search(r'"split_k":"?(\d+)', instr.attrs)
+    if all(blocks):
+        return (
+            "triton "
+            + "x".join(b.group(1) for b in blocks)
+            + (f" k{split.group(1)}" if split else "")
+        )
+    return "triton"
 
 
 def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict]:
@@ -291,7 +354,8 @@ def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict
             op_name = re.search(r'op_name="([^"]*)"', instr.attrs)
             op_name = op_name.group(1) if op_name else ""
             kernel = Kernel(instr.name, _kind(instr), read, written, flops, times, op_name)
-            out.append(dataclasses.replace(kernel, shape=instr.shape))
+            config = gemm_config(instr) if kernel.kind == "gemm" else ""
+            out.append(dataclasses.replace(kernel, shape=instr.shape, config=config))
 
     walk(body, 1, kernels)
     info["body"] = body
@@ -305,9 +369,12 @@ def summarize(
     at the HBM bandwidth or the bf16 peak (``peak_flops``), whichever is slower, and no faster
     than ``floor_us``, summed."""
     kinds = collections.Counter()
+    configs = collections.Counter()  # launches of each gemm kernel configuration
     bound, at_floor = 0.0, 0
     for k in kernels:
         kinds[k.kind] += k.times
+        if k.kind == "gemm":
+            configs[k.config] += k.times
         t = max(floor_us * 1e-6, k.bytes / hbm_bytes_s, k.flops / peak_flops)
         at_floor += k.times * (t == floor_us * 1e-6)
         bound += k.times * t
@@ -316,6 +383,7 @@ def summarize(
         "by_kind": dict(kinds.most_common()),
         "bytes": sum(k.times * k.bytes for k in kernels),
         "gemm_bytes_written": sum(k.times * k.bytes_written for k in kernels if k.kind == "gemm"),
+        "gemm_configs": dict(configs.most_common()),
         "copies": kinds.get("copy", 0),
         "copy_bytes": sum(k.times * k.bytes for k in kernels if k.kind == "copy"),
         "kernels_at_floor": at_floor,
@@ -506,7 +574,20 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default="decode,sampler", help="decode, sampler or both")
     p.add_argument("--floor-us", type=float, default=2.0, help="the shortest a kernel takes")
     p.add_argument("--out", default="", help="keep each compiled program's HLO text here")
+    p.add_argument(
+        "--autotune",
+        default="",
+        help="a GPU's autotuning results (bench/autotune.textproto of a gpu_run.sh bench.tgz): "
+        "gemms compile as that GPU chose, not with XLA's untuned defaults",
+    )
     args = p.parse_args(argv)
+    if args.autotune:
+        if not os.path.isfile(args.autotune):
+            raise SystemExit(f"--autotune {args.autotune}: no such file")
+        # Read when XLA:GPU compiles; a fusion the file lacks keeps XLA's default (so do all
+        # when the file came from another XLA version: compare `gemm_configs` with and without)
+        flag = f"--xla_gpu_load_autotune_results_from={os.path.abspath(args.autotune)}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [here, os.path.dirname(here)]  # benchmarks/ and the repository root
     # This host only compiles: JAX computes on its CPU, and the CUDA plugin, asked for no
@@ -523,6 +604,7 @@ def main(argv=None) -> int:
         "compiled_on": attention.machine(),
         "jax": jax.__version__,
         "floor_us": args.floor_us,
+        "autotune": args.autotune or None,
     }
     stages = [v for v in args.stages.split(",") if v]
     if set(stages) - {"decode", "sampler"}:

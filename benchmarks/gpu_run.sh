@@ -2,7 +2,8 @@
 # One command for a lent GPU machine (one H100/H200, a JAX CUDA image, no network), run from the
 # repository root: benchmarks/gpu.py's stages, then the GPU quickstart's comparison
 # (configs/quickstart_gpu.py) for what is left of a time budget. Everything lands in OUT
-# (default runs/gpu_run): env.txt, bench.log, bench.json, compare.log, compare.tgz (the
+# (default runs/gpu_run): env.txt, bench.log, bench.json, bench.tgz (profiles, HLO, and
+# autotune.textproto: the gemm choices of XLA's autotuner), compare.log, compare.tgz (the
 # workdir's finished stages, metrics and compare.* files). docs/gpu.md has the figures.
 #
 #   bash benchmarks/gpu_run.sh
@@ -59,7 +60,11 @@ stages=${BENCH_STAGES:-decode,sampler}
 if [[ $stages != none ]]; then
   bench_s=${BENCH_S:-300}
   read -r -a bench_args <<<"${BENCH_ARGS:---decode-variants=unrolled_cache,unrolled_cache_pallas,unrolled_cache_pallas_s16}"
-  timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
+  # XLA also writes what its autotuner chose for each gemm (every program compiled so far, at
+  # each compile): benchmarks/gpu_aot.py --autotune compiles with it on a host without a GPU
+  mkdir -p "$out/bench"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dump_autotune_results_to=$out/bench/autotune.textproto" \
+    timeout "$bench_s" "$py" benchmarks/gpu.py --out "$out/bench" --stages "$stages" \
     --budget-s $((bench_s - 60)) "${bench_args[@]}" 2>&1 | tee "$out/bench.log"
   [[ -f $out/bench/summary.json ]] && cp "$out/bench/summary.json" "$out/bench.json"
   # the per-stage files are in bench.log and bench.json; profiles and HLO (--profile) travel

@@ -215,3 +215,127 @@ ENTRY %main (a: (f32[4,8], f32[8,16], f32[16,2])) -> f32[4,2] {
     kernels, _ = gpu_aot.loop_kernels(text)
     flops = {k.name: k.flops for k in kernels}
     assert flops == {"d1": 2 * 4 * 16 * 8, "d2": 2 * 4 * 2 * 16}
+
+
+# A fusion as XLA:GPU makes them of a split-K gemm's consumer: the float32 partial sums
+# f32[4,8,16] reduced over the split, converted, and a slice of 4 of the 16 columns taken
+# (the V of a merged q/k/v gemm) and added to a bias; a second fusion reduces the same
+# partial sums whole, as its result.
+SPLIT_K = """HloModule jit_split_k, entry_computation_layout={()}
+
+%add.f (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%fused_v (param_0: f32[4,8,16], param_1: bf16[8,4]) -> bf16[8,4] {
+  %param_0 = f32[4,8,16]{2,1,0} parameter(0)
+  %param_1 = bf16[8,4]{1,0} parameter(1)
+  %zero = f32[] constant(0)
+  %sum = f32[8,16]{1,0} reduce(%param_0, %zero), dimensions={0}, to_apply=%add.f
+  %half = bf16[8,16]{1,0} convert(%sum)
+  %v = bf16[8,4]{1,0} slice(%half), slice={[0:8], [12:16]}
+  ROOT %biased = bf16[8,4]{1,0} add(%v, %param_1)
+}
+
+%fused_all (param_0.1: f32[4,8,16]) -> f32[8,16] {
+  %param_0.1 = f32[4,8,16]{2,1,0} parameter(0)
+  %zero.1 = f32[] constant(0)
+  ROOT %sum.1 = f32[8,16]{1,0} reduce(%param_0.1, %zero.1), dimensions={0}, to_apply=%add.f
+}
+
+%body (p: (s32[], f32[4,8,16], bf16[8,4])) -> (s32[], f32[4,8,16], bf16[8,4]) {
+  %p = (s32[], f32[4,8,16]{2,1,0}, bf16[8,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %partial = f32[4,8,16]{2,1,0} get-tuple-element(%p), index=1
+  %bias = bf16[8,4]{1,0} get-tuple-element(%p), index=2
+  %input_v_fusion = bf16[8,4]{1,0} fusion(%partial, %bias), kind=kInput, calls=%fused_v
+  %input_all_fusion = f32[8,16]{1,0} fusion(%partial), kind=kInput, calls=%fused_all
+  ROOT %out = (s32[], f32[4,8,16]{2,1,0}, bf16[8,4]{1,0}) tuple(%i, %partial, %input_v_fusion)
+}
+
+%cond (p.o: (s32[], f32[4,8,16], bf16[8,4])) -> pred[] {
+  %p.o = (s32[], f32[4,8,16]{2,1,0}, bf16[8,4]{1,0}) parameter(0)
+  %n.o = s32[] get-tuple-element(%p.o), index=0
+  %two = s32[] constant(2)
+  ROOT %lt.o = pred[] compare(%n.o, %two), direction=LT
+}
+
+ENTRY %main (a: (s32[], f32[4,8,16], bf16[8,4])) -> (s32[], f32[4,8,16], bf16[8,4]) {
+  %a = (s32[], f32[4,8,16]{2,1,0}, bf16[8,4]{1,0}) parameter(0)
+  ROOT %while.1 = (s32[], f32[4,8,16]{2,1,0}, bf16[8,4]{1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_slice_after_a_reduce_reads_its_share_of_the_partial_sums():
+    kernels, _ = gpu_aot.loop_kernels(SPLIT_K)
+    k = {k.name: k for k in kernels}
+    # the slice keeps 4 of 16 columns: a quarter of the 4 x 8 x 16 float32 partial sums, and
+    # the bias (8 x 4 bf16), written as 8 x 4 bf16
+    assert k["input_v_fusion"].bytes_read == 4 * 8 * 4 * 4 + 8 * 4 * 2
+    assert k["input_v_fusion"].bytes_written == 8 * 4 * 2
+    # reduced whole: all the partial sums (the reduce's initial value is a constant)
+    assert k["input_all_fusion"].bytes_read == 4 * 8 * 16 * 4
+    assert k["input_all_fusion"].bytes_written == 8 * 16 * 4
+
+
+# A cuBLAS gemm as XLA:GPU calls it (where the autotuner picks cuBLAS over its own gemm
+# fusion): a custom call whose result is (the product, a workspace the call keeps).
+CUBLAS = """HloModule jit_cublas, entry_computation_layout={()}
+
+%body (p: (s32[], bf16[8,64], bf16[64,32])) -> (s32[], bf16[8,64], bf16[64,32]) {
+  %p = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[8,64]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[64,32]{1,0} get-tuple-element(%p), index=2
+  %custom-call.1 = (bf16[8,32]{1,0}, s8[4194304]{0}) custom-call(%x, %w), TARGET, CONFIG
+  ROOT %out = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) tuple(%i, %x, %w)
+}
+
+%cond (p.o: (s32[], bf16[8,64], bf16[64,32])) -> pred[] {
+  %p.o = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  %n.o = s32[] get-tuple-element(%p.o), index=0
+  %two = s32[] constant(2)
+  ROOT %lt.o = pred[] compare(%n.o, %two), direction=LT
+}
+
+ENTRY %main (a: (s32[], bf16[8,64], bf16[64,32])) -> (s32[], bf16[8,64], bf16[64,32]) {
+  %a = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) parameter(0)
+  ROOT %while.1 = (s32[], bf16[8,64]{1,0}, bf16[64,32]{1,0}) while(%a), condition=%cond, body=%body
+}
+""".replace("TARGET", 'custom_call_target="__cublas$lt$matmul"').replace(
+    "CONFIG",
+    'backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":'
+    '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
+    '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}',
+)
+
+
+def test_a_cublas_gemm_is_a_gemm_writing_its_product_not_its_workspace():
+    (kernel,), _ = gpu_aot.loop_kernels(CUBLAS)
+    assert kernel.kind == "gemm"
+    assert (kernel.bytes_read, kernel.bytes_written) == (8 * 64 * 2 + 64 * 32 * 2, 8 * 32 * 2)
+    assert kernel.flops == 2 * 8 * 32 * 64
+    assert kernel.config == "cublas"
+
+
+def test_gemm_config_names_the_tiling_autotuning_chose():
+    def gemm(attrs):
+        return gpu_aot.Instr("gemm_fusion_dot.1", "f32[8,32]{1,0}", "fusion", [], attrs)
+
+    block_level = (
+        'backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion",'
+        '"block_level_fusion_config":{"num_warps":"4","output_tiles":[{"sizes":["1","64","32"]}]}}}'
+    )
+    older = (
+        'backend_config={"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":'
+        '{"block_m":"64","block_n":"128","block_k":"32","split_k":"4","num_stages":"3"}}}'
+    )
+    assert gpu_aot.gemm_config(gemm(block_level)) == "triton 1x64x32 w4"
+    assert gpu_aot.gemm_config(gemm(older)) == "triton 64x128x32 k4"
+    assert gpu_aot.gemm_config(gemm("")) == "triton"
+    kernels, _ = gpu_aot.loop_kernels(CUBLAS)
+    summary = gpu_aot.summarize(kernels, hbm_bytes_s=1e12, floor_us=2.0, peak_flops=989e12)
+    assert summary["gemm_configs"] == {"cublas": 1}

@@ -91,6 +91,25 @@ def test_bfloat16_within_reference_rounding(hf_models):
     assert kl.mean() < 1e-3 and kl.max() < 1.5e-2  # the 0.015 bound used by other JAX ports
 
 
+def test_bfloat16_matmuls_on_cpu_keep_no_float32_copy_of_the_weights(monkeypatch):
+    """XLA:CPU's bfloat16 dot returns float32 natively; asked for a bfloat16 result, it first
+    converts the weights to float32. So on CPU the model asks for float32 and casts (its
+    compiled bf16 MLP holds no float32 weights), and only accelerators get the dot with the
+    bfloat16 result, which compiled for CPU holds a float32 copy of the weights."""
+    config = get_preset("tiny", vocab_size=64, hidden_size=256, intermediate_size=2048)
+    mlp = qwen2.MLP(config, param_dtype=jnp.bfloat16)
+    x = jnp.zeros((1, 8, 256), jnp.bfloat16)
+    params = jax.eval_shape(mlp.init, jax.random.key(0), x)
+    weights_f32 = 3 * 256 * 2048 * 4
+
+    def temporaries():
+        return jax.jit(mlp.apply).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+    assert temporaries() < weights_f32 / 10
+    monkeypatch.setattr(qwen2, "compile_platform", lambda plan=None: "gpu")
+    assert temporaries() >= weights_f32  # the accelerators' form, compiled by XLA:CPU
+
+
 def test_greedy_kv_cache_decode_matches_generate(tmp_path):
     hf = make_hf_model(tmp_path, std=0.3, seed=3)  # sharp logits: a varied greedy path
     config, params = dgpo_jax.load_hf(str(tmp_path), dtype="float32")
