@@ -85,7 +85,7 @@ def _matmul(eq: str, a: Array, b: Array, plan=None) -> Array:
     a bfloat16 dot in float32 either way (XLA:GPU keeps split-K partial sums in float32), but
     given a float32 result XLA:GPU writes it from the gemm and casts in the next kernel, and the
     `dots` remat policy saves that float32 output: 9.2 GiB more in `dgpo_nq`'s update step on
-    an H100, 0.24 GB more a decode step on an H200 (docs/gpu.md). XLA:CPU is the other way
+    an H100, 0.34 GB more a decode step on an H200 (docs/gpu.md). XLA:CPU is the other way
     round: its native bfloat16 dot returns float32, and asked for bfloat16 it converts the
     weights to float32 first (a float32 copy of the weights in temporaries)."""
     b = b.astype(a.dtype)
