@@ -147,11 +147,6 @@ def _users(comp: dict[str, Instr]) -> dict[str, list[Instr]]:
     return users
 
 
-def _elements(shape: str) -> int:
-    match = _ARRAY.search(shape)
-    return math.prod(int(d) for d in match.group(2).split(",") if d) if match else 1
-
-
 # Ops through which a fused kernel reads of its input what it needs of the output: an element
 # per element (a reduce reads its reduced dimensions whole for each element it produces).
 _PASS_THROUGH = {"bitcast", "convert", "copy", "reshape", "negate", "reduce"}
@@ -172,7 +167,7 @@ def _read_share(comp: dict[str, Instr], users, name: str) -> float:
                 return 1.0  # the reduce's initial value
             share += _read_share(comp, users, user.name)
         elif user.op in ("slice", "dynamic-slice", "gather") and user.operands[0] == name:
-            share += _elements(user.shape) / max(_elements(comp[name].shape), 1)
+            share += math.prod(_dims(user.shape)) / max(math.prod(_dims(comp[name].shape)), 1)
         elif user.op in ("scatter", "dynamic-update-slice") and user.operands[0] == name:
             continue
         else:
