@@ -46,6 +46,9 @@ import sys
 import time
 
 GPUS = ("h100", "h200")  # dgpo_jax.launch.plan.GPU_KINDS (imported with JAX, in main)
+TPUS = ("v4", "v5e", "v5p", "v6e")  # dgpo_jax.launch.plan.TPU_KINDS
+# the smallest slice libtpu describes of each (its first chip is compiled for)
+_TPU_SLICES = {"v4": "tpu:v4-8", "v5e": "tpu:v5e-4", "v5p": "tpu:v5p-8", "v6e": "tpu:v6e-4"}
 
 
 # ------------------------------------------------------------------------ reading the HLO ---
@@ -55,6 +58,8 @@ _DTYPE_BYTES = {
     "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+# an array with its layout, whose memory space (``S(1)``: a TPU's on-chip VMEM) says where it is
+_ARRAY_LAYOUT = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _INSTR = re.compile(r"^(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\((.*)$")
 _NOT_KERNELS = {
     "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
@@ -63,10 +68,12 @@ _NOT_KERNELS = {
 
 
 def shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape: an array ``bf16[256,896]{1,0}`` or a tuple of them."""
+    """HBM bytes of an HLO shape: an array ``bf16[256,896]{1,0}`` or a tuple of them. An array
+    in another memory space (its layout ends ``S(1)``: where the TPU compiler placed it in the
+    core's VMEM; ``S(2)``: its semaphores) is on chip and counts nothing."""
     total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
-        if dtype in _DTYPE_BYTES:
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        if dtype in _DTYPE_BYTES and not re.search(r"S\([1-9]\d*\)\}$", layout):
             total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return int(total)
 
@@ -125,6 +132,8 @@ def parse_hlo(text: str) -> Module:
         match = _INSTR.match(line.strip()) if current else None
         if match:
             operands, attrs = _split_operands(match.group(4))
+            if match.group(3) in ("constant", "parameter"):  # the literal: ["24"], ["0"]
+                operands = [match.group(4).split(")")[0].strip()]
             name = match.group(1)
             module.comps[current][name] = Instr(
                 name, match.group(2), match.group(3), operands, attrs
@@ -134,9 +143,65 @@ def parse_hlo(text: str) -> Module:
     return module
 
 
-def _trip_count(instr: Instr) -> int | None:
+def _trip_count(instr: Instr, module: Module | None = None, where: str = "") -> int | None:
+    """A while loop's trip count: XLA:GPU's ``known_trip_count``, else (the TPU compiler
+    states none) read off the loop ``instr`` of computation ``where`` of ``module``: ``i < N``
+    in its condition, ``i`` a tuple element that starts at a constant and that the body adds
+    a constant 1 to."""
     match = re.search(r'known_trip_count"?:\{"n":"(\d+)"', instr.attrs)
-    return int(match.group(1)) if match else None
+    if match:
+        return int(match.group(1))
+    if module is None or where not in module.comps:
+        return None
+    return _counted_trips(module, module.comps[where], instr)
+
+
+def _const(comp: dict[str, Instr], name: str) -> int | None:
+    """The integer constant ``name`` is, through copies and bitcasts (else None)."""
+    instr = comp.get(name)
+    while instr is not None and instr.op in ("copy", "bitcast") and instr.operands:
+        instr = comp.get(instr.operands[0])
+    if instr is None or instr.op != "constant" or not instr.operands:
+        return None
+    return int(instr.operands[0]) if re.fullmatch(r"-?\d+", instr.operands[0]) else None
+
+
+def _element(comp: dict[str, Instr], name: str) -> int | None:
+    """The tuple index ``name`` reads of the computation's parameter (through copies)."""
+    instr = comp.get(name)
+    while instr is not None and instr.op == "copy" and instr.operands:
+        instr = comp.get(instr.operands[0])
+    if instr is None or instr.op != "get-tuple-element":
+        return None
+    if comp.get(instr.operands[0]) is None or comp[instr.operands[0]].op != "parameter":
+        return None
+    index = re.search(r"\bindex=(\d+)", instr.attrs)
+    return int(index.group(1)) if index else None
+
+
+def _counted_trips(module: Module, where: dict[str, Instr], loop: Instr) -> int | None:
+    cond_name, body_name = loop.attr("condition"), loop.attr("body")
+    cond, body = module.comps.get(cond_name), module.comps.get(body_name)
+    if cond is None or body is None:
+        return None
+    test = cond[module.roots[cond_name]]
+    if test.op != "compare" or "direction=LT" not in test.attrs:
+        return None
+    index, bound = _element(cond, test.operands[0]), _const(cond, test.operands[1])
+    init = where.get(loop.operands[0]) if loop.operands else None
+    step = body[module.roots[body_name]]
+    if index is None or bound is None or init is None or init.op != "tuple":
+        return None
+    start = _const(where, init.operands[index])
+    if step.op != "tuple" or start is None:
+        return None
+    add = body.get(step.operands[index])
+    if add is None or add.op != "add" or len(add.operands) != 2:
+        return None
+    counter, one = sorted(add.operands, key=lambda o: _const(body, o) is not None)
+    if _element(body, counter) != index or _const(body, one) != 1:
+        return None
+    return max(bound - start, 0)
 
 
 def _users(comp: dict[str, Instr]) -> dict[str, list[Instr]]:
@@ -152,20 +217,28 @@ def _users(comp: dict[str, Instr]) -> dict[str, list[Instr]]:
 _PASS_THROUGH = {"bitcast", "convert", "copy", "reshape", "negate", "reduce"}
 
 
-def _read_share(comp: dict[str, Instr], users, name: str) -> float:
+def _read_share(comp: dict[str, Instr], users, name: str, module: Module | None = None) -> float:
     """The share of the fused value ``name`` a kernel reads: through element-for-element ops
     and reduces, only the slices a (dynamic-)slice or gather takes of it, nothing of the buffer
-    a scatter or dynamic-update-slice updates in place, else all of it. (XLA:GPU fuses a
+    a scatter or dynamic-update-slice updates in place, else all of it; through a fusion
+    nested in the kernel (the TPU compiler's), what that one reads of it. (XLA:GPU fuses a
     split-K gemm's partial-sum reduce into consumers that slice its result, e.g. the K and V of
     a merged q/k/v gemm: they read their slice of the partial sums, not all of them.)"""
     if not users.get(name):
         return 1.0  # the fusion's result
     share = 0.0
     for user in users[name]:
-        if user.op in _PASS_THROUGH and not user.shape.startswith("("):
+        nested = module.comps.get(user.attr("calls")) if module and user.op == "fusion" else None
+        if nested is not None:
+            params = {i.operands[0]: i.name for i in nested.values() if i.op == "parameter"}
+            inner = _users(nested)
+            for position, operand in enumerate(user.operands):
+                if operand == name:
+                    share += _read_share(nested, inner, params[str(position)], module)
+        elif user.op in _PASS_THROUGH and not user.shape.startswith("("):
             if user.op == "reduce" and name not in user.operands[: len(user.operands) // 2]:
                 return 1.0  # the reduce's initial value
-            share += _read_share(comp, users, user.name)
+            share += _read_share(comp, users, user.name, module)
         elif user.op in ("slice", "dynamic-slice", "gather") and user.operands[0] == name:
             share += math.prod(_dims(user.shape)) / max(math.prod(_dims(comp[name].shape)), 1)
         elif user.op in ("scatter", "dynamic-update-slice") and user.operands[0] == name:
@@ -177,9 +250,9 @@ def _read_share(comp: dict[str, Instr], users, name: str) -> float:
     return share
 
 
-def _read_bytes(comp: dict[str, Instr], users, name: str) -> int:
+def _read_bytes(comp: dict[str, Instr], users, name: str, module: Module | None = None) -> int:
     """Bytes a fused computation reads of its value ``name`` (see ``_read_share``)."""
-    return int(round(_read_share(comp, users, name) * shape_bytes(comp[name].shape)))
+    return int(round(_read_share(comp, users, name, module) * shape_bytes(comp[name].shape)))
 
 
 def _written_bytes(comp: dict[str, Instr], root: Instr) -> int:
@@ -240,7 +313,9 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
     if instr.op in ("fusion", "fusion-start") and called in module.comps:
         fused = module.comps[called]
         users = _users(fused)
-        read = sum(_read_bytes(fused, users, i.name) for i in fused.values() if i.op == "parameter")
+        read = sum(
+            _read_bytes(fused, users, i.name, module) for i in fused.values() if i.op == "parameter"
+        )
         written = _written_bytes(fused, fused[module.roots[called]])
         flops = _dot_flops(fused)  # a gemm fusion's dot may sit one computation deeper
         for i in fused.values():
@@ -248,6 +323,13 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
                 flops += _dot_flops(module.comps[i.attr("calls")])
         return read, written, flops
     where = module.comps[comp]
+    if instr.op in ("copy-start", "slice-start"):  # the TPU's asynchronous copies
+        # copy-start: (destination, source, context); slice-start: ((source), slice, context)
+        arrays = _ARRAY_LAYOUT.findall(instr.shape)
+        source, target = (arrays[1], arrays[0]) if instr.op == "copy-start" else arrays[:2]
+        moved = shape_bytes("{}[{}]".format(*target[:2]))  # the elements copied
+        hbm = [shape_bytes("{}[{}]{}".format(*array)) > 0 for array in (source, target)]
+        return moved * hbm[0], moved * hbm[1], 0.0
     read = sum(shape_bytes(where[o].shape) for o in instr.operands if o in where)
     if _kind(instr) == "gemm":  # a cuBLAS call: (result, workspace); the workspace stays put
         result = _ARRAY.search(instr.shape)
@@ -306,20 +388,20 @@ def gemm_config(instr: Instr) -> str:
     return "triton"
 
 
-def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict]:
+def loop_kernels(text: str | Module, body: str | None = None) -> tuple[list[Kernel], dict]:
     """The kernels one iteration of a loop launches: ``body`` (a while body's name; default:
     the body of the entry computation's first while) and, recursively, what it runs (nested
     while bodies and conditions times their known trip count (once when unknown), of a
     conditional the branch that moves the most bytes, called computations). Returns
     (kernels, info: the body, its trip count, the nested loops' trip counts)."""
-    module = parse_hlo(text)
+    module = parse_hlo(text) if isinstance(text, str) else text
     info: dict = {}
     if body is None:
         whiles = [i for i in module.comps.get(module.entry, {}).values() if i.op == "while"]
         if not whiles:
             raise ValueError("no while loop in the entry computation")
         body = whiles[0].attr("body")
-        info["trip_count"] = _trip_count(whiles[0])
+        info["trip_count"] = _trip_count(whiles[0], module, module.entry)
     kernels: list[Kernel] = []
 
     def walk(name: str, times: int, out: list[Kernel]):
@@ -327,7 +409,7 @@ def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict
             if instr.op in _NOT_KERNELS or instr.op.endswith("-done"):  # a -start launched it
                 continue
             if instr.op == "while":
-                trips = _trip_count(instr)
+                trips = _trip_count(instr, module, name)
                 info.setdefault("nested_loops", []).append(trips)
                 walk(instr.attr("body"), times * (trips or 1), out)
                 walk(instr.attr("condition"), times * (trips or 1), out)
@@ -355,6 +437,33 @@ def loop_kernels(text: str, body: str | None = None) -> tuple[list[Kernel], dict
     walk(body, 1, kernels)
     info["body"] = body
     return kernels, info
+
+
+def decode_loops(module: Module) -> dict[str, str]:
+    """The while loops (name -> body) that decode one token a row: every embedding in them
+    (an instruction of the body or of what it calls, fused ones included, whose op name has
+    ``Qwen2.embed``) is ``[B, 1, D]``. Ingest loops embed ``[M, C, D]``; a loop around both
+    (the rollout's) has both."""
+    loops = {}
+    for comp in module.comps.values():
+        for instr in comp.values():
+            if instr.op != "while":
+                continue
+            seen, todo, shapes = set(), [instr.attr("body")], []
+            while todo:
+                name = todo.pop()
+                if name in seen or name not in module.comps:
+                    continue
+                seen.add(name)
+                for inner in module.comps[name].values():
+                    todo += [inner.attr(k) for k in ("calls", "to_apply", "body", "condition")]
+                    branches = re.search(r"branch_computations=\{([^}]*)\}", inner.attrs)
+                    todo += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
+                    if "Qwen2.embed" in inner.attrs and len(_dims(inner.shape)) == 3:
+                        shapes.append(_dims(inner.shape))
+            if shapes and all(d[1] == 1 for d in shapes):
+                loops[instr.name] = instr.attr("body")
+    return loops
 
 
 def summarize(
@@ -387,22 +496,29 @@ def summarize(
 
 
 def compile_only_devices(kind: str) -> list:
-    """One compile-only ``kind`` GPU (XLA's deviceless compile: no GPU, no driver), as the
-    memory plan's ``plan.target=gpu:KIND-1`` has it."""
+    """Compile-only devices of ``kind``: one GPU (``h100``/``h200``: XLA's deviceless compile,
+    no GPU, no driver), as the memory plan's ``plan.target=gpu:KIND-1`` has it, or the chips
+    of the smallest slice of a TPU generation (``v5e``...: libtpu's compiler, no TPU)."""
     from dgpo_jax.config import ConfigError  # noqa: PLC0415 (imports JAX)
     from dgpo_jax.launch.plan import parse_target, target_devices  # noqa: PLC0415
 
     try:
-        return target_devices(parse_target(f"gpu:{kind}-1"))
+        return target_devices(parse_target(_TPU_SLICES.get(kind, f"gpu:{kind}-1")))
     except ConfigError as error:
         raise SystemExit(f"gpu_aot: {error}") from None
 
 
-def _summarize(kernels: list[Kernel], args) -> dict:
-    """`summarize` at ``args.gpu``'s HBM bandwidth and bf16 peak (the memory plan's figures)."""
-    from dgpo_jax.launch.plan import GPU_KINDS  # noqa: PLC0415 (imports JAX)
+def chip(args):
+    """The chip compiled for: a `GPU_KINDS` or `TPU_KINDS` entry (its HBM bandwidth, in
+    ``hbm_bytes_s``, and its bf16 peak)."""
+    from dgpo_jax.launch.plan import GPU_KINDS, TPU_KINDS  # noqa: PLC0415 (imports JAX)
 
-    kind = GPU_KINDS[args.gpu]
+    return TPU_KINDS[args.tpu] if args.tpu else GPU_KINDS[args.gpu]
+
+
+def _summarize(kernels: list[Kernel], args) -> dict:
+    """`summarize` at the chip's HBM bandwidth and bf16 peak (the memory plan's figures)."""
+    kind = chip(args)
     return summarize(kernels, kind.hbm_bytes_s, args.floor_us, kind.peak_tflops * 1e12)
 
 
@@ -479,24 +595,23 @@ def stage_decode(args, device) -> dict:
         finally:
             qwen2.DECODE_ATTENTION_FORM, qwen2.RAGGED_BLOCKS = None, None
         print(f"[gpu_aot] decode {name}: {json.dumps(results[name])}", flush=True)
-    weights, roofline_ms = gpu._decode_roofline(
-        config, params, batch, prompt + steps / 2, device.device_kind
-    )
+    weights, _ = gpu._decode_roofline(config, params, batch, prompt + steps / 2)
+    roofline_ms = 1000 * weights / chip(args).hbm_bytes_s
     return {
         "model": "tiny" if args.quick else "qwen2.5-0.5b",
         "batch": batch,
         "context": f"{prompt} prompt + {steps} decoded",
         "roofline_bytes": weights,
-        "roofline_ms": None if roofline_ms is None else round(roofline_ms, 4),
-        "goal_ms": None if roofline_ms is None else round(roofline_ms / 0.6, 4),
+        "roofline_ms": round(roofline_ms, 4),
+        "goal_ms": round(roofline_ms / 0.6, 4),
         "variants": results,
     }
 
 
-def stage_sampler(args, device) -> dict:
+def stage_sampler(args, device, layers: str = "auto") -> dict:
     """``Sampler.generate``'s compiled rollout (plain decode: search off, the shapes of
-    ``benchmarks/gpu.py``'s sampler stage) for ``args.gpu``: the kernels of each of its loops
-    per iteration; the decode loop is the one with the most."""
+    ``benchmarks/gpu.py``'s sampler stage) for the chip, with `SamplerConfig.decode_layers`
+    ``layers``: the kernels of each of its decode loops per iteration (one embedding a row)."""
     import gpu  # noqa: PLC0415 (benchmarks/gpu.py)
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -513,7 +628,7 @@ def stage_sampler(args, device) -> dict:
 
     config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
     batch, prompt, steps = (8, 64, 32) if args.quick else (256, 512, 256)
-    cfg = gpu.plain_decode_config(config, prompt, steps, "auto").compiled()
+    cfg = gpu.plain_decode_config(config, prompt, steps, layers).compiled()
     plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
     params = jax.eval_shape(
         lambda: cast_params(init_params(config, jax.random.key(0)), jnp.bfloat16)
@@ -528,24 +643,19 @@ def stage_sampler(args, device) -> dict:
     text = compiled.as_text()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "sampler_rollout.hlo.txt"), "w") as f:
+        name = "sampler_rollout" + ("" if layers == "auto" else f"_{layers}")
+        with open(os.path.join(args.out, f"{name}.hlo.txt"), "w") as f:
             f.write(text)
     module = parse_hlo(text)
-    loops = {}
-    for comp in module.comps.values():
-        for instr in comp.values():
-            if instr.op != "while":
-                continue
-            kernels, _ = loop_kernels(text, instr.attr("body"))
-            # a decode loop embeds one token a row ([B, 1, D]); ingest loops embed C
-            embeds = [_dims(k.shape) for k in kernels if "Qwen2.embed" in k.op_name]
-            if embeds and all(len(d) == 3 and d[1] == 1 for d in embeds):
-                loops[instr.name] = _summarize(kernels, args)
+    loops = {
+        name: _summarize(loop_kernels(module, body)[0], args)
+        for name, body in decode_loops(module).items()
+    }
     if not loops:
         raise RuntimeError("no decode loop (one embedding [B, 1, D]) in the compiled rollout")
-    # One decode loop per key window (narrow windows, then the whole cache): the last is the
-    # whole-cache loop, the one `decode` stage's variants compare with.
-    last = list(loops)[-1]
+    # One decode loop per key window: the whole-cache loop, the one the `decode` stage's
+    # variants compare with, reads the most.
+    last = max(loops, key=lambda name: loops[name]["bytes"])
     return {
         "decode_layers": resolve_decode_layers(cfg, resolve_decode_path(cfg, plan), plan),
         "compile_s": round(time.perf_counter() - t0, 1),
@@ -557,17 +667,37 @@ def stage_sampler(args, device) -> dict:
     }
 
 
+_GPU_VARIANTS = "window,unrolled_cache,unrolled_cache_pallas"
+_TPU_VARIANTS = "window,switch,unrolled,unrolled_cache"  # the Pallas kernel is the GPU's
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", default="h200", choices=GPUS)
+    p.add_argument(
+        "--tpu", default="", choices=("", *TPUS), help="a TPU generation instead (needs libtpu)"
+    )
     p.add_argument("--quick", action="store_true", help="the tiny model at batch 8")
     p.add_argument(
         "--variants",
-        default="window,unrolled_cache,unrolled_cache_pallas",
-        help="decode variants of benchmarks/gpu.py, comma-separated",
+        default="",
+        help="decode variants of benchmarks/gpu.py, comma-separated (default: "
+        f"{_GPU_VARIANTS} on a GPU, {_TPU_VARIANTS} on a TPU)",
     )
     p.add_argument("--stages", default="decode,sampler", help="decode, sampler or both")
-    p.add_argument("--floor-us", type=float, default=2.0, help="the shortest a kernel takes")
+    p.add_argument(
+        "--sampler-layers",
+        default="",
+        help="the sampler's decode_layers, comma-separated (default: auto on a GPU, "
+        "scan,split on a TPU)",
+    )
+    p.add_argument(
+        "--floor-us",
+        type=float,
+        default=None,
+        help="the shortest a kernel takes (default 2.0 on a GPU, 0 on a TPU, which runs its "
+        "fusions back to back without launches)",
+    )
     p.add_argument("--out", default="", help="keep each compiled program's HLO text here")
     p.add_argument(
         "--autotune",
@@ -576,6 +706,12 @@ def main(argv=None) -> int:
         "gemms compile as that GPU chose, not with XLA's untuned defaults",
     )
     args = p.parse_args(argv)
+    if args.floor_us is None:
+        args.floor_us = 0.0 if args.tpu else 2.0
+    args.variants = args.variants or (_TPU_VARIANTS if args.tpu else _GPU_VARIANTS)
+    layers = [v for v in (args.sampler_layers or ("scan,split" if args.tpu else "auto")).split(",")]
+    if args.autotune and args.tpu:
+        raise SystemExit("--autotune: XLA:GPU's autotuning results; not for --tpu")
     if args.autotune:
         if not os.path.isfile(args.autotune):
             raise SystemExit(f"--autotune {args.autotune}: no such file")
@@ -590,12 +726,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: PLC0415 (after JAX_PLATFORMS is set)
 
-    device = compile_only_devices(args.gpu)[0]
+    device = compile_only_devices(args.tpu or args.gpu)[0]
     print(f"[gpu_aot] compiling for {device.device_kind} on this host, jax {jax.__version__}")
     import attention  # noqa: PLC0415 (benchmarks/attention.py: the host's name)
 
     out = {
-        "gpu": device.device_kind,
+        "chip": device.device_kind,
         "compiled_on": attention.machine(),
         "jax": jax.__version__,
         "floor_us": args.floor_us,
@@ -607,8 +743,11 @@ def main(argv=None) -> int:
     if "decode" in stages:
         out["decode"] = stage_decode(args, device)
     if "sampler" in stages:
-        out["sampler"] = stage_sampler(args, device)
-        print(f"[gpu_aot] sampler: {json.dumps(out['sampler'])}", flush=True)
+        runs = {}
+        for layer_choice in layers:
+            runs[layer_choice] = stage_sampler(args, device, layer_choice)
+            print(f"[gpu_aot] sampler {layer_choice}: {json.dumps(runs[layer_choice])}", flush=True)
+        out["sampler"] = runs[layers[0]] if len(layers) == 1 else runs
     print(json.dumps(out), flush=True)
     return 0
 

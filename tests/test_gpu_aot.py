@@ -339,3 +339,158 @@ def test_gemm_config_names_the_tiling_autotuning_chose():
     kernels, _ = gpu_aot.loop_kernels(CUBLAS)
     summary = gpu_aot.summarize(kernels, hbm_bytes_s=1e12, floor_us=2.0, peak_flops=989e12)
     assert summary["gemm_configs"] == {"cublas": 1}
+
+
+# The TPU compiler's program (libtpu, read the same way): its loops state no trip count (the
+# count is read off the condition, the start and the body's increment); arrays in the core's
+# VMEM (``S(1)``) or semaphores (``S(2)``) are on chip and move no HBM bytes; asynchronous
+# copies and slices into VMEM read their source once; a fusion nested in a fusion slices one
+# layer of a stacked operand.
+TPU_MODULE = """HloModule jit_decode, entry_computation_layout={()}
+
+%nested_layer (q.0: f32[4,64,128], q.1: s32[]) -> f32[64,128] {
+  %q.0 = f32[4,64,128]{2,1,0:T(8,128)} parameter(0)
+  %q.1 = s32[]{:T(128)} parameter(1)
+  %zero.n = s32[]{:T(128)} constant(0)
+  %ds = f32[1,64,128]{2,1,0:T(8,128)} dynamic-slice(%q.0, %q.1, %zero.n, %zero.n), dynamic_slice_sizes={1,64,128}
+  ROOT %bc.n = f32[64,128]{1,0:T(8,128)} bitcast(%ds)
+}
+
+%outer_layer (r.0: f32[4,64,128], r.1: s32[], r.2: f32[64,128]) -> f32[64,128] {
+  %r.0 = f32[4,64,128]{2,1,0:T(8,128)} parameter(0)
+  %r.1 = s32[]{:T(128)} parameter(1)
+  %r.2 = f32[64,128]{1,0:T(8,128)S(1)} parameter(2)
+  %layer = f32[64,128]{1,0:T(8,128)} fusion(%r.0, %r.1), kind=kLoop, calls=%nested_layer
+  ROOT %sum = f32[64,128]{1,0:T(8,128)S(1)} add(%layer, %r.2)
+}
+
+%tpu_body (p: (s32[], f32[4,64,128], f32[64,128])) -> (s32[], f32[4,64,128], f32[64,128]) {
+  %p = STATE parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %stack = f32[4,64,128]{2,1,0:T(8,128)} get-tuple-element(%p), index=1
+  %w = f32[64,128]{1,0:T(8,128)} get-tuple-element(%p), index=2
+  %cs = (f32[64,128]{1,0:T(8,128)S(1)}, f32[64,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%w)
+  %cd = f32[64,128]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %ss = ((f32[64,128]{1,0}), f32[16,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:16], [0:128]}
+  %sd = f32[16,128]{1,0:T(8,128)S(1)} slice-done(%ss)
+  %fusion.7 = f32[64,128]{1,0:T(8,128)S(1)} fusion(%stack, %i, %cd), kind=kOutput, calls=%outer_layer
+  %one = s32[]{:T(128)} constant(1)
+  %next = s32[]{:T(128)} add(%i, %one)
+  ROOT %t = STATE tuple(%next, %stack, %w)
+}
+
+%tpu_cond (c: (s32[], f32[4,64,128], f32[64,128])) -> pred[] {
+  %c = STATE parameter(0)
+  %n = s32[]{:T(128)} get-tuple-element(%c), index=0
+  %bound = s32[]{:T(128)} constant(BOUND)
+  ROOT %lt = pred[]{:T(512)} compare(%n, %bound), direction=LT
+}
+
+ENTRY %main (a: f32[4,64,128], b: f32[64,128]) -> f32[64,128] {
+  %a = f32[4,64,128]{2,1,0:T(8,128)} parameter(0)
+  %b = f32[64,128]{1,0:T(8,128)} parameter(1)
+  %start = s32[]{:T(128)} constant(START)
+  %start.copy = s32[]{:T(128)} copy(%start)
+  %init = STATE tuple(%start.copy, %a, %b)
+  %loop = STATE while(%init), condition=%tpu_cond, body=%tpu_body
+  ROOT %out = f32[64,128]{1,0:T(8,128)} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def _tpu_module(bound=5, start=0):
+    text = TPU_MODULE.replace("BOUND", str(bound)).replace("START", str(start))
+    return text.replace(
+        "STATE", "(s32[]{:T(128)}, f32[4,64,128]{2,1,0:T(8,128)}, f32[64,128]{1,0:T(8,128)})"
+    )
+
+
+def test_memory_spaces_other_than_hbm_count_nothing():
+    assert gpu_aot.shape_bytes("f32[64,128]{1,0:T(8,128)S(1)}") == 0
+    assert gpu_aot.shape_bytes("(f32[2]{0:S(1)}, f32[2]{0}, u32[]{:S(2)})") == 8
+
+
+def test_tpu_loops_trip_counts_are_read_off_the_condition():
+    assert gpu_aot.loop_kernels(_tpu_module())[1]["trip_count"] == 5
+    assert gpu_aot.loop_kernels(_tpu_module(bound=9, start=2))[1]["trip_count"] == 7
+    # a step other than +1, or a bound that is not a constant: unknown
+    assert (
+        gpu_aot.loop_kernels(_tpu_module().replace("constant(1)", "constant(2)"))[1]["trip_count"]
+        is None
+    )
+    text = _tpu_module().replace(
+        "%bound = s32[]{:T(128)} constant(5)",
+        "%bound = s32[]{:T(128)} get-tuple-element(%c), index=0",
+    )
+    assert gpu_aot.loop_kernels(text)[1]["trip_count"] is None
+
+
+def test_tpu_kernels_count_hbm_bytes_through_async_copies_and_nested_fusions():
+    kernels, _ = gpu_aot.loop_kernels(_tpu_module())
+    k = {k.name: k for k in kernels}
+    assert sorted(k) == ["cs", "fusion.7", "next", "ss"]  # the -done ops launch nothing
+    # copy-start: the f32[64,128] weight read from HBM into VMEM (written on chip: 0 bytes)
+    assert (k["cs"].bytes_read, k["cs"].bytes_written) == (64 * 128 * 4, 0)
+    # slice-start: only the 16 rows it takes
+    assert (k["ss"].bytes_read, k["ss"].bytes_written) == (16 * 128 * 4, 0)
+    # the fusion: one layer of the 4-layer stack through its nested fusion, the layer index,
+    # and the VMEM operand (0); its result stays in VMEM
+    assert (k["fusion.7"].bytes_read, k["fusion.7"].bytes_written) == (64 * 128 * 4 + 4, 0)
+
+
+DECODE_LOOPS = """HloModule jit_rollout, entry_computation_layout={()}
+
+%embed_one (e.0: bf16[8,1,16]) -> bf16[8,1,16] {
+  ROOT %e.0 = bf16[8,1,16]{2,1,0} parameter(0), metadata={op_name="jit(rollout)/Qwen2.embed/gather"}
+}
+
+%embed_chunk (f.0: bf16[8,4,16]) -> bf16[8,4,16] {
+  ROOT %f.0 = bf16[8,4,16]{2,1,0} parameter(0), metadata={op_name="jit(rollout)/Qwen2.embed/gather"}
+}
+
+%decode_body (p.d: bf16[8,1,16]) -> bf16[8,1,16] {
+  %p.d = bf16[8,1,16]{2,1,0} parameter(0)
+  ROOT %fusion.d = bf16[8,1,16]{2,1,0} fusion(%p.d), kind=kLoop, calls=%embed_one
+}
+
+%ingest_body (p.i: bf16[8,4,16]) -> bf16[8,4,16] {
+  %p.i = bf16[8,4,16]{2,1,0} parameter(0)
+  ROOT %fusion.i = bf16[8,4,16]{2,1,0} fusion(%p.i), kind=kLoop, calls=%embed_chunk
+}
+
+%outer_body (p.o: (bf16[8,1,16], bf16[8,4,16])) -> (bf16[8,1,16], bf16[8,4,16]) {
+  %p.o = (bf16[8,1,16]{2,1,0}, bf16[8,4,16]{2,1,0}) parameter(0)
+  %x = bf16[8,1,16]{2,1,0} get-tuple-element(%p.o), index=0
+  %y = bf16[8,4,16]{2,1,0} get-tuple-element(%p.o), index=1
+  %decode = bf16[8,1,16]{2,1,0} while(%x), condition=%cond1, body=%decode_body
+  %ingest = bf16[8,4,16]{2,1,0} while(%y), condition=%cond4, body=%ingest_body
+  ROOT %t.o = (bf16[8,1,16]{2,1,0}, bf16[8,4,16]{2,1,0}) tuple(%decode, %ingest)
+}
+
+%cond1 (c.1: bf16[8,1,16]) -> pred[] {
+  %c.1 = bf16[8,1,16]{2,1,0} parameter(0)
+  ROOT %k.1 = pred[] constant(false)
+}
+
+%cond4 (c.4: bf16[8,4,16]) -> pred[] {
+  %c.4 = bf16[8,4,16]{2,1,0} parameter(0)
+  ROOT %k.4 = pred[] constant(false)
+}
+
+%cond_o (c.o: (bf16[8,1,16], bf16[8,4,16])) -> pred[] {
+  %c.o = (bf16[8,1,16]{2,1,0}, bf16[8,4,16]{2,1,0}) parameter(0)
+  ROOT %k.o = pred[] constant(false)
+}
+
+ENTRY %main (a: (bf16[8,1,16], bf16[8,4,16])) -> (bf16[8,1,16], bf16[8,4,16]) {
+  %a = (bf16[8,1,16]{2,1,0}, bf16[8,4,16]{2,1,0}) parameter(0)
+  ROOT %outer = (bf16[8,1,16]{2,1,0}, bf16[8,4,16]{2,1,0}) while(%a), condition=%cond_o, body=%outer_body
+}
+"""
+
+
+def test_decode_loops_are_those_whose_every_embedding_is_one_token_a_row():
+    # the embedding sits inside a fused computation (as the TPU compiler leaves it, under the
+    # fusion's own op name): found there; the loop around both loops embeds both shapes
+    module = gpu_aot.parse_hlo(DECODE_LOOPS)
+    assert gpu_aot.decode_loops(module) == {"decode": "decode_body"}

@@ -320,3 +320,22 @@ def test_prompts_are_padded_to_a_few_widths():
         ids, mask, active = prepare_prompts([[5] * longest, [6] * 3], cfg, vocab_size=VOCAB)
         assert ids.shape == (2, width) and mask.sum() == longest + 3 and active.all()
         assert mask[0, -longest:].all() and mask[1, -3:].all() and not mask[1, :-3].any()
+
+
+def test_writing_one_column_a_row_equals_numpy_with_the_update_clamped():
+    # A decode step writes one column a row as a select (a scatter is a loop over the rows on
+    # TPUs); several columns stay a per-row dynamic_update_slice. Both against NumPy, with
+    # starts at the buffer's end clamped into it as dynamic_update_slice clamps them.
+    rng = np.random.default_rng(0)
+    buf = rng.integers(0, 100, (5, 6)).astype(np.int32)
+    start = np.array([0, 3, 5, 7, 2], np.int32)  # 7: past the end, written at column 5
+    for width in (1, 2):
+        values = rng.integers(100, 200, (5, width)).astype(np.int32)
+        want = buf.copy()
+        for row in range(5):
+            col = min(start[row], 6 - width)
+            want[row, col : col + width] = values[row]
+        got = loop_module._write(jnp.asarray(buf), jnp.asarray(values), jnp.asarray(start))
+        np.testing.assert_array_equal(np.asarray(got), want)
+    floats = loop_module._write(jnp.zeros((2, 3)), jnp.array([[True], [False]]), jnp.array([1, 2]))
+    np.testing.assert_array_equal(np.asarray(floats), [[0, 1, 0], [0, 0, 0]])

@@ -101,21 +101,22 @@ MiB = 1024**2
 @dataclass(frozen=True)
 class TpuKind:
     """A TPU generation: libtpu's topology prefix, what the slice name's number counts, the bf16
-    dense peak (TFLOP/s per chip) and the HBM per chip (GiB)."""
+    dense peak (TFLOP/s per chip), the HBM per chip (GiB) and its bandwidth (bytes/s)."""
 
     name: str
     counts: str  # "chips" (v5e-16 = 16 chips) or "cores" (v5p-16 = 8 chips of 2 TensorCores)
     peak_tflops: float
     hbm_gib: float
     dims: int  # 2: an X x Y torus; 3: X x Y x Z
+    hbm_bytes_s: float = 0.0
 
 
-# Public figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm, per chip, bf16 dense).
+# Public figures (cloud.google.com/tpu/docs, each generation's page: per chip, bf16 dense).
 TPU_KINDS = {
-    "v4": TpuKind("v4", "cores", 275.0, 32.0, 3),
-    "v5e": TpuKind("v5e", "chips", 197.0, 16.0, 2),
-    "v5p": TpuKind("v5p", "cores", 459.0, 95.0, 3),
-    "v6e": TpuKind("v6e", "chips", 918.0, 32.0, 2),
+    "v4": TpuKind("v4", "cores", 275.0, 32.0, 3, 1200e9),
+    "v5e": TpuKind("v5e", "chips", 197.0, 16.0, 2, 819e9),
+    "v5p": TpuKind("v5p", "cores", 459.0, 95.0, 3, 2765e9),
+    "v6e": TpuKind("v6e", "chips", 918.0, 32.0, 2, 1638e9),
 }
 KNOWN_TARGETS = (
     "tpu:v4-N (N TensorCores: 8, 16, 32, ...), tpu:v5e-N (N chips: 4, 8, 16, ..., 256), "

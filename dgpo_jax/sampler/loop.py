@@ -209,6 +209,13 @@ def _write(buf: Array, values: Array, start: Array, rows: Array | None = None) -
     """buf ``[B, N]``; values ``[M, T]`` written from per-row column ``start [M]`` into rows
     `rows [M]` (None: all B rows, M = B; an index >= B is dropped)."""
     values = values.astype(buf.dtype)
+    if rows is None and values.shape[1] == 1:
+        # One column a row (a decode step): a select over the buffer, where a per-row update
+        # is a scatter that the TPU compiler runs as a loop over the rows (B serial steps a
+        # buffer, five buffers a decode step; docs/sampler.md). The column is clamped into
+        # the buffer as dynamic_update_slice clamps it.
+        col = jnp.clip(start, 0, buf.shape[1] - 1)[:, None]
+        return jnp.where(jnp.arange(buf.shape[1])[None] == col, values, buf)
     if rows is None:
         return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(
             buf, values, start
