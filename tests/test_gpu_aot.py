@@ -494,3 +494,27 @@ def test_decode_loops_are_those_whose_every_embedding_is_one_token_a_row():
     # fusion's own op name): found there; the loop around both loops embeds both shapes
     module = gpu_aot.parse_hlo(DECODE_LOOPS)
     assert gpu_aot.decode_loops(module) == {"decode": "decode_body"}
+
+
+def test_the_tpu_compile_of_the_tiny_model_reads_its_loops():
+    # libtpu's compiler on this host (no TPU): every decode variant's loop runs its 32 steps
+    # (checked by the script), both sampler layer choices have decode loops, and the sampler
+    # writes its per-row outputs without the per-row update loops TPUs make of a scatter.
+    pytest.importorskip("libtpu", reason="libtpu not installed")
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    run = subprocess.run(
+        [sys.executable, _PATH, "--tpu", "v5e", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["chip"] == "TPU v5 lite" and out["floor_us"] == 0.0
+    assert set(out["decode"]["variants"]) == {"window", "switch", "unrolled", "unrolled_cache"}
+    for layers in ("scan", "split"):
+        sampler = out["sampler"][layers]
+        assert sampler["decode_layers"] == layers and sampler["decode_loops"] >= 1
+        assert "dynamic-update-slice" not in sampler["whole_cache_loop"]["by_kind"]
