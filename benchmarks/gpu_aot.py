@@ -653,9 +653,10 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
     }
     if not loops:
         raise RuntimeError("no decode loop (one embedding [B, 1, D]) in the compiled rollout")
-    # One decode loop per key window: the whole-cache loop, the one the `decode` stage's
-    # variants compare with, reads the most.
-    last = max(loops, key=lambda name: loops[name]["bytes"])
+    # One decode loop per key window, in the program's order (narrow to wide): the last is the
+    # whole-cache loop, the one the `decode` stage's variants compare with. (Not the one that
+    # moves the most: on a TPU with split layers the narrower windows copy the caches.)
+    last = list(loops)[-1]
     return {
         "decode_layers": resolve_decode_layers(cfg, resolve_decode_path(cfg, plan), plan),
         "compile_s": round(time.perf_counter() - t0, 1),
