@@ -545,6 +545,14 @@ def _measure(compiled, args, text_dir: str, name: str, steps: int | None = None)
     return out
 
 
+def _shape(args) -> tuple[int, int, int]:
+    """(batch, prompt tokens, decoded tokens): the benchmark's (the tiny model's with
+    ``--quick``), each overridable (``--batch``, ``--prompt``, ``--steps``)."""
+    default = (8, 64, 32) if args.quick else (256, 512, 256)
+    given = (args.batch, args.prompt, args.steps)
+    return tuple(g or d for g, d in zip(given, default, strict=True))
+
+
 def stage_decode(args, device) -> dict:
     """The decode stage's variants (`gpu.decode_variants`), compiled for ``args.gpu``."""
     import gpu  # noqa: PLC0415 (benchmarks/gpu.py, beside this file; imports JAX)
@@ -562,7 +570,7 @@ def stage_decode(args, device) -> dict:
     from dgpo_jax.parallel.sharding import ShardingPlan  # noqa: PLC0415
 
     config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
-    batch, prompt, steps = (8, 64, 32) if args.quick else (256, 512, 256)
+    batch, prompt, steps = _shape(args)
     cache_len, dtype = prompt + steps, jnp.bfloat16
     params = jax.eval_shape(lambda: cast_params(init_params(config, jax.random.key(0)), dtype))
     cache = jax.eval_shape(lambda: init_cache(config, batch, cache_len, dtype))
@@ -627,7 +635,7 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
     )
 
     config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
-    batch, prompt, steps = (8, 64, 32) if args.quick else (256, 512, 256)
+    batch, prompt, steps = _shape(args)
     cfg = gpu.plain_decode_config(config, prompt, steps, layers).compiled()
     plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
     params = jax.eval_shape(
@@ -658,6 +666,8 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
     # moves the most: on a TPU with split layers the narrower windows copy the caches.)
     last = list(loops)[-1]
     return {
+        "batch": batch,
+        "context": f"{prompt} prompt + {steps} decoded",
         "decode_layers": resolve_decode_layers(cfg, resolve_decode_path(cfg, plan), plan),
         "compile_s": round(time.perf_counter() - t0, 1),
         "decode_loops": len(loops),
@@ -686,6 +696,16 @@ def main(argv=None) -> int:
         f"{_GPU_VARIANTS} on a GPU, {_TPU_VARIANTS} on a TPU)",
     )
     p.add_argument("--stages", default="decode,sampler", help="decode, sampler or both")
+    p.add_argument("--batch", type=int, default=0, help="rows (default 256; 8 with --quick)")
+    p.add_argument("--prompt", type=int, default=0, help="prompt tokens (512; 64)")
+    p.add_argument("--steps", type=int, default=0, help="decoded tokens (256; 32)")
+    p.add_argument(
+        "--key-chunk",
+        type=int,
+        default=None,
+        help="one-query attention's key chunk in slots (0: none; default: the model's rule, "
+        "qwen2._key_chunk: on TPUs what fits 32 MiB of keys a layer)",
+    )
     p.add_argument(
         "--sampler-layers",
         default="",
@@ -727,6 +747,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: PLC0415 (after JAX_PLATFORMS is set)
 
+    if args.key_chunk is not None:
+        from dgpo_jax.models import qwen2  # noqa: PLC0415 (imports JAX)
+
+        qwen2.KEY_CHUNK_SLOTS = args.key_chunk
     device = compile_only_devices(args.tpu or args.gpu)[0]
     print(f"[gpu_aot] compiling for {device.device_kind} on this host, jax {jax.__version__}")
     import attention  # noqa: PLC0415 (benchmarks/attention.py: the host's name)
@@ -737,6 +761,7 @@ def main(argv=None) -> int:
         "jax": jax.__version__,
         "floor_us": args.floor_us,
         "autotune": args.autotune or None,
+        "key_chunk": "rule" if args.key_chunk is None else args.key_chunk,
     }
     stages = [v for v in args.stages.split(",") if v]
     if set(stages) - {"decode", "sampler"}:

@@ -229,7 +229,9 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
 def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models, monkeypatch):
     """One-token decode steps in both forms of the cached one-query attention, forced on CPU:
     batched dots (the form off CPU) and the float32 multiply-and-reduce (XLA:CPU's form), each
-    with a static key window and with a per-layer window switch, give transformers' logits."""
+    with a static key window and with a per-layer window switch, give transformers' logits; so
+    do the dots over key chunks (TPUs' form for wide windows) of 16 slots (40 = 16 + 16 + 8,
+    and the switch's 40-slot window in chunks, its 32-slot one in two)."""
     path, hf = hf_models[(False, 1e6)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
     rng = np.random.RandomState(7)
@@ -242,9 +244,12 @@ def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models,
         seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
         # Step i's logits are transformers' at the position of new[:, i].
         refs.append(_hf_logits(hf, seq[None])[0][-new.shape[1] :])
-    for form in ("dots", "reduce"):
+    for form, chunk in (("dots", 0), ("reduce", 0), ("dots", 16)):
         monkeypatch.setattr(qwen2, "DECODE_ATTENTION_FORM", form)
-        # A fresh jit per form: the form is read when the step is traced.
+        monkeypatch.setattr(qwen2, "KEY_CHUNK_SLOTS", chunk)
+        # Traced afresh per form (the form is read when the step is traced; a new jit of the
+        # same function would reuse JAX's cached trace of the previous form).
+        jax.clear_caches()
         step = jax.jit(forward_with_cache, static_argnames=("config", "window"))
         for window in (40, None):
             cache = init_cache(config, 2, 40)
@@ -255,7 +260,26 @@ def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models,
                 logits.append(np.asarray(out[:, 0]))
             for row in range(2):
                 got = np.stack([lg[row] for lg in logits])
-                assert np.abs(got - refs[row]).max() <= 1e-4, (form, window, row)
+                assert np.abs(got - refs[row]).max() <= 1e-4, (form, chunk, window, row)
+
+
+def test_key_chunks_on_tpus_fit_the_budget_per_device(monkeypatch):
+    """Key chunk widths by hand: the largest power of two (>= 128) whose keys of one layer on
+    one device fit 32 MiB, on TPUs only. The 0.5B model's cache (2 KV heads of 64, bf16): 256
+    rows hold 64 KiB a slot, so 512 slots; 32 rows, 4096; 32 rows over 4 devices, 8 a device,
+    16384; never below 128."""
+    cache = lambda rows: jax.ShapeDtypeStruct((24, rows, 2, 8704, 64), jnp.bfloat16)  # noqa: E731
+    assert qwen2._key_chunk(cache(256), None) == 0  # the CPU: no chunks
+    monkeypatch.setattr(qwen2, "compile_platform", lambda plan=None: "tpu")
+    assert qwen2._key_chunk(cache(256), None) == 512
+    assert qwen2._key_chunk(cache(32), None) == 4096
+    assert qwen2._key_chunk(cache(4096), None) == 128
+
+    class FourWay:  # a plan whose batch axis spans 4 devices (spec and mesh shape only)
+        spec = staticmethod(lambda names, shape: jax.sharding.PartitionSpec(("data", "fsdp")))
+        mesh = type("M", (), {"shape": {"data": 2, "fsdp": 2}})()
+
+    assert qwen2._key_chunk(cache(32), FourWay()) == 16384
 
 
 def test_ragged_blocks_fewest_splits_for_enough_programs():
@@ -295,6 +319,7 @@ def test_pallas_decode_kernel_matches_transformers(hf_models, monkeypatch):
         assert np.abs(np.stack([g[row] for g in got]) - ref).max() <= 1e-4, row
     # The same steps with the slots in 3 key splits (their partial results combined).
     monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", (3, 16))
+    jax.clear_caches()  # else the new jit reuses JAX's cached trace with the default blocks
     split_step = jax.jit(forward_with_cache, static_argnames=("config", "window", "decode_kernel"))
     cache3 = split_cache(init_cache(config, 3, 48))
     _, cache3 = split_step(config, split, prompt, cache3, pmask)

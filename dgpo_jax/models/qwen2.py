@@ -25,6 +25,7 @@ positions restart per sequence and attention stays within it, computed by the ke
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -297,18 +298,85 @@ def _one_query_dots(plan) -> bool:
     return compile_platform(plan) != "cpu"
 
 
-def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False):
+# One-query attention on TPUs reads a wide key window in chunks: the TPU compiler moves a
+# layer's window into the core's VMEM in the dots' layout, and one too large for it (about 34
+# MB of keys a layer and more, e.g. 256 rows x 768 slots of the 0.5B model, or 32 rows x 6144)
+# it copies out to HBM in that layout first, then reads back: three passes over the window
+# instead of one (docs/scaleout.md). None: `_key_chunk` decides; an int forces it (0: none).
+KEY_CHUNK_SLOTS: int | None = None
+TPU_KEY_CHUNK_BYTES = 32 * 2**20  # one layer's keys of one chunk, on one device
+
+
+def _local_rows(plan, rows: int) -> int:
+    """The rows of a ``rows``-row batch one device holds under ``plan`` (all without one)."""
+    if plan is None:
+        return rows
+    entry = plan.spec(("batch",), (rows,))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return rows // math.prod(dict(plan.mesh.shape)[a] for a in axes)
+
+
+def _key_chunk(ck, plan) -> int:
+    """Slots per key chunk of one-query attention over the cache ``ck [L, B, K, S, Dh]`` (0: no
+    chunks): on a TPU the largest power of two, at least 128, whose keys of one layer on one
+    device fit `TPU_KEY_CHUNK_BYTES`; elsewhere none (`KEY_CHUNK_SLOTS` overrides)."""
+    if KEY_CHUNK_SLOTS is not None:
+        return KEY_CHUNK_SLOTS
+    if compile_platform(plan) != "tpu":
+        return 0
+    _, b, k, _, dh = ck.shape
+    per_slot = _local_rows(plan, b) * k * dh * jnp.dtype(ck.dtype).itemsize
+    chunk = 128
+    while 2 * chunk * per_slot <= TPU_KEY_CHUNK_BYTES:
+        chunk *= 2
+    return chunk
+
+
+def _chunked_one_query(q, ck, cv, layer, mask, width, chunk, dtype):
+    """One-query attention of q ``[B, 1, K, G, Dh]`` over slots ``[0, width)`` of `layer`, read
+    in key chunks of ``chunk`` slots (the last may be shorter), each sliced out of the cache on
+    its own, combined by their maxima and sums (one softmax over the window, up to rounding)."""
+    b, _, kv, groups, hd = q.shape
+    queries = q[:, 0].reshape(b, kv, groups, hd).astype(dtype)
+    top = total = acc = None
+    for start in range(0, width, chunk):
+        size = min(chunk, width - start)
+        corner = (layer, 0, 0, start, 0)
+        keys = jax.lax.dynamic_slice(ck, corner, (1, b, kv, size, hd))[0].astype(dtype)
+        values = jax.lax.dynamic_slice(cv, corner, (1, b, kv, size, hd))[0].astype(dtype)
+        scores = jnp.einsum("bkqh,bksh->bkqs", queries, keys, preferred_element_type=jnp.float32)
+        visible = mask[:, 0, start : start + size][:, None, None, :]
+        scores = jnp.where(visible, scores * (hd**-0.5), _NEG)
+        high = jnp.max(scores, axis=-1, keepdims=True)
+        probs = jnp.exp(scores - high)
+        part = jnp.einsum(
+            "bkqs,bksh->bkqh", probs.astype(dtype), values, preferred_element_type=jnp.float32
+        )
+        part_total = jnp.sum(probs, axis=-1, keepdims=True)
+        if top is None:
+            top, total, acc = high, part_total, part
+            continue
+        new_top = jnp.maximum(top, high)
+        old, cur = jnp.exp(top - new_top), jnp.exp(high - new_top)
+        top, total, acc = new_top, total * old + part_total * cur, acc * old + part * cur
+    return (acc / total).reshape(b, 1, kv, groups, hd)
+
+
+def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False, chunk=0):
     """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
     restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
     scalar: no query of this step sees a slot >= span). The window is picked with
     ``lax.switch``, so a step costs the context actually in use, not the whole cache. A Python
     int ``span`` is a static window width: no switch (the caller picked it for the step).
     ``dots``: one query per row by batched dots, else the float32 multiply-and-reduce
-    (`_one_query_dots`)."""
+    (`_one_query_dots`). ``chunk``: read a window of all rows wider than this in key chunks
+    of it (`_key_chunk`; 0: never)."""
     widths = span_buckets(ck.shape[3])
 
     def window(width):
         def attend(q, ck, cv, mask):
+            if chunk and dots and rows is None and q.shape[1] == 1 and width > chunk:
+                return _chunked_one_query(q, ck, cv, layer, mask, width, chunk, dtype)
             keys = _read_kv(ck, layer, rows, width)
             values = _read_kv(cv, layer, rows, width)
             return _attention_window(q, keys, values, mask[:, :, :width], dtype, dots)
@@ -382,7 +450,8 @@ class Attention(nn.Module):
                 attn = _ragged_decode_attention(qg, ck, cv, mask, self.plan)
             else:
                 dots = _one_query_dots(self.plan)
-                attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots)
+                chunk = _key_chunk(ck, self.plan)
+                attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots, chunk)
         out = _matmul("btnh,nhd->btd", attn.astype(x.dtype).reshape(b, t, h, hd), wo, self.plan)
         return out, cache
 
