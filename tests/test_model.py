@@ -226,6 +226,46 @@ def test_cache_row_subsets_and_key_windows_match_transformers(hf_models):
         step(config, params, steps[0][0], split_cache(init_cache(config, 3, slots)), steps[0][1])
 
 
+def test_chunks_written_by_layer_equal_the_direct_scatter(hf_models, monkeypatch):
+    """Multi-token steps of all rows written into the layer's slice of the stacked cache (TPUs'
+    form) leave the same cache, bit for bit, and the same logits as the scatter into the stack,
+    with left-padded prompts, a right-padded chunk and a write past the cache's end dropped;
+    both match transformers."""
+    path, hf = hf_models[(False, 1e6)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    rng = np.random.RandomState(11)
+    pmask = np.ones((2, 12), np.int64)
+    pmask[1, :5] = 0
+    chunk_mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    steps = [(rng.randint(0, 256, (2, 12)), pmask), (rng.randint(0, 256, (2, 6)), chunk_mask)]
+    steps.append((rng.randint(0, 256, (2, 6)), np.ones((2, 6), np.int64)))  # row 0: 18 -> 24
+    results = {}
+    for by_layer in (False, True):
+        monkeypatch.setattr(qwen2, "WRITE_CHUNKS_BY_LAYER", by_layer)
+        jax.clear_caches()  # the form is read when the step is traced
+        step = jax.jit(forward_with_cache, static_argnames=("config",))
+        cache, logits = init_cache(config, 2, 22), []
+        for ids, mask in steps:
+            out, cache = step(config, params, ids, cache, mask)
+            logits.append(np.asarray(out))
+        results[by_layer] = (logits, cache)
+    for a, b in zip(results[False][0], results[True][0]):
+        np.testing.assert_array_equal(a, b)
+    for field in ("k", "v", "valid", "end"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(results[False][1], field)),
+            np.asarray(getattr(results[True][1], field)),
+        )
+    # row 0's last step wrote slots 18..23 of 22: the last two were dropped, not wrapped
+    assert int(results[True][1].end[0]) == 24 and bool(results[True][1].valid[0, 21])
+    seq = np.concatenate([steps[0][0][0], steps[1][0][0], steps[2][0][0][:4]])
+    ref = _hf_logits(hf, seq[None])[0]
+    got = np.concatenate(
+        [results[True][0][0][0], results[True][0][1][0], results[True][0][2][0][:4]]
+    )
+    assert np.abs(got - ref).max() <= 1e-4
+
+
 def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models, monkeypatch):
     """One-token decode steps in both forms of the cached one-query attention, forced on CPU:
     batched dots (the form off CPU) and the float32 multiply-and-reduce (XLA:CPU's form), each

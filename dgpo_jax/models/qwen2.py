@@ -119,14 +119,41 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-def _scatter_kv(buf: Array, new: Array, layer: Array, rows: Array | None, slots: Array) -> Array:
+# On TPUs a chunk of several tokens a row is written into its layer's slice of the stacked cache
+# (sliced out, updated, put back in place): written into the stack directly, the TPU compiler
+# relaid the whole stack out for the scatter and back, in every layer (docs/scaleout.md).
+# None: by the platform (`_write_by_layer`); a bool forces it.
+WRITE_CHUNKS_BY_LAYER: bool | None = None
+
+
+def _write_by_layer(plan, tokens: int) -> bool:
+    if WRITE_CHUNKS_BY_LAYER is not None:
+        return WRITE_CHUNKS_BY_LAYER and tokens > 1
+    return tokens > 1 and compile_platform(plan) == "tpu"
+
+
+def _scatter_kv(
+    buf: Array,
+    new: Array,
+    layer: Array,
+    rows: Array | None,
+    slots: Array,
+    by_layer: bool = False,
+) -> Array:
     """Write this step's keys (or values) into the stacked cache in place.
 
     buf ``[L, B, K, S, Dh]``; new ``[M, T, K, Dh]`` for cache rows ``rows [M]`` (None: all B
     rows, M = B) at per-token slots ``slots [M, T]``; out-of-range slots/rows are dropped. Only
-    the M x T new entries are written (no copy of the layer's cache).
+    the M x T new entries are written (no copy of the layer's cache), or with ``by_layer``
+    (all rows) into the layer's slice, which is then put back (`WRITE_CHUNKS_BY_LAYER`).
     """
     row_index = jnp.arange(new.shape[0]) if rows is None else rows
+    if by_layer and rows is None:
+        _, b, k, s, dh = buf.shape
+        corner = (layer, 0, 0, 0, 0)
+        part = jax.lax.dynamic_slice(buf, corner, (1, b, k, s, dh))[0]
+        part = part.at[row_index[:, None], :, slots, :].set(new.astype(buf.dtype), mode="drop")
+        return jax.lax.dynamic_update_slice(buf, part[None], corner)
     return buf.at[layer, row_index[:, None], :, slots, :].set(new.astype(buf.dtype), mode="drop")
 
 
@@ -443,8 +470,9 @@ class Attention(nn.Module):
             )
         else:
             rows, slots, span, kernel = cache_io
-            ck = _scatter_kv(cache[0], k, layer, rows, slots)
-            cv = _scatter_kv(cache[1], v, layer, rows, slots)
+            by_layer = _write_by_layer(self.plan, t)
+            ck = _scatter_kv(cache[0], k, layer, rows, slots, by_layer)
+            cv = _scatter_kv(cache[1], v, layer, rows, slots, by_layer)
             cache = (ck, cv)
             if kernel == "pallas" and t == 1:  # per-layer cache, all rows (forward_with_cache)
                 attn = _ragged_decode_attention(qg, ck, cv, mask, self.plan)
