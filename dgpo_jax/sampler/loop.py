@@ -330,10 +330,10 @@ def resolve_decode_layers(
     copies a layer's weights out of the stacked arrays every step) and on a GPU (XLA:GPU copies
     a layer's slice of the stacked weights and KV cache before each dot: the 0.5B decode step
     on an H200 took 4.66 ms scanned, 2.52 ms split with a per-layer cache, docs/gpu.md), else
-    scan (the accelerator path forced on CPU, which compiles faster scanned; TPUs, where
-    libtpu's compile of the sampler moves fewer bytes scanned in every key window but the
-    whole-cache one, docs/scaleout.md). Split layers also split the KV cache into one array
-    per layer. ``platform``:
+    scan (the accelerator path forced on CPU, which compiles faster scanned; TPUs, where in
+    libtpu's compile of the sampler split layers copy each layer's cache for every key window
+    narrower than the cache, docs/scaleout.md). Split layers also split the KV cache into one
+    array per layer. ``platform``:
     the platform to decide for (default: the plan's, `compile_platform`), e.g. the GPUs that a
     memory plan's fake CPU devices stand for."""
     if config.decode_layers != "auto":
