@@ -259,6 +259,8 @@ def test_plan_knobs_are_checked_before_compiling(field, value, message):
         ("tpu:v6e-8", "v6e:2x4"),
         ("tpu:v5p-16", "v5p:2x2x2"),  # v5p and v4 slice names count TensorCores, 2 per chip
         ("tpu:v4-32", "v4:2x2x4"),
+        ("tpu:v5p-8", "v5p:2x2x1"),  # one host's 4 chips: a side of 1 last, as libtpu wants
+        ("tpu:v4-8", "v4:2x2x1"),
         ("tpu:v5e:2x4", "v5e:2x4"),
     ],
 )

@@ -305,12 +305,14 @@ def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models,
 
 def test_key_chunks_on_tpus_fit_the_budget_per_device(monkeypatch):
     """Key chunk widths by hand: the largest power of two (>= 128) whose keys of one layer on
-    one device fit 32 MiB, on TPUs only. The 0.5B model's cache (2 KV heads of 64, bf16): 256
-    rows hold 64 KiB a slot, so 512 slots; 32 rows, 4096; 32 rows over 4 devices, 8 a device,
-    16384; never below 128."""
+    one device fit the generation's budget (32 MiB on a v5e, 16 MiB on the others), on TPUs
+    only. The 0.5B model's cache (2 KV heads of 64, bf16): 256 rows hold 64 KiB a slot, so 512
+    slots on a v5e and 256 on a v6e; 32 rows, 4096; 32 rows over 4 devices, 8 a device, 16384;
+    never below 128."""
     cache = lambda rows: jax.ShapeDtypeStruct((24, rows, 2, 8704, 64), jnp.bfloat16)  # noqa: E731
     assert qwen2._key_chunk(cache(256), None) == 0  # the CPU: no chunks
     monkeypatch.setattr(qwen2, "compile_platform", lambda plan=None: "tpu")
+    monkeypatch.setattr(qwen2, "_device_kind", lambda plan=None: "TPU v5 lite")
     assert qwen2._key_chunk(cache(256), None) == 512
     assert qwen2._key_chunk(cache(32), None) == 4096
     assert qwen2._key_chunk(cache(4096), None) == 128
@@ -320,6 +322,8 @@ def test_key_chunks_on_tpus_fit_the_budget_per_device(monkeypatch):
         mesh = type("M", (), {"shape": {"data": 2, "fsdp": 2}})()
 
     assert qwen2._key_chunk(cache(32), FourWay()) == 16384
+    monkeypatch.setattr(qwen2, "_device_kind", lambda plan=None: "TPU v6 lite")
+    assert qwen2._key_chunk(cache(256), None) == 256
 
 
 def test_ragged_blocks_fewest_splits_for_enough_programs():

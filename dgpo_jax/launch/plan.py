@@ -183,13 +183,15 @@ def cuda_plugin_installed() -> bool:
 
 
 def _grid(chips: int, dims: int) -> str:
-    """The most even power-of-two torus of ``chips`` chips: 16 -> 4x4 (2-D), 8 -> 2x2x2."""
+    """The most even power-of-two torus of ``chips`` chips, as Cloud TPU names them: 16 -> 4x4
+    (2-D), 8 -> 2x2x2, 4 -> 2x2x1 (a side of 1 last: libtpu rejects 1x2x2, which is not a
+    multiple of a host's 2x2x1 chips)."""
     if chips < 1 or chips & (chips - 1):
         raise ValueError(f"{chips} chips is not a power of two")
     sides = [1] * dims
     for i in range(int(math.log2(chips))):
         sides[i % dims] *= 2
-    return "x".join(str(s) for s in sorted(sides))
+    return "x".join(str(s) for s in sorted(sides, key=lambda side: (side == 1, side)))
 
 
 @dataclass(frozen=True)

@@ -326,12 +326,17 @@ def _one_query_dots(plan) -> bool:
 
 
 # One-query attention on TPUs reads a wide key window in chunks: the TPU compiler moves a
-# layer's window into the core's VMEM in the dots' layout, and one too large for it (about 34
-# MB of keys a layer and more, e.g. 256 rows x 768 slots of the 0.5B model, or 32 rows x 6144)
-# it copies out to HBM in that layout first, then reads back: three passes over the window
-# instead of one (docs/scaleout.md). None: `_key_chunk` decides; an int forces it (0: none).
+# layer's window into the core's VMEM in the dots' layout, and one too large for it (on a v5e
+# about 34 MB of keys a layer and more, e.g. 256 rows x 768 slots of the 0.5B model, or 32
+# rows x 6144) it copies out to HBM in that layout first, then reads back: three passes over
+# the window instead of one (docs/scaleout.md). None: `_key_chunk` decides; an int forces it
+# (0: none).
 KEY_CHUNK_SLOTS: int | None = None
-TPU_KEY_CHUNK_BYTES = 32 * 2**20  # one layer's keys of one chunk, on one device
+# One layer's keys of one chunk on one device, by TPU generation (device kind): the budgets
+# that moved the fewest bytes in libtpu's compile of the sampler (v5e 32 MiB; v4, v5p, v6e 16
+# MiB, where 32 MiB chunks still spilled or spilled more than none on v6e).
+TPU_KEY_CHUNK_BYTES = {"TPU v5 lite": 32 * 2**20}
+TPU_KEY_CHUNK_BYTES_DEFAULT = 16 * 2**20
 
 
 def _local_rows(plan, rows: int) -> int:
@@ -343,18 +348,27 @@ def _local_rows(plan, rows: int) -> int:
     return rows // math.prod(dict(plan.mesh.shape)[a] for a in axes)
 
 
+def _device_kind(plan) -> str:
+    """The device kind a step is compiled for (the plan's devices', else the default one's)."""
+    return (
+        plan.mesh.devices.flat[0].device_kind if plan is not None else jax.devices()[0].device_kind
+    )
+
+
 def _key_chunk(ck, plan) -> int:
     """Slots per key chunk of one-query attention over the cache ``ck [L, B, K, S, Dh]`` (0: no
     chunks): on a TPU the largest power of two, at least 128, whose keys of one layer on one
-    device fit `TPU_KEY_CHUNK_BYTES`; elsewhere none (`KEY_CHUNK_SLOTS` overrides)."""
+    device fit the generation's `TPU_KEY_CHUNK_BYTES`; elsewhere none (`KEY_CHUNK_SLOTS`
+    overrides)."""
     if KEY_CHUNK_SLOTS is not None:
         return KEY_CHUNK_SLOTS
     if compile_platform(plan) != "tpu":
         return 0
+    budget = TPU_KEY_CHUNK_BYTES.get(_device_kind(plan), TPU_KEY_CHUNK_BYTES_DEFAULT)
     _, b, k, _, dh = ck.shape
     per_slot = _local_rows(plan, b) * k * dh * jnp.dtype(ck.dtype).itemsize
     chunk = 128
-    while 2 * chunk * per_slot <= TPU_KEY_CHUNK_BYTES:
+    while 2 * chunk * per_slot <= budget:
         chunk *= 2
     return chunk
 
