@@ -10,6 +10,12 @@ not do here is autotune: gemm tilings, split-K and Triton against cuBLAS are XLA
 not what a GPU's autotuner picks, so kernel counts carry over, a gemm's partial sums (bytes)
 may not, and times do not.
 
+``--tpu v5e`` (``v4``, ``v5p``, ``v6e``; needs the ``tpu`` extra, libtpu) compiles the same
+programs for the first chip of the generation's smallest slice with the TPU compiler, and the
+reader applies the TPU's rules: arrays in the core's VMEM (``S(1)``) move no HBM bytes,
+asynchronous copies and slices read their source once, nested fusions read what they slice,
+trip counts come from the loops' conditions; no launch floor (docs/scaleout.md).
+
 What it reports, per decode variant (those of ``benchmarks/gpu.py``'s decode stage) and for
 the sampler's own decode loop (``Sampler.generate``'s compiled rollout, plain decode):
   * kernels per decode step, by kind (gemm fusions, other fusions by XLA's name, copies,
