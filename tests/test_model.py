@@ -19,6 +19,7 @@ from dgpo_jax.models import (
     qwen2,
 )
 from dgpo_jax.models.qwen2 import span_buckets, split_cache, split_layers
+from dgpo_jax.parallel.sharding import ShardingPlan
 from tests.conftest import make_hf_model
 
 
@@ -308,7 +309,8 @@ def test_key_chunks_on_tpus_fit_the_budget_per_device(monkeypatch):
     one device fit the generation's budget (32 MiB on a v5e, 16 MiB on the others), on TPUs
     only. The 0.5B model's cache (2 KV heads of 64, bf16): 256 rows hold 64 KiB a slot, so 512
     slots on a v5e and 256 on a v6e; 32 rows, 4096; 32 rows over 4 devices, 8 a device, 16384;
-    never below 128."""
+    6 rows, which 4 does not divide, over the 2 of `data` only: 3 a device, 768 bytes a slot,
+    32768; never below 128."""
     cache = lambda rows: jax.ShapeDtypeStruct((24, rows, 2, 8704, 64), jnp.bfloat16)  # noqa: E731
     assert qwen2._key_chunk(cache(256), None) == 0  # the CPU: no chunks
     monkeypatch.setattr(qwen2, "compile_platform", lambda plan=None: "tpu")
@@ -317,11 +319,11 @@ def test_key_chunks_on_tpus_fit_the_budget_per_device(monkeypatch):
     assert qwen2._key_chunk(cache(32), None) == 4096
     assert qwen2._key_chunk(cache(4096), None) == 128
 
-    class FourWay:  # a plan whose batch axis spans 4 devices (spec and mesh shape only)
-        spec = staticmethod(lambda names, shape: jax.sharding.PartitionSpec(("data", "fsdp")))
-        mesh = type("M", (), {"shape": {"data": 2, "fsdp": 2}})()
-
-    assert qwen2._key_chunk(cache(32), FourWay()) == 16384
+    four_way = ShardingPlan(
+        jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    )
+    assert qwen2._key_chunk(cache(32), four_way) == 16384  # 8 rows a device
+    assert qwen2._key_chunk(cache(6), four_way) == 32768  # 6 rows: over data only, 3 a device
     monkeypatch.setattr(qwen2, "_device_kind", lambda plan=None: "TPU v6 lite")
     assert qwen2._key_chunk(cache(256), None) == 256
 

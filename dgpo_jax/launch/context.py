@@ -4,7 +4,6 @@ retriever, samplers and the evaluation of a policy."""
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import jax
@@ -101,10 +100,8 @@ def eval_sampler_configs(cfg, tokenizer) -> dict:
 
 
 def batch_shards(plan: ShardingPlan) -> int:
-    """How many ways the plan splits a batch's rows (the mesh axes of the ``batch`` rule)."""
-    spec = plan.spec(("batch",))[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return math.prod(int(plan.mesh.shape[a]) for a in axes)
+    """How many ways the plan splits a batch's rows (`ShardingPlan.batch_shards`)."""
+    return plan.batch_shards()
 
 
 class RunContext:

@@ -808,12 +808,6 @@ def rollout_inputs(plan: ShardingPlan, static, rows: int, prompt_width: int) -> 
     )
 
 
-def _batch_shards(plan: ShardingPlan) -> int:
-    spec = plan.spec(("batch",))[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return math.prod(int(plan.mesh.shape[a]) for a in axes)
-
-
 # ---------------------------------------------------------------------------- the programs ---
 @contextlib.contextmanager
 def host_calls_stubbed(plan):
@@ -1195,7 +1189,7 @@ def build_memory_plan(cfg) -> MemoryPlan:
     student = model("student", cfg.model.student, param_dtype)
     if cfg.model.remat != "none":
         student["config"] = student["config"].replace(remat=cfg.model.remat)
-    shapes = step_shapes(cfg, _batch_shards(plan))
+    shapes = step_shapes(cfg, plan.batch_shards())
     result.assumptions["attention"] = _attention_note(kernel, student["config"], plan, shapes.width)
     result.assumptions["update batches"] = shapes.describe()
     resident = {}

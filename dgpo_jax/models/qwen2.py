@@ -25,7 +25,6 @@ positions restart per sequence and attention stays within it, computed by the ke
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -149,21 +148,19 @@ def _scatter_kv(
     """
     row_index = jnp.arange(new.shape[0]) if rows is None else rows
     if by_layer and rows is None:
-        _, b, k, s, dh = buf.shape
-        corner = (layer, 0, 0, 0, 0)
-        part = jax.lax.dynamic_slice(buf, corner, (1, b, k, s, dh))[0]
+        part = _read_kv(buf, layer, None, buf.shape[3])
         part = part.at[row_index[:, None], :, slots, :].set(new.astype(buf.dtype), mode="drop")
-        return jax.lax.dynamic_update_slice(buf, part[None], corner)
+        return jax.lax.dynamic_update_slice(buf, part[None], (layer, 0, 0, 0, 0))
     return buf.at[layer, row_index[:, None], :, slots, :].set(new.astype(buf.dtype), mode="drop")
 
 
-def _read_kv(buf: Array, layer: Array, rows: Array | None, width: int) -> Array:
-    """Slots ``[0, width)`` of one layer: ``[M, K, width, Dh]`` for ``rows [M]`` (None: all; a
-    dummy row index >= B reads row B - 1)."""
+def _read_kv(buf: Array, layer: Array, rows: Array | None, width: int, start: int = 0) -> Array:
+    """Slots ``[start, start + width)`` of one layer: ``[M, K, width, Dh]`` for ``rows [M]``
+    (None: all; a dummy row index >= B reads row B - 1)."""
     if rows is None:
         _, b, k, _, dh = buf.shape
-        return jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b, k, width, dh))[0]
-    return buf[layer, jnp.minimum(rows, buf.shape[1] - 1), :, :width, :]
+        return jax.lax.dynamic_slice(buf, (layer, 0, 0, start, 0), (1, b, k, width, dh))[0]
+    return buf[layer, jnp.minimum(rows, buf.shape[1] - 1), :, start : start + width, :]
 
 
 def span_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
@@ -339,15 +336,6 @@ TPU_KEY_CHUNK_BYTES = {"TPU v5 lite": 32 * 2**20}
 TPU_KEY_CHUNK_BYTES_DEFAULT = 16 * 2**20
 
 
-def _local_rows(plan, rows: int) -> int:
-    """The rows of a ``rows``-row batch one device holds under ``plan`` (all without one)."""
-    if plan is None:
-        return rows
-    entry = plan.spec(("batch",), (rows,))[0]
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return rows // math.prod(dict(plan.mesh.shape)[a] for a in axes)
-
-
 def _device_kind(plan) -> str:
     """The device kind a step is compiled for (the plan's devices', else the default one's)."""
     return (
@@ -366,7 +354,8 @@ def _key_chunk(ck, plan) -> int:
         return 0
     budget = TPU_KEY_CHUNK_BYTES.get(_device_kind(plan), TPU_KEY_CHUNK_BYTES_DEFAULT)
     _, b, k, _, dh = ck.shape
-    per_slot = _local_rows(plan, b) * k * dh * jnp.dtype(ck.dtype).itemsize
+    rows = b if plan is None else b // plan.batch_shards(b)  # on one device
+    per_slot = rows * k * dh * jnp.dtype(ck.dtype).itemsize
     chunk = 128
     while 2 * chunk * per_slot <= budget:
         chunk *= 2
@@ -382,9 +371,8 @@ def _chunked_one_query(q, ck, cv, layer, mask, width, chunk, dtype):
     top = total = acc = None
     for start in range(0, width, chunk):
         size = min(chunk, width - start)
-        corner = (layer, 0, 0, start, 0)
-        keys = jax.lax.dynamic_slice(ck, corner, (1, b, kv, size, hd))[0].astype(dtype)
-        values = jax.lax.dynamic_slice(cv, corner, (1, b, kv, size, hd))[0].astype(dtype)
+        keys = _read_kv(ck, layer, None, size, start).astype(dtype)
+        values = _read_kv(cv, layer, None, size, start).astype(dtype)
         scores = jnp.einsum("bkqh,bksh->bkqs", queries, keys, preferred_element_type=jnp.float32)
         visible = mask[:, 0, start : start + size][:, None, None, :]
         scores = jnp.where(visible, scores * (hd**-0.5), _NEG)

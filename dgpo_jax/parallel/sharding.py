@@ -188,6 +188,13 @@ class ShardingPlan:
     def shard_params(self, config, params) -> Any:
         return tree_device_put_global(params, self.param_shardings(config))
 
+    def batch_shards(self, rows: int | None = None) -> int:
+        """How many ways the plan splits a batch's rows (the mesh axes of the ``batch`` rule;
+        for a ``rows``-row batch only those that divide it, as `spec` places it)."""
+        spec = self.spec(("batch",), None if rows is None else (rows,))[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return math.prod(int(self.mesh.shape[a]) for a in axes)
+
     def batch_sharding(self, ndim: int, shape=None) -> NamedSharding:
         """Leading dimension over the batch axes, the rest replicated."""
         return self.sharding(("batch",) + (None,) * (ndim - 1), shape)
