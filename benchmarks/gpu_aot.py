@@ -281,8 +281,56 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
+def _window(attrs: str, key: str, count: int, default: int) -> list[int]:
+    """One field of a convolution's ``window={size=1x14 pad=0_0x13_13 ...}``, per spatial dim."""
+    window = re.search(r"window=\{([^}]*)\}", attrs)
+    match = re.search(rf"\b{key}=([\d_x]+)", window.group(1)) if window else None
+    if not match:
+        return [default] * count
+    if key == "pad":
+        return [int(p.split("_")[0]) for p in match.group(1).split("x")]
+    return [int(v) for v in match.group(1).split("x")]
+
+
+def _conv_flops(comp: dict[str, Instr], instr: Instr) -> float:
+    """2 x multiply-adds of a convolution of ``comp``, as XLA's cost analysis counts them: each
+    result element's input features (the kernel's ``i`` dim) times the window positions that
+    fall on a real input element (not padding nor a dilation hole). The TPU compiler writes
+    every dot as one (a batch or head dim becomes a padded or dilated window), so this is how
+    a TPU program's matmul FLOPs are read."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+    if not labels or len(instr.operands) < 2 or instr.operands[1] not in comp:
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    lhs = _dims(comp[instr.operands[0]].shape) if instr.operands[0] in comp else []
+    rhs, out = _dims(comp[instr.operands[1]].shape), _dims(instr.shape)
+    spatial = sorted(c for c in out_labels if c.isdigit())
+    if not lhs or len(lhs) != len(lhs_labels) or len(out) != len(out_labels):
+        return 0.0
+    n = len(spatial)
+    size = _window(instr.attrs, "size", n, 1)
+    stride = _window(instr.attrs, "stride", n, 1)
+    pad = _window(instr.attrs, "pad", n, 0)
+    lhs_dilate = _window(instr.attrs, "lhs_dilate", n, 1)
+    rhs_dilate = _window(instr.attrs, "rhs_dilate", n, 1)
+    macs = float(out[out_labels.index("b")] * out[out_labels.index("f")])
+    macs *= rhs[rhs_labels.index("i")]
+    for d, label in enumerate(spatial):
+        width = (lhs[lhs_labels.index(label)] - 1) * lhs_dilate[d]  # last real input position
+        hits = 0
+        for o in range(out[out_labels.index(label)]):
+            for k in range(size[d]):
+                at = o * stride[d] + k * rhs_dilate[d] - pad[d]
+                hits += 0 <= at <= width and at % lhs_dilate[d] == 0
+        macs *= hits
+    return 2.0 * macs
+
+
 def _one_dot_flops(comp: dict[str, Instr], instr: Instr) -> float:
-    """2 x result elements x contracted elements of ``instr`` (0 unless a dot of ``comp``)."""
+    """2 x result elements x contracted elements of ``instr`` (0 unless a dot or a convolution
+    of ``comp``)."""
+    if instr.op == "convolution":
+        return _conv_flops(comp, instr)
     match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
     if instr.op != "dot" or instr.operands[0] not in comp or not match:
         return 0.0
@@ -336,6 +384,15 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
         moved = shape_bytes("{}[{}]".format(*target[:2]))  # the elements copied
         hbm = [shape_bytes("{}[{}]{}".format(*array)) > 0 for array in (source, target)]
         return moved * hbm[0], moved * hbm[1], 0.0
+    stated = _COST_BYTES.search(instr.attrs) if instr.op == "custom-call" else None
+    if stated:  # a Pallas kernel's own cost estimate: what its blocks read, not its operands
+        written = shape_bytes(instr.shape)
+        flops = _COST_FLOPS.search(instr.attrs)
+        return (
+            max(int(stated.group(1)) - written, 0),
+            written,
+            float(flops.group(1) if flops else 0),
+        )
     read = sum(shape_bytes(where[o].shape) for o in instr.operands if o in where)
     if _kind(instr) == "gemm":  # a cuBLAS call: (result, workspace); the workspace stays put
         result = _ARRAY.search(instr.shape)
@@ -344,6 +401,12 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
         update = read - shape_bytes(where[instr.operands[0]].shape)
         return update, update, 0.0
     return read, shape_bytes(instr.shape), _one_dot_flops(where, instr)
+
+
+# A Pallas TPU kernel's backend config carries the cost estimate its author gave (`pallas_call`'s
+# ``cost_estimate``): operands such as the whole stacked KV cache are not what it reads.
+_COST_BYTES = re.compile(r'"cost_estimate":\{[^}]*"bytes_accessed":"?(\d+)')
+_COST_FLOPS = re.compile(r'"cost_estimate":\{[^}]*"flops":"?(\d+)')
 
 
 def _cublas_flops(comp: dict[str, Instr], instr: Instr) -> float:
@@ -445,11 +508,11 @@ def loop_kernels(text: str | Module, body: str | None = None) -> tuple[list[Kern
     return kernels, info
 
 
-def decode_loops(module: Module) -> dict[str, str]:
+def decode_loops(module: Module, tokens: str = "one") -> dict[str, str]:
     """The while loops (name -> body) that decode one token a row: every embedding in them
     (an instruction of the body or of what it calls, fused ones included, whose op name has
-    ``Qwen2.embed``) is ``[B, 1, D]``. Ingest loops embed ``[M, C, D]``; a loop around both
-    (the rollout's) has both."""
+    ``Qwen2.embed``) is ``[B, 1, D]``. Ingest loops embed ``[M, C, D]`` (``tokens="chunk"``:
+    those, C > 1); a loop around both (the rollout's) has both."""
     loops = {}
     for comp in module.comps.values():
         for instr in comp.values():
@@ -467,7 +530,8 @@ def decode_loops(module: Module) -> dict[str, str]:
                     todo += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
                     if "Qwen2.embed" in inner.attrs and len(_dims(inner.shape)) == 3:
                         shapes.append(_dims(inner.shape))
-            if shapes and all(d[1] == 1 for d in shapes):
+            one = [d[1] == 1 for d in shapes]
+            if shapes and (all(one) if tokens == "one" else not any(one)):
                 loops[instr.name] = instr.attr("body")
     return loops
 
@@ -642,7 +706,12 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
 
     config = gpu.TINY if args.quick else get_preset("qwen2.5-0.5b")
     batch, prompt, steps = _shape(args)
-    cfg = gpu.plain_decode_config(config, prompt, steps, layers).compiled()
+    cfg = gpu.plain_decode_config(config, prompt, steps, layers)
+    if args.ingest_chunk:
+        cfg = dataclasses.replace(cfg, ingest_chunk=args.ingest_chunk)
+    if args.chunk_attention:
+        cfg = dataclasses.replace(cfg, chunk_attention=args.chunk_attention)
+    cfg = cfg.compiled()
     plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
     params = jax.eval_shape(
         lambda: cast_params(init_params(config, jax.random.key(0)), jnp.bfloat16)
@@ -671,6 +740,10 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
     # whole-cache loop, the one the `decode` stage's variants compare with. (Not the one that
     # moves the most: on a TPU with split layers the narrower windows copy the caches.)
     last = list(loops)[-1]
+    ingest = {
+        name: _summarize(loop_kernels(module, body)[0], args)
+        for name, body in decode_loops(module, "chunk").items()
+    }
     return {
         "batch": batch,
         "context": f"{prompt} prompt + {steps} decoded",
@@ -680,6 +753,12 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
         "whole_cache_loop": {"name": last, **loops[last]},
         "loops": {
             k: {"kernels": v["kernels"], "bound_ms": v["bound_ms"]} for k, v in loops.items()
+        },
+        # one step of each ingest loop (an observation chunk of every row; one loop per window)
+        "ingest_chunk": cfg.ingest_chunk,
+        "ingest_loops": {
+            k: {key: v[key] for key in ("kernels", "bytes", "copy_bytes", "bound_ms")}
+            for k, v in ingest.items()
         },
     }
 
@@ -711,6 +790,19 @@ def main(argv=None) -> int:
         default=None,
         help="one-query attention's key chunk in slots (0: none; default: the model's rule, "
         "qwen2._key_chunk: on TPUs what fits 32 MiB of keys a layer)",
+    )
+    p.add_argument(
+        "--ingest-chunk",
+        type=int,
+        default=0,
+        help="observation tokens a row per ingest step (default: SamplerConfig's)",
+    )
+    p.add_argument(
+        "--chunk-attention",
+        default="",
+        choices=("", "xla", "pallas"),
+        help="SamplerConfig.chunk_attention: prefill and ingest steps' attention (default "
+        "auto: the Pallas chunk kernel on TPUs)",
     )
     p.add_argument(
         "--sampler-layers",
@@ -753,9 +845,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: PLC0415 (after JAX_PLATFORMS is set)
 
-    if args.key_chunk is not None:
-        from dgpo_jax.models import qwen2  # noqa: PLC0415 (imports JAX)
+    from dgpo_jax.models import qwen2  # noqa: PLC0415 (imports JAX)
 
+    if args.key_chunk is not None:
         qwen2.KEY_CHUNK_SLOTS = args.key_chunk
     device = compile_only_devices(args.tpu or args.gpu)[0]
     print(f"[gpu_aot] compiling for {device.device_kind} on this host, jax {jax.__version__}")
@@ -768,6 +860,7 @@ def main(argv=None) -> int:
         "floor_us": args.floor_us,
         "autotune": args.autotune or None,
         "key_chunk": "rule" if args.key_chunk is None else args.key_chunk,
+        "chunk_attention": args.chunk_attention or "auto",
     }
     stages = [v for v in args.stages.split(",") if v]
     if set(stages) - {"decode", "sampler"}:

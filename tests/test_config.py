@@ -209,6 +209,16 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
         r"split layers; got decode_path='accelerator', decode_layers='scan'",
     ):
         validate(cfg)
+    cfg, _ = load_config(
+        ["prog", "--config=quickstart", "--config.sampler.chunk_attention=pallas"]
+        + ["--config.sampler.cache_len=700"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"config.sampler.chunk_attention: 'pallas' runs on the accelerator path over a "
+        r"cache of a multiple of 128 slots; got decode_path='accelerator', cache_len=700",
+    ):
+        validate(cfg)
 
 
 def test_presets_change_no_hyperparameter_by_name():

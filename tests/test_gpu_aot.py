@@ -496,6 +496,59 @@ def test_decode_loops_are_those_whose_every_embedding_is_one_token_a_row():
     assert gpu_aot.decode_loops(module) == {"decode": "decode_body"}
 
 
+def test_ingest_loops_are_those_that_embed_chunks():
+    module = gpu_aot.parse_hlo(DECODE_LOOPS)
+    assert gpu_aot.decode_loops(module, "chunk") == {"ingest": "ingest_body"}
+
+
+# Dots as the TPU compiler writes them, convolutions (forms of libtpu's compile of the 0.5B
+# rollout, at 16 rows): the q projection ``btd,dnh->btnh`` (128 tokens, 896 -> 14 x 64), whose 14
+# heads became a window of 14 over one input position padded by 13 a side, and one-query
+# scores ``bkqh,bksh->bkqs`` (2 KV heads, 7 queries, a 128-slot key chunk), whose rows and KV
+# heads became windows over a dilated input. And a Pallas kernel with its stated cost.
+_X, _W, _Q, _K = "bf16[128,16,896,1]", "bf16[896,14,64,1]", "bf16[16,2,7,64]", "bf16[16,2,128,64]"
+_COST = '{"cost_estimate":{"flops":"5000","bytes_accessed":"4000000"}}'
+TPU_DOTS = f"""HloModule jit_dots, entry_computation_layout={{()}}
+
+%dots (p: ({_X}, {_W}, {_Q}, {_K})) -> f32[16,2,7,128] {{
+  %p = ({_X}{{3,2,1,0}}, {_W}{{3,2,1,0}}, {_Q}{{3,2,1,0}}, {_K}{{3,2,1,0}}) parameter(0)
+  %x = {_X}{{3,2,1,0}} get-tuple-element(%p), index=0
+  %w = {_W}{{3,2,1,0}} get-tuple-element(%p), index=1
+  %q = {_Q}{{3,2,1,0}} get-tuple-element(%p), index=2
+  %k = {_K}{{3,2,1,0}} get-tuple-element(%p), index=3
+  %proj = bf16[128,16,14,64]{{3,2,1,0}} convolution(%x, %w), \
+window={{size=1x14 pad=0_0x13_13 rhs_reversal=0x1}}, dim_labels=0bf1_i1o0->0b1f
+  %scores = f32[16,2,7,128]{{3,2,1,0}} convolution(%q, %k), \
+window={{size=16x2 stride=15x1 lhs_dilate=16x2}}, dim_labels=01bf_01oi->01bf
+  %kernel = bf16[16,2,7,128,64]{{4,3,2,1,0}} custom-call(%k, %x), \
+custom_call_target="tpu_custom_call", backend_config={_COST}
+  ROOT %r = f32[16,2,7,128]{{3,2,1,0}} add(%scores, %scores)
+}}
+
+ENTRY %main (a: ({_X}, {_W}, {_Q}, {_K})) -> f32[16,2,7,128] {{
+  %a = ({_X}{{3,2,1,0}}, {_W}{{3,2,1,0}}, {_Q}{{3,2,1,0}}, {_K}{{3,2,1,0}}) parameter(0)
+  ROOT %w = f32[16,2,7,128]{{3,2,1,0}} while(%a), condition=%dots, body=%dots
+}}
+"""
+
+
+def test_tpu_dots_count_their_flops_and_pallas_kernels_their_stated_bytes():
+    # (libtpu's own cost analysis gives the same for these forms: 2 x 16 x 128 x 14 x 64 x 896
+    # and 2 x 16 x 2 x 7 x 128 x 64)
+    kernels = {k.name: k for k in gpu_aot.loop_kernels(TPU_DOTS)[0]}
+    assert kernels["proj"].flops == 2 * 16 * 128 * 14 * 64 * 896
+    assert kernels["scores"].flops == 2 * 16 * 2 * 7 * 128 * 64
+    # the kernel reads what its estimate says (its operands hold the whole cache), writes its
+    # result, and its FLOPs are its own
+    kernel = kernels["kernel"]
+    result = 16 * 2 * 7 * 128 * 64 * 2
+    assert (kernel.bytes_read, kernel.bytes_written, kernel.flops) == (
+        4_000_000 - result,
+        result,
+        5000.0,
+    )
+
+
 def test_the_tpu_compile_of_the_tiny_model_reads_its_loops():
     # libtpu's compiler on this host (no TPU): every decode variant's loop runs its 32 steps
     # (checked by the script), both sampler layer choices have decode loops, and the sampler

@@ -1,5 +1,6 @@
 """Qwen2 in Flax against transformers/PyTorch on tiny random models."""
 
+import functools
 import json
 
 import jax
@@ -265,6 +266,63 @@ def test_chunks_written_by_layer_equal_the_direct_scatter(hf_models, monkeypatch
         [results[True][0][0][0], results[True][0][1][0], results[True][0][2][0][:4]]
     )
     assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
+    """Prefill and observation chunks attended by the Pallas chunk kernel over the cache (TPUs'
+    form, forced on CPU: Pallas' interpreter), with left-padded prompts, a right-padded chunk, a
+    row with no token in a step, key blocks of 128 over 256 slots (rows cross a block edge) and
+    split layers with a per-layer cache, give transformers' logits for every real token and
+    the XLA form's cache (the first layer's bit for bit: the writes are shared)."""
+    path, hf = hf_models[(True, 1e4)]
+    config, params = dgpo_jax.load_hf(path, dtype="float32")
+    rng = np.random.RandomState(5)
+    pmask = np.ones((3, 100), np.int64)
+    pmask[1, :37] = 0
+    pmask[2, :99] = 0  # one real token
+    c1 = np.ones((3, 40), np.int64)
+    c1[0, 25:] = 0  # right padding
+    c1[1] = 0  # no token: the row is left as it was
+    steps = [(rng.randint(0, 256, (3, 100)), pmask), (rng.randint(0, 256, (3, 40)), c1)]
+    steps.append((rng.randint(0, 256, (3, 17)), np.ones((3, 17), np.int64)))  # 0: 125 -> 142
+    split = split_layers(params)
+    results = {}
+    for form, p, per_layer in (
+        ("xla", params, False),
+        ("pallas", params, False),
+        ("pallas", split, True),
+    ):
+        step = jax.jit(
+            functools.partial(forward_with_cache, chunk_kernel=form), static_argnames=("config",)
+        )
+        cache = init_cache(config, 3, 256)
+        cache = split_cache(cache) if per_layer else cache
+        ids, mask = steps[0]
+        jaxpr = str(jax.make_jaxpr(step, static_argnums=0)(config, p, ids, cache, mask))
+        assert ("pallas_call" in jaxpr) == (form == "pallas")
+        seqs, outs = [[] for _ in range(3)], [[] for _ in range(3)]
+        for ids, mask in steps:
+            logits, cache = step(config, p, ids, cache, mask)
+            for row in range(3):
+                real = mask[row].astype(bool)
+                seqs[row].extend(ids[row][real].tolist())
+                outs[row].append(np.asarray(logits)[row][real])
+        results[(form, per_layer)] = cache
+        for row in range(3):
+            ref = _hf_logits(hf, np.asarray(seqs[row])[None])[0]
+            got = np.concatenate(outs[row])
+            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4, (form, row)
+    np.testing.assert_array_equal(np.asarray(results[("xla", False)].end), [142, 117, 157])
+    for field in ("k", "v"):
+        xla = np.asarray(getattr(results[("xla", False)], field))
+        for got in (
+            np.asarray(getattr(results[("pallas", False)], field)),
+            np.concatenate(getattr(results[("pallas", True)], field)),
+        ):
+            np.testing.assert_array_equal(got[0], xla[0])  # written before any attention
+            # later layers up to rounding, in the valid slots (padding's are never read)
+            valid = np.asarray(results[("xla", False)].valid)[None, :, None, :, None]
+            np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, xla, 0), atol=1e-5)
 
 
 def test_single_token_decode_by_dots_and_by_reduce_match_transformers(hf_models, monkeypatch):

@@ -581,9 +581,9 @@ def test_sharded_rollout_equals_single_device(chain_models):
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
     assert out.turn_texts == plain.turn_texts
     assert max(len(call) for call in retriever.calls) <= 2  # each shard's own rows
-    # The Pallas decode kernel (interpreted here) under shard_map on each device's rows: the
-    # same rollout.
-    pallas = cfg.replace(decode_path=SCANNED, decode_attention="pallas")
+    # The Pallas decode kernel and the chunk kernel (interpreted here) under shard_map on each
+    # device's rows: the same rollout.
+    pallas = cfg.replace(decode_path=SCANNED, decode_attention="pallas", chunk_attention="pallas")
     out = Sampler(model_config, pallas, TOK, ScriptedRetriever(), plan=plan).generate(
         sharded_params, prompts
     )

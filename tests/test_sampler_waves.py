@@ -107,6 +107,10 @@ def test_decode_layers_and_windows_by_path_and_platform(monkeypatch):
     for bad in (dict(decode_layers="scan"), dict(decode_path="cpu")):
         with pytest.raises(ValueError, match="decode_attention='pallas' runs on the accelerator"):
             wave_config(decode_attention="pallas", **bad)
+    # The chunk kernel: all rows a step (the accelerator path), key blocks of 128 slots.
+    for bad in (dict(decode_path="cpu"), dict(cache_len=700)):
+        with pytest.raises(ValueError, match="chunk_attention='pallas' runs on the accelerator"):
+            wave_config(chunk_attention="pallas", **bad)
 
 
 def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monkeypatch):
@@ -123,9 +127,9 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monk
         ("max wait 2 steps", dict(wave_fraction=1.0, wave_max_wait=2)),
         ("accelerator path", dict(decode_path="accelerator")),
         ("accelerator path, split layers", dict(decode_path="accelerator", decode_layers="split")),
-        (  # the Pallas GPU decode kernel, interpreted on CPU
+        (  # the Pallas GPU decode kernel and the TPU chunk kernel, interpreted on CPU
             "accelerator path, pallas attention",
-            dict(decode_path="accelerator", decode_attention="pallas"),
+            dict(decode_path="accelerator", decode_attention="pallas", chunk_attention="pallas"),
         ),
     ):
         retriever = ScriptedRetriever()
@@ -156,8 +160,9 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monk
 
 
 def test_waves_with_teacher_turns_and_prefixes(models):
-    """Guided-OPD teacher turns (the teacher's own cache) and TrOPD prefixes: a wave schedule
-    equals the per-event rollout. (On the accelerator path: one compile; the cpu path with a
+    """Guided-OPD teacher turns (the teacher's own cache) and TrOPD prefixes: a wave schedule,
+    with prefill and observation chunks attended by the Pallas chunk kernel (TPUs' form), equals
+    the per-event rollout. (On the accelerator path: one compile; the cpu path with a
     teacher runs in waves in test_sampler's Guided-OPD test, against transformers.)"""
     student_config, student_params = models["student"]
     teacher_config, teacher_params = models["teacher"]
@@ -180,7 +185,8 @@ def test_waves_with_teacher_turns_and_prefixes(models):
     ref = run(wave_fraction=0.0)
     assert ref.arrays.teacher_mask.any() and ref.arrays.loss_mask.any()
     assert ref.arrays.teacher_mask[0, :2].all()  # the prefix
-    out = run(wave_fraction=0.75)
+    # (with the TPU's chunk kernel over both caches, interpreted: the same rollout)
+    out = run(wave_fraction=0.75, chunk_attention="pallas")
     assert_same_rollout(out, ref)
     assert out.stats["host_calls"] < ref.stats["host_calls"]
 

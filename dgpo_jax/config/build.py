@@ -60,6 +60,7 @@ def sampler_config(
         decode_path=s.decode_path,
         decode_layers=s.decode_layers,
         decode_attention=s.decode_attention,
+        chunk_attention=s.chunk_attention,
         host_calls=s.host_calls,
     )
 

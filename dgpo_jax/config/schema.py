@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
     # one-token decode attention: xla | pallas (JAX's Pallas GPU kernel over each row's slots;
     # the accelerator path with split layers)
     c.sampler.decode_attention = "xla"
+    # prefill and observation chunks' attention: auto (pallas on TPUs) | xla | pallas (a Pallas
+    # TPU flash kernel over the cache; the accelerator path, cache_len a multiple of 128)
+    c.sampler.chunk_attention = "auto"
     c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)
 
     # The objective: a preset (dgpo_jax.objectives.presets) and any of its knobs

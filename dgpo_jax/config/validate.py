@@ -17,6 +17,7 @@ from dgpo_jax.data.synthetic import ANSWER_CLASSES
 from dgpo_jax.models.config import ATTENTION_KERNELS, PRESETS
 from dgpo_jax.objectives.presets import OBJECTIVE_PRESETS
 from dgpo_jax.sampler.config import (
+    CHUNK_ATTENTION,
     DECODE_ATTENTION,
     DECODE_LAYERS,
     DECODE_PATHS,
@@ -118,6 +119,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("decode_path", DECODE_PATHS),
         ("decode_layers", DECODE_LAYERS),
         ("decode_attention", DECODE_ATTENTION),
+        ("chunk_attention", CHUNK_ATTENTION),
         ("host_calls", HOST_CALLS),
     ):
         value = cfg.sampler[field]
@@ -128,6 +130,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         "sampler.decode_attention",
         f"'pallas' runs on the accelerator path with split layers; got decode_path="
         f"{cfg.sampler.decode_path!r}, decode_layers={cfg.sampler.decode_layers!r}",
+    )
+    need(
+        cfg.sampler.chunk_attention != "pallas"
+        or (cfg.sampler.decode_path != "cpu" and cfg.sampler.cache_len % 128 == 0),
+        "sampler.chunk_attention",
+        f"'pallas' runs on the accelerator path over a cache of a multiple of 128 slots; got "
+        f"decode_path={cfg.sampler.decode_path!r}, cache_len={cfg.sampler.cache_len}",
     )
     need(
         0.0 <= cfg.sampler.wave_fraction <= 1.0,

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dgpo_jax.models.attention import attention as attend
+from dgpo_jax.models.cache_attention import cached_chunk_attention, chunk_blocks
 from dgpo_jax.models.config import Qwen2Config
 
 Array = jax.Array
@@ -391,6 +392,51 @@ def _chunked_one_query(q, ck, cv, layer, mask, width, chunk, dtype):
     return (acc / total).reshape(b, 1, kv, groups, hd)
 
 
+# Multi-token cached steps of all rows (a prompt's prefill, observation chunks) attend on TPUs
+# through a Pallas flash kernel over the cache (`cache_attention.cached_chunk_attention`), where
+# XLA wrote the chunk's float32 scores against the window to HBM and read them several times
+# (docs/scaleout.md). `forward_with_cache`'s ``chunk_kernel``: "auto" (by the platform), "xla",
+# or "pallas" (off a TPU it runs in Pallas' interpreter: for tests).
+CHUNK_KERNELS = ("auto", "xla", "pallas")
+
+
+def _chunk_kernel(plan, tokens: int, rows, slots: int, choice: str = "auto") -> bool:
+    """Whether a cached step of ``tokens`` tokens a row attends by the Pallas chunk kernel: steps
+    of several tokens for all rows (``rows`` None) over a cache of a multiple of 128 slots, on
+    TPUs (`compile_platform`) for "auto", anywhere for "pallas", never for "xla"."""
+    if choice == "xla" or tokens == 1 or rows is not None or chunk_blocks(slots, tokens) is None:
+        return False
+    return choice == "pallas" or compile_platform(plan) == "tpu"
+
+
+def _chunk_attention(q: Array, ck: Array, cv: Array, layer, mask: Array, end: Array, plan=None):
+    """`cached_chunk_attention` of q ``[B, T, K, G, Dh]`` over the cache's layer ``layer``, the
+    mask given as `forward_with_cache` builds it (``[B, T, S]``: query t at slot ``end + t``
+    sees the valid slots up to its own; its last query's row is the valid slots). With a plan
+    of several devices the kernel runs under ``shard_map`` on each device's rows and KV heads
+    (a cache sharded on its slots or head dim gathered). Returns ``[B, T, K, G, Dh]``."""
+    interpret = compile_platform(plan) != "tpu"
+    valid = mask[:, -1, :]
+
+    def local(q, ck, cv, layer, valid, end):
+        return cached_chunk_attention(q, ck, cv, layer, valid, end, interpret=interpret)
+
+    if plan is None or plan.mesh.size == 1:
+        return local(q, ck, cv, layer, valid, end)
+    spec = jax.sharding.PartitionSpec
+    batch = plan.spec(("batch",), (q.shape[0],))[0]
+    kv_heads = plan.spec(("act_kv_heads",), (q.shape[2],))[0]
+    q_spec = spec(batch, None, kv_heads, None, None)
+    cache_spec = spec(None, batch, kv_heads, None, None)
+    return jax.shard_map(
+        local,
+        mesh=plan.mesh,
+        in_specs=(q_spec, cache_spec, cache_spec, spec(), spec(batch, None), spec(batch)),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, ck, cv, jnp.asarray(layer, jnp.int32), valid, end)
+
+
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False, chunk=0):
     """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
     restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
@@ -434,8 +480,9 @@ class Attention(nn.Module):
         ``config.attention``); with one, mask is ``[M, T, S]`` bool. cache: None, or the
         stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written into layer `layer` at
         ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``, decode
-        kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps)
-        before attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated
+        kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps,
+        chunk kernel: `CHUNK_KERNELS`, for steps of several tokens, `_chunk_kernel`) before
+        attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated
         (k, v) or None).
         """
         c = self.config
@@ -471,13 +518,15 @@ class Attention(nn.Module):
                 qg, k, v, mask, kernel=c.attention, block=c.attention_block, plan=self.plan
             )
         else:
-            rows, slots, span, kernel = cache_io
+            rows, slots, span, kernel, chunk_kernel = cache_io
             by_layer = _write_by_layer(self.plan, t)
             ck = _scatter_kv(cache[0], k, layer, rows, slots, by_layer)
             cv = _scatter_kv(cache[1], v, layer, rows, slots, by_layer)
             cache = (ck, cv)
             if kernel == "pallas" and t == 1:  # per-layer cache, all rows (forward_with_cache)
                 attn = _ragged_decode_attention(qg, ck, cv, mask, self.plan)
+            elif _chunk_kernel(self.plan, t, rows, ck.shape[3], chunk_kernel):
+                attn = _chunk_attention(qg, ck, cv, layer, mask, slots[:, 0], self.plan)
             else:
                 dots = _one_query_dots(self.plan)
                 chunk = _key_chunk(ck, self.plan)
@@ -831,6 +880,7 @@ def forward_with_cache(
     rows: Array | None = None,
     window: int | None = None,
     decode_kernel: str = "xla",
+    chunk_kernel: str = "auto",
 ) -> tuple[Array, KVCache]:
     """Run ``input_ids [M, T]`` against the cache and append them to it; returns logits/hidden.
 
@@ -858,6 +908,12 @@ def forward_with_cache(
     JAX's Pallas GPU decode kernel, which reads each row's run of cached slots and nothing
     past it (`_ragged_decode_attention`; needs a `split_cache` cache and all rows, ``rows=None``;
     longer steps keep the XLA attention).
+
+    ``chunk_kernel`` (static): how steps of several tokens for all rows (prefill, chunks)
+    attend: "xla" (the masked key window), "pallas" (`cached_chunk_attention`: a flash kernel
+    over the cache that never writes the scores and reads each row's slots only; needs a cache
+    of a multiple of 128 slots and all rows; off a TPU it runs interpreted), or "auto": pallas
+    on TPUs where it applies, else xla.
 
     Not jitted itself: call it inside a jitted program (the sampler) or wrap it.
     """
@@ -902,6 +958,13 @@ def forward_with_cache(
         span = int(window)
     if isinstance(cache.k, tuple) and not isinstance(params["layers"], (tuple, list)):
         raise ValueError("a per-layer cache (split_cache) needs split_layers parameters")
+    if chunk_kernel not in CHUNK_KERNELS:
+        raise ValueError(f"chunk_kernel {chunk_kernel!r}: expected one of {CHUNK_KERNELS}")
+    if chunk_kernel == "pallas" and t > 1:
+        if rows is not None:
+            raise ValueError("chunk_kernel='pallas' steps every cache row (rows=None)")
+        if chunk_blocks(s, t) is None:
+            raise ValueError(f"chunk_kernel='pallas' needs a multiple of 128 cache slots; has {s}")
     if decode_kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {decode_kernel!r}: expected one of {DECODE_KERNELS}")
     if decode_kernel == "pallas":
@@ -919,7 +982,7 @@ def forward_with_cache(
             positions,
             mask,
             (cache.k, cache.v),
-            (rows, slots, span, decode_kernel),
+            (rows, slots, span, decode_kernel, chunk_kernel),
         )
     else:
         h, (k, v) = _module(config, params, plan).apply(
@@ -928,7 +991,7 @@ def forward_with_cache(
             positions,
             mask,
             (cache.k, cache.v),
-            (rows, slots, span, None),  # (the stacked cache: XLA attention)
+            (rows, slots, span, None, chunk_kernel),  # (the stacked cache: no decode kernel)
             method=Qwen2.hidden,
         )
     last_real = jnp.max(jnp.where(token_mask, jnp.arange(1, t + 1)[None], 0), axis=1)

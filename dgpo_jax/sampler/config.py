@@ -40,6 +40,7 @@ ACTION_INVALID, ACTION_SEARCH, ACTION_ANSWER, ACTION_ERROR = 0, 1, 2, 3
 DECODE_PATHS = ("auto", "cpu", "accelerator")
 DECODE_LAYERS = ("auto", "scan", "split")
 DECODE_ATTENTION = ("xla", "pallas")
+CHUNK_ATTENTION = ("auto", "xla", "pallas")
 HOST_CALLS = ("auto", "single", "per_shard")
 ON_RETRIEVER_ERROR = ("raise", "finish")  # `Sampler(on_retriever_error=)`, retrieval.on_error
 
@@ -107,6 +108,12 @@ class SamplerConfig:
     # decode kernel, reading each row's run of cached slots and nothing past it (accelerator
     # path with split layers; off a GPU it runs interpreted, for tests).
     decode_attention: str = "xla"
+    # Attention of the steps of several tokens a row (prefill, observation chunks) on the
+    # accelerator path: "xla" (the masked key window, its scores written to memory); "pallas":
+    # a Pallas TPU flash kernel over the cache (`dgpo_jax.models.cache_attention`; off a TPU it
+    # runs interpreted, for tests); "auto": pallas on TPUs (cache_len a multiple of 128), else
+    # xla.
+    chunk_attention: str = "auto"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows
     # against its own retriever; "auto": per_shard when the mesh spans several processes.
@@ -140,6 +147,7 @@ class SamplerConfig:
             ("decode_path", DECODE_PATHS),
             ("decode_layers", DECODE_LAYERS),
             ("decode_attention", DECODE_ATTENTION),
+            ("chunk_attention", CHUNK_ATTENTION),
             ("host_calls", HOST_CALLS),
         ):
             if getattr(self, name) not in choices:
@@ -153,6 +161,12 @@ class SamplerConfig:
                 "SamplerConfig.decode_attention='pallas' runs on the accelerator path with split "
                 f"layers; got decode_path={self.decode_path!r}, decode_layers="
                 f"{self.decode_layers!r}"
+            )
+        if self.chunk_attention == "pallas" and (self.decode_path == "cpu" or self.cache_len % 128):
+            raise ValueError(
+                "SamplerConfig.chunk_attention='pallas' runs on the accelerator path over a cache "
+                f"of a multiple of 128 slots; got decode_path={self.decode_path!r}, cache_len="
+                f"{self.cache_len}"
             )
         if not isinstance(self.max_turns, int) or self.max_turns < 0:
             raise ValueError(f"SamplerConfig.max_turns must be an int >= 0, got {self.max_turns!r}")

@@ -264,11 +264,13 @@ def _teacher_turn(has_teacher: bool, row_keys: Array, turn: Array, prob: Array) 
     return u < prob
 
 
-def _run_model(model_cfg, params, ids, mask, cache, plan, rows=None, window=None, kernel="xla"):
+def _run_model(
+    model_cfg, params, ids, mask, cache, plan, rows=None, window=None, kernel="xla", chunk="auto"
+):
     """One model step on ``ids [M, T]`` for cache rows `rows` (None: all, M = B). Returns the
     next-token logits after each stepped row's last real token ``[M, V]``, whether the row had
-    one ``[M]``, and the cache. `window`: a static key window; `kernel`: the one-token
-    attention (see `forward_with_cache`)."""
+    one ``[M]``, and the cache. `window`: a static key window; `kernel`, `chunk`: the one-token
+    and the several-token attention (see `forward_with_cache`)."""
     hidden, cache = forward_with_cache(
         model_cfg,
         params,
@@ -280,6 +282,7 @@ def _run_model(model_cfg, params, ids, mask, cache, plan, rows=None, window=None
         rows=rows,
         window=window,
         decode_kernel=kernel,
+        chunk_kernel=chunk,
     )
     last, has = _last_real(hidden, mask)
     return lm_logits(model_cfg, params, last), has, _cache_constrain(plan, cache)
@@ -391,6 +394,11 @@ class SamplerLoop:
                 "SamplerConfig.decode_attention='pallas' runs on the accelerator path (all rows "
                 f"every step); this rollout's decode path is {self.path!r}"
             )
+        if cfg.chunk_attention == "pallas" and self.path != "accelerator":
+            raise ValueError(
+                "SamplerConfig.chunk_attention='pallas' runs on the accelerator path (all rows "
+                f"every step); this rollout's decode path is {self.path!r}"
+            )
         if self.host_calls == "per_shard" and self.plan is None:
             raise ValueError("host_calls='per_shard' needs a sharding plan")
 
@@ -445,14 +453,22 @@ class SamplerLoop:
         then draws the next token of every stepped row that had a real token, with ``keys
         [M]`` (the rows' keys at the slot that token will take). A row keeps its draw until
         its next step, so the loop never carries ``[B, V]`` logits."""
-        kernel = self.config.decode_attention
+        kernels = (self.config.decode_attention, self.config.chunk_attention)
         logits, has, cache = _run_model(
-            self.model, w.params, ids, mask, s.cache, self.plan, rows, window, kernel
+            self.model, w.params, ids, mask, s.cache, self.plan, rows, window, *kernels
         )
         s = s.replace(cache=cache, next=self._draw(s.next, logits, has, keys, rows))
         if self.has_teacher:
             logits, has, cache = _run_model(
-                self.teacher, w.teacher, ids, mask, s.teacher_cache, self.plan, rows, window, kernel
+                self.teacher,
+                w.teacher,
+                ids,
+                mask,
+                s.teacher_cache,
+                self.plan,
+                rows,
+                window,
+                *kernels,
             )
             s = s.replace(
                 teacher_cache=cache,

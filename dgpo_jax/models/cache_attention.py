@@ -1,0 +1,234 @@
+"""Flash attention of a chunk of queries over the KV cache: a Pallas TPU kernel.
+
+A multi-token cached step (a prompt's prefill, a chunk of observation) attends each row's T new
+queries over the row's cached slots. XLA materialises the scores of every row's chunk against
+its window, ``[B, K, G x T, W]`` float32 in HBM, and passes over them several times (on a v5e at
+256 rows, 128 tokens and 768 slots: 1.4 GB a layer, 84-219 GB an ingest step; docs/scaleout.md).
+This kernel keeps a block of scores in VMEM and never writes it: an online softmax over key
+blocks, read in place out of the stacked ``[L, B, K, S, Dh]`` cache (the layer index is a scalar
+the block index maps read, so no layer slice is copied), and key blocks before a row's first
+visible slot or past the last one its queries can see are neither read nor computed (the index
+map repeats the last block read, which Pallas does not fetch again).
+
+Shapes: B rows, T new tokens a row, K KV heads, G query heads a KV head, Dh head dim, S slots.
+The mask is what `forward_with_cache` builds: query t of row b (at slot ``end[b] + t``) sees
+the valid slots at or before its own. Scores and softmax in float32, the two products in the
+cache's dtype (as the XLA form), the output in the queries' dtype; a query that sees no slot
+gets 0 (XLA's softmax gives the mean of the window there: such rows are never read).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+Array = jax.Array
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: no inf - inf in the running maximum
+_LANES = 128
+
+
+def chunk_blocks(slots: int, tokens: int) -> tuple[int, int] | None:
+    """(block_k, block_t) for a cache of ``slots`` slots and chunks of ``tokens`` tokens, or None
+    where the kernel does not apply: key blocks of 512 slots or the largest multiple of 128 that
+    divides ``slots`` (the TPU's lane width; slots not a multiple of 128: None); query blocks of
+    128 tokens, or the chunk rounded up to a power of two (at least 16, bfloat16's sublane tile)
+    when shorter."""
+    if slots % _LANES:
+        return None
+    block_k = next(b for b in (512, 384, 256, 128) if slots % b == 0)
+    block_t = 16
+    while block_t < min(tokens, 128):
+        block_t *= 2
+    return block_k, block_t
+
+
+def _kernel(
+    layer_ref,
+    end_ref,
+    first_ref,
+    last_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    valid_ref,
+    o_ref,
+    top_ref,
+    total_ref,
+    acc_ref,
+    *,
+    groups: int,
+    block_t: int,
+    block_k: int,
+    blocks_t: int,
+    blocks_k: int,
+    scale: float,
+):
+    del layer_ref  # (read by the index maps)
+    b, ti, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    rows = groups * block_t
+
+    @pl.when(j == 0)
+    def _start():
+        top_ref[...] = jnp.full(top_ref.shape, _NEG, jnp.float32)
+        total_ref[...] = jnp.zeros(total_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when((j >= first_ref[b]) & (j <= last_ref[b * blocks_t + ti]))
+    def _block():
+        q = q_ref[...].reshape(rows, q_ref.shape[-1])
+        keys = k_ref[...]
+        scores = jax.lax.dot_general(
+            q.astype(keys.dtype),
+            keys,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )  # [G x block_t, block_k], query row g * block_t + t
+        shape = (rows, block_k)
+        slot = j * block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+        t = jax.lax.broadcasted_iota(jnp.int32, shape, 0) & (block_t - 1)
+        visible = (valid_ref[...] != 0) & (slot <= end_ref[b] + ti * block_t + t)
+        scores = jnp.where(visible, scores * scale, _NEG)
+        top = top_ref[...]  # [rows, 128], the lanes equal
+        new_top = jnp.maximum(top, jnp.max(scores, axis=1, keepdims=True))
+        probs = jnp.where(visible, jnp.exp(scores - new_top[:, :1]), 0.0)
+        rescale = jnp.exp(top - new_top)
+        total_ref[...] = rescale * total_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
+        top_ref[...] = new_top
+        values = v_ref[...]
+        part = jax.lax.dot_general(
+            probs.astype(values.dtype),
+            values,
+            (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        acc_ref[...] = acc_ref[...] * rescale[:, :1] + part
+
+    @pl.when(j == blocks_k - 1)
+    def _finish():
+        total = total_ref[...][:, :1]
+        out = acc_ref[...] / jnp.where(total > 0, total, 1.0)
+        o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+
+
+def cached_chunk_attention(
+    q: Array,
+    ck: Array,
+    cv: Array,
+    layer: Array | int,
+    valid: Array,
+    end: Array,
+    interpret: bool = False,
+    blocks: tuple[int, int] | None = None,
+) -> Array:
+    """Attention of a chunk of T queries a row over the row's cached slots, on one device.
+
+    q ``[B, T, K, G, Dh]``; ck/cv the stacked cache ``[L, B, K, S, Dh]`` holding this step's keys
+    and values already; ``layer`` the layer to read (int or traced scalar); valid ``[B, S]`` bool
+    (the slots holding a token, this step's included); end ``[B]`` int32, the slot of each row's
+    first new token (query t sits at ``end + t`` and sees the valid slots up to it). ``blocks``:
+    (block_k, block_t), else `chunk_blocks`. ``interpret``: run in Pallas' interpreter (off a
+    TPU, for tests). Returns ``[B, T, K, G, Dh]`` in q's dtype.
+    """
+    b, t, kv, groups, hd = q.shape
+    slots = ck.shape[3]
+    if blocks is None:
+        blocks = chunk_blocks(slots, t)
+        if blocks is None:
+            raise ValueError(f"cached_chunk_attention: {slots} cache slots, not a multiple of 128")
+    block_k, block_t = blocks
+    if slots % block_k or block_k % _LANES or block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(
+            f"cached_chunk_attention: blocks {blocks} for {slots} slots: block_k must be a "
+            "multiple of 128 dividing the slots, block_t a power of two >= 16"
+        )
+    blocks_k = slots // block_k
+    padded = -(-t // block_t) * block_t
+    blocks_t = padded // block_t
+    queries = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, Dh]
+    if padded != t:
+        queries = jnp.pad(queries, ((0, 0), (0, 0), (0, 0), (0, padded - t), (0, 0)))
+
+    end = end.astype(jnp.int32)
+    valid = valid.astype(jnp.int32)
+    # Key blocks a (row, query block) reads: from the row's first valid slot's block to the block
+    # of the last slot its queries sit at.
+    # A row without a new token this step (no valid slot among its new ones) reads nothing.
+    first = jnp.where(jnp.any(valid > 0, axis=1), jnp.argmax(valid, axis=1) // block_k, 0)
+    last_query = end[:, None] + jnp.minimum((jnp.arange(blocks_t) + 1) * block_t, t) - 1
+    last = jnp.clip(last_query // block_k, 0, blocks_k - 1)
+    slot = jnp.arange(slots, dtype=jnp.int32)[None]
+    new = (valid > 0) & (slot >= end[:, None]) & (slot < end[:, None] + t)
+    last = jnp.where(jnp.any(new, axis=1, keepdims=True), last, -1).reshape(-1)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+    def kv_block(bi, h, ti, j, layer_ref, end_ref, first_ref, last_ref):
+        del end_ref
+        read = jnp.maximum(
+            jnp.minimum(jnp.maximum(j, first_ref[bi]), last_ref[bi * blocks_t + ti]), 0
+        )
+        return layer_ref[0], bi, h, 0, read
+
+    def valid_block(bi, h, ti, j, layer_ref, end_ref, first_ref, last_ref):
+        *_, read = kv_block(bi, h, ti, j, layer_ref, end_ref, first_ref, last_ref)
+        return bi, 0, read
+
+    def q_block(bi, h, ti, j, *_):
+        return bi, h, 0, ti, 0
+
+    itemsize = jnp.dtype(ck.dtype).itemsize
+    cost = pl.CostEstimate(  # an upper bound: every key block read once a query block
+        flops=4 * b * kv * groups * padded * slots * hd,
+        transcendentals=b * kv * groups * padded * slots,
+        bytes_accessed=2 * queries.size * queries.dtype.itemsize
+        + blocks_t * 2 * b * kv * slots * hd * itemsize
+        + blocks_t * b * slots * 4,
+    )
+    kernel = functools.partial(
+        _kernel,
+        groups=groups,
+        block_t=block_t,
+        block_k=block_k,
+        blocks_t=blocks_t,
+        blocks_k=blocks_k,
+        scale=hd**-0.5,
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(b, kv, blocks_t, blocks_k),
+            in_specs=[
+                pl.BlockSpec((None, None, groups, block_t, hd), q_block),
+                pl.BlockSpec((None, None, None, hd, block_k), kv_block),
+                pl.BlockSpec((None, None, None, hd, block_k), kv_block),
+                pl.BlockSpec((None, 1, block_k), valid_block),
+            ],
+            out_specs=pl.BlockSpec((None, None, groups, block_t, hd), q_block),
+            scratch_shapes=[
+                pltpu.VMEM((groups * block_t, _LANES), jnp.float32),
+                pltpu.VMEM((groups * block_t, _LANES), jnp.float32),
+                pltpu.VMEM((groups * block_t, hd), jnp.float32),
+            ],
+        ),
+        out_shape=jax.ShapeDtypeStruct(queries.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="cached_chunk_attention",
+    )(
+        layer,
+        end,
+        first,
+        last,
+        queries,
+        jnp.swapaxes(ck, 3, 4),
+        jnp.swapaxes(cv, 3, 4),
+        valid[:, None, :],
+    )
+    return jnp.transpose(out[:, :, :, :t], (0, 3, 1, 2, 4))
