@@ -27,19 +27,22 @@ def _reference(q, ck, cv, layer, valid, end):
 
 
 def test_chunk_blocks_by_hand():
-    assert chunk_blocks(768, 128) == (384, 128)  # 768 = 2 x 384; 512 does not divide it
-    assert chunk_blocks(8704, 32) == (512, 32)  # 17 x 512
-    assert chunk_blocks(256, 20) == (256, 32)  # 20 tokens -> a power of two >= 16
-    assert chunk_blocks(640, 600) == (128, 128)  # 5 x 128
-    assert chunk_blocks(300, 8) is None  # not a multiple of the TPU's 128 lanes
+    # key blocks whose float32 scores (G x block_t rows) fit 2 MiB, in multiples of 128:
+    # 7 x 128 rows x 4 bytes -> 585 slots -> 512; 7 x 32 x 4 -> 2340 -> 2304
+    assert chunk_blocks(768, 128, 7) == (512, 128)  # 2 blocks, the second half past the cache
+    assert chunk_blocks(8704, 32, 7) == (2304, 32)  # 4 blocks (3.8)
+    assert chunk_blocks(256, 20) == (256, 32)  # at most the window; 20 tokens -> 32
+    assert chunk_blocks(640, 600) == (640, 128)  # query blocks of 128 at most
+    assert chunk_blocks(300, 8) == (384, 16)  # 300 rounded up to the TPU's 128 lanes
 
 
-@pytest.mark.parametrize("blocks", [(128, 16), (384, 32)])
+@pytest.mark.parametrize("blocks", [(128, 16), (256, 32), (384, 32)])
 def test_kernel_matches_numpy_on_ragged_rows(blocks):
     """Rows at different ends (one past a key block's edge, one whose queries run past the
     cache), left padding, a hole, a row with no new token (nothing read: its queries see the old
     slots only through XLA; the kernel gives 0), query blocks that split the chunk (20 tokens
-    in blocks of 16) and a layer read out of a stack of three."""
+    in blocks of 16), key blocks that tile the cache or whose last one reaches past it (256 of
+    384: unspecified memory there, masked) and a layer read out of a stack of three."""
     rng = np.random.default_rng(0)
     layers, b, kv, groups, slots, hd, t = 3, 5, 2, 3, 384, 64, 20
     q = rng.standard_normal((b, t, kv, groups, hd)).astype(np.float32)
@@ -64,10 +67,17 @@ def test_kernel_matches_numpy_on_ragged_rows(blocks):
     np.testing.assert_allclose(out[:4], ref[:4], atol=2e-5)
     np.testing.assert_array_equal(out[4], 0.0)  # a row with no new token reads nothing
     assert np.abs(out[0, :3]).max() == 0.0  # padding queries before the first real slot
+    # A window of 256 slots (rows 0 and 1 sit below it): the same for them.
+    args = [jnp.asarray(a[:2]) for a in (q,)] + [jnp.asarray(a[:, :2]) for a in (ck, cv)]
+    args += [2, jnp.asarray(valid[:2]), jnp.asarray(end[:2])]
+    out = cached_chunk_attention(*args, interpret=True, blocks=(blocks[0], 16), width=256)
+    np.testing.assert_allclose(np.asarray(out), ref[:2], atol=2e-5)
 
 
 def test_blocks_that_do_not_tile_the_cache_are_refused():
     args = [jnp.zeros((1, 4, 1, 1, 64)), jnp.zeros((1, 1, 1, 384, 64))] * 1
     args += [jnp.zeros((1, 1, 1, 384, 64)), 0, jnp.ones((1, 384), bool), jnp.zeros(1, jnp.int32)]
-    with pytest.raises(ValueError, match=r"blocks \(256, 16\) for 384 slots"):
-        cached_chunk_attention(*args, interpret=True, blocks=(256, 16))
+    with pytest.raises(ValueError, match=r"blocks \(200, 16\) for a window of 384 of 384 slots"):
+        cached_chunk_attention(*args, interpret=True, blocks=(200, 16))
+    with pytest.raises(ValueError, match=r"a window of 512 of 384 slots"):
+        cached_chunk_attention(*args, interpret=True, blocks=(128, 16), width=512)

@@ -211,12 +211,12 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
         validate(cfg)
     cfg, _ = load_config(
         ["prog", "--config=quickstart", "--config.sampler.chunk_attention=pallas"]
-        + ["--config.sampler.cache_len=700"]
+        + ["--config.sampler.decode_path=cpu"]
     )
     with pytest.raises(
         ConfigError,
-        match=r"config.sampler.chunk_attention: 'pallas' runs on the accelerator path over a "
-        r"cache of a multiple of 128 slots; got decode_path='accelerator', cache_len=700",
+        match=r"config.sampler.chunk_attention: 'pallas' runs on the accelerator path \(all "
+        r"rows every step\); got decode_path='cpu'",
     ):
         validate(cfg)
 

@@ -271,7 +271,7 @@ def test_chunks_written_by_layer_equal_the_direct_scatter(hf_models, monkeypatch
 def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
     """Prefill and observation chunks attended by the Pallas chunk kernel over the cache (TPUs'
     form, forced on CPU: Pallas' interpreter), with left-padded prompts, a right-padded chunk, a
-    row with no token in a step, key blocks of 128 over 256 slots (rows cross a block edge) and
+    row with no token in a step, a key block reaching past the cache's 200 slots and
     split layers with a per-layer cache, give transformers' logits for every real token and
     the XLA form's cache (the first layer's bit for bit: the writes are shared)."""
     path, hf = hf_models[(True, 1e4)]
@@ -295,7 +295,7 @@ def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
         step = jax.jit(
             functools.partial(forward_with_cache, chunk_kernel=form), static_argnames=("config",)
         )
-        cache = init_cache(config, 3, 256)
+        cache = init_cache(config, 3, 200)  # one key block of 256: past the cache, masked
         cache = split_cache(cache) if per_layer else cache
         ids, mask = steps[0]
         jaxpr = str(jax.make_jaxpr(step, static_argnums=0)(config, p, ids, cache, mask))

@@ -107,10 +107,9 @@ def test_decode_layers_and_windows_by_path_and_platform(monkeypatch):
     for bad in (dict(decode_layers="scan"), dict(decode_path="cpu")):
         with pytest.raises(ValueError, match="decode_attention='pallas' runs on the accelerator"):
             wave_config(decode_attention="pallas", **bad)
-    # The chunk kernel: all rows a step (the accelerator path), key blocks of 128 slots.
-    for bad in (dict(decode_path="cpu"), dict(cache_len=700)):
-        with pytest.raises(ValueError, match="chunk_attention='pallas' runs on the accelerator"):
-            wave_config(chunk_attention="pallas", **bad)
+    # The chunk kernel steps all rows (the accelerator path).
+    with pytest.raises(ValueError, match="chunk_attention='pallas' runs on the accelerator"):
+        wave_config(chunk_attention="pallas", decode_path="cpu")
 
 
 def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monkeypatch):

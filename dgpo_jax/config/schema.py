@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the accelerator path with split layers)
     c.sampler.decode_attention = "xla"
     # prefill and observation chunks' attention: auto (pallas on TPUs) | xla | pallas (a Pallas
-    # TPU flash kernel over the cache; the accelerator path, cache_len a multiple of 128)
+    # TPU flash kernel over the cache; the accelerator path)
     c.sampler.chunk_attention = "auto"
     c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)
 

@@ -31,19 +31,21 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: no inf - inf in the r
 _LANES = 128
 
 
-def chunk_blocks(slots: int, tokens: int) -> tuple[int, int] | None:
-    """(block_k, block_t) for a cache of ``slots`` slots and chunks of ``tokens`` tokens, or None
-    where the kernel does not apply: key blocks of 512 slots or the largest multiple of 128 that
-    divides ``slots`` (the TPU's lane width; slots not a multiple of 128: None); query blocks of
-    128 tokens, or the chunk rounded up to a power of two (at least 16, bfloat16's sublane tile)
-    when shorter."""
-    if slots % _LANES:
-        return None
-    block_k = next(b for b in (512, 384, 256, 128) if slots % b == 0)
+SCORE_BLOCK_BYTES = 2 * 2**20  # one grid step's float32 scores in VMEM, at most
+
+
+def chunk_blocks(width: int, tokens: int, groups: int = 1) -> tuple[int, int]:
+    """(block_k, block_t) for a window of ``width`` slots and chunks of ``tokens`` tokens with
+    ``groups`` query heads a KV head. Query blocks of 128 tokens, or the chunk rounded up to a
+    power of two (at least 16, bfloat16's sublane tile) when shorter; key blocks in multiples of
+    128 (the TPU's lane width) as wide as their float32 scores (``groups x block_t`` rows) fit
+    `SCORE_BLOCK_BYTES`, at most the window rounded up: few grid steps (each has a fixed cost);
+    the last block of a window it does not divide reaches past it (masked)."""
     block_t = 16
     while block_t < min(tokens, 128):
         block_t *= 2
-    return block_k, block_t
+    fit = SCORE_BLOCK_BYTES // (4 * groups * block_t) // _LANES * _LANES
+    return min(max(fit, _LANES), -(-width // _LANES) * _LANES), block_t
 
 
 def _kernel(
@@ -65,6 +67,7 @@ def _kernel(
     block_k: int,
     blocks_t: int,
     blocks_k: int,
+    slots: int,
     scale: float,
 ):
     del layer_ref  # (read by the index maps)
@@ -98,7 +101,10 @@ def _kernel(
         rescale = jnp.exp(top - new_top)
         total_ref[...] = rescale * total_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
         top_ref[...] = new_top
-        values = v_ref[...]
+        values = v_ref[...]  # [Dh, block_k]
+        if slots % block_k:  # the last block reaches past the cache: its tail is unspecified
+            inside = j * block_k + jax.lax.broadcasted_iota(jnp.int32, values.shape, 1) < slots
+            values = jnp.where(inside, values, jnp.zeros_like(values))
         part = jax.lax.dot_general(
             probs.astype(values.dtype),
             values,
@@ -123,29 +129,29 @@ def cached_chunk_attention(
     end: Array,
     interpret: bool = False,
     blocks: tuple[int, int] | None = None,
+    width: int | None = None,
 ) -> Array:
     """Attention of a chunk of T queries a row over the row's cached slots, on one device.
 
     q ``[B, T, K, G, Dh]``; ck/cv the stacked cache ``[L, B, K, S, Dh]`` holding this step's keys
     and values already; ``layer`` the layer to read (int or traced scalar); valid ``[B, S]`` bool
     (the slots holding a token, this step's included); end ``[B]`` int32, the slot of each row's
-    first new token (query t sits at ``end + t`` and sees the valid slots up to it). ``blocks``:
-    (block_k, block_t), else `chunk_blocks`. ``interpret``: run in Pallas' interpreter (off a
-    TPU, for tests). Returns ``[B, T, K, G, Dh]`` in q's dtype.
+    first new token (query t sits at ``end + t`` and sees the valid slots up to it). ``width``
+    (static): the kernel covers slots ``[0, width)`` only (the caller guarantees no query sits
+    past it: the sampler's key window); default the whole cache. ``blocks``: (block_k, block_t),
+    else `chunk_blocks`. ``interpret``: run in Pallas' interpreter (off a TPU, for tests).
+    Returns ``[B, T, K, G, Dh]`` in q's dtype.
     """
     b, t, kv, groups, hd = q.shape
     slots = ck.shape[3]
-    if blocks is None:
-        blocks = chunk_blocks(slots, t)
-        if blocks is None:
-            raise ValueError(f"cached_chunk_attention: {slots} cache slots, not a multiple of 128")
-    block_k, block_t = blocks
-    if slots % block_k or block_k % _LANES or block_t < 16 or block_t & (block_t - 1):
+    width = slots if width is None else width
+    block_k, block_t = chunk_blocks(width, t, groups) if blocks is None else blocks
+    if block_k % _LANES or block_t < 16 or block_t & (block_t - 1) or not 0 < width <= slots:
         raise ValueError(
-            f"cached_chunk_attention: blocks {blocks} for {slots} slots: block_k must be a "
-            "multiple of 128 dividing the slots, block_t a power of two >= 16"
+            f"cached_chunk_attention: blocks {blocks} for a window of {width} of {slots} slots: "
+            "block_k must be a multiple of 128, block_t a power of two >= 16"
         )
-    blocks_k = slots // block_k
+    blocks_k = -(-width // block_k)  # the last block may reach past the window (and the cache)
     padded = -(-t // block_t) * block_t
     blocks_t = padded // block_t
     queries = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, Dh]
@@ -153,14 +159,15 @@ def cached_chunk_attention(
         queries = jnp.pad(queries, ((0, 0), (0, 0), (0, 0), (0, padded - t), (0, 0)))
 
     end = end.astype(jnp.int32)
-    valid = valid.astype(jnp.int32)
+    valid = valid.astype(jnp.int32)[:, :width]
+    valid = jnp.pad(valid, ((0, 0), (0, blocks_k * block_k - width)))  # past the window: none
     # Key blocks a (row, query block) reads: from the row's first valid slot's block to the block
     # of the last slot its queries sit at.
     # A row without a new token this step (no valid slot among its new ones) reads nothing.
     first = jnp.where(jnp.any(valid > 0, axis=1), jnp.argmax(valid, axis=1) // block_k, 0)
     last_query = end[:, None] + jnp.minimum((jnp.arange(blocks_t) + 1) * block_t, t) - 1
     last = jnp.clip(last_query // block_k, 0, blocks_k - 1)
-    slot = jnp.arange(slots, dtype=jnp.int32)[None]
+    slot = jnp.arange(valid.shape[1], dtype=jnp.int32)[None]
     new = (valid > 0) & (slot >= end[:, None]) & (slot < end[:, None] + t)
     last = jnp.where(jnp.any(new, axis=1, keepdims=True), last, -1).reshape(-1)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -180,12 +187,12 @@ def cached_chunk_attention(
         return bi, h, 0, ti, 0
 
     itemsize = jnp.dtype(ck.dtype).itemsize
-    cost = pl.CostEstimate(  # an upper bound: every key block read once a query block
-        flops=4 * b * kv * groups * padded * slots * hd,
-        transcendentals=b * kv * groups * padded * slots,
+    covered = blocks_k * block_k  # slots the grid covers
+    cost = pl.CostEstimate(  # an upper bound: every key block of the window, each query block
+        flops=4 * b * kv * groups * padded * covered * hd,
+        transcendentals=b * kv * groups * padded * covered,
         bytes_accessed=2 * queries.size * queries.dtype.itemsize
-        + blocks_t * 2 * b * kv * slots * hd * itemsize
-        + blocks_t * b * slots * 4,
+        + blocks_t * (2 * b * kv * covered * hd * itemsize + b * covered * 4),
     )
     kernel = functools.partial(
         _kernel,
@@ -194,6 +201,7 @@ def cached_chunk_attention(
         block_k=block_k,
         blocks_t=blocks_t,
         blocks_k=blocks_k,
+        slots=slots,
         scale=hd**-0.5,
     )
     out = pl.pallas_call(

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dgpo_jax.models.attention import attention as attend
-from dgpo_jax.models.cache_attention import cached_chunk_attention, chunk_blocks
+from dgpo_jax.models.cache_attention import cached_chunk_attention
 from dgpo_jax.models.config import Qwen2Config
 
 Array = jax.Array
@@ -400,26 +400,29 @@ def _chunked_one_query(q, ck, cv, layer, mask, width, chunk, dtype):
 CHUNK_KERNELS = ("auto", "xla", "pallas")
 
 
-def _chunk_kernel(plan, tokens: int, rows, slots: int, choice: str = "auto") -> bool:
+def _chunk_kernel(plan, tokens: int, rows, choice: str = "auto") -> bool:
     """Whether a cached step of ``tokens`` tokens a row attends by the Pallas chunk kernel: steps
-    of several tokens for all rows (``rows`` None) over a cache of a multiple of 128 slots, on
-    TPUs (`compile_platform`) for "auto", anywhere for "pallas", never for "xla"."""
-    if choice == "xla" or tokens == 1 or rows is not None or chunk_blocks(slots, tokens) is None:
+    of several tokens for all rows (``rows`` None), on TPUs (`compile_platform`) for "auto",
+    anywhere for "pallas", never for "xla"."""
+    if choice == "xla" or tokens == 1 or rows is not None:
         return False
     return choice == "pallas" or compile_platform(plan) == "tpu"
 
 
-def _chunk_attention(q: Array, ck: Array, cv: Array, layer, mask: Array, end: Array, plan=None):
+def _chunk_attention(q, ck, cv, layer, mask: Array, end: Array, width=None, plan=None) -> Array:
     """`cached_chunk_attention` of q ``[B, T, K, G, Dh]`` over the cache's layer ``layer``, the
     mask given as `forward_with_cache` builds it (``[B, T, S]``: query t at slot ``end + t``
-    sees the valid slots up to its own; its last query's row is the valid slots). With a plan
+    sees the valid slots up to its own; its last query's row is the valid slots), over slots
+    ``[0, width)`` (a static key window; None: the whole cache). With a plan
     of several devices the kernel runs under ``shard_map`` on each device's rows and KV heads
     (a cache sharded on its slots or head dim gathered). Returns ``[B, T, K, G, Dh]``."""
     interpret = compile_platform(plan) != "tpu"
     valid = mask[:, -1, :]
 
     def local(q, ck, cv, layer, valid, end):
-        return cached_chunk_attention(q, ck, cv, layer, valid, end, interpret=interpret)
+        return cached_chunk_attention(
+            q, ck, cv, layer, valid, end, interpret=interpret, width=width
+        )
 
     if plan is None or plan.mesh.size == 1:
         return local(q, ck, cv, layer, valid, end)
@@ -525,8 +528,9 @@ class Attention(nn.Module):
             cache = (ck, cv)
             if kernel == "pallas" and t == 1:  # per-layer cache, all rows (forward_with_cache)
                 attn = _ragged_decode_attention(qg, ck, cv, mask, self.plan)
-            elif _chunk_kernel(self.plan, t, rows, ck.shape[3], chunk_kernel):
-                attn = _chunk_attention(qg, ck, cv, layer, mask, slots[:, 0], self.plan)
+            elif _chunk_kernel(self.plan, t, rows, chunk_kernel):
+                width = span if isinstance(span, int) else None  # a static window, else all
+                attn = _chunk_attention(qg, ck, cv, layer, mask, slots[:, 0], width, self.plan)
             else:
                 dots = _one_query_dots(self.plan)
                 chunk = _key_chunk(ck, self.plan)
@@ -911,9 +915,8 @@ def forward_with_cache(
 
     ``chunk_kernel`` (static): how steps of several tokens for all rows (prefill, chunks)
     attend: "xla" (the masked key window), "pallas" (`cached_chunk_attention`: a flash kernel
-    over the cache that never writes the scores and reads each row's slots only; needs a cache
-    of a multiple of 128 slots and all rows; off a TPU it runs interpreted), or "auto": pallas
-    on TPUs where it applies, else xla.
+    over the cache that never writes the scores and reads each row's slots only; all rows; off
+    a TPU it runs interpreted), or "auto": pallas on TPUs for all-row steps, else xla.
 
     Not jitted itself: call it inside a jitted program (the sampler) or wrap it.
     """
@@ -960,11 +963,8 @@ def forward_with_cache(
         raise ValueError("a per-layer cache (split_cache) needs split_layers parameters")
     if chunk_kernel not in CHUNK_KERNELS:
         raise ValueError(f"chunk_kernel {chunk_kernel!r}: expected one of {CHUNK_KERNELS}")
-    if chunk_kernel == "pallas" and t > 1:
-        if rows is not None:
-            raise ValueError("chunk_kernel='pallas' steps every cache row (rows=None)")
-        if chunk_blocks(s, t) is None:
-            raise ValueError(f"chunk_kernel='pallas' needs a multiple of 128 cache slots; has {s}")
+    if chunk_kernel == "pallas" and t > 1 and rows is not None:
+        raise ValueError("chunk_kernel='pallas' steps every cache row (rows=None)")
     if decode_kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {decode_kernel!r}: expected one of {DECODE_KERNELS}")
     if decode_kernel == "pallas":

@@ -111,8 +111,7 @@ class SamplerConfig:
     # Attention of the steps of several tokens a row (prefill, observation chunks) on the
     # accelerator path: "xla" (the masked key window, its scores written to memory); "pallas":
     # a Pallas TPU flash kernel over the cache (`dgpo_jax.models.cache_attention`; off a TPU it
-    # runs interpreted, for tests); "auto": pallas on TPUs (cache_len a multiple of 128), else
-    # xla.
+    # runs interpreted, for tests); "auto": pallas on TPUs, else xla.
     chunk_attention: str = "auto"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows
@@ -162,11 +161,10 @@ class SamplerConfig:
                 f"layers; got decode_path={self.decode_path!r}, decode_layers="
                 f"{self.decode_layers!r}"
             )
-        if self.chunk_attention == "pallas" and (self.decode_path == "cpu" or self.cache_len % 128):
+        if self.chunk_attention == "pallas" and self.decode_path == "cpu":
             raise ValueError(
-                "SamplerConfig.chunk_attention='pallas' runs on the accelerator path over a cache "
-                f"of a multiple of 128 slots; got decode_path={self.decode_path!r}, cache_len="
-                f"{self.cache_len}"
+                "SamplerConfig.chunk_attention='pallas' runs on the accelerator path (all rows "
+                "every step); got decode_path='cpu'"
             )
         if not isinstance(self.max_turns, int) or self.max_turns < 0:
             raise ValueError(f"SamplerConfig.max_turns must be an int >= 0, got {self.max_turns!r}")
