@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgpo_jax.models.cache_attention import cached_chunk_attention, chunk_blocks
+from dgpo_jax.models.cache_attention import cached_chunk_attention, chunk_blocks, write_chunk
 
 
 def _reference(q, ck, cv, layer, valid, end):
@@ -81,3 +81,23 @@ def test_blocks_that_do_not_tile_the_cache_are_refused():
         cached_chunk_attention(*args, interpret=True, blocks=(200, 16))
     with pytest.raises(ValueError, match=r"a window of 512 of 384 slots"):
         cached_chunk_attention(*args, interpret=True, blocks=(128, 16), width=512)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens", [20, 200])
+def test_write_chunk_equals_numpy_in_place(dtype, tokens):
+    """A chunk written into layer 1 of 3 at each row's own slot, bit for bit: across a 128-slot
+    block edge, more than a block long (200 tokens: three blocks touched), at the cache's start,
+    and past its end (700 slots, not a multiple of 128: the tail dropped); nothing else moves."""
+    rng = np.random.default_rng(1)
+    layers, b, kv, slots, hd = 3, 4, 2, 700, 64
+    buf = rng.standard_normal((layers, b, kv, slots, hd)).astype(np.float32).astype(dtype)
+    new = rng.standard_normal((b, tokens, kv, hd)).astype(np.float32).astype(dtype)
+    end = np.array([120, 0, 690, 333], np.int32)
+    ref = np.array(buf)
+    for row in range(b):
+        count = min(tokens, slots - end[row])
+        ref[1, row, :, end[row] : end[row] + count] = np.swapaxes(new[row, :count], 0, 1)
+    got = write_chunk(jnp.asarray(buf), jnp.asarray(new), 1, jnp.asarray(end), interpret=True)
+    assert got.dtype == buf.dtype
+    np.testing.assert_array_equal(np.asarray(got), ref)

@@ -240,3 +240,74 @@ def cached_chunk_attention(
         valid[:, None, :],
     )
     return jnp.transpose(out[:, :, :, :t], (0, 3, 1, 2, 4))
+
+
+def _write_kernel(layer_ref, end_ref, new_ref, buf_ref, out_ref, *, tokens: int, blocks: int):
+    del layer_ref, buf_ref  # (the index maps read the layer; out_ref aliases the cache)
+    b, j = pl.program_id(0), pl.program_id(2)
+    start = end_ref[b]
+    block = jnp.minimum(start // _LANES + j, blocks - 1)
+    # The chunk's tokens moved to their lanes of this block by a one-hot matmul: token t goes to
+    # slot end + t; exact (one product of 1.0 a result, float32 accumulation).
+    shape = (tokens, _LANES)
+    slot = block * _LANES + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    token = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    hit = slot == start + token
+    new = new_ref[...]  # [Dh, T]
+    precision = jax.lax.Precision.HIGHEST if new.dtype == jnp.float32 else None
+    placed = jax.lax.dot_general(
+        new,
+        hit.astype(new.dtype),
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+        precision=precision,
+    )  # [Dh, 128]
+    written = jnp.max(hit.astype(jnp.int32), axis=0, keepdims=True) > 0  # [1, 128]
+    out_ref[...] = jnp.where(written, placed.astype(out_ref.dtype), out_ref[...])
+
+
+def write_chunk(
+    buf: Array, new: Array, layer: Array | int, end: Array, interpret: bool = False
+) -> Array:
+    """The cache ``buf [L, B, K, S, Dh]`` with ``new [B, T, K, Dh]`` written into layer
+    ``layer`` at slots ``end[b] + t`` (slots past the cache dropped), in place: each (row, KV
+    head) reads and writes only the 128-slot blocks its T slots touch, where a scatter of a
+    chunk into the cache made the TPU compiler relay out and copy the layer's whole cache
+    (docs/scaleout.md). ``interpret``: Pallas' interpreter (off a TPU, for tests)."""
+    b, t, kv, hd = new.shape
+    slots = buf.shape[3]
+    blocks = -(-slots // _LANES)
+    touched = min(-(-t // _LANES) + 1, blocks)  # 128-slot blocks T consecutive slots can span
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    end = end.astype(jnp.int32)
+
+    def cache_block(bi, h, j, layer_ref, end_ref):
+        return layer_ref[0], bi, h, 0, jnp.minimum(end_ref[bi] // _LANES + j, blocks - 1)
+
+    itemsize = jnp.dtype(buf.dtype).itemsize
+    out = pl.pallas_call(
+        functools.partial(_write_kernel, tokens=t, blocks=blocks),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(b, kv, touched),
+            in_specs=[
+                pl.BlockSpec((None, None, hd, t), lambda bi, h, j, *_: (bi, h, 0, 0)),
+                pl.BlockSpec((None, None, None, hd, _LANES), cache_block),
+            ],
+            out_specs=pl.BlockSpec((None, None, None, hd, _LANES), cache_block),
+        ),
+        out_shape=jax.ShapeDtypeStruct(jnp.swapaxes(buf, 3, 4).shape, buf.dtype),
+        input_output_aliases={3: 0},  # (after the two scalar operands and new)
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * b * kv * touched * hd * t * _LANES,
+            transcendentals=0,
+            bytes_accessed=new.size * new.dtype.itemsize
+            + 2 * b * kv * touched * hd * _LANES * itemsize,
+        ),
+        interpret=interpret,
+        name="write_chunk",
+    )(layer, end, jnp.transpose(new, (0, 2, 3, 1)).astype(buf.dtype), jnp.swapaxes(buf, 3, 4))
+    return jnp.swapaxes(out, 3, 4)

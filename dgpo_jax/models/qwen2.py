@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dgpo_jax.models.attention import attention as attend
-from dgpo_jax.models.cache_attention import cached_chunk_attention
+from dgpo_jax.models.cache_attention import cached_chunk_attention, write_chunk
 from dgpo_jax.models.config import Qwen2Config
 
 Array = jax.Array
@@ -409,35 +409,53 @@ def _chunk_kernel(plan, tokens: int, rows, choice: str = "auto") -> bool:
     return choice == "pallas" or compile_platform(plan) == "tpu"
 
 
-def _chunk_attention(q, ck, cv, layer, mask: Array, end: Array, width=None, plan=None) -> Array:
-    """`cached_chunk_attention` of q ``[B, T, K, G, Dh]`` over the cache's layer ``layer``, the
-    mask given as `forward_with_cache` builds it (``[B, T, S]``: query t at slot ``end + t``
-    sees the valid slots up to its own; its last query's row is the valid slots), over slots
-    ``[0, width)`` (a static key window; None: the whole cache). With a plan
-    of several devices the kernel runs under ``shard_map`` on each device's rows and KV heads
-    (a cache sharded on its slots or head dim gathered). Returns ``[B, T, K, G, Dh]``."""
+def _chunk_step(q, k, v, cache, layer, mask: Array, end: Array, width=None, plan=None):
+    """A step of several tokens for all rows by the Pallas chunk kernels: this step's keys and
+    values ``k``/``v [B, T, K, Dh]`` written into the cache's layer ``layer`` at slots ``end +
+    t`` (`write_chunk`: the 128-slot blocks they touch, in place), then `cached_chunk_attention`
+    of q ``[B, T, K, G, Dh]`` over it, the mask given as `forward_with_cache` builds it (``[B,
+    T, S]``: query t at slot ``end + t`` sees the valid slots up to its own; its last query's
+    row is the valid slots), over slots ``[0, width)`` (a static key window; None: the whole
+    cache). With a plan of several devices both run under ``shard_map`` on each device's rows
+    and KV heads (a cache sharded on its slots or head dim gathered). Returns (the cache's k,
+    v; the attention ``[B, T, K, G, Dh]``)."""
     interpret = compile_platform(plan) != "tpu"
     valid = mask[:, -1, :]
 
-    def local(q, ck, cv, layer, valid, end):
-        return cached_chunk_attention(
+    def local(q, k, v, ck, cv, layer, valid, end):
+        ck = write_chunk(ck, k, layer, end, interpret=interpret)
+        cv = write_chunk(cv, v, layer, end, interpret=interpret)
+        attn = cached_chunk_attention(
             q, ck, cv, layer, valid, end, interpret=interpret, width=width
         )
+        return ck, cv, attn
 
+    args = (q, k, v, *cache, jnp.asarray(layer, jnp.int32), valid, end)
     if plan is None or plan.mesh.size == 1:
-        return local(q, ck, cv, layer, valid, end)
+        return local(*args)
     spec = jax.sharding.PartitionSpec
     batch = plan.spec(("batch",), (q.shape[0],))[0]
     kv_heads = plan.spec(("act_kv_heads",), (q.shape[2],))[0]
     q_spec = spec(batch, None, kv_heads, None, None)
+    kv_spec = spec(batch, None, kv_heads, None)
     cache_spec = spec(None, batch, kv_heads, None, None)
+    rows = spec(batch)
     return jax.shard_map(
         local,
         mesh=plan.mesh,
-        in_specs=(q_spec, cache_spec, cache_spec, spec(), spec(batch, None), spec(batch)),
-        out_specs=q_spec,
+        in_specs=(
+            q_spec,
+            kv_spec,
+            kv_spec,
+            cache_spec,
+            cache_spec,
+            spec(),
+            spec(batch, None),
+            rows,
+        ),
+        out_specs=(cache_spec, cache_spec, q_spec),
         check_vma=False,
-    )(q, ck, cv, jnp.asarray(layer, jnp.int32), valid, end)
+    )(*args)
 
 
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False, chunk=0):
@@ -522,21 +540,29 @@ class Attention(nn.Module):
             )
         else:
             rows, slots, span, kernel, chunk_kernel = cache_io
+            if _chunk_kernel(self.plan, t, rows, chunk_kernel):
+                width = span if isinstance(span, int) else None  # a static window, else all
+                *cache, attn = _chunk_step(
+                    qg, k, v, cache, layer, mask, slots[:, 0], width, self.plan
+                )
+                return self._out(attn, wo, x.dtype), tuple(cache)
             by_layer = _write_by_layer(self.plan, t)
             ck = _scatter_kv(cache[0], k, layer, rows, slots, by_layer)
             cv = _scatter_kv(cache[1], v, layer, rows, slots, by_layer)
             cache = (ck, cv)
             if kernel == "pallas" and t == 1:  # per-layer cache, all rows (forward_with_cache)
                 attn = _ragged_decode_attention(qg, ck, cv, mask, self.plan)
-            elif _chunk_kernel(self.plan, t, rows, chunk_kernel):
-                width = span if isinstance(span, int) else None  # a static window, else all
-                attn = _chunk_attention(qg, ck, cv, layer, mask, slots[:, 0], width, self.plan)
             else:
                 dots = _one_query_dots(self.plan)
                 chunk = _key_chunk(ck, self.plan)
                 attn = _cached_attention(qg, ck, cv, layer, rows, mask, span, x.dtype, dots, chunk)
-        out = _matmul("btnh,nhd->btd", attn.astype(x.dtype).reshape(b, t, h, hd), wo, self.plan)
-        return out, cache
+        return self._out(attn, wo, x.dtype), cache
+
+    def _out(self, attn: Array, wo: Array, dtype) -> Array:
+        """The output projection of the heads' attention ``[M, T, K, G, Dh]`` -> ``[M, T, D]``."""
+        b, t, kv, groups, hd = attn.shape
+        attn = attn.astype(dtype).reshape(b, t, kv * groups, hd)
+        return _matmul("btnh,nhd->btd", attn, wo, self.plan)
 
 
 class MLP(nn.Module):
