@@ -246,7 +246,7 @@ def _write_kernel(layer_ref, end_ref, new_ref, buf_ref, out_ref, *, tokens: int,
     del layer_ref, buf_ref  # (the index maps read the layer; out_ref aliases the cache)
     b, j = pl.program_id(0), pl.program_id(2)
     start = end_ref[b]
-    block = jnp.minimum(start // _LANES + j, blocks - 1)
+    block = jnp.minimum(jax.lax.div(start, _LANES) + j, blocks - 1)  # (end >= 0)
     # The chunk's tokens moved to their lanes of this block by a one-hot matmul: token t goes to
     # slot end + t; exact (one product of 1.0 a result, float32 accumulation).
     shape = (tokens, _LANES)
@@ -282,7 +282,7 @@ def write_chunk(
     end = end.astype(jnp.int32)
 
     def cache_block(bi, h, j, layer_ref, end_ref):
-        return layer_ref[0], bi, h, 0, jnp.minimum(end_ref[bi] // _LANES + j, blocks - 1)
+        return layer_ref[0], bi, h, 0, jnp.minimum(jax.lax.div(end_ref[bi], _LANES) + j, blocks - 1)
 
     itemsize = jnp.dtype(buf.dtype).itemsize
     out = pl.pallas_call(
