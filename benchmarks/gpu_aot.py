@@ -385,14 +385,14 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
         hbm = [shape_bytes("{}[{}]{}".format(*array)) > 0 for array in (source, target)]
         return moved * hbm[0], moved * hbm[1], 0.0
     stated = _COST_BYTES.search(instr.attrs) if instr.op == "custom-call" else None
-    if stated:  # a Pallas kernel's own cost estimate: what its blocks read, not its operands
-        written = shape_bytes(instr.shape)
+    if stated:  # a Pallas kernel's own cost estimate: what its blocks move, not its operands
+        total = int(stated.group(1))
         flops = _COST_FLOPS.search(instr.attrs)
-        return (
-            max(int(stated.group(1)) - written, 0),
-            written,
-            float(flops.group(1) if flops else 0),
-        )
+        flops = float(flops.group(1)) if flops else 0.0
+        if "output_to_operand_aliasing" in instr.attrs:  # updated in place: its blocks only
+            return total, 0, flops
+        written = min(shape_bytes(instr.shape), total)
+        return total - written, written, flops
     read = sum(shape_bytes(where[o].shape) for o in instr.operands if o in where)
     if _kind(instr) == "gemm":  # a cuBLAS call: (result, workspace); the workspace stays put
         result = _ARRAY.search(instr.shape)

@@ -522,6 +522,8 @@ window={{size=1x14 pad=0_0x13_13 rhs_reversal=0x1}}, dim_labels=0bf1_i1o0->0b1f
 window={{size=16x2 stride=15x1 lhs_dilate=16x2}}, dim_labels=01bf_01oi->01bf
   %kernel = bf16[16,2,7,128,64]{{4,3,2,1,0}} custom-call(%k, %x), \
 custom_call_target="tpu_custom_call", backend_config={_COST}
+  %update = {_K}{{3,2,1,0}} custom-call(%q, %k), custom_call_target="tpu_custom_call", \
+output_to_operand_aliasing={{{{}}: (1, {{}})}}, backend_config={_COST}
   ROOT %r = f32[16,2,7,128]{{3,2,1,0}} add(%scores, %scores)
 }}
 
@@ -538,8 +540,8 @@ def test_tpu_dots_count_their_flops_and_pallas_kernels_their_stated_bytes():
     kernels = {k.name: k for k in gpu_aot.loop_kernels(TPU_DOTS)[0]}
     assert kernels["proj"].flops == 2 * 16 * 128 * 14 * 64 * 896
     assert kernels["scores"].flops == 2 * 16 * 2 * 7 * 128 * 64
-    # the kernel reads what its estimate says (its operands hold the whole cache), writes its
-    # result, and its FLOPs are its own
+    # the kernel moves what its estimate says (its operands hold the whole cache), of which its
+    # result is written, and its FLOPs are its own
     kernel = kernels["kernel"]
     result = 16 * 2 * 7 * 128 * 64 * 2
     assert (kernel.bytes_read, kernel.bytes_written, kernel.flops) == (
@@ -547,6 +549,9 @@ def test_tpu_dots_count_their_flops_and_pallas_kernels_their_stated_bytes():
         result,
         5000.0,
     )
+    # one that updates its operand in place (a cache) moves what it states, not the array
+    update = kernels["update"]
+    assert (update.bytes_read, update.bytes_written) == (4_000_000, 0)
 
 
 def test_the_tpu_compile_of_the_tiny_model_reads_its_loops():
