@@ -511,9 +511,10 @@ def loop_kernels(text: str | Module, body: str | None = None) -> tuple[list[Kern
 def decode_loops(module: Module, tokens: str = "one") -> dict[str, str]:
     """The while loops (name -> body) that decode one token a row: every embedding in them
     (an instruction of the body or of what it calls, fused ones included, whose op name has
-    ``Qwen2.embed``) is ``[B, 1, D]``. Ingest loops embed ``[M, C, D]`` (``tokens="chunk"``:
-    those, C > 1); a loop around both (the rollout's) has both."""
-    loops = {}
+    ``Qwen2.embed``) is ``[B, 1, D]``. ``tokens="chunk"``: the ingest loops instead, which
+    embed ``[M, C, D]`` with C > 1 (XLA:GPU also gathers their ``[M x C, 1, D]`` rows) and hold
+    no decode loop (the rollout's loop around both does)."""
+    found = {}  # loop -> (body, embedding shapes, computations it reaches)
     for comp in module.comps.values():
         for instr in comp.values():
             if instr.op != "while":
@@ -530,10 +531,16 @@ def decode_loops(module: Module, tokens: str = "one") -> dict[str, str]:
                     todo += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
                     if "Qwen2.embed" in inner.attrs and len(_dims(inner.shape)) == 3:
                         shapes.append(_dims(inner.shape))
-            one = [d[1] == 1 for d in shapes]
-            if shapes and (all(one) if tokens == "one" else not any(one)):
-                loops[instr.name] = instr.attr("body")
-    return loops
+            if shapes:
+                found[instr.name] = (instr.attr("body"), shapes, seen)
+    decode = {k: v[0] for k, v in found.items() if all(d[1] == 1 for d in v[1])}
+    if tokens == "one":
+        return decode
+    return {
+        k: body
+        for k, (body, shapes, reach) in found.items()
+        if any(d[1] > 1 for d in shapes) and not reach & set(decode.values())
+    }
 
 
 def summarize(

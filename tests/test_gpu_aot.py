@@ -576,3 +576,4 @@ def test_the_tpu_compile_of_the_tiny_model_reads_its_loops():
         sampler = out["sampler"][layers]
         assert sampler["decode_layers"] == layers and sampler["decode_loops"] >= 1
         assert "dynamic-update-slice" not in sampler["whole_cache_loop"]["by_kind"]
+        assert sampler["ingest_loops"]  # (the ingest steps: the Pallas chunk kernels on TPUs)
