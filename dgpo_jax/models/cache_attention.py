@@ -243,7 +243,7 @@ def cached_chunk_attention(
 
 
 def _write_kernel(layer_ref, end_ref, new_ref, buf_ref, out_ref, *, tokens: int, blocks: int):
-    del layer_ref, buf_ref  # (the index maps read the layer; out_ref aliases the cache)
+    del layer_ref  # (read by the index maps)
     b, j = pl.program_id(0), pl.program_id(2)
     start = end_ref[b]
     block = jnp.minimum(jax.lax.div(start, _LANES) + j, blocks - 1)  # (end >= 0)
@@ -263,7 +263,9 @@ def _write_kernel(layer_ref, end_ref, new_ref, buf_ref, out_ref, *, tokens: int,
         precision=precision,
     )  # [Dh, 128]
     written = jnp.max(hit.astype(jnp.int32), axis=0, keepdims=True) > 0  # [1, 128]
-    out_ref[...] = jnp.where(written, placed.astype(out_ref.dtype), out_ref[...])
+    # The old values come from the input block: out_ref aliases the cache in HBM, but its
+    # block in VMEM is not loaded (Pallas fetches inputs only).
+    out_ref[...] = jnp.where(written, placed.astype(out_ref.dtype), buf_ref[...])
 
 
 def write_chunk(
