@@ -124,7 +124,6 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monk
         ("default waves", {}),
         ("wait for all", dict(wave_fraction=1.0)),
         ("max wait 2 steps", dict(wave_fraction=1.0, wave_max_wait=2)),
-        ("accelerator path", dict(decode_path="accelerator")),
         ("accelerator path, split layers", dict(decode_path="accelerator", decode_layers="split")),
         (  # the Pallas GPU decode kernel and the TPU chunk kernel, interpreted on CPU
             "accelerator path, pallas attention",
@@ -139,14 +138,16 @@ def test_wave_schedules_and_decode_paths_give_the_per_event_rollout(models, monk
         calls[name] = out.stats["host_calls"]
         assert out.stats["waves"] == out.stats["host_calls"]
     # What a GPU runs (the platform forced): split layers and caches, and key windows up to a
-    # third of the cache, then the whole cache.
-    with monkeypatch.context() as m:
-        m.setattr(loop_module, "compile_platform", lambda plan=None: "gpu")
-        out = Sampler(model_config, wave_config(), TOK, ScriptedRetriever()).generate(
-            params, PROMPTS, seed=5
-        )
-    assert (out.stats["decode_path"], out.stats["decode_layers"]) == ("accelerator", "split")
-    assert_same_rollout(out, ref)
+    # third of the cache, then the whole cache; what a TPU runs: the accelerator path scanned,
+    # an ingest step's output columns written by a select (the model's steps stay CPU's here).
+    for platform, layers in (("gpu", "split"), ("tpu", "scan")):
+        with monkeypatch.context() as m:
+            m.setattr(loop_module, "compile_platform", lambda plan=None, p=platform: p)
+            out = Sampler(model_config, wave_config(), TOK, ScriptedRetriever()).generate(
+                params, PROMPTS, seed=5
+            )
+        assert (out.stats["decode_path"], out.stats["decode_layers"]) == ("accelerator", layers)
+        assert_same_rollout(out, ref)
     # Host calls: one per turn end at wave_fraction 0; at most 2 x max_turns + 2 in waves.
     assert ref.stats["host_calls"] > calls["default waves"] >= calls["wait for all"]
     assert calls["default waves"] <= 2 * MAX_TURNS + 2
@@ -327,20 +328,24 @@ def test_prompts_are_padded_to_a_few_widths():
         assert mask[0, -longest:].all() and mask[1, -3:].all() and not mask[1, :-3].any()
 
 
-def test_writing_one_column_a_row_equals_numpy_with_the_update_clamped():
-    # A decode step writes one column a row as a select (a scatter is a loop over the rows on
-    # TPUs); several columns stay a per-row dynamic_update_slice. Both against NumPy, with
-    # starts at the buffer's end clamped into it as dynamic_update_slice clamps them.
+def test_writing_columns_by_select_or_update_equals_numpy_with_the_update_clamped():
+    # A decode step writes one column a row as a select (a per-row update is a loop over the
+    # rows on TPUs), an ingest step on TPUs several by a select too (``select``), elsewhere by
+    # a per-row dynamic_update_slice. All against NumPy, with starts near the buffer's end
+    # clamped into it as dynamic_update_slice clamps them.
     rng = np.random.default_rng(0)
     buf = rng.integers(0, 100, (5, 6)).astype(np.int32)
-    start = np.array([0, 3, 5, 7, 2], np.int32)  # 7: past the end, written at column 5
-    for width in (1, 2):
+    start = np.array([0, 3, 5, 7, 2], np.int32)  # 7: past the end, written at column 6 - width
+    for width in (1, 2, 4):
         values = rng.integers(100, 200, (5, width)).astype(np.int32)
         want = buf.copy()
         for row in range(5):
             col = min(start[row], 6 - width)
             want[row, col : col + width] = values[row]
-        got = loop_module._write(jnp.asarray(buf), jnp.asarray(values), jnp.asarray(start))
-        np.testing.assert_array_equal(np.asarray(got), want)
+        for select in (False, True):
+            got = loop_module._write(
+                jnp.asarray(buf), jnp.asarray(values), jnp.asarray(start), select=select
+            )
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{width} {select}")
     floats = loop_module._write(jnp.zeros((2, 3)), jnp.array([[True], [False]]), jnp.array([1, 2]))
     np.testing.assert_array_equal(np.asarray(floats), [[0, 1, 0], [0, 0, 0]])

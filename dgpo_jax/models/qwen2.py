@@ -491,6 +491,7 @@ class Attention(nn.Module):
     config: Qwen2Config
     param_dtype: Any = jnp.float32
     plan: Any = None
+    chunk_kernel: str = "auto"  # steps of several tokens: `CHUNK_KERNELS`, `_chunk_kernel`
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, layer=None, cache_io=None):
@@ -502,8 +503,8 @@ class Attention(nn.Module):
         stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written into layer `layer` at
         ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``, decode
         kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps,
-        chunk kernel: `CHUNK_KERNELS`, for steps of several tokens, `_chunk_kernel`) before
-        attending (see `_cached_attention`). Returns (out ``[M, T, D]``, the updated
+        steps of several tokens by ``chunk_kernel``, `_chunk_kernel`) before attending (see
+        `_cached_attention`). Returns (out ``[M, T, D]``, the updated
         (k, v) or None).
         """
         c = self.config
@@ -539,8 +540,8 @@ class Attention(nn.Module):
                 qg, k, v, mask, kernel=c.attention, block=c.attention_block, plan=self.plan
             )
         else:
-            rows, slots, span, kernel, chunk_kernel = cache_io
-            if _chunk_kernel(self.plan, t, rows, chunk_kernel):
+            rows, slots, span, kernel = cache_io
+            if _chunk_kernel(self.plan, t, rows, self.chunk_kernel):
                 width = span if isinstance(span, int) else None  # a static window, else all
                 *cache, attn = _chunk_step(
                     qg, k, v, cache, layer, mask, slots[:, 0], width, self.plan
@@ -588,6 +589,7 @@ class DecoderLayer(nn.Module):
     config: Qwen2Config
     param_dtype: Any = jnp.float32
     plan: Any = None
+    chunk_kernel: str = "auto"
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, cache_io):
@@ -599,7 +601,7 @@ class DecoderLayer(nn.Module):
         ln2 = _param(
             self, "post_attention_norm", nn.initializers.ones, (c.hidden_size,), ("norm",), pd
         )
-        attention = Attention(c, pd, self.plan, name="attn")
+        attention = Attention(c, pd, self.plan, self.chunk_kernel, name="attn")
         x = rms_norm(h, ln1, c.rms_norm_eps)
         # The layer's new k/v are scattered into the stacked cache (in place, inside the scan's
         # carry); the layer's slice is never copied out and written back whole.
@@ -622,6 +624,7 @@ class Qwen2(nn.Module):
     config: Qwen2Config
     param_dtype: Any = jnp.float32
     plan: Any = None
+    chunk_kernel: str = "auto"  # (`forward_with_cache`'s; read by cached steps only)
 
     def setup(self):
         c, pd = self.config, self.param_dtype
@@ -645,7 +648,7 @@ class Qwen2(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, pd, self.plan, name="layers")
+        )(c, pd, self.plan, self.chunk_kernel, name="layers")
 
     def embed(self, input_ids):
         h = jnp.take(self.embedding, input_ids, axis=0)
@@ -684,10 +687,10 @@ class Qwen2(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-def _module(config: Qwen2Config, params_or_dtype=jnp.float32, plan=None) -> Qwen2:
+def _module(config: Qwen2Config, params_or_dtype=jnp.float32, plan=None, chunk_kernel="auto"):
     if isinstance(params_or_dtype, dict):
         params_or_dtype = params_or_dtype["embed_tokens"].dtype
-    return Qwen2(config, jnp.dtype(params_or_dtype), plan)
+    return Qwen2(config, jnp.dtype(params_or_dtype), plan, chunk_kernel)
 
 
 def _init_module(config: Qwen2Config, dtype=jnp.float32) -> Qwen2:
@@ -735,13 +738,15 @@ def split_layers(params: Params) -> Params:
     return {**params, "layers": split}
 
 
-def _hidden_split_layers(config, params, plan, input_ids, positions, mask, cache_kv, cache_io):
+def _hidden_split_layers(
+    config, params, plan, input_ids, positions, mask, cache_kv, cache_io, chunk_kernel="auto"
+):
     """`Qwen2.hidden` for `split_layers` parameters: the layers run unrolled (static index)."""
-    m = _module(config, params, plan)
+    m = _module(config, params, plan, chunk_kernel)
     outer = {"params": {k: v for k, v in params.items() if k != "layers"}}
     h = m.apply(outer, input_ids, method=Qwen2.embed)
     cos, sin = rope_tables(positions, config.dim_per_head, config.rope_theta)
-    layer = DecoderLayer(config, m.param_dtype, plan)
+    layer = DecoderLayer(config, m.param_dtype, plan, chunk_kernel)
     per_layer = cache_kv is not None and isinstance(cache_kv[0], tuple)
     new_k, new_v = [], []
     for index, layer_params in enumerate(params["layers"]):
@@ -1008,16 +1013,17 @@ def forward_with_cache(
             positions,
             mask,
             (cache.k, cache.v),
-            (rows, slots, span, decode_kernel, chunk_kernel),
+            (rows, slots, span, decode_kernel),
+            chunk_kernel,
         )
     else:
-        h, (k, v) = _module(config, params, plan).apply(
+        h, (k, v) = _module(config, params, plan, chunk_kernel).apply(
             {"params": params},
             input_ids,
             positions,
             mask,
             (cache.k, cache.v),
-            (rows, slots, span, None, chunk_kernel),  # (the stacked cache: no decode kernel)
+            (rows, slots, span, None),  # (the stacked cache: XLA decode attention)
             method=Qwen2.hidden,
         )
     last_real = jnp.max(jnp.where(token_mask, jnp.arange(1, t + 1)[None], 0), axis=1)

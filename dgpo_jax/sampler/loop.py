@@ -205,17 +205,25 @@ def _last_real(hidden: Array, mask: Array) -> tuple[Array, Array]:
     return picked, last >= 0
 
 
-def _write(buf: Array, values: Array, start: Array, rows: Array | None = None) -> Array:
+def _write(
+    buf: Array, values: Array, start: Array, rows: Array | None = None, select: bool = False
+) -> Array:
     """buf ``[B, N]``; values ``[M, T]`` written from per-row column ``start [M]`` into rows
-    `rows [M]` (None: all B rows, M = B; an index >= B is dropped)."""
+    `rows [M]` (None: all B rows, M = B; an index >= B is dropped). A column past ``N - T`` is
+    clamped into the buffer, as dynamic_update_slice clamps it."""
     values = values.astype(buf.dtype)
-    if rows is None and values.shape[1] == 1:
-        # One column a row (a decode step): a select over the buffer, where a per-row update
-        # is a scatter that the TPU compiler runs as a loop over the rows (B serial steps a
-        # buffer, five buffers a decode step; docs/sampler.md). The column is clamped into
-        # the buffer as dynamic_update_slice clamps it.
-        col = jnp.clip(start, 0, buf.shape[1] - 1)[:, None]
-        return jnp.where(jnp.arange(buf.shape[1])[None] == col, values, buf)
+    if rows is None and (values.shape[1] == 1 or select):
+        # All rows, one column a row (a decode step) or, with ``select``, several (an ingest
+        # step on TPUs): a select over the buffer, one compare a column, where a per-row update
+        # is one that the TPU compiler runs as a loop over the rows (B serial steps a buffer,
+        # five buffers a step; docs/sampler.md). Elsewhere several columns keep the update
+        # (a select costs B x N x T compares; XLA:CPU and XLA:GPU run the update in place).
+        width = values.shape[1]
+        first = jnp.clip(start, 0, buf.shape[1] - width)[:, None]
+        col = jnp.arange(buf.shape[1])[None]
+        for t in range(width):
+            buf = jnp.where(col == first + t, values[:, t : t + 1], buf)
+        return buf
     if rows is None:
         return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(
             buf, values, start
@@ -371,6 +379,7 @@ class SamplerLoop:
     path: str  # "cpu" | "accelerator"
     host_calls: str = "single"  # "single" | "per_shard" (see `resolve_host_calls`)
     narrow_windows: bool = False  # key windows up to a third of the cache only (`windows`)
+    select_writes: bool = False  # an ingest step's output columns by a select (`_write`)
 
     def __post_init__(self):
         cfg = self.config
@@ -677,17 +686,18 @@ class SamplerLoop:
         complete = live & (start + count >= length)
         phase = jnp.where(complete, C.GENERATING, s.phase[read])
         no = jnp.zeros(mask.shape, bool)
+        write = functools.partial(_write, start=at, rows=rows, select=self.select_writes)
         return s.replace(
             step=s.step + 1,
             ingest_steps=s.ingest_steps + 1,
             ingest_rows=s.ingest_rows + (batch if rows is None else rows_per_step),
             phase=_scatter(s.phase, phase, rows),
-            tokens=_write(s.tokens, ids, at, rows),
-            loss_mask=_write(s.loss_mask, no, at, rows),
-            teacher_mask=_write(s.teacher_mask, no, at, rows),
-            logprobs=_write(s.logprobs, jnp.zeros(mask.shape, jnp.float32), at, rows),
+            tokens=write(s.tokens, ids),
+            loss_mask=write(s.loss_mask, no),
+            teacher_mask=write(s.teacher_mask, no),
+            logprobs=write(s.logprobs, jnp.zeros(mask.shape, jnp.float32)),
             # An observation belongs to the turn whose action produced it.
-            turn_ids=_write(s.turn_ids, jnp.where(mask, turn[:, None] - 1, -1), at, rows),
+            turn_ids=write(s.turn_ids, jnp.where(mask, turn[:, None] - 1, -1)),
             resp_len=_scatter(s.resp_len, at + count, rows),
             pending_pos=_scatter(s.pending_pos, start + count, rows),
         )
@@ -895,6 +905,7 @@ def rollout_program(
         narrow_windows=path == "accelerator"
         and layers == "split"
         and compile_platform(plan) == "gpu",
+        select_writes=compile_platform(plan) == "tpu",
     )
     if layers == "split":
         # Per-layer weights, split once: a step never slices them out of the stacked arrays
