@@ -60,8 +60,9 @@ def test_tiny_update_step_compiles_for_v5e_with_splash(tmp_path):
 
 def test_rollout_compiles_for_v5e_on_both_decode_paths(tmp_path):
     """The sampler's accelerator path (stacked layers in a scan, all rows stepped with a mask,
-    one static key window per loop) compiles for a TPU slice, and needs fewer temporaries
-    than the cpu path (a split copy of the layer weights, rows gathered out of the cache)."""
+    one static key window per loop, the Pallas chunk kernels) compiles for a TPU slice, and
+    needs fewer temporaries than the cpu path (a split copy of the layer weights, rows gathered
+    out of the cache)."""
     temporaries = {}
     for path in ("accelerator", "cpu"):
         cfg = tiny_tpu_config(tmp_path, "xla")
@@ -70,4 +71,9 @@ def test_rollout_compiles_for_v5e_on_both_decode_paths(tmp_path):
         plan = build_memory_plan(cfg)
         assert list(plan.programs) == ["rollout"]
         temporaries[path] = plan.programs["rollout"].temporaries
+        # the prefill of all rows (and on the accelerator path the ingest steps): the Pallas
+        # chunk kernels, under shard_map on the 4 chips' rows
+        assert "tpu_custom_call" in plan.programs["rollout"].kernels, path
     assert 0 < temporaries["accelerator"] < temporaries["cpu"]
+    cfg.sampler.chunk_attention = "xla"  # (the cpu path's config: its prefill by XLA now)
+    assert "tpu_custom_call" not in build_memory_plan(cfg).programs["rollout"].kernels

@@ -534,12 +534,20 @@ class SamplerLoop:
                 cache,
                 self.plan,
                 window=self.prompt_width,
+                chunk=cfg.chunk_attention,
             )
             logits = jnp.where(has[:, None], logits, 0.0)  # a row with no prompt (inactive)
             if self.has_prefixes:
                 window = min(self.prompt_width + self.prefix_width, cfg.cache_len)
                 new, has, cache = _run_model(
-                    mcfg, p, prefix_ids, prefix_mask, cache, self.plan, window=window
+                    mcfg,
+                    p,
+                    prefix_ids,
+                    prefix_mask,
+                    cache,
+                    self.plan,
+                    window=window,
+                    chunk=cfg.chunk_attention,
                 )
                 logits = jnp.where(has[:, None], new, logits)
             return _Next(*sample_tokens(cfg, logits, first_keys)), cache
