@@ -13,6 +13,8 @@ window of slots chosen per step (`span_buckets`), so a step never copies the cac
 only the context in use. With `split_layers` weights it may also be one array per layer
 (`split_cache`; XLA:GPU copies a layer's slice of a stacked array before a dot reads it), and
 one-token steps may then attend through a ragged Pallas kernel (``decode_kernel="pallas"``).
+On TPUs steps of several tokens for all rows (prefill, observation chunks) write and attend
+through two Pallas kernels over the cache in place (``chunk_kernel``, `cache_attention`).
 Every row has its own write offset, so rows can be at different lengths (the multi-turn
 sampler appends observations to some rows while others decode), and a step may run on a subset
 of the rows (``rows=``).
@@ -504,8 +506,7 @@ class Attention(nn.Module):
         ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``, decode
         kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps,
         steps of several tokens by ``chunk_kernel``, `_chunk_kernel`) before attending (see
-        `_cached_attention`). Returns (out ``[M, T, D]``, the updated
-        (k, v) or None).
+        `_cached_attention`). Returns (out ``[M, T, D]``, the updated (k, v) or None).
         """
         c = self.config
         d, h, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.dim_per_head
