@@ -108,10 +108,11 @@ class SamplerConfig:
     # decode kernel, reading each row's run of cached slots and nothing past it (accelerator
     # path with split layers; off a GPU it runs interpreted, for tests).
     decode_attention: str = "xla"
-    # Attention of the steps of several tokens a row (prefill, observation chunks) on the
-    # accelerator path: "xla" (the masked key window, its scores written to memory); "pallas":
-    # a Pallas TPU flash kernel over the cache (`dgpo_jax.models.cache_attention`; off a TPU it
-    # runs interpreted, for tests); "auto": pallas on TPUs, else xla.
+    # Steps of several tokens for all rows (the prefill; on the accelerator path also the
+    # observation and prefix chunks): "xla" (the masked key window, its scores written to
+    # memory); "pallas": Pallas TPU kernels writing and attending over the cache in place
+    # (`dgpo_jax.models.cache_attention`; off a TPU interpreted, for tests; the accelerator
+    # path); "auto": pallas on TPUs, else xla.
     chunk_attention: str = "auto"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows
