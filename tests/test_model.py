@@ -269,11 +269,12 @@ def test_chunks_written_by_layer_equal_the_direct_scatter(hf_models, monkeypatch
 
 
 def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
-    """Prefill and observation chunks attended by the Pallas chunk kernel over the cache (TPUs'
-    form, forced on CPU: Pallas' interpreter), with left-padded prompts, a right-padded chunk, a
-    row with no token in a step, a key block reaching past the cache's 200 slots and
-    split layers with a per-layer cache, give transformers' logits for every real token and
-    the XLA form's cache (the first layer's bit for bit: the writes are shared)."""
+    """Prefill and observation chunks written and attended by the Pallas chunk kernels over the
+    cache (TPUs' form, forced on CPU: Pallas' interpreter), with left-padded prompts, a
+    right-padded chunk, a row with no token in a step, a key block reaching past the cache's 200
+    slots and split layers with a per-layer cache, give transformers' logits for every real
+    token and the XLA form's cache (the first layer's bit for bit: `write_chunk` against the
+    scatter, before any attention)."""
     path, hf = hf_models[(True, 1e4)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
     rng = np.random.RandomState(5)
@@ -319,7 +320,7 @@ def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
             np.asarray(getattr(results[("pallas", False)], field)),
             np.concatenate(getattr(results[("pallas", True)], field)),
         ):
-            np.testing.assert_array_equal(got[0], xla[0])  # written before any attention
+            np.testing.assert_array_equal(got[0], xla[0])  # (every slot, padding's too)
             # later layers up to rounding, in the valid slots (padding's are never read)
             valid = np.asarray(results[("xla", False)].valid)[None, :, None, :, None]
             np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, xla, 0), atol=1e-5)
