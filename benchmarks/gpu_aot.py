@@ -14,10 +14,13 @@ may not, and times do not.
 programs for the first chip of the generation's smallest slice with the TPU compiler, and the
 reader applies the TPU's rules: arrays in the core's VMEM (``S(1)``) move no HBM bytes,
 asynchronous copies and slices read their source once, nested fusions read what they slice,
-trip counts come from the loops' conditions; no launch floor (docs/scaleout.md).
+trip counts come from the loops' conditions, dots written as convolutions count their FLOPs as
+XLA's cost analysis does, a Pallas kernel moves what its cost estimate states (an in-place one
+writes no result of its own); no launch floor (docs/scaleout.md).
 
 What it reports, per decode variant (those of ``benchmarks/gpu.py``'s decode stage) and for
-the sampler's own decode loop (``Sampler.generate``'s compiled rollout, plain decode):
+the sampler's own decode loops (``Sampler.generate``'s compiled rollout, plain decode; and one
+step of each of its ingest loops, ``ingest_loops``: an observation chunk of every row):
   * kernels per decode step, by kind (gemm fusions, other fusions by XLA's name, copies,
     custom calls such as the Pallas kernel);
   * bytes per step the kernels move (each kernel's operands and result, counting only the
