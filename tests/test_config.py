@@ -199,26 +199,23 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
         ConfigError, match=r"config.sampler.decode_attention: 'flash': expected one of \('xla'"
     ):
         validate(cfg)
-    cfg, _ = load_config(
-        ["prog", "--config=quickstart", "--config.sampler.decode_attention=pallas"]
-        + ["--config.sampler.decode_layers=scan"]
-    )
-    with pytest.raises(
-        ConfigError,
-        match=r"config.sampler.decode_attention: 'pallas' runs on the accelerator path with "
-        r"split layers; got decode_path='accelerator', decode_layers='scan'",
+    for flags, match in (
+        (
+            ["decode_attention=pallas", "decode_layers=scan"],
+            r"config.sampler.decode_attention: 'pallas' runs on the accelerator path with "
+            r"split layers; got decode_path='accelerator', decode_layers='scan'",
+        ),
+        (
+            ["chunk_attention=pallas", "decode_path=cpu"],
+            r"config.sampler.chunk_attention: 'pallas' runs on the accelerator path \(all "
+            r"rows every step\); got decode_path='cpu'",
+        ),
     ):
-        validate(cfg)
-    cfg, _ = load_config(
-        ["prog", "--config=quickstart", "--config.sampler.chunk_attention=pallas"]
-        + ["--config.sampler.decode_path=cpu"]
-    )
-    with pytest.raises(
-        ConfigError,
-        match=r"config.sampler.chunk_attention: 'pallas' runs on the accelerator path \(all "
-        r"rows every step\); got decode_path='cpu'",
-    ):
-        validate(cfg)
+        cfg, _ = load_config(
+            ["prog", "--config=quickstart"] + [f"--config.sampler.{f}" for f in flags]
+        )
+        with pytest.raises(ConfigError, match=match):
+            validate(cfg)
 
 
 def test_presets_change_no_hyperparameter_by_name():

@@ -246,6 +246,12 @@ def _ragged_blocks(slots: int, heads: int = 1) -> tuple[int, int]:
     )
 
 
+def _kernel_axes(plan, q: Array):
+    """The mesh axes a Pallas kernel under ``shard_map`` splits q ``[B, T, K, G, Dh]``'s rows
+    and KV heads over (the plan's rules for ``batch`` and ``act_kv_heads``; None: whole)."""
+    return plan.spec(("batch",), (q.shape[0],))[0], plan.spec(("act_kv_heads",), (q.shape[2],))[0]
+
+
 def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=None) -> Array:
     """One query per row against the row's own run of cached slots, by JAX's Pallas GPU decode
     kernel (`jax.experimental.pallas.ops.gpu.decode_attention`): each (row, KV head) reads the
@@ -290,8 +296,7 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
     if plan is None or plan.mesh.size == 1:
         return local(q, ck, cv, mask)
     spec = jax.sharding.PartitionSpec
-    batch = plan.spec(("batch",), (q.shape[0],))[0]
-    kv_heads = plan.spec(("act_kv_heads",), (q.shape[2],))[0]
+    batch, kv_heads = _kernel_axes(plan, q)
     q_spec = spec(batch, None, kv_heads, None, None)
     cache_spec = spec(None, batch, kv_heads, None, None)
     return jax.shard_map(
@@ -436,8 +441,7 @@ def _chunk_step(q, k, v, cache, layer, mask: Array, end: Array, width=None, plan
     if plan is None or plan.mesh.size == 1:
         return local(*args)
     spec = jax.sharding.PartitionSpec
-    batch = plan.spec(("batch",), (q.shape[0],))[0]
-    kv_heads = plan.spec(("act_kv_heads",), (q.shape[2],))[0]
+    batch, kv_heads = _kernel_axes(plan, q)
     q_spec = spec(batch, None, kv_heads, None, None)
     kv_spec = spec(batch, None, kv_heads, None)
     cache_spec = spec(None, batch, kv_heads, None, None)
