@@ -24,6 +24,8 @@ measured), in this order:
    fusion). ``--profile`` traces each variant once: device time per HLO
    op (``decode_<variant>_profile.json``) and the compiled HLO, in ``--out``.
    ``sampler``: `Sampler.generate` itself in plain decode, same shapes, both layer choices.
+   ``ingest``: one observation-chunk step of every row (the sampler's ingest step), by XLA's
+   attention and by the Pallas chunk kernel, timed side by side and compared.
 4. ``attention``: the training/scoring attention kernels (xla, chunked, cudnn) at 2048 and 8704
    positions, forward + backward: milliseconds and the compiled program's temporary bytes.
 
@@ -470,6 +472,66 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
     }
 
 
+def stage_ingest(quick: bool, reps: int = 5) -> dict:
+    """One observation-chunk step of every row, as the sampler's accelerator path runs it (split
+    layers, a cache array per layer, a static key window of the whole cache): the 0.5B model at
+    batch 256, 128 tokens a row (their real lengths ragged: right padding) appended to 512-token
+    prompts in a 768-slot cache. Timed side by side with XLA's attention and with the Pallas
+    chunk kernel (``chunk_kernel="pallas"``: the Triton kernel on a GPU), each the median of
+    ``reps`` calls, and the two compared: the largest difference of the real tokens' hidden
+    states (what decides whether the kernel may be the GPU's default, docs/gpu.md)."""
+    dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    config = TINY if quick else get_preset("qwen2.5-0.5b")
+    batch, prompt, chunk, cache_len = (8, 64, 16, 96) if quick else (256, 512, 128, 768)
+    params = split_layers(
+        cast_params(jax.jit(init_params, static_argnums=(0, 2))(config, jax.random.key(0)), dtype)
+    )
+    ids = jax.random.randint(jax.random.key(1), (batch, prompt), 0, config.vocab_size)
+    cache = jax.jit(lambda p, ids: forward_with_cache(
+        config, p, ids, split_cache(init_cache(config, batch, cache_len, dtype))
+    )[1])(params, ids)  # fmt: skip
+    obs = jax.random.randint(jax.random.key(2), (batch, chunk), 0, config.vocab_size)
+    lengths = np.random.default_rng(3).integers(chunk // 4, chunk + 1, batch)
+    mask = jnp.asarray(np.arange(chunk)[None] < lengths[:, None])
+    results, hidden = {}, {}
+    for kernel in ("xla", "pallas"):
+        step = jax.jit(
+            functools.partial(
+                forward_with_cache,
+                config,
+                window=cache_len,
+                chunk_kernel=kernel,
+                return_hidden=True,
+            )
+        )
+        t0 = time.perf_counter()
+        compiled = step.lower(params, obs, cache, mask).compile()
+        first = time.perf_counter() - t0
+        out = jax.block_until_ready(compiled(params, obs, cache, mask))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(params, obs, cache, mask))
+            times.append(1000 * (time.perf_counter() - t0))
+        hidden[kernel] = np.asarray(out[0].astype(jnp.float32))
+        results[kernel] = {"ms": round(float(np.median(times)), 3), "compile_s": round(first, 1)}
+    real = np.asarray(mask)
+    diff = np.abs(hidden["pallas"] - hidden["xla"])[real]
+    scale = np.abs(hidden["xla"][real]).max()
+    return {
+        "model": "tiny" if quick else "qwen2.5-0.5b",
+        "dtype": jnp.dtype(dtype).name,
+        "batch": batch,
+        "context": f"{prompt} prompt + {chunk}-token chunk, {cache_len} slots",
+        "ms_per_step_xla": results["xla"]["ms"],
+        "ms_per_step_pallas": results["pallas"]["ms"],
+        "speedup_pallas": round(results["xla"]["ms"] / results["pallas"]["ms"], 3),
+        "compile_s": {k: v["compile_s"] for k, v in results.items()},
+        "max_abs_diff_hidden": float(diff.max()),
+        "max_abs_hidden": float(scale),
+    }
+
+
 class _NoSearch:
     """The sampler stage's retriever and tokenizer: search is off and prompts are token ids, so
     neither is asked for text (the host formats its notices once, at start)."""
@@ -593,6 +655,7 @@ def main(argv=None) -> int:
             args.out if args.profile else None,
         ),
         "sampler": (stage_sampler, args.quick),
+        "ingest": (stage_ingest, args.quick),
         "attention": (stage_attention, args.quick, dtype),
     }
     names = args.stages.split(",")

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from dgpo_jax.models.cache_attention import cached_chunk_attention, chunk_blocks, write_chunk
+from dgpo_jax.models import cache_attention
+from dgpo_jax.models.cache_attention import (
+    cached_chunk_attention,
+    cached_chunk_attention_gpu,
+    chunk_blocks,
+    gpu_chunk_blocks,
+    write_chunk,
+)
 
 TPU = pltpu.InterpretParams()
 
@@ -42,13 +49,9 @@ def test_chunk_blocks_by_hand():
     assert chunk_blocks(300, 8) == (384, 16)  # 300 rounded up to the TPU's 128 lanes
 
 
-@pytest.mark.parametrize("blocks", [(128, 16), (256, 32), (384, 32)])
-def test_kernel_matches_numpy_on_ragged_rows(blocks):
+def _ragged_case():
     """Rows at different ends (one past a key block's edge, one whose queries run past the
-    cache), left padding, a hole, a row with no new token (nothing read: its queries see the old
-    slots only through XLA; the kernel gives 0), query blocks that split the chunk (20 tokens
-    in blocks of 16), key blocks that tile the cache or whose last one reaches past it (256 of
-    384: unspecified memory there, masked) and a layer read out of a stack of three."""
+    cache), left padding, a hole, a row with no new token, 20 tokens, a stack of 3 layers."""
     rng = np.random.default_rng(0)
     layers, b, kv, groups, slots, hd, t = 3, 5, 2, 3, 384, 64, 20
     q = rng.standard_normal((b, t, kv, groups, hd)).astype(np.float32)
@@ -62,22 +65,67 @@ def test_kernel_matches_numpy_on_ragged_rows(blocks):
     valid[2, 200:210] = False  # a hole
     valid[3, 10:slots] = True  # queries 14.. sit past the cache's last slot
     valid[4, :50] = True  # no new token this step
+    return q, ck, cv, valid, end
+
+
+def _check_ragged(out, q, ck, cv, valid, end):
+    ref = _reference(q, ck, cv, 2, valid, end)
+    assert out.shape == q.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out[:4], ref[:4], atol=2e-5)
+    np.testing.assert_array_equal(out[4], 0.0)  # a row with no new token reads nothing
+    assert np.abs(out[0, :3]).max() == 0.0  # padding queries before the first real slot
+    return ref
+
+
+@pytest.mark.parametrize("blocks", [(128, 16), (256, 32), (384, 32)])
+def test_kernel_matches_numpy_on_ragged_rows(blocks):
+    """`_ragged_case` (the row with no new token: its queries see the old slots only through
+    XLA; the kernel gives 0), query blocks that split the chunk (20 tokens in blocks of 16), key
+    blocks that tile the cache or whose last one reaches past it (256 of 384: unspecified memory
+    there, masked) and layer 2 read out of the stack."""
+    q, ck, cv, valid, end = _ragged_case()
     out = np.asarray(
         cached_chunk_attention(
             jnp.asarray(q), jnp.asarray(ck), jnp.asarray(cv), 2, jnp.asarray(valid),
             jnp.asarray(end), interpret=TPU, blocks=blocks,
         )
     )  # fmt: skip
-    ref = _reference(q, ck, cv, 2, valid, end)
-    assert out.shape == q.shape and out.dtype == np.float32
-    np.testing.assert_allclose(out[:4], ref[:4], atol=2e-5)
-    np.testing.assert_array_equal(out[4], 0.0)  # a row with no new token reads nothing
-    assert np.abs(out[0, :3]).max() == 0.0  # padding queries before the first real slot
+    ref = _check_ragged(out, q, ck, cv, valid, end)
     # A window of 256 slots (rows 0 and 1 sit below it): the same for them.
     args = [jnp.asarray(a[:2]) for a in (q,)] + [jnp.asarray(a[:, :2]) for a in (ck, cv)]
     args += [2, jnp.asarray(valid[:2]), jnp.asarray(end[:2])]
     out = cached_chunk_attention(*args, interpret=TPU, blocks=(blocks[0], 16), width=256)
     np.testing.assert_allclose(np.asarray(out), ref[:2], atol=2e-5)
+
+
+def test_gpu_chunk_blocks_by_hand():
+    # 7 query heads padded to 8: 128 rows = 16 tokens a block; 3 -> 4: 2 tokens x 4 = 8 -> 16
+    assert gpu_chunk_blocks(768, 128, 7) == (128, 64, 8)
+    assert gpu_chunk_blocks(8704, 32, 7) == (128, 64, 8)  # 8704 = 136 x 64
+    assert gpu_chunk_blocks(208, 40, 1) == (64, 16, 1)  # 208 = 13 x 16; 40 rows -> 64
+    assert gpu_chunk_blocks(96, 2, 3) == (16, 32, 4)
+    with pytest.raises(ValueError, match="a cache of 200 slots .* a multiple of 16"):
+        gpu_chunk_blocks(200, 4, 2)
+
+
+@pytest.mark.parametrize("block_q", [128, 32])
+def test_gpu_kernel_matches_numpy_on_ragged_rows(block_q, monkeypatch):
+    """The Triton form (Pallas GPU, in Pallas' interpreter) on `_ragged_case`: 3 query heads
+    padded to 4; query blocks of 128 rows (the chunk's 20 tokens in one, padded to 32) or 32
+    rows (8 tokens: 3 blocks, the last padded); key blocks of 64 from each row's first valid
+    one; and in a window."""
+    monkeypatch.setattr(cache_attention, "GPU_BLOCK_Q", block_q)
+    assert gpu_chunk_blocks(384, 20, 3) == (block_q, 64, 4)
+    q, ck, cv, valid, end = _ragged_case()
+    args = [jnp.asarray(a) for a in (q, ck, cv)] + [2, jnp.asarray(valid), jnp.asarray(end)]
+    out = np.asarray(cached_chunk_attention_gpu(*args, interpret=True))
+    _check_ragged(out, q, ck, cv, valid, end)
+    args = [jnp.asarray(a) for a in (q[:2], ck[:, :2], cv[:, :2])]
+    args += [2, jnp.asarray(valid[:2]), jnp.asarray(end[:2])]
+    out = cached_chunk_attention_gpu(*args, interpret=True, width=256)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, ck, cv, 2, valid, end)[:2], atol=2e-5)
+    with pytest.raises(ValueError, match="a window of 512 of 384 slots"):
+        cached_chunk_attention_gpu(*args, interpret=True, width=512)
 
 
 def test_blocks_that_do_not_tile_the_cache_are_refused():

@@ -268,13 +268,14 @@ def test_chunks_written_by_layer_equal_the_direct_scatter(hf_models, monkeypatch
     assert np.abs(got - ref).max() <= 1e-4
 
 
-def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
+def test_chunks_by_the_pallas_cache_kernels_match_transformers(hf_models, monkeypatch):
     """Prefill and observation chunks written and attended by the Pallas chunk kernels over the
-    cache (TPUs' form, forced on CPU: Pallas' interpreter), with left-padded prompts, a
-    right-padded chunk, a row with no token in a step, a key block reaching past the cache's 200
-    slots and split layers with a per-layer cache, give transformers' logits for every real
-    token and the XLA form's cache (the first layer's bit for bit: `write_chunk` against the
-    scatter, before any attention)."""
+    cache, forced on CPU (Pallas' interpreter): TPUs' form (`write_chunk` and the Mosaic
+    kernel) and GPUs' (XLA's scatter and the Triton kernel), with left-padded prompts, a
+    right-padded chunk, a row with no token in a step, a TPU key block reaching past the
+    cache's 208 slots and split layers with a per-layer cache, give transformers' logits for
+    every real token and the XLA form's cache (the first layer's bit for bit: the writes
+    against the scatter, before any attention)."""
     path, hf = hf_models[(True, 1e4)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
     rng = np.random.RandomState(5)
@@ -288,19 +289,25 @@ def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
     steps.append((rng.randint(0, 256, (3, 17)), np.ones((3, 17), np.int64)))  # 0: 125 -> 142
     split = split_layers(params)
     results = {}
-    for form, p, per_layer in (
-        ("xla", params, False),
-        ("pallas", params, False),
-        ("pallas", split, True),
+    for kernel, form, p, per_layer in (
+        ("xla", None, params, False),
+        ("pallas", "tpu", params, False),
+        ("pallas", "tpu", split, True),
+        ("pallas", "gpu", params, False),
+        ("pallas", "gpu", split, True),
     ):
+        monkeypatch.setattr(qwen2, "CHUNK_KERNEL_FORM", form)
+        jax.clear_caches()
         step = jax.jit(
-            functools.partial(forward_with_cache, chunk_kernel=form), static_argnames=("config",)
+            functools.partial(forward_with_cache, chunk_kernel=kernel),
+            static_argnames=("config",),
         )
-        cache = init_cache(config, 3, 200)  # one key block of 256: past the cache, masked
+        cache = init_cache(config, 3, 208)  # one TPU key block of 256: past the cache, masked
         cache = split_cache(cache) if per_layer else cache
         ids, mask = steps[0]
         jaxpr = str(jax.make_jaxpr(step, static_argnums=0)(config, p, ids, cache, mask))
-        assert ("pallas_call" in jaxpr) == (form == "pallas")
+        assert ("pallas_call" in jaxpr) == (kernel == "pallas")
+        assert ("cached_chunk_attention_gpu" in jaxpr) == (form == "gpu")
         seqs, outs = [[] for _ in range(3)], [[] for _ in range(3)]
         for ids, mask in steps:
             logits, cache = step(config, p, ids, cache, mask)
@@ -313,16 +320,16 @@ def test_chunks_by_the_pallas_cache_kernel_match_transformers(hf_models):
             ref = _hf_logits(hf, np.asarray(seqs[row])[None])[0]
             got = np.concatenate(outs[row])
             assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4, (form, row)
-    np.testing.assert_array_equal(np.asarray(results[("xla", False)].end), [142, 117, 157])
+    xla_cache = results.pop((None, False))
+    np.testing.assert_array_equal(np.asarray(xla_cache.end), [142, 117, 157])
     for field in ("k", "v"):
-        xla = np.asarray(getattr(results[("xla", False)], field))
-        for got in (
-            np.asarray(getattr(results[("pallas", False)], field)),
-            np.concatenate(getattr(results[("pallas", True)], field)),
-        ):
-            np.testing.assert_array_equal(got[0], xla[0])  # (every slot, padding's too)
+        xla = np.asarray(getattr(xla_cache, field))
+        valid = np.asarray(xla_cache.valid)[None, :, None, :, None]
+        for (form, per_layer), cache in results.items():
+            got = getattr(cache, field)
+            got = np.concatenate(got) if per_layer else np.asarray(got)
+            np.testing.assert_array_equal(got[0], xla[0], err_msg=form)  # (padding's slots too)
             # later layers up to rounding, in the valid slots (padding's are never read)
-            valid = np.asarray(results[("xla", False)].valid)[None, :, None, :, None]
             np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, xla, 0), atol=1e-5)
 
 

@@ -31,3 +31,17 @@ def test_tiny_step_compiles_for_two_h100s(tmp_path):
     # 79.6 GiB a device (the HBM an H100 reports) unless plan.device_memory_gib says otherwise
     assert plan.device_memory == int(79.6 * 2**30) and plan.fits is True
     assert plan.peak_tflops == 989.0
+
+
+def test_rollout_compiles_the_triton_chunk_kernel_for_gpus(tmp_path):
+    """The sampler's accelerator path for two H200s: ``chunk_attention="pallas"`` compiles the
+    prefill's and ingest steps' attention as the Triton kernel (XLA:GPU's Triton custom call,
+    under shard_map on each GPU's rows); ``auto`` keeps XLA's attention on GPUs."""
+    kernels = {}
+    for choice in ("pallas", "auto"):
+        cfg = tiny_tpu_config(tmp_path, "xla", target="gpu:h200-2", programs="rollout")
+        cfg.sampler.decode_path = "accelerator"
+        cfg.sampler.chunk_attention = choice
+        kernels[choice] = build_memory_plan(cfg).programs["rollout"].kernels
+    assert "__gpu$xla.gpu.triton" in kernels["pallas"]
+    assert "__gpu$xla.gpu.triton" not in kernels["auto"]

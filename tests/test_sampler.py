@@ -8,12 +8,14 @@ logits depend on the whole context. The tokenizer is a small longest-match piece
 which ``</search>`` is TWO tokens (``</sea`` + ``rch>``) and ``</answer>`` one.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import dgpo_jax
+from dgpo_jax.models import qwen2
 from dgpo_jax.models.qwen2 import forward_with_cache, init_cache
 from dgpo_jax.parallel.sharding import plan_from_config
 from dgpo_jax.retrieval.formatting import INVALID_ACTION_NOTICE
@@ -556,7 +558,7 @@ def test_same_seed_same_rollouts_different_seed_different(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Sharding and bad input
 # ----------------------------------------------------------------------------------------------
-def test_sharded_rollout_equals_single_device(chain_models):
+def test_sharded_rollout_equals_single_device(chain_models, monkeypatch):
     _, model_config, params = chain_models["answering"]
     prompts = ["where is zorp?", "tell me!", "x?", "why?"] * 2
     cfg = config(ingest_chunk=8)
@@ -581,15 +583,18 @@ def test_sharded_rollout_equals_single_device(chain_models):
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
     assert out.turn_texts == plain.turn_texts
     assert max(len(call) for call in retriever.calls) <= 2  # each shard's own rows
-    # The Pallas decode kernel and the chunk kernel (interpreted here) under shard_map on each
-    # device's rows: the same rollout.
+    # The Pallas decode kernel and the chunk kernels (interpreted here: the TPU's form, then
+    # the GPU's) under shard_map on each device's rows: the same rollout.
     pallas = cfg.replace(decode_path=SCANNED, decode_attention="pallas", chunk_attention="pallas")
-    out = Sampler(model_config, pallas, TOK, ScriptedRetriever(), plan=plan).generate(
-        sharded_params, prompts
-    )
-    np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
-    np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
-    assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
+    for form in ("tpu", "gpu"):
+        monkeypatch.setattr(qwen2, "CHUNK_KERNEL_FORM", form)
+        jax.clear_caches()
+        out = Sampler(model_config, pallas, TOK, ScriptedRetriever(), plan=plan).generate(
+            sharded_params, prompts
+        )
+        np.testing.assert_array_equal(out.arrays.tokens, plain.arrays.tokens)
+        np.testing.assert_allclose(out.arrays.logprobs, plain.arrays.logprobs, atol=1e-5)
+        assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
 
 
 def test_prompt_too_long_finishes_only_its_row(chain_models):

@@ -139,7 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
     # the accelerator path with split layers)
     c.sampler.decode_attention = "xla"
     # prefill and observation chunks' attention: auto (pallas on TPUs) | xla | pallas (a Pallas
-    # TPU flash kernel over the cache; the accelerator path)
+    # flash kernel over the cache: TPU kernels on TPUs, a Triton one on GPUs; the accelerator
+    # path)
     c.sampler.chunk_attention = "auto"
     c.sampler.host_calls = "auto"  # auto | single | per_shard (auto: per_shard over processes)
 

@@ -387,7 +387,7 @@ class ProgramPlan:
     note: str = ""
     compile_seconds: float = 0.0
     same_as: str = ""  # the program it is (the same compiled program, other arguments)
-    kernels: list = field(default_factory=list)  # custom calls inside (TPU: Pallas kernels)
+    kernels: list = field(default_factory=list)  # custom calls inside (Pallas kernels, libraries)
     occupancy: float = 1.0  # of its micro-batches, the share a step is expected to fill
     refused: str = ""  # the compiler's refusal (TPU: temporaries above the chip's HBM)
     xla_flops: float = 0.0  # compiled.cost_analysis()["flops"], per device, loop bodies once
@@ -588,12 +588,13 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 def _kernels(compiled) -> list[str]:
-    """Custom-call targets of a program compiled for TPU (``tpu_custom_call``: a Pallas kernel
-    such as splash attention); [] elsewhere (the XLA:CPU text of a large program is slow to
+    """Custom-call targets of a program compiled for a TPU (``tpu_custom_call``: a Pallas
+    kernel such as splash attention) or a GPU (``__gpu$xla.gpu.triton``: a Pallas Triton
+    kernel; cuDNN, cuBLAS calls); [] on CPUs (the XLA:CPU text of a large program is slow to
     print)."""
     try:
         sharding = jax.tree.leaves(compiled.input_shardings)[0]
-        if next(iter(sharding.device_set)).platform != "tpu":
+        if next(iter(sharding.device_set)).platform not in ("tpu", "gpu"):
             return []
     except (IndexError, AttributeError, StopIteration, TypeError):
         return []

@@ -1,20 +1,25 @@
-"""Flash attention of a chunk of queries over the KV cache: a Pallas TPU kernel.
+"""Flash attention of a chunk of queries over the KV cache: Pallas kernels for TPUs and GPUs.
 
 A multi-token cached step (a prompt's prefill, a chunk of observation) attends each row's T new
 queries over the row's cached slots. XLA materialises the scores of every row's chunk against
 its window, ``[B, K, G x T, W]`` float32 in HBM, and passes over them several times (on a v5e at
 256 rows, 128 tokens and 768 slots: 1.4 GB a layer, 84-219 GB an ingest step; docs/scaleout.md).
-This kernel keeps a block of scores in VMEM and never writes it: an online softmax over key
-blocks, read in place out of the stacked ``[L, B, K, S, Dh]`` cache (the layer index is a scalar
-the block index maps read, so no layer slice is copied), and key blocks before a row's first
-visible slot or past the last one its queries can see are neither read nor computed (the index
-map repeats the last block read, which Pallas does not fetch again).
+These kernels keep a block of scores on chip and never write it: an online softmax over key
+blocks, read in place out of the stacked ``[L, B, K, S, Dh]`` cache (the layer index a scalar,
+so no layer slice is copied), and key blocks before a row's first visible slot or past the last
+one its queries can see are neither read nor computed (on TPUs the index map repeats the last
+block read, which Pallas does not fetch again; on GPUs the loop's bounds stop there).
 
 Shapes: B rows, T new tokens a row, K KV heads, G query heads a KV head, Dh head dim, S slots.
 The mask is what `forward_with_cache` builds: query t of row b (at slot ``end[b] + t``) sees
 the valid slots at or before its own. Scores and softmax in float32, the two products in the
 cache's dtype (as the XLA form), the output in the queries' dtype; a query that sees no slot
 gets 0 (XLA's softmax gives the mean of the window there: such rows are never read).
+
+TPUs: `cached_chunk_attention` (Mosaic; key blocks by the grid, fetched by index maps) and
+`write_chunk` (the chunk's keys and values into the blocks they touch, in place). GPUs:
+`cached_chunk_attention_gpu` (Triton; one program loops over its row's key blocks), where XLA's
+scatter already writes the chunk in place.
 """
 
 from __future__ import annotations
@@ -313,3 +318,197 @@ def write_chunk(
         name="write_chunk",
     )(layer, end, jnp.transpose(new, (0, 2, 3, 1)).astype(buf.dtype), jnp.swapaxes(buf, 3, 4))
     return jnp.swapaxes(out, 3, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU form: one Triton (Pallas GPU) kernel for the attention; the write stays XLA's scatter,
+# which XLA:GPU already runs in place on the chunk's slots only.
+# ----------------------------------------------------------------------------------------------
+GPU_BLOCK_Q = 128  # query rows a program: tokens x query heads (a KV head's, padded to 2^n)
+GPU_BLOCK_K = 64  # slots a loop iteration: the largest of 64, 32, 16 dividing the cache
+
+
+def gpu_chunk_blocks(slots: int, tokens: int, groups: int) -> tuple[int, int, int]:
+    """(block_q, block_k, groups_padded) of `cached_chunk_attention_gpu`: a KV head's ``groups``
+    query heads padded to a power of two (Triton's blocks are powers of two), query blocks of
+    `GPU_BLOCK_Q` rows (fewer for a short chunk, at least 16: a tensor-core tile), key blocks
+    of `GPU_BLOCK_K` slots or the largest power of two down to 16 dividing ``slots`` (so no
+    block reads past the cache). Raises when ``slots`` is not a multiple of 16."""
+    padded = 1
+    while padded < groups:
+        padded *= 2
+    block_q = 16
+    while block_q < min(tokens * padded, GPU_BLOCK_Q):
+        block_q *= 2
+    block_k = GPU_BLOCK_K
+    while block_k > 16 and slots % block_k:
+        block_k //= 2
+    if slots % block_k or padded > block_q:
+        raise ValueError(
+            f"cached_chunk_attention_gpu: a cache of {slots} slots ({groups} query heads a KV "
+            "head): the slots must be a multiple of 16 and the heads at most "
+            f"{GPU_BLOCK_Q}"
+        )
+    return block_q, block_k, padded
+
+
+def _gpu_kernel(
+    layer_ref,
+    end_ref,
+    first_ref,
+    stop_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    valid_ref,
+    o_ref,
+    *,
+    tokens: int,
+    groups: int,
+    block_k: int,
+    scale: float,
+):
+    """One program: a block of the chunk's tokens x the query heads of one (row, KV head), read
+    and written in q's own layout (query row r: token ``r / padded``, head ``r % padded``; the
+    padding heads and the tokens past the chunk masked), over the key blocks its queries can
+    see."""
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
+
+    block_t, padded, hd = q_ref.shape
+    rows = block_t * padded
+    j = pl.program_id(2)
+    block = (block_t, padded, hd)
+    token = j * block_t + jax.lax.broadcasted_iota(jnp.int32, block, 0)
+    inside = (token < tokens) & (jax.lax.broadcasted_iota(jnp.int32, block, 1) < groups)
+    q = plgpu.load(q_ref, mask=inside, other=0.0).reshape(rows, hd)
+    layer, end = layer_ref[0], end_ref[()]
+    shape = (rows, block_k)
+    query_slot = (
+        end + j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, shape, 0), padded)
+    )
+    # Key blocks: from the row's first valid slot's to the one holding the last query's slot
+    # (the row's new slots end at stop: 0 for a row without a new token, which reads nothing).
+    last = jnp.minimum(end + (j + 1) * block_t, stop_ref[()])
+    last = jnp.minimum(last, k_ref.shape[1])  # (a chunk past the cache: its slots are dropped)
+    lo = jax.lax.div(first_ref[()], block_k)
+    hi = jnp.maximum(jax.lax.div(last + block_k - 1, block_k), lo)
+
+    def body(s, carry):
+        acc, top, total = carry
+        at = pl.ds(s * block_k, block_k)
+        keys = k_ref[layer, at, :]
+        scores = jax.lax.dot_general(
+            q.astype(keys.dtype), keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        slot = s * block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+        visible = (valid_ref[at][None, :] != 0) & (slot <= query_slot)
+        scores = jnp.where(visible, scores * scale, _NEG)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+        probs = jnp.where(visible, jnp.exp(scores - new_top[:, None]), 0.0)
+        rescale = jnp.exp(top - new_top)
+        values = v_ref[layer, at, :]
+        part = jax.lax.dot_general(
+            probs.astype(values.dtype),
+            values,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        return acc * rescale[:, None] + part, new_top, total * rescale + jnp.sum(probs, axis=1)
+
+    start = (
+        jnp.zeros((rows, hd), jnp.float32),
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, _, total = jax.lax.fori_loop(lo, hi, body, start)
+    out = acc / jnp.where(total > 0, total, 1.0)[:, None]
+    plgpu.store(o_ref, out.reshape(block).astype(o_ref.dtype), mask=inside)
+
+
+def cached_chunk_attention_gpu(
+    q: Array,
+    ck: Array,
+    cv: Array,
+    layer: Array | int,
+    valid: Array,
+    end: Array,
+    interpret: bool = False,
+    width: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> Array:
+    """`cached_chunk_attention` on GPUs, by one Triton kernel (Pallas GPU): same arguments, same
+    result (up to float32 rounding), q, the output and the cache (``[L, B, K, S, Dh]``; a
+    layer's own ``[1, B, K, S, Dh]`` array with ``layer`` 0 for split layers) read and written
+    in place in their own layouts.
+
+    A program takes a block of the chunk's tokens times one (row, KV head)'s query heads
+    (`GPU_BLOCK_Q` rows) and loops over key blocks of the cache from the row's first valid slot
+    to the last slot its queries sit at (a row without a new token reads none) with an online
+    softmax in registers: the ``[B, K, G x T, W]`` float32 scores XLA writes to HBM and reads
+    again are never written. The loop's bounds are per row, so a program reads the context its
+    row has, not the window. ``width`` only checks the caller's window (the bounds come from
+    ``end``). ``interpret``: Pallas' interpreter (off a GPU, for tests).
+    """
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
+
+    b, t, kv, groups, hd = q.shape
+    slots = ck.shape[3]
+    if width is not None and not 0 < width <= slots:
+        raise ValueError(f"cached_chunk_attention_gpu: a window of {width} of {slots} slots")
+    block_q, block_k, padded = gpu_chunk_blocks(slots, t, groups)
+    block_t = block_q // padded  # tokens a program
+
+    end = end.astype(jnp.int32)
+    valid = valid.astype(jnp.int32)
+    slot = jnp.arange(slots, dtype=jnp.int32)[None]
+    new = (valid > 0) & (slot >= end[:, None]) & (slot < end[:, None] + t)
+    first = jnp.where(jnp.any(valid > 0, axis=1), jnp.argmax(valid, axis=1), slots)
+    stop = jnp.where(jnp.any(new, axis=1), end + t, 0).astype(jnp.int32)
+    layers = ck.shape[0]
+
+    def row(bi, h, j):
+        return (bi,)
+
+    def heads(bi, h, j):
+        return bi, j, h, 0, 0
+
+    def cache(bi, h, j):
+        return 0, bi, h, 0, 0
+
+    itemsize = jnp.dtype(ck.dtype).itemsize
+    return pl.pallas_call(
+        functools.partial(_gpu_kernel, tokens=t, groups=groups, block_k=block_k, scale=hd**-0.5),
+        grid=(b, kv, -(-t // block_t)),
+        in_specs=[
+            pl.BlockSpec((1,), lambda bi, h, j: (0,)),
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None, block_t, None, padded, hd), heads),
+            pl.BlockSpec((layers, None, None, slots, hd), cache),
+            pl.BlockSpec((layers, None, None, slots, hd), cache),
+            pl.BlockSpec((None, slots), lambda bi, h, j: (bi, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, block_t, None, padded, hd), heads),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=pl.CostEstimate(  # an upper bound: each row's whole layer, once
+            flops=4 * b * kv * t * padded * slots * hd,
+            transcendentals=b * kv * t * padded * slots,
+            bytes_accessed=2 * q.size * q.dtype.itemsize
+            + 2 * b * kv * slots * hd * itemsize
+            + b * slots * 4,
+        ),
+        interpret=interpret,
+        name="cached_chunk_attention_gpu",
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        end,
+        first.astype(jnp.int32),
+        stop,
+        q,
+        ck,
+        cv,
+        valid,
+    )

@@ -36,7 +36,12 @@ import jax
 import jax.numpy as jnp
 
 from dgpo_jax.models.attention import attention as attend
-from dgpo_jax.models.cache_attention import cached_chunk_attention, write_chunk
+from dgpo_jax.models.cache_attention import (
+    cached_chunk_attention,
+    cached_chunk_attention_gpu,
+    gpu_chunk_blocks,
+    write_chunk,
+)
 from dgpo_jax.models.config import Qwen2Config
 
 Array = jax.Array
@@ -293,19 +298,7 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
         out = jnp.where(jnp.repeat(holes, kv)[:, None, None], jnp.nan, out)
         return out.reshape(b, 1, kv, groups, hd)
 
-    if plan is None or plan.mesh.size == 1:
-        return local(q, ck, cv, mask)
-    spec = jax.sharding.PartitionSpec
-    batch, kv_heads = _kernel_axes(plan, q)
-    q_spec = spec(batch, None, kv_heads, None, None)
-    cache_spec = spec(None, batch, kv_heads, None, None)
-    return jax.shard_map(
-        local,
-        mesh=plan.mesh,
-        in_specs=(q_spec, cache_spec, cache_spec, spec(batch, None, None)),
-        out_specs=q_spec,
-        check_vma=False,
-    )(q, ck, cv, mask)
+    return _by_rows_and_heads(local, plan, q, "qccm", "q")(q, ck, cv, mask)
 
 
 # "dots" or "reduce" forces the one-query attention form at trace time (benchmarks/gpu.py times
@@ -399,35 +392,88 @@ def _chunked_one_query(q, ck, cv, layer, mask, width, chunk, dtype):
     return (acc / total).reshape(b, 1, kv, groups, hd)
 
 
-# Multi-token cached steps of all rows (a prompt's prefill, observation chunks) attend on TPUs
-# through a Pallas flash kernel over the cache (`cache_attention.cached_chunk_attention`), where
-# XLA wrote the chunk's float32 scores against the window to HBM and read them several times
-# (docs/scaleout.md). `forward_with_cache`'s ``chunk_kernel``: "auto" (by the platform), "xla",
-# or "pallas" (off a TPU it runs in Pallas' interpreter: for tests).
+# Multi-token cached steps of all rows (a prompt's prefill, observation chunks) attend through a
+# Pallas flash kernel over the cache, where XLA wrote the chunk's float32 scores against the
+# window to HBM and read them several times (docs/scaleout.md): on TPUs two Mosaic kernels that
+# write and attend in place (`cache_attention.cached_chunk_attention`, `write_chunk`), on GPUs
+# XLA's in-place scatter and one Triton kernel (`cached_chunk_attention_gpu`).
+# `forward_with_cache`'s ``chunk_kernel``: "auto" (by the platform), "xla", or "pallas" (off a
+# GPU or TPU it runs in Pallas' interpreter: for tests).
 CHUNK_KERNELS = ("auto", "xla", "pallas")
+# The kernel form "pallas" runs: "tpu" or "gpu"; None: by the platform (`_chunk_form`). Tests
+# force the GPU form on CPU with it.
+CHUNK_KERNEL_FORM: str | None = None
+# Platforms whose "auto" takes the kernel: TPUs (measured by libtpu's compile); GPUs once timed
+# on one (docs/gpu.md: the deviceless compile's bytes say it should win; "pallas" runs it).
+CHUNK_KERNEL_AUTO = ("tpu",)
+
+
+def _chunk_form(plan) -> str:
+    """The chunk kernels' form: the GPU's (Triton) on GPUs, else the TPU's (`CHUNK_KERNEL_FORM`
+    overrides)."""
+    if CHUNK_KERNEL_FORM is not None:
+        return CHUNK_KERNEL_FORM
+    return "gpu" if compile_platform(plan) == "gpu" else "tpu"
 
 
 def _chunk_kernel(plan, tokens: int, rows, choice: str = "auto") -> bool:
-    """Whether a cached step of ``tokens`` tokens a row attends by the Pallas chunk kernel: steps
-    of several tokens for all rows (``rows`` None), on TPUs (`compile_platform`) for "auto",
-    anywhere for "pallas", never for "xla"."""
+    """Whether a cached step of ``tokens`` tokens a row attends by the Pallas chunk kernels:
+    steps of several tokens for all rows (``rows`` None), on `CHUNK_KERNEL_AUTO` platforms
+    (`compile_platform`) for "auto", anywhere for "pallas", never for "xla"."""
     if choice == "xla" or tokens == 1 or rows is not None:
         return False
-    return choice == "pallas" or compile_platform(plan) == "tpu"
+    return choice == "pallas" or compile_platform(plan) in CHUNK_KERNEL_AUTO
+
+
+def _by_rows_and_heads(fn, plan, q: Array, ins: str, outs: str):
+    """``fn`` on each device's rows and KV heads under ``shard_map`` (itself with one device
+    or no plan). ``ins``/``outs`` name each argument's/result's kind, one letter each: q
+    ``[B, T, K, G, Dh]`` (q), new keys or values ``[B, T, K, Dh]`` (n), a cache ``[L, B, K, S,
+    Dh]`` (c), a scalar (s), ``[B, S]`` (v), ``[B, 1, S]`` (m), ``[B]`` (r). A rule sharding a
+    cache's slots or head dim is gathered."""
+    if plan is None or plan.mesh.size == 1:
+        return fn
+    spec = jax.sharding.PartitionSpec
+    batch, heads = _kernel_axes(plan, q)
+    specs = {
+        "q": spec(batch, None, heads, None, None),
+        "n": spec(batch, None, heads, None),
+        "c": spec(None, batch, heads, None, None),
+        "s": spec(),
+        "v": spec(batch, None),
+        "m": spec(batch, None, None),
+        "r": spec(batch),
+    }
+    return jax.shard_map(
+        fn,
+        mesh=plan.mesh,
+        in_specs=tuple(specs[kind] for kind in ins),
+        out_specs=tuple(specs[kind] for kind in outs) if len(outs) > 1 else specs[outs],
+        check_vma=False,
+    )
 
 
 def _chunk_step(q, k, v, cache, layer, mask: Array, end: Array, width=None, plan=None):
     """A step of several tokens for all rows by the Pallas chunk kernels: this step's keys and
     values ``k``/``v [B, T, K, Dh]`` written into the cache's layer ``layer`` at slots ``end +
-    t`` (`write_chunk`: the 128-slot blocks they touch, in place), then `cached_chunk_attention`
-    of q ``[B, T, K, G, Dh]`` over it, the mask given as `forward_with_cache` builds it (``[B,
-    T, S]``: query t at slot ``end + t`` sees the valid slots up to its own; its last query's
-    row is the valid slots), over slots ``[0, width)`` (a static key window; None: the whole
-    cache). With a plan of several devices both run under ``shard_map`` on each device's rows
-    and KV heads (a cache sharded on its slots or head dim gathered). Returns (the cache's k,
-    v; the attention ``[B, T, K, G, Dh]``)."""
-    interpret = compile_platform(plan) != "tpu"
+    t``, then attention of q ``[B, T, K, G, Dh]`` over it, the mask given as
+    `forward_with_cache` builds it (``[B, T, S]``: query t at slot ``end + t`` sees the valid
+    slots up to its own; its last query's row is the valid slots), over slots ``[0, width)``
+    (a static key window; None: the whole cache). TPU form (`_chunk_form`): `write_chunk` (the
+    128-slot blocks the chunk touches, in place) and `cached_chunk_attention`, both under one
+    ``shard_map`` over rows and KV heads; GPU form: XLA's scatter (in place on a GPU) and
+    `cached_chunk_attention_gpu` under ``shard_map``. Returns (the cache's k, v; the attention
+    ``[B, T, K, G, Dh]``)."""
+    form = _chunk_form(plan)
+    interpret = compile_platform(plan) != form
     valid = mask[:, -1, :]
+    layer = jnp.asarray(layer, jnp.int32)
+    if form == "gpu":
+        slots = end[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+        ck, cv = (_scatter_kv(c, new, layer, None, slots) for c, new in zip(cache, (k, v)))
+        attend_gpu = functools.partial(cached_chunk_attention_gpu, interpret=interpret, width=width)
+        attn = _by_rows_and_heads(attend_gpu, plan, q, "qccsvr", "q")(q, ck, cv, layer, valid, end)
+        return ck, cv, attn
 
     def local(q, k, v, ck, cv, layer, valid, end):
         ck = write_chunk(ck, k, layer, end, interpret=interpret)
@@ -437,31 +483,7 @@ def _chunk_step(q, k, v, cache, layer, mask: Array, end: Array, width=None, plan
         )
         return ck, cv, attn
 
-    args = (q, k, v, *cache, jnp.asarray(layer, jnp.int32), valid, end)
-    if plan is None or plan.mesh.size == 1:
-        return local(*args)
-    spec = jax.sharding.PartitionSpec
-    batch, kv_heads = _kernel_axes(plan, q)
-    q_spec = spec(batch, None, kv_heads, None, None)
-    kv_spec = spec(batch, None, kv_heads, None)
-    cache_spec = spec(None, batch, kv_heads, None, None)
-    rows = spec(batch)
-    return jax.shard_map(
-        local,
-        mesh=plan.mesh,
-        in_specs=(
-            q_spec,
-            kv_spec,
-            kv_spec,
-            cache_spec,
-            cache_spec,
-            spec(),
-            spec(batch, None),
-            rows,
-        ),
-        out_specs=(cache_spec, cache_spec, q_spec),
-        check_vma=False,
-    )(*args)
+    return _by_rows_and_heads(local, plan, q, "qnnccsvr", "ccq")(q, k, v, *cache, layer, valid, end)
 
 
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False, chunk=0):
@@ -950,9 +972,11 @@ def forward_with_cache(
     longer steps keep the XLA attention).
 
     ``chunk_kernel`` (static): how steps of several tokens for all rows (prefill, chunks)
-    attend: "xla" (the masked key window), "pallas" (`cached_chunk_attention`: a flash kernel
-    over the cache that never writes the scores and reads each row's slots only; all rows; off
-    a TPU it runs interpreted), or "auto": pallas on TPUs for all-row steps, else xla.
+    attend: "xla" (the masked key window), "pallas" (a flash kernel over the cache that never
+    writes the scores and reads each row's slots only; all rows: on TPUs
+    `cached_chunk_attention` and `write_chunk`, on GPUs `cached_chunk_attention_gpu`, a Triton
+    kernel, which needs a cache of a multiple of 16 slots; elsewhere the TPU's, interpreted),
+    or "auto": pallas on TPUs for all-row steps, else xla (`CHUNK_KERNEL_AUTO`).
 
     Not jitted itself: call it inside a jitted program (the sampler) or wrap it.
     """
@@ -1001,6 +1025,8 @@ def forward_with_cache(
         raise ValueError(f"chunk_kernel {chunk_kernel!r}: expected one of {CHUNK_KERNELS}")
     if chunk_kernel == "pallas" and t > 1 and rows is not None:
         raise ValueError("chunk_kernel='pallas' steps every cache row (rows=None)")
+    if _chunk_kernel(plan, t, rows, chunk_kernel) and _chunk_form(plan) == "gpu":
+        gpu_chunk_blocks(s, t, config.num_groups)  # a cache the GPU kernel can tile: clear error
     if decode_kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {decode_kernel!r}: expected one of {DECODE_KERNELS}")
     if decode_kernel == "pallas":

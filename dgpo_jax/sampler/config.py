@@ -110,9 +110,10 @@ class SamplerConfig:
     decode_attention: str = "xla"
     # Steps of several tokens for all rows (the prefill; on the accelerator path also the
     # observation and prefix chunks): "xla" (the masked key window, its scores written to
-    # memory); "pallas": Pallas TPU kernels writing and attending over the cache in place
-    # (`dgpo_jax.models.cache_attention`; off a TPU interpreted, for tests; the accelerator
-    # path); "auto": pallas on TPUs, else xla.
+    # memory); "pallas": Pallas kernels attending over the cache in place
+    # (`dgpo_jax.models.cache_attention`: two TPU kernels on TPUs, a Triton kernel on GPUs, which
+    # needs cache_len a multiple of 16; elsewhere interpreted, for tests; the accelerator path);
+    # "auto": pallas on TPUs, else xla (GPUs: until the Triton kernel is timed on one).
     chunk_attention: str = "auto"
     # "single": one host call per wave for the whole batch (on the first device's process);
     # "per_shard": each batch shard calls its own process's host, which searches for its rows
