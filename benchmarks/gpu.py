@@ -381,6 +381,8 @@ def decode_variants(params, cache, cache_len: int, split=None, per_layer=None) -
         "unrolled_cache": (split, per_layer, cache_len, "dots", {}, xla),
         # JAX's Pallas GPU decode kernel: each row's slots up to its length, read in place
         "unrolled_cache_pallas": (split, per_layer, cache_len, "dots", {}, "pallas"),
+        # one Triton kernel a layer: rotary, the cache write and the attention (each row's slots)
+        "unrolled_cache_fused": (split, per_layer, cache_len, "dots", {}, "fused"),
         "unrolled_cache_cublas": (split, per_layer, cache_len, "dots", cublas, xla),
         # the same window out of a wider cache: a strided slice of each layer's array
         "unrolled_cache_slice": (split, None, cache_len, "dots", {}, xla),

@@ -403,7 +403,17 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
     if instr.op in ("dynamic-update-slice", "scatter"):  # in place: the update in and out
         update = read - shape_bytes(where[instr.operands[0]].shape)
         return update, update, 0.0
+    aliased = _ALIASED_OUTPUTS.findall(instr.attrs) if instr.op == "custom-call" else []
+    if aliased:  # a kernel updating operands in place (a GPU Pallas kernel): the rest it writes
+        outputs = [shape_bytes(m.group(0)) for m in _ARRAY.finditer(instr.shape)]
+        written = sum(b for i, b in enumerate(outputs) if str(i) not in aliased)
+        return read, written, 0.0
     return read, shape_bytes(instr.shape), _one_dot_flops(where, instr)
+
+
+# Outputs a custom call updates in place: ``output_to_operand_aliasing={{0}: (9, {}), ...}``
+# (the output index of each aliased entry of a tuple result; ``{}`` for a single result).
+_ALIASED_OUTPUTS = re.compile(r"\{(\d*)\}: \(\d+, \{\}\)")
 
 
 # A Pallas TPU kernel's backend config carries the cost estimate its author gave (`pallas_call`'s
@@ -773,7 +783,7 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
     }
 
 
-_GPU_VARIANTS = "window,unrolled_cache,unrolled_cache_pallas"
+_GPU_VARIANTS = "window,unrolled_cache,unrolled_cache_pallas,unrolled_cache_fused"
 _TPU_VARIANTS = "window,switch,unrolled,unrolled_cache"  # the Pallas kernel is the GPU's
 
 

@@ -13,6 +13,7 @@ from dgpo_jax.models.cache_attention import (
     cached_chunk_attention,
     cached_chunk_attention_gpu,
     chunk_blocks,
+    fused_decode_attention_gpu,
     gpu_chunk_blocks,
     write_chunk,
 )
@@ -158,3 +159,53 @@ def test_write_chunk_equals_numpy_in_place(dtype, tokens, slots):
     got = write_chunk(jnp.asarray(buf), jnp.asarray(new), 1, jnp.asarray(end), interpret=interpret)
     assert got.dtype == buf.dtype
     np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_fused_decode_kernel_matches_numpy():
+    """The fused decode kernel (Triton, in Pallas' interpreter): rotary on the new token's 3
+    query heads and its key (with its value: 5 rows, padded to 16), the key and value written
+    at the row's slot, attention over its visible run: rows at a block's start, crossing a
+    block edge, at the last slot, a row whose token is not real (its slot written, not
+    attended), a row whose cache is full (nothing written) and a row with a hole (NaN)."""
+    rng = np.random.default_rng(0)
+    b, kv, groups, hd, slots = 6, 2, 3, 64, 128
+    q = rng.standard_normal((b, 1, kv, groups, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((b, 1, kv, hd)).astype(np.float32) for _ in range(2))
+    ck, cv = (rng.standard_normal((1, b, kv, slots, hd)).astype(np.float32) for _ in range(2))
+    end = np.array([64, 70, 100, 127, 128, 50], np.int32)
+    angles = rng.uniform(0, 6, (b, 1, hd // 2)).astype(np.float32)
+    angles = np.concatenate([angles, angles], -1)
+    cos, sin = np.cos(angles), np.sin(angles)
+    valid = np.zeros((b, slots), bool)
+    valid[0, 3:65] = True
+    valid[1, 0:71] = True
+    valid[2, 90:100] = True  # the token at 100 is not real
+    valid[3, :] = True
+    valid[4, 20:] = True  # full: the token has no slot
+    valid[5, 30:51] = True
+    valid[5, 40] = False  # a hole
+    mask = valid[:, None, :] & (np.arange(slots) <= end[:, None])[:, None, :]
+    qkv = np.concatenate([q, k[:, :, :, None], v[:, :, :, None]], axis=3)
+    args = (qkv, cos, sin, ck, cv, mask, end)
+    got_k, got_v, out = map(
+        np.asarray, fused_decode_attention_gpu(*map(jnp.asarray, args), interpret=True)
+    )
+
+    def rope(x, row):
+        rotated = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
+        return x * cos[row, 0] + rotated * sin[row, 0]
+
+    ref_k, ref_v, ref = ck.copy(), cv.copy(), np.zeros(q.shape)
+    for row in range(b):
+        for h in range(kv):
+            if end[row] < slots:
+                ref_k[0, row, h, end[row]] = rope(k[row, 0, h], row)
+                ref_v[0, row, h, end[row]] = v[row, 0, h]
+            seen = mask[row, 0]
+            scores = rope(q[row, 0, h], row) @ ref_k[0, row, h][seen].T / np.sqrt(hd)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            ref[row, 0, h] = (probs / probs.sum(-1, keepdims=True)) @ ref_v[0, row, h][seen]
+    np.testing.assert_allclose(got_k, ref_k, atol=1e-6)
+    np.testing.assert_array_equal(got_v, ref_v)
+    np.testing.assert_allclose(out[:5], ref[:5], atol=2e-5)
+    assert np.isnan(out[5]).all()

@@ -201,8 +201,8 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
         validate(cfg)
     for flags, match in (
         (
-            ["decode_attention=pallas", "decode_layers=scan"],
-            r"config.sampler.decode_attention: 'pallas' runs on the accelerator path with "
+            ["decode_attention=fused", "decode_layers=scan"],
+            r"config.sampler.decode_attention: 'fused' runs on the accelerator path with "
             r"split layers; got decode_path='accelerator', decode_layers='scan'",
         ),
         (

@@ -554,6 +554,41 @@ def test_tpu_dots_count_their_flops_and_pallas_kernels_their_stated_bytes():
     assert (update.bytes_read, update.bytes_written) == (4_000_000, 0)
 
 
+# A GPU Pallas (Triton) kernel updating two caches in place: XLA:GPU's custom call returns the
+# caches (aliased to operands 1 and 2) and the attention; no cost estimate reaches its config.
+_C, _O = "bf16[1,8,2,128,64]", "bf16[8,1,2,7,64]"
+GPU_ALIASED = f"""HloModule jit_fused, entry_computation_layout={{()}}
+
+%step (p: ({_O}, {_C}, {_C})) -> ({_O}, {_C}, {_C}) {{
+  %p = ({_O}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}) parameter(0)
+  %q = {_O}{{4,3,2,1,0}} get-tuple-element(%p), index=0
+  %ck = {_C}{{4,3,2,1,0}} get-tuple-element(%p), index=1
+  %cv = {_C}{{4,3,2,1,0}} get-tuple-element(%p), index=2
+  %kernel = ({_C}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}, {_O}{{4,3,2,1,0}}) custom-call(%q, %ck, %cv), \
+custom_call_target="__gpu$xla.gpu.triton", output_to_operand_aliasing={{{{0}}: (1, {{}}), \
+{{1}}: (2, {{}})}}, backend_config={{"name":"fused_decode_attention_gpu"}}
+  %a = {_O}{{4,3,2,1,0}} get-tuple-element(%kernel), index=2
+  %b = {_C}{{4,3,2,1,0}} get-tuple-element(%kernel), index=0
+  %c = {_C}{{4,3,2,1,0}} get-tuple-element(%kernel), index=1
+  ROOT %t = ({_O}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}) tuple(%a, %b, %c)
+}}
+
+ENTRY %main (a: ({_O}, {_C}, {_C})) -> ({_O}, {_C}, {_C}) {{
+  %a = ({_O}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}) parameter(0)
+  ROOT %w = ({_O}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}, {_C}{{4,3,2,1,0}}) while(%a), \
+condition=%step, body=%step
+}}
+"""
+
+
+def test_a_gpu_kernel_updating_in_place_writes_only_its_other_outputs():
+    # reads its operands whole (an upper bound: it may read less of a cache); writes the
+    # attention, not the two caches it updates in place
+    [kernel] = gpu_aot.loop_kernels(GPU_ALIASED)[0]
+    cache, out = 8 * 2 * 128 * 64 * 2, 8 * 2 * 7 * 64 * 2
+    assert (kernel.bytes_read, kernel.bytes_written) == (out + 2 * cache, out)
+
+
 def test_the_tpu_compile_of_the_tiny_model_reads_its_loops():
     # libtpu's compiler on this host (no TPU): every decode variant's loop runs its 32 steps
     # (checked by the script), both sampler layer choices have decode loops, and the sampler

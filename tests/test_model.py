@@ -404,11 +404,13 @@ def test_ragged_blocks_fewest_splits_for_enough_programs():
     assert qwen2._ragged_blocks(48, 6) == (1, 16)  # 16 splits of 3 slots: too few; then 1
 
 
-def test_pallas_decode_kernel_matches_transformers(hf_models, monkeypatch):
-    """One-token steps through the ragged Pallas decode kernel (interpreted on CPU) over a
-    per-layer cache give transformers' logits for rows with left padding; a row whose visible
-    slots have a hole gets NaN instead of a silent answer; the kernel's preconditions are
-    one-line errors."""
+@pytest.mark.parametrize("kernel", ["pallas", "fused"])
+def test_pallas_decode_kernels_match_transformers(hf_models, monkeypatch, kernel):
+    """One-token steps through the ragged Pallas decode kernel, or the fused Triton kernel that
+    also rotates and writes the new key and value (both interpreted on CPU), over a per-layer
+    cache give transformers' logits for rows with left padding, and the XLA path's cache; a
+    row whose visible slots have a hole gets NaN instead of a silent answer; the kernels'
+    preconditions are one-line errors."""
     path, hf = hf_models[(False, 1e6)]
     config, params = dgpo_jax.load_hf(path, dtype="float32")
     split = split_layers(params)
@@ -419,44 +421,57 @@ def test_pallas_decode_kernel_matches_transformers(hf_models, monkeypatch):
     pmask[2, :19] = 0  # one real prompt token
     new = rng.randint(0, 256, (3, 4))
     step = jax.jit(forward_with_cache, static_argnames=("config", "window", "decode_kernel"))
-    cache = split_cache(init_cache(config, 3, 48))
-    _, cache = step(config, split, prompt, cache, pmask)
-    got = []
-    for i in range(new.shape[1]):
-        out, cache = step(config, split, new[:, i : i + 1], cache, decode_kernel="pallas")
-        got.append(np.asarray(out[:, 0]))
+    caches = {}
+    for form in ("xla", kernel):
+        cache = split_cache(init_cache(config, 3, 48))
+        _, cache = step(config, split, prompt, cache, pmask)
+        got = []
+        for i in range(new.shape[1]):
+            out, cache = step(config, split, new[:, i : i + 1], cache, decode_kernel=form)
+            got.append(np.asarray(out[:, 0]))
+        caches[form] = cache
+    jaxpr = str(jax.make_jaxpr(step, static_argnums=0)(config, split, new[:, :1], cache))
+    assert "pallas_call" not in jaxpr  # (the default: XLA's attention)
     for row in range(3):
         seq = np.concatenate([prompt[row][pmask[row].astype(bool)], new[row]])
         ref = _hf_logits(hf, seq[None])[0][-new.shape[1] :]
         assert np.abs(np.stack([g[row] for g in got]) - ref).max() <= 1e-4, row
-    # The same steps with the slots in 3 key splits (their partial results combined).
-    monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", (3, 16))
-    jax.clear_caches()  # else the new jit reuses JAX's cached trace with the default blocks
-    split_step = jax.jit(forward_with_cache, static_argnames=("config", "window", "decode_kernel"))
-    cache3 = split_cache(init_cache(config, 3, 48))
-    _, cache3 = split_step(config, split, prompt, cache3, pmask)
-    for i in range(new.shape[1]):
-        out, cache3 = split_step(config, split, new[:, i : i + 1], cache3, decode_kernel="pallas")
-        np.testing.assert_allclose(np.asarray(out[:, 0]), got[i], atol=1e-5)
-    monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", None)
+    for field in ("k", "v"):
+        np.testing.assert_allclose(
+            np.concatenate(getattr(caches[kernel], field)),
+            np.concatenate(getattr(caches["xla"], field)),
+            atol=1e-6,
+        )
+    if kernel == "pallas":  # the same steps with the slots in 3 key splits (combined)
+        monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", (3, 16))
+        jax.clear_caches()  # else the new jit reuses JAX's cached trace with the default blocks
+        split_step = jax.jit(
+            forward_with_cache, static_argnames=("config", "window", "decode_kernel")
+        )
+        cache3 = split_cache(init_cache(config, 3, 48))
+        _, cache3 = split_step(config, split, prompt, cache3, pmask)
+        for i in range(new.shape[1]):
+            out, cache3 = split_step(config, split, new[:, i : i + 1], cache3, decode_kernel=kernel)
+            np.testing.assert_allclose(np.asarray(out[:, 0]), got[i], atol=1e-5)
+        monkeypatch.setattr(qwen2, "RAGGED_BLOCKS", None)
     # A left-padded chunk after row 0's tokens leaves a hole in its visible slots.
     chunk = rng.randint(0, 256, (3, 2))
     _, cache = step(config, split, chunk, cache, np.array([[0, 1], [1, 1], [1, 1]]))
-    out, _ = step(config, split, new[:, :1], cache, decode_kernel="pallas")
+    out, _ = step(config, split, new[:, :1], cache, decode_kernel=kernel)
     out = np.asarray(out)
     assert np.isnan(out[0]).all() and np.isfinite(out[1:]).all()
     stacked = init_cache(config, 3, 48)
     with pytest.raises(ValueError, match="needs a per-layer cache"):
-        step(config, split, new[:, :1], stacked, decode_kernel="pallas")
+        step(config, split, new[:, :1], stacked, decode_kernel=kernel)
     with pytest.raises(ValueError, match="every cache row"):
-        step(config, split, new[:2, :1], cache, rows=np.array([0, 1]), decode_kernel="pallas")
-    with pytest.raises(ValueError, match="multiple of 16 slots .* it has 40"):
+        step(config, split, new[:2, :1], cache, rows=np.array([0, 1]), decode_kernel=kernel)
+    with pytest.raises(ValueError, match="(multiple of 16 slots .* it has 40|40 slots .* 16)"):
         step(
             config,
             split,
             new[:, :1],
             split_cache(init_cache(config, 3, 40)),
-            decode_kernel="pallas",
+            decode_kernel=kernel,
         )
     with pytest.raises(ValueError, match="decode_kernel 'triton'"):
         step(config, split, new[:, :1], cache, decode_kernel="triton")

@@ -34,14 +34,16 @@ def test_tiny_step_compiles_for_two_h100s(tmp_path):
 
 
 def test_rollout_compiles_the_triton_chunk_kernel_for_gpus(tmp_path):
-    """The sampler's accelerator path for two H200s: ``chunk_attention="pallas"`` compiles the
-    prefill's and ingest steps' attention as the Triton kernel (XLA:GPU's Triton custom call,
-    under shard_map on each GPU's rows); ``auto`` keeps XLA's attention on GPUs."""
+    """The sampler's accelerator path for two H200s: ``chunk_attention="pallas"`` and
+    ``decode_attention="fused"`` compile the prefill's and ingest steps' attention and the
+    decode steps' rotary, cache writes and attention as Triton kernels (XLA:GPU's Triton custom
+    calls, under shard_map on each GPU's rows); the defaults keep XLA's attention on GPUs."""
     kernels = {}
     for choice in ("pallas", "auto"):
         cfg = tiny_tpu_config(tmp_path, "xla", target="gpu:h200-2", programs="rollout")
         cfg.sampler.decode_path = "accelerator"
         cfg.sampler.chunk_attention = choice
+        cfg.sampler.decode_attention = "fused" if choice == "pallas" else "xla"
         kernels[choice] = build_memory_plan(cfg).programs["rollout"].kernels
     assert "__gpu$xla.gpu.triton" in kernels["pallas"]
     assert "__gpu$xla.gpu.triton" not in kernels["auto"]

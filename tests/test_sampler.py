@@ -583,12 +583,13 @@ def test_sharded_rollout_equals_single_device(chain_models, monkeypatch):
     assert out.finish_reasons == plain.finish_reasons and out.queries == plain.queries
     assert out.turn_texts == plain.turn_texts
     assert max(len(call) for call in retriever.calls) <= 2  # each shard's own rows
-    # The Pallas decode kernel and the chunk kernels (interpreted here: the TPU's form, then
-    # the GPU's) under shard_map on each device's rows: the same rollout.
-    pallas = cfg.replace(decode_path=SCANNED, decode_attention="pallas", chunk_attention="pallas")
-    for form in ("tpu", "gpu"):
+    # The Pallas kernels (interpreted here) under shard_map on each device's rows: JAX's decode
+    # kernel with the TPU's chunk kernels, then the fused decode kernel (rotary, cache write,
+    # attention) with the GPU's chunk kernel: the same rollout.
+    for decode, form in (("pallas", "tpu"), ("fused", "gpu")):
         monkeypatch.setattr(qwen2, "CHUNK_KERNEL_FORM", form)
         jax.clear_caches()
+        pallas = cfg.replace(decode_path=SCANNED, decode_attention=decode, chunk_attention="pallas")
         out = Sampler(model_config, pallas, TOK, ScriptedRetriever(), plan=plan).generate(
             sharded_params, prompts
         )

@@ -101,12 +101,14 @@ def test_decode_layers_and_windows_by_path_and_platform(monkeypatch):
             model=None, config=cfg, plan=None, narrow_windows=True, **sizes
         )
         assert loop.windows == narrow
-    # The Pallas decode kernel reads a per-layer cache: split layers, on the accelerator path.
-    pallas = wave_config(decode_attention="pallas")
-    assert loop_module.resolve_decode_layers(pallas, "accelerator") == "split"
-    for bad in (dict(decode_layers="scan"), dict(decode_path="cpu")):
-        with pytest.raises(ValueError, match="decode_attention='pallas' runs on the accelerator"):
-            wave_config(decode_attention="pallas", **bad)
+    # The Pallas decode kernels read a per-layer cache: split layers, on the accelerator path.
+    for kernel in ("pallas", "fused"):
+        pallas = wave_config(decode_attention=kernel)
+        assert loop_module.resolve_decode_layers(pallas, "accelerator") == "split"
+        for bad in (dict(decode_layers="scan"), dict(decode_path="cpu")):
+            match = f"decode_attention='{kernel}' runs on the accelerator"
+            with pytest.raises(ValueError, match=match):
+                wave_config(decode_attention=kernel, **bad)
     # The chunk kernel steps all rows (the accelerator path).
     with pytest.raises(ValueError, match="chunk_attention='pallas' runs on the accelerator"):
         wave_config(chunk_attention="pallas", decode_path="cpu")

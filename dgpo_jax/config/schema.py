@@ -135,8 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.decode_layers = (
         "auto"  # auto (split on the cpu path and GPUs, else scan) | scan | split
     )
-    # one-token decode attention: xla | pallas (JAX's Pallas GPU kernel over each row's slots;
-    # the accelerator path with split layers)
+    # one-token decode attention: xla | pallas (JAX's Pallas GPU kernel over each row's slots)
+    # | fused (a Triton kernel a layer: rotary, cache write, attention); the accelerator path
+    # with split layers
     c.sampler.decode_attention = "xla"
     # prefill and observation chunks' attention: auto (pallas on TPUs) | xla | pallas (a Pallas
     # flash kernel over the cache: TPU kernels on TPUs, a Triton one on GPUs; the accelerator

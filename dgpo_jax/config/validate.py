@@ -125,10 +125,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         value = cfg.sampler[field]
         need(value in choices, f"sampler.{field}", f"{value!r}: expected one of {choices}")
     need(
-        cfg.sampler.decode_attention != "pallas"
+        cfg.sampler.decode_attention == "xla"
         or (cfg.sampler.decode_layers != "scan" and cfg.sampler.decode_path != "cpu"),
         "sampler.decode_attention",
-        f"'pallas' runs on the accelerator path with split layers; got decode_path="
+        f"{cfg.sampler.decode_attention!r} runs on the accelerator path with split layers; got "
+        "decode_path="
         f"{cfg.sampler.decode_path!r}, decode_layers={cfg.sampler.decode_layers!r}",
     )
     need(

@@ -512,3 +512,207 @@ def cached_chunk_attention_gpu(
         cv,
         valid,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# GPUs, one-token (decode) steps: rotary, cache write and attention in one Triton kernel a layer.
+# ----------------------------------------------------------------------------------------------
+def _decode_kernel(
+    start_ref,
+    stop_ref,
+    count_ref,
+    end_ref,
+    cos_ref,
+    sin_ref,
+    qkv_ref,
+    ck_ref,
+    cv_ref,
+    ck_out,
+    cv_out,
+    o_ref,
+    *,
+    groups: int,
+    block_k: int,
+    scale: float,
+):
+    """One (row, KV head): the new token's query heads and key rotated, the key and value
+    stored at the row's slot ``end``, then an online softmax over the cached slots ``[start,
+    min(stop, end))`` in key blocks and the new token itself when it is visible (``stop >
+    end``). Rotary in float32 on the two halves of the head dim (``rotate_half``), rounded to
+    the activations' dtype as `qwen2.apply_rope` does; scores in float32. A row whose visible
+    slots are not one run (``count`` short of ``stop - start``) gets NaN."""
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
+
+    padded, hd = qkv_ref.shape  # rows: the G query heads, the key, the value, padding
+    half, slots = hd // 2, ck_ref.shape[0]
+    lo_half, hi_half = pl.ds(0, half), pl.ds(half, half)
+    start, stop, end = start_ref[()], stop_ref[()], end_ref[()]
+
+    def rotate(lo, hi, cos, sin, dtype):  # rotate_half: [lo, hi] -> [lo c - hi s, hi c + lo s]
+        lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+        return (lo * cos[0] - hi * sin[0]).astype(dtype), (hi * cos[1] + lo * sin[1]).astype(dtype)
+
+    cos = cos_ref[lo_half], cos_ref[hi_half]
+    sin = sin_ref[lo_half], sin_ref[hi_half]
+    heads = jax.lax.broadcasted_iota(jnp.int32, (padded, half), 0) < groups
+    q_lo = plgpu.load(qkv_ref.at[:, lo_half], mask=heads, other=0.0)
+    q_hi = plgpu.load(qkv_ref.at[:, hi_half], mask=heads, other=0.0)
+    q_lo, q_hi = rotate(
+        q_lo, q_hi, (cos[0][None], cos[1][None]), (sin[0][None], sin[1][None]), qkv_ref.dtype
+    )
+    k_lo, k_hi = rotate(qkv_ref[groups, lo_half], qkv_ref[groups, hi_half], cos, sin, ck_ref.dtype)
+    value = qkv_ref[groups + 1, :].astype(cv_ref.dtype)  # [Dh]
+    # The new key and value into the cache, in place (a full cache drops them, as the scatter).
+    at = pl.ds(jnp.minimum(end, slots - 1), 1)
+    room = jnp.broadcast_to(end < slots, (1, half))
+    plgpu.store(ck_out.at[at, lo_half], k_lo[None], mask=room)
+    plgpu.store(ck_out.at[at, hi_half], k_hi[None], mask=room)
+    plgpu.store(cv_out.at[at, :], value[None], mask=jnp.broadcast_to(end < slots, (1, hd)))
+
+    last = jnp.minimum(jnp.minimum(stop, end), slots)  # cached slots: [start, last)
+    shape = (padded, block_k)
+
+    def body(s, carry):
+        acc, top, total = carry
+        keys = pl.ds(s * block_k, block_k)
+        dims = (((1,), (1,)), ((), ()))
+        scores = jax.lax.dot_general(
+            q_lo, ck_ref[keys, lo_half], dims, preferred_element_type=jnp.float32
+        ) + jax.lax.dot_general(
+            q_hi, ck_ref[keys, hi_half], dims, preferred_element_type=jnp.float32
+        )
+        slot = s * block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+        visible = (slot >= start) & (slot < last)
+        scores = jnp.where(visible, scores * scale, _NEG)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+        probs = jnp.where(visible, jnp.exp(scores - new_top[:, None]), 0.0)
+        rescale = jnp.exp(top - new_top)
+        values = cv_ref[keys, :]
+        part = jax.lax.dot_general(
+            probs.astype(values.dtype),
+            values,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        return acc * rescale[:, None] + part, new_top, total * rescale + jnp.sum(probs, axis=1)
+
+    init = (
+        jnp.zeros((padded, hd), jnp.float32),
+        jnp.full((padded,), _NEG, jnp.float32),
+        jnp.zeros((padded,), jnp.float32),
+    )
+    lo_block = jax.lax.div(jnp.minimum(start, last), block_k)
+    hi_block = jnp.maximum(jax.lax.div(last + block_k - 1, block_k), lo_block)
+    acc, top, total = jax.lax.fori_loop(lo_block, hi_block, body, init)
+    # The new token: its score against the rotated key (rounded like the cached ones).
+    own = (
+        jnp.sum(q_lo.astype(jnp.float32) * k_lo.astype(jnp.float32)[None], axis=1)
+        + jnp.sum(q_hi.astype(jnp.float32) * k_hi.astype(jnp.float32)[None], axis=1)
+    ) * scale
+    seen = stop > end
+    new_top = jnp.where(seen, jnp.maximum(top, own), top)
+    rescale = jnp.exp(top - new_top)
+    weight = jnp.where(seen, jnp.exp(own - new_top), 0.0)
+    acc = acc * rescale[:, None] + weight[:, None] * value.astype(jnp.float32)[None]
+    total = total * rescale + weight
+    out = acc / jnp.where(total > 0, total, 1.0)[:, None]
+    out = jnp.where(count_ref[()] != stop - jnp.minimum(start, stop), jnp.nan, out)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (padded, hd), 0) < groups
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=rows)
+
+
+def fused_decode_attention_gpu(
+    qkv: Array,
+    cos: Array,
+    sin: Array,
+    ck: Array,
+    cv: Array,
+    mask: Array,
+    end: Array,
+    interpret: bool = False,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[Array, Array, Array]:
+    """A decode step's attention of one layer on GPUs, by one Triton kernel (Pallas GPU) per
+    layer: rotary on the new token's query heads and key, the key and value written into the
+    layer's cache in place, and attention over the row's visible slots, where XLA ran the
+    rotary, two scatters and the attention (JAX's ragged kernel and the XLA kernels combining
+    its key splits) as 7 kernels a layer (docs/gpu.md).
+
+    qkv ``[B, 1, K, G + 2, Dh]``: each KV head's G query heads, then its key and value, before
+    rotary (biases added: one array, so that XLA writes them in one kernel); cos/sin ``[B, 1,
+    Dh]`` float32 (`qwen2.rope_tables`); ck/cv a layer's own cache ``[1, B, K, S, Dh]``
+    (`split_cache`), updated in place (aliased); mask ``[B, 1, S]``, what `forward_with_cache`
+    builds (the valid slots up to the new one, which is visible when the token is real); end
+    ``[B]``, the new token's slot (past the cache: not written, as the scatter drops it). The
+    visible slots must be one run per row (as `qwen2._ragged_decode_attention`: a row with a
+    hole gets NaN). Returns (ck, cv, the attention ``[B, 1, K, G, Dh]`` in qkv's dtype).
+    """
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
+
+    b, _, kv, rows, hd = qkv.shape
+    groups = rows - 2
+    slots = ck.shape[3]
+    _, block_k, _ = gpu_chunk_blocks(slots, 1, 1)
+    padded = max(16, 1 << (rows - 1).bit_length())  # a dot's rows: 16 at least
+    visible = mask[:, 0]
+    count = jnp.sum(visible, axis=1, dtype=jnp.int32)
+    start = jnp.argmax(visible, axis=1).astype(jnp.int32)
+    stop = jnp.where(count > 0, slots - jnp.argmax(visible[:, ::-1], axis=1), 0).astype(jnp.int32)
+
+    def row(bi, h):
+        return (bi,)
+
+    def heads(bi, h):
+        return bi, 0, h, 0, 0
+
+    def table(bi, h):
+        return bi, 0, 0
+
+    def cache(bi, h):
+        return 0, bi, h, 0, 0
+
+    cache_spec = pl.BlockSpec((None, None, None, slots, hd), cache)
+    head_spec = pl.BlockSpec((None, None, None, padded, hd), heads)
+    itemsize = jnp.dtype(ck.dtype).itemsize
+    ck, cv, out = pl.pallas_call(
+        functools.partial(_decode_kernel, groups=groups, block_k=block_k, scale=hd**-0.5),
+        grid=(b, kv),
+        in_specs=[
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None,), row),
+            pl.BlockSpec((None, None, hd), table),
+            pl.BlockSpec((None, None, hd), table),
+            head_spec,
+            cache_spec,
+            cache_spec,
+        ],
+        out_specs=[cache_spec, cache_spec, head_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(ck.shape, ck.dtype),
+            jax.ShapeDtypeStruct(cv.shape, cv.dtype),
+            jax.ShapeDtypeStruct((b, 1, kv, groups, hd), qkv.dtype),
+        ],
+        input_output_aliases={7: 0, 8: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=pl.CostEstimate(  # an upper bound: each row's whole cache, once
+            flops=4 * b * kv * padded * slots * hd,
+            transcendentals=b * kv * padded * slots,
+            bytes_accessed=2 * qkv.size * qkv.dtype.itemsize + 2 * b * kv * slots * hd * itemsize,
+        ),
+        interpret=interpret,
+        name="fused_decode_attention_gpu",
+    )(
+        start,
+        stop,
+        count,
+        end.astype(jnp.int32),
+        cos.astype(jnp.float32),
+        sin.astype(jnp.float32),
+        qkv,
+        ck,
+        cv,
+    )
+    return ck, cv, out

@@ -12,7 +12,8 @@ layer scan: each layer scatters only its new entries into it (in place) and atte
 window of slots chosen per step (`span_buckets`), so a step never copies the cache and reads
 only the context in use. With `split_layers` weights it may also be one array per layer
 (`split_cache`; XLA:GPU copies a layer's slice of a stacked array before a dot reads it), and
-one-token steps may then attend through a ragged Pallas kernel (``decode_kernel="pallas"``).
+one-token steps may then attend through a ragged Pallas kernel (``decode_kernel="pallas"``) or
+write and attend through one fused Triton kernel a layer (``decode_kernel="fused"``, GPUs).
 On TPUs steps of several tokens for all rows (prefill, observation chunks) write and attend
 through two Pallas kernels over the cache in place (``chunk_kernel``, `cache_attention`).
 Every row has its own write offset, so rows can be at different lengths (the multi-turn
@@ -39,6 +40,7 @@ from dgpo_jax.models.attention import attention as attend
 from dgpo_jax.models.cache_attention import (
     cached_chunk_attention,
     cached_chunk_attention_gpu,
+    fused_decode_attention_gpu,
     gpu_chunk_blocks,
     write_chunk,
 )
@@ -217,7 +219,7 @@ def _attention_window(q, keys, values, mask, dtype, dots: bool = True):
     return jnp.transpose(out.reshape(m, kv, groups, t, hd), (0, 3, 1, 2, 4))
 
 
-DECODE_KERNELS = ("xla", "pallas")
+DECODE_KERNELS = ("xla", "pallas", "fused")
 
 
 # (k_splits, block_k) forced for the Pallas decode kernel (benchmarks/gpu.py times the choice
@@ -486,6 +488,21 @@ def _chunk_step(q, k, v, cache, layer, mask: Array, end: Array, width=None, plan
     return _by_rows_and_heads(local, plan, q, "qnnccsvr", "ccq")(q, k, v, *cache, layer, valid, end)
 
 
+def _fused_decode(q, k, v, cos, sin, cache, mask: Array, slots: Array, plan=None):
+    """A one-token step of all rows by `fused_decode_attention_gpu` (rotary, the cache write and
+    the attention in one Triton kernel): q ``[B, 1, K, G, Dh]`` and k/v ``[B, 1, K, Dh]`` before
+    rotary (given to the kernel as one ``[B, 1, K, G + 2, Dh]`` array, which XLA writes in one
+    kernel), cos/sin ``[B, 1, Dh]``, a layer's own cache (k, v) ``[1, B, K, S, Dh]``, the mask
+    ``[B, 1, S]`` and the new token's slots ``[B, 1]``, under ``shard_map`` on each device's rows
+    and KV heads. Off a GPU (`compile_platform`) in Pallas' interpreter. Returns (k, v,
+    attention ``[B, 1, K, G, Dh]``)."""
+    qkv = jnp.concatenate([q, k[:, :, :, None], v[:, :, :, None]], axis=3)
+    fused = functools.partial(fused_decode_attention_gpu, interpret=compile_platform(plan) != "gpu")
+    return _by_rows_and_heads(fused, plan, q, "qmmccmr", "ccq")(
+        qkv, cos, sin, *cache, mask, slots[:, 0]
+    )
+
+
 def _cached_attention(q, ck, cv, layer, rows, mask, span, dtype, dots=False, chunk=0):
     """Attention of q ``[M, T, K, G, Dh]`` over the cached keys/values of `layer` (rows `rows`),
     restricted to the smallest static window of `span_buckets` that holds ``span`` (a traced
@@ -530,7 +547,8 @@ class Attention(nn.Module):
         ``config.attention``); with one, mask is ``[M, T, S]`` bool. cache: None, or the
         stacked (k, v) ``[L, B, K, S, Dh]``; this step's k/v are written into layer `layer` at
         ``cache_io`` = (rows ``[M]`` or None for all B, slots ``[M, T]``, span ``[]``, decode
-        kernel: None or "xla", or "pallas" for `_ragged_decode_attention` on one-token steps,
+        kernel: None or "xla", "pallas" for `_ragged_decode_attention` on one-token steps or
+        "fused" for `_fused_decode` (rotary, write and attention in one kernel),
         steps of several tokens by ``chunk_kernel``, `_chunk_kernel`) before attending (see
         `_cached_attention`). Returns (out ``[M, T, D]``, the updated (k, v) or None).
         """
@@ -552,6 +570,11 @@ class Attention(nn.Module):
         q = _matmul("btd,dnh->btnh", x, wq, self.plan) + bq.astype(x.dtype)
         k = _matmul("btd,dnh->btnh", x, wk, self.plan) + bk.astype(x.dtype)
         v = _matmul("btd,dnh->btnh", x, wv, self.plan) + bv.astype(x.dtype)
+        b, t = x.shape[:2]
+        if cache is not None and cache_io[3] == "fused" and t == 1:  # rotary in the kernel
+            qg = q.reshape(b, t, kv, c.num_groups, hd)
+            *cache, attn = _fused_decode(qg, k, v, cos, sin, cache, mask, cache_io[1], self.plan)
+            return self._out(attn, wo, x.dtype), tuple(cache)
         q = _constrain(
             self.plan, apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim")
         )
@@ -559,8 +582,6 @@ class Attention(nn.Module):
             self.plan, apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim")
         )
         v = _constrain(self.plan, v, ("batch", "seq", "act_kv_heads", "head_dim"))
-
-        b, t = x.shape[:2]
         qg = q.reshape(b, t, kv, c.num_groups, hd)
         if cache is None:
             attn = attend(
@@ -968,8 +989,10 @@ def forward_with_cache(
 
     ``decode_kernel`` (static): "xla", or "pallas" to attend one-token steps (T = 1) through
     JAX's Pallas GPU decode kernel, which reads each row's run of cached slots and nothing
-    past it (`_ragged_decode_attention`; needs a `split_cache` cache and all rows, ``rows=None``;
-    longer steps keep the XLA attention).
+    past it (`_ragged_decode_attention`), or "fused" to run their rotary, cache write and
+    attention as one Triton kernel a layer (`cache_attention.fused_decode_attention_gpu`; a
+    cache of a multiple of 16 slots). Both need a `split_cache` cache and all rows
+    (``rows=None``), run interpreted off a GPU, and leave longer steps to ``chunk_kernel``.
 
     ``chunk_kernel`` (static): how steps of several tokens for all rows (prefill, chunks)
     attend: "xla" (the masked key window), "pallas" (a flash kernel over the cache that never
@@ -1029,12 +1052,17 @@ def forward_with_cache(
         gpu_chunk_blocks(s, t, config.num_groups)  # a cache the GPU kernel can tile: clear error
     if decode_kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {decode_kernel!r}: expected one of {DECODE_KERNELS}")
-    if decode_kernel == "pallas":
+    if decode_kernel != "xla":
         if not isinstance(cache.k, tuple):
-            raise ValueError("decode_kernel='pallas' needs a per-layer cache (split_cache)")
+            raise ValueError(
+                f"decode_kernel={decode_kernel!r} needs a per-layer cache (split_cache)"
+            )
         if rows is not None:
-            raise ValueError("decode_kernel='pallas' steps every cache row (rows=None)")
-        _ragged_blocks(s)  # a cache size the kernel can split: a clear error here
+            raise ValueError(f"decode_kernel={decode_kernel!r} steps every cache row (rows=None)")
+        if decode_kernel == "pallas":  # a cache size the kernel can split or tile: said here
+            _ragged_blocks(s)
+        else:
+            gpu_chunk_blocks(s, 1, 1)
     if isinstance(params["layers"], (tuple, list)):
         h, (k, v) = _hidden_split_layers(
             config,

@@ -39,7 +39,7 @@ ACTION_INVALID, ACTION_SEARCH, ACTION_ANSWER, ACTION_ERROR = 0, 1, 2, 3
 # Choices of the execution settings (one list, also read by the run config's validation).
 DECODE_PATHS = ("auto", "cpu", "accelerator")
 DECODE_LAYERS = ("auto", "scan", "split")
-DECODE_ATTENTION = ("xla", "pallas")
+DECODE_ATTENTION = ("xla", "pallas", "fused")
 CHUNK_ATTENTION = ("auto", "xla", "pallas")
 HOST_CALLS = ("auto", "single", "per_shard")
 ON_RETRIEVER_ERROR = ("raise", "finish")  # `Sampler(on_retriever_error=)`, retrieval.on_error
@@ -105,8 +105,9 @@ class SamplerConfig:
     # "auto": split on the cpu path and on GPUs, else scan.
     decode_layers: str = "auto"
     # One-token decode attention: "xla" (the masked key window); "pallas": JAX's Pallas GPU
-    # decode kernel, reading each row's run of cached slots and nothing past it (accelerator
-    # path with split layers; off a GPU it runs interpreted, for tests).
+    # decode kernel, reading each row's run of cached slots and nothing past it; "fused": one
+    # Triton kernel a layer for the rotary, the cache write and that attention (cache_len a
+    # multiple of 16). Both: the accelerator path with split layers; off a GPU interpreted.
     decode_attention: str = "xla"
     # Steps of several tokens for all rows (the prefill; on the accelerator path also the
     # observation and prefix chunks): "xla" (the masked key window, its scores written to
@@ -155,12 +156,13 @@ class SamplerConfig:
                 raise ValueError(
                     f"SamplerConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
                 )
-        if self.decode_attention == "pallas" and (
+        if self.decode_attention != "xla" and (
             self.decode_layers == "scan" or self.decode_path == "cpu"
         ):
             raise ValueError(
-                "SamplerConfig.decode_attention='pallas' runs on the accelerator path with split "
-                f"layers; got decode_path={self.decode_path!r}, decode_layers="
+                f"SamplerConfig.decode_attention={self.decode_attention!r} runs on the "
+                f"accelerator path with split layers; got decode_path={self.decode_path!r}, "
+                "decode_layers="
                 f"{self.decode_layers!r}"
             )
         if self.chunk_attention == "pallas" and self.decode_path == "cpu":

@@ -33,7 +33,8 @@ Two decode paths (`SamplerConfig.decode_path`, docs/sampler.md):
   GPU the layers are split and each has its own KV cache array (XLA:GPU copies a layer's slice
   of stacked arrays before each dot); elsewhere the stacked layers run in one scan.
   `SamplerConfig.decode_attention="pallas"` attends the one-token steps through JAX's Pallas
-  GPU decode kernel instead (each row's slots only; no window).
+  GPU decode kernel instead (each row's slots only; no window), ``"fused"`` through one Triton
+  kernel a layer that also rotates and writes the new key and value.
 
 The optional teacher (Guided-OPD) has its own KV cache and sees every token the student sees
 (`SamplerLoop.step_models` steps both); it writes the turns whose coin (per row and turn,
@@ -349,7 +350,7 @@ def resolve_decode_layers(
     memory plan's fake CPU devices stand for."""
     if config.decode_layers != "auto":
         return config.decode_layers
-    if config.decode_attention == "pallas":  # the kernel reads a per-layer cache in place
+    if config.decode_attention != "xla":  # the kernels read a per-layer cache in place
         return "split"
     return "split" if path == "cpu" or (platform or compile_platform(plan)) == "gpu" else "scan"
 
@@ -398,10 +399,11 @@ class SamplerLoop:
             )
         if self.path not in ("cpu", "accelerator"):
             raise ValueError(f"decode path {self.path!r}: expected 'cpu' or 'accelerator'")
-        if cfg.decode_attention == "pallas" and self.path != "accelerator":
+        if cfg.decode_attention != "xla" and self.path != "accelerator":
             raise ValueError(
-                "SamplerConfig.decode_attention='pallas' runs on the accelerator path (all rows "
-                f"every step); this rollout's decode path is {self.path!r}"
+                f"SamplerConfig.decode_attention={cfg.decode_attention!r} runs on the "
+                f"accelerator path (all rows every step); this rollout's decode path is "
+                f"{self.path!r}"
             )
         if cfg.chunk_attention == "pallas" and self.path != "accelerator":
             raise ValueError(
