@@ -354,6 +354,16 @@ def make_decode(config, steps: int, window, kernel, plan=None):
     return decode
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def next_logits(config, params, token, cache, window, kernel):
+    """One decode step's logits ``[B, V]`` (float32) by a decode variant's path: the variants
+    must agree on them up to rounding (the stage records the largest difference)."""
+    logits, _ = forward_with_cache(
+        config, params, token[:, None], cache, window=window, decode_kernel=kernel
+    )
+    return logits[:, -1]
+
+
 def decode_variants(params, cache, cache_len: int, split=None, per_layer=None) -> dict:
     """name -> (params, cache, window, one-query attention form, XLA options, decode kernel,
     the Pallas kernel's (k_splits, block_k) or None for `qwen2._ragged_blocks`'s choice).
@@ -426,7 +436,8 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
     unknown = set(names or ()) - set(variants)
     if unknown:
         raise ValueError(f"decode variants {sorted(unknown)} unknown; known: {sorted(variants)}")
-    timings, temp_gib, profiles = {}, {}, {}
+    timings, temp_gib, profiles, logits_diff = {}, {}, {}, {}
+    reference = None  # the first variant's next-token logits: each other's are checked on them
     for name in names or variants:
         p, c, window, form, options, kernel, blocks = variants[name]
         if c is None:  # a cache of 4/3 the slots, the same context
@@ -442,6 +453,11 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(p, token, c))
             timings[name] = (1000 * (time.perf_counter() - t0) / steps, first)
+            logits = next_logits(config, p, token, c, window, kernel)
+            if reference is None:
+                reference = logits
+            else:
+                logits_diff[name] = float(jnp.max(jnp.abs(logits - reference)))
             if profile_dir:
                 profiles[name] = device_profile(compiled, (p, token, c), steps)
                 with open(os.path.join(profile_dir, f"decode_{name}_profile.json"), "w") as f:
@@ -465,6 +481,8 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
         "ms_per_step": round(ms, 3),
         **{f"ms_per_step_{k}": round(v[0], 3) for k, v in timings.items() if k != first_name},
         "first_call_s": round(compile_s, 1),
+        # each variant's next-token logits against the first's (same weights, cache, token)
+        "max_abs_logit_diff": logits_diff,
         "compiled_temp_gib": temp_gib,
         "profile_top": {k: v["top"][:8] for k, v in profiles.items()},
         "bytes_per_step": bytes_per_step,

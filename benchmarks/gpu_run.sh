@@ -10,11 +10,11 @@
 #
 # Environment (all optional):
 #   BUDGET_S      seconds for the whole script (default 540); the compare gets what is left
-#   BENCH_STAGES  benchmarks/gpu.py stages (default decode,sampler); "none" skips it
+#   BENCH_STAGES  benchmarks/gpu.py stages (default decode,ingest); "none" skips it
 #   BENCH_S       seconds for them (default 300)
 #   BENCH_ARGS    more benchmarks/gpu.py arguments (default: the decode variants that decide
-#                 the next default, "--decode-variants=unrolled_cache,unrolled_cache_pallas,
-#                 unrolled_cache_pallas_s16"; add --profile for device time per op)
+#                 the next default, "--decode-variants=unrolled_cache,unrolled_cache_fused,
+#                 unrolled_cache_pallas"; add --profile for device time per op)
 #   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
 #                 steps: a timing run that sizes the full one)
 #   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
@@ -56,10 +56,10 @@ EOF
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-stages=${BENCH_STAGES:-decode,sampler}
+stages=${BENCH_STAGES:-decode,ingest}
 if [[ $stages != none ]]; then
   bench_s=${BENCH_S:-300}
-  read -r -a bench_args <<<"${BENCH_ARGS:---decode-variants=unrolled_cache,unrolled_cache_pallas,unrolled_cache_pallas_s16}"
+  read -r -a bench_args <<<"${BENCH_ARGS:---decode-variants=unrolled_cache,unrolled_cache_fused,unrolled_cache_pallas}"
   # XLA also writes what its autotuner chose for each gemm (every program compiled so far, at
   # each compile): benchmarks/gpu_aot.py --autotune compiles with it on a host without a GPU
   mkdir -p "$out/bench"
