@@ -731,6 +731,8 @@ def stage_sampler(args, device, layers: str = "auto") -> dict:
         cfg = dataclasses.replace(cfg, ingest_chunk=args.ingest_chunk)
     if args.chunk_attention:
         cfg = dataclasses.replace(cfg, chunk_attention=args.chunk_attention)
+    if args.decode_attention:
+        cfg = dataclasses.replace(cfg, decode_attention=args.decode_attention)
     cfg = cfg.compiled()
     plan = ShardingPlan(jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp")))
     params = jax.eval_shape(
@@ -825,6 +827,13 @@ def main(argv=None) -> int:
         "auto: the Pallas chunk kernel on TPUs)",
     )
     p.add_argument(
+        "--decode-attention",
+        default="",
+        choices=("", "xla", "pallas", "fused"),
+        help="SamplerConfig.decode_attention: the sampler's one-token steps (default xla; pallas "
+        "and fused need split layers: the GPU's)",
+    )
+    p.add_argument(
         "--sampler-layers",
         default="",
         help="the sampler's decode_layers, comma-separated (default: auto on a GPU, "
@@ -881,6 +890,7 @@ def main(argv=None) -> int:
         "autotune": args.autotune or None,
         "key_chunk": "rule" if args.key_chunk is None else args.key_chunk,
         "chunk_attention": args.chunk_attention or "auto",
+        "decode_attention": args.decode_attention or "xla",
     }
     stages = [v for v in args.stages.split(",") if v]
     if set(stages) - {"decode", "sampler"}:

@@ -8,7 +8,6 @@ logits depend on the whole context. The tokenizer is a small longest-match piece
 which ``</search>`` is TWO tokens (``</sea`` + ``rch>``) and ``</answer>`` one.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -587,8 +586,7 @@ def test_sharded_rollout_equals_single_device(chain_models, monkeypatch):
     # kernel with the TPU's chunk kernels, then the fused decode kernel (rotary, cache write,
     # attention) with the GPU's chunk kernel: the same rollout.
     for decode, form in (("pallas", "tpu"), ("fused", "gpu")):
-        monkeypatch.setattr(qwen2, "CHUNK_KERNEL_FORM", form)
-        jax.clear_caches()
+        monkeypatch.setattr(qwen2, "CHUNK_KERNEL_FORM", form)  # (each config its own trace)
         pallas = cfg.replace(decode_path=SCANNED, decode_attention=decode, chunk_attention="pallas")
         out = Sampler(model_config, pallas, TOK, ScriptedRetriever(), plan=plan).generate(
             sharded_params, prompts
