@@ -352,6 +352,34 @@ def gpu_chunk_blocks(slots: int, tokens: int, groups: int) -> tuple[int, int, in
     return block_q, block_k, padded
 
 
+def _softmax_start(rows: int, hd: int):
+    """An online softmax's state before its first key block: (the weighted values ``[rows,
+    Dh]``, the running maximum ``[rows]``, the running sum ``[rows]``), float32."""
+    return (
+        jnp.zeros((rows, hd), jnp.float32),
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
+def _softmax_block(carry, scores, visible, values):
+    """One key block of an online softmax (the GPU kernels' loops): ``scores [rows, block]``
+    float32 (scaled), ``visible`` their mask, ``values [block, Dh]``; the state rescaled to the
+    new running maximum (masked scores weigh 0, so a row that has seen nothing keeps 0)."""
+    acc, top, total = carry
+    scores = jnp.where(visible, scores, _NEG)
+    new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+    probs = jnp.where(visible, jnp.exp(scores - new_top[:, None]), 0.0)
+    rescale = jnp.exp(top - new_top)
+    part = jax.lax.dot_general(
+        probs.astype(values.dtype),
+        values,
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    return acc * rescale[:, None] + part, new_top, total * rescale + jnp.sum(probs, axis=1)
+
+
 def _gpu_kernel(
     layer_ref,
     end_ref,
@@ -394,7 +422,6 @@ def _gpu_kernel(
     hi = jnp.maximum(jax.lax.div(last + block_k - 1, block_k), lo)
 
     def body(s, carry):
-        acc, top, total = carry
         at = pl.ds(s * block_k, block_k)
         keys = k_ref[layer, at, :]
         scores = jax.lax.dot_general(
@@ -402,25 +429,9 @@ def _gpu_kernel(
         )
         slot = s * block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
         visible = (valid_ref[at][None, :] != 0) & (slot <= query_slot)
-        scores = jnp.where(visible, scores * scale, _NEG)
-        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-        probs = jnp.where(visible, jnp.exp(scores - new_top[:, None]), 0.0)
-        rescale = jnp.exp(top - new_top)
-        values = v_ref[layer, at, :]
-        part = jax.lax.dot_general(
-            probs.astype(values.dtype),
-            values,
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        return acc * rescale[:, None] + part, new_top, total * rescale + jnp.sum(probs, axis=1)
+        return _softmax_block(carry, scores * scale, visible, v_ref[layer, at, :])
 
-    start = (
-        jnp.zeros((rows, hd), jnp.float32),
-        jnp.full((rows,), _NEG, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, _, total = jax.lax.fori_loop(lo, hi, body, start)
+    acc, _, total = jax.lax.fori_loop(lo, hi, body, _softmax_start(rows, hd))
     out = acc / jnp.where(total > 0, total, 1.0)[:, None]
     plgpu.store(o_ref, out.reshape(block).astype(o_ref.dtype), mask=inside)
 
@@ -573,7 +584,6 @@ def _decode_kernel(
     shape = (padded, block_k)
 
     def body(s, carry):
-        acc, top, total = carry
         keys = pl.ds(s * block_k, block_k)
         dims = (((1,), (1,)), ((), ()))
         scores = jax.lax.dot_general(
@@ -583,27 +593,11 @@ def _decode_kernel(
         )
         slot = s * block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
         visible = (slot >= start) & (slot < last)
-        scores = jnp.where(visible, scores * scale, _NEG)
-        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-        probs = jnp.where(visible, jnp.exp(scores - new_top[:, None]), 0.0)
-        rescale = jnp.exp(top - new_top)
-        values = cv_ref[keys, :]
-        part = jax.lax.dot_general(
-            probs.astype(values.dtype),
-            values,
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        return acc * rescale[:, None] + part, new_top, total * rescale + jnp.sum(probs, axis=1)
+        return _softmax_block(carry, scores * scale, visible, cv_ref[keys, :])
 
-    init = (
-        jnp.zeros((padded, hd), jnp.float32),
-        jnp.full((padded,), _NEG, jnp.float32),
-        jnp.zeros((padded,), jnp.float32),
-    )
     lo_block = jax.lax.div(jnp.minimum(start, last), block_k)
     hi_block = jnp.maximum(jax.lax.div(last + block_k - 1, block_k), lo_block)
-    acc, top, total = jax.lax.fori_loop(lo_block, hi_block, body, init)
+    acc, top, total = jax.lax.fori_loop(lo_block, hi_block, body, _softmax_start(padded, hd))
     # The new token: its score against the rotated key (rounded like the cached ones).
     own = (
         jnp.sum(q_lo.astype(jnp.float32) * k_lo.astype(jnp.float32)[None], axis=1)
