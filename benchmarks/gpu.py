@@ -647,7 +647,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes on any backend")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_bench"))
     p.add_argument("--budget-s", type=float, default=420.0, help="skip stages started after")
-    p.add_argument("--stages", default="update,decode,sampler,attention")
+    p.add_argument("--stages", default="update,decode,sampler,ingest,attention")
     p.add_argument(
         "--decode-variants",
         default="",
