@@ -354,6 +354,16 @@ def make_decode(config, steps: int, window, kernel, plan=None):
     return decode
 
 
+# --quick's decode variants (every other one on request): the scanned and the split layers, and
+# the two Pallas kernels (interpreted off a GPU).
+QUICK_DECODE_VARIANTS = (
+    "unrolled_cache",
+    "window",
+    "unrolled_cache_pallas",
+    "unrolled_cache_fused",
+)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def next_logits(config, params, token, cache, window, kernel):
     """One decode step's logits ``[B, V]`` (float32) by a decode variant's path: the variants
@@ -433,6 +443,8 @@ def stage_decode(quick: bool, names=None, profile_dir=None) -> dict:
 
     token, cache = prefill(params, ids)
     variants = decode_variants(params, cache, cache_len)
+    if quick and not names:  # (a smoke test of the forms: the XLA options are GPU-only anyway)
+        names = QUICK_DECODE_VARIANTS
     unknown = set(names or ()) - set(variants)
     if unknown:
         raise ValueError(f"decode variants {sorted(unknown)} unknown; known: {sorted(variants)}")
@@ -590,7 +602,8 @@ def stage_sampler(quick: bool) -> dict:
     decode: the 0.5B model at batch 256, random 512-token prompts, search off. Two compiled
     samplers, generating 1 and ``steps`` tokens per row: the difference over ``steps - 1`` is
     the sampler's ms per decode step (prefill, host transfers and output assembly cancel). Both
-    for the platform's default layers and for the other `SamplerConfig.decode_layers`."""
+    for the platform's default layers and for the other `SamplerConfig.decode_layers` (with
+    ``quick``, the default's only)."""
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     config = TINY if quick else get_preset("qwen2.5-0.5b")
     batch, prompt, steps = (8, 64, 32) if quick else (256, 512, 256)
@@ -605,7 +618,8 @@ def stage_sampler(quick: bool) -> dict:
     per_layers = {}
     auto = SamplerConfig(search_stops=((config.vocab_size,),))  # its layer choice only
     default = resolve_decode_layers(auto, resolve_decode_path(auto))
-    for layers in ("auto", "scan" if default == "split" else "split"):
+    other = "scan" if default == "split" else "split"
+    for layers in ("auto",) if quick else ("auto", other):  # (--quick: the default's only)
         walls = {}
         for n in (1, steps):
             cfg = plain_decode_config(config, prompt, steps, layers, n)
