@@ -519,9 +519,13 @@ def stage_ingest(quick: bool, reps: int = 5) -> dict:
         cast_params(jax.jit(init_params, static_argnums=(0, 2))(config, jax.random.key(0)), dtype)
     )
     ids = jax.random.randint(jax.random.key(1), (batch, prompt), 0, config.vocab_size)
-    cache = jax.jit(lambda p, ids: forward_with_cache(
-        config, p, ids, split_cache(init_cache(config, batch, cache_len, dtype))
-    )[1])(params, ids)  # fmt: skip
+
+    @jax.jit
+    def prefill(params, ids):  # the prompts into a cache array per layer
+        cache = split_cache(init_cache(config, batch, cache_len, dtype))
+        return forward_with_cache(config, params, ids, cache)[1]
+
+    cache = prefill(params, ids)
     obs = jax.random.randint(jax.random.key(2), (batch, chunk), 0, config.vocab_size)
     lengths = np.random.default_rng(3).integers(chunk // 4, chunk + 1, batch)
     mask = jnp.asarray(np.arange(chunk)[None] < lengths[:, None])
