@@ -125,6 +125,28 @@ def _kernel(
         o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
+def chunk_rows(valid: Array, end: Array, tokens: int) -> tuple[Array, Array]:
+    """Per row of a chunk step over ``valid [B, S]`` (its slots holding a token, this step's
+    included): its first valid slot (S when it has none) and whether any of its new slots
+    ``[end, end + tokens)`` holds a token (a row without one reads nothing)."""
+    valid = valid > 0
+    slot = jnp.arange(valid.shape[1], dtype=jnp.int32)[None]
+    first = jnp.where(jnp.any(valid, axis=1), jnp.argmax(valid, axis=1), valid.shape[1])
+    new = valid & (slot >= end[:, None]) & (slot < end[:, None] + tokens)
+    return first.astype(jnp.int32), jnp.any(new, axis=1)
+
+
+def visible_run(visible: Array) -> tuple[Array, Array, Array]:
+    """Per row of ``visible [B, S]``: (the first visible slot, one past the last, the count),
+    int32; a row seeing nothing gets (0, 0, 0). A run of ``stop - start`` slots holding fewer
+    than that many visible ones has a hole (the one-token kernels give such a row NaN)."""
+    slots = visible.shape[1]
+    count = jnp.sum(visible, axis=1, dtype=jnp.int32)
+    start = jnp.argmax(visible, axis=1).astype(jnp.int32)
+    stop = jnp.where(count > 0, slots - jnp.argmax(visible[:, ::-1], axis=1), 0)
+    return start, stop.astype(jnp.int32), count
+
+
 def cached_chunk_attention(
     q: Array,
     ck: Array,
@@ -169,12 +191,11 @@ def cached_chunk_attention(
     # Key blocks a (row, query block) reads: from the row's first valid slot's block to the block
     # of the last slot its queries sit at.
     # A row without a new token this step (no valid slot among its new ones) reads nothing.
-    first = jnp.where(jnp.any(valid > 0, axis=1), jnp.argmax(valid, axis=1) // block_k, 0)
+    first, new = chunk_rows(valid, end, t)
+    first = first // block_k
     last_query = end[:, None] + jnp.minimum((jnp.arange(blocks_t) + 1) * block_t, t) - 1
     last = jnp.clip(last_query // block_k, 0, blocks_k - 1)
-    slot = jnp.arange(valid.shape[1], dtype=jnp.int32)[None]
-    new = (valid > 0) & (slot >= end[:, None]) & (slot < end[:, None] + t)
-    last = jnp.where(jnp.any(new, axis=1, keepdims=True), last, -1).reshape(-1)
+    last = jnp.where(new[:, None], last, -1).reshape(-1)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
 
     def kv_block(bi, h, ti, j, layer_ref, end_ref, first_ref, last_ref):
@@ -472,10 +493,8 @@ def cached_chunk_attention_gpu(
 
     end = end.astype(jnp.int32)
     valid = valid.astype(jnp.int32)
-    slot = jnp.arange(slots, dtype=jnp.int32)[None]
-    new = (valid > 0) & (slot >= end[:, None]) & (slot < end[:, None] + t)
-    first = jnp.where(jnp.any(valid > 0, axis=1), jnp.argmax(valid, axis=1), slots)
-    stop = jnp.where(jnp.any(new, axis=1), end + t, 0).astype(jnp.int32)
+    first, new = chunk_rows(valid, end, t)
+    stop = jnp.where(new, end + t, 0).astype(jnp.int32)
     layers = ck.shape[0]
 
     def row(bi, h, j):
@@ -516,7 +535,7 @@ def cached_chunk_attention_gpu(
     )(
         jnp.asarray(layer, jnp.int32).reshape(1),
         end,
-        first.astype(jnp.int32),
+        first,
         stop,
         q,
         ck,
@@ -649,10 +668,7 @@ def fused_decode_attention_gpu(
     slots = ck.shape[3]
     _, block_k, _ = gpu_chunk_blocks(slots, 1, 1)
     padded = max(16, 1 << (rows - 1).bit_length())  # a dot's rows: 16 at least
-    visible = mask[:, 0]
-    count = jnp.sum(visible, axis=1, dtype=jnp.int32)
-    start = jnp.argmax(visible, axis=1).astype(jnp.int32)
-    stop = jnp.where(count > 0, slots - jnp.argmax(visible[:, ::-1], axis=1), 0).astype(jnp.int32)
+    start, stop, count = visible_run(mask[:, 0])
 
     def row(bi, h):
         return (bi,)

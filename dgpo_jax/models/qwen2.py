@@ -42,6 +42,7 @@ from dgpo_jax.models.cache_attention import (
     cached_chunk_attention_gpu,
     fused_decode_attention_gpu,
     gpu_chunk_blocks,
+    visible_run,
     write_chunk,
 )
 from dgpo_jax.models.config import Qwen2Config
@@ -280,11 +281,7 @@ def _ragged_decode_attention(q: Array, ck: Array, cv: Array, mask: Array, plan=N
         b, _, kv, groups, hd = q.shape
         slots = ck.shape[3]
         splits, block = _ragged_blocks(slots, b * kv)
-        visible = mask[:, 0]  # [B, S]
-        count = jnp.sum(visible, axis=1, dtype=jnp.int32)
-        start = jnp.argmax(visible, axis=1).astype(jnp.int32)
-        last = slots - jnp.argmax(visible[:, ::-1], axis=1)
-        stop = jnp.where(count > 0, last, 0).astype(jnp.int32)
+        start, stop, count = visible_run(mask[:, 0])
         out = decode_attention.mqa(
             q.reshape(b * kv, groups, hd),
             ck[0].astype(q.dtype).reshape(b * kv, slots, hd),
