@@ -206,6 +206,11 @@ def test_wrong_types_and_inconsistent_knobs_are_config_errors():
             r"split layers; got decode_path='accelerator', decode_layers='scan'",
         ),
         (
+            ["decode_attention=fused", "decode_path=accelerator", "cache_len=1000"],
+            r"config.sampler.cache_len: 1000: decode_attention='fused' reads the cache in "
+            r"blocks of 16 slots; expected a multiple of 16",
+        ),
+        (
             ["chunk_attention=pallas", "decode_path=cpu"],
             r"config.sampler.chunk_attention: 'pallas' runs on the accelerator path \(all "
             r"rows every step\); got decode_path='cpu'",

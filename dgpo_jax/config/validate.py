@@ -133,6 +133,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"{cfg.sampler.decode_path!r}, decode_layers={cfg.sampler.decode_layers!r}",
     )
     need(
+        cfg.sampler.decode_attention == "xla" or cfg.sampler.cache_len % 16 == 0,
+        "sampler.cache_len",
+        f"{cfg.sampler.cache_len}: decode_attention={cfg.sampler.decode_attention!r} reads the "
+        "cache in blocks of 16 slots; expected a multiple of 16",
+    )
+    need(
         cfg.sampler.chunk_attention != "pallas" or cfg.sampler.decode_path != "cpu",
         "sampler.chunk_attention",
         "'pallas' runs on the accelerator path (all rows every step); got decode_path='cpu'",
