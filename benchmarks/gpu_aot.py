@@ -392,9 +392,7 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
         total = int(stated.group(1))
         flops = _COST_FLOPS.search(instr.attrs)
         flops = float(flops.group(1)) if flops else 0.0
-        if "output_to_operand_aliasing" in instr.attrs:  # updated in place: its blocks only
-            return total, 0, flops
-        written = min(shape_bytes(instr.shape), total)
+        written = min(_own_output_bytes(instr), total)  # (an in-place one: its blocks only)
         return total - written, written, flops
     read = sum(shape_bytes(where[o].shape) for o in instr.operands if o in where)
     if _kind(instr) == "gemm":  # a cuBLAS call: (result, workspace); the workspace stays put
@@ -403,17 +401,22 @@ def kernel_traffic(module: Module, comp: str, instr: Instr) -> tuple[int, int, f
     if instr.op in ("dynamic-update-slice", "scatter"):  # in place: the update in and out
         update = read - shape_bytes(where[instr.operands[0]].shape)
         return update, update, 0.0
-    aliased = _ALIASED_OUTPUTS.findall(instr.attrs) if instr.op == "custom-call" else []
-    if aliased:  # a kernel updating operands in place (a GPU Pallas kernel): the rest it writes
-        outputs = [shape_bytes(m.group(0)) for m in _ARRAY.finditer(instr.shape)]
-        written = sum(b for i, b in enumerate(outputs) if str(i) not in aliased)
-        return read, written, 0.0
+    if instr.op == "custom-call":  # (a GPU Pallas kernel: no cost estimate reaches its config)
+        return read, _own_output_bytes(instr), 0.0
     return read, shape_bytes(instr.shape), _one_dot_flops(where, instr)
 
 
 # Outputs a custom call updates in place: ``output_to_operand_aliasing={{0}: (9, {}), ...}``
 # (the output index of each aliased entry of a tuple result; ``{}`` for a single result).
 _ALIASED_OUTPUTS = re.compile(r"\{(\d*)\}: \(\d+, \{\}\)")
+
+
+def _own_output_bytes(instr: Instr) -> int:
+    """The bytes a custom call writes as results of its own: its outputs less those it updates
+    in place (aliased to an operand, whose writes are its blocks', not the whole array's)."""
+    aliased = _ALIASED_OUTPUTS.findall(instr.attrs)
+    outputs = [shape_bytes(m.group(0)) for m in _ARRAY.finditer(instr.shape)]
+    return sum(b for i, b in enumerate(outputs) if str(i) not in aliased and "" not in aliased)
 
 
 # A Pallas TPU kernel's backend config carries the cost estimate its author gave (`pallas_call`'s
