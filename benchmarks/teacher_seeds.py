@@ -38,7 +38,7 @@ from dgpo_jax.launch.quickstart import (  # noqa: E402
     expert_sequences,
     prepare_world,
     stage_config,
-    teacher_train_em,
+    train_em,
     train_teacher,
 )
 
@@ -98,7 +98,7 @@ def one_seed(seed: int, rounds: int, workdir: str, overrides: list[str]) -> list
         train_seconds = time.time() - t
         shutil.rmtree(teacher_dir, ignore_errors=True)
         save_params_checkpoint(prep.teacher_config, params, teacher_dir)
-        train = teacher_train_em(base, teacher_dir, f"check{r}", seed)
+        train = train_em(base, teacher_dir, f"check{r}", seed)
         held = heldout_em(base, teacher_dir, f"heldout{r}", seed)
         out.append(
             {

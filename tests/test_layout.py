@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pkgutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +132,27 @@ def test_cycle_detector_finds_a_cycle(tmp_path, monkeypatch):
     known = {"cyc", "cyc.a", "cyc.b"}
     assert "cyc.b" in _module_level_imports("cyc.a", known)
     assert "cyc.a" in _module_level_imports("cyc.b", known)
+
+
+def test_every_benchmark_imports():
+    """Each script in benchmarks/ imports (in one child process, as its own ``__main__`` would
+    not be run): a benchmark importing a name the package renamed fails here, not on the
+    first person to run it."""
+    scripts = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
+    code = (
+        "import importlib, sys\n"
+        f"sys.path[:0] = [{str(REPO / 'benchmarks')!r}, {str(REPO)!r}]\n"
+        "failed = []\n"
+        f"for name in {scripts!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as e:\n"
+        "        failed.append(f'benchmarks/{name}.py: {type(e).__name__}: {e}')\n"
+        "print('\\n'.join(failed))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not out.stdout.strip(), out.stdout
