@@ -19,9 +19,14 @@
 #                 steps: a timing run that sizes the full one)
 #   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
 #                 compare_config.json, e.g. unpacked from compare.tgz and kept in the
-#                 repository): copied into the workdir first, so that the compare continues
-#                 across machines with the stages it lacks (a seed whose methods are not all
-#                 finished needs that seed's teacher and cold start: seed whole seeds)
+#                 repository, with that run's compare_autotune.textproto beside them):
+#                 copied into the workdir first, so that the compare continues across
+#                 machines with the stages it lacks. A seed with methods left gets its teacher
+#                 and cold start trained again here, and the compare checks them bit for bit
+#                 against the recorded fingerprints before any method starts from them: so the
+#                 compare runs with --xla_gpu_deterministic_ops=true and loads the earlier
+#                 run's gemm choices (XLA's autotuner picks by timing; the same choices, the
+#                 same arithmetic)
 # Python packages the image lacks travel as wheels in .whl/ (docs/gpu.md); they are installed
 # into /tmp/site first.
 set -uo pipefail
@@ -74,6 +79,13 @@ fi
 # A compare that fails at once (a kernel this JAX or cuDNN refuses, say) is run again with
 # XLA's attention in a second workdir (the settings of a workdir cannot change on resume).
 read -r -a extra <<<"${COMPARE_ARGS:---config.compare.seeds=0 --config.quickstart.rl_steps=40}"
+# Deterministic kernels, and the gemm choices kept (and reused from SEED_FROM's run): a seed's
+# teacher and cold start trained again on another machine must repeat bit for bit (above).
+compare_xla="--xla_gpu_deterministic_ops=true"
+compare_xla+=" --xla_gpu_dump_autotune_results_to=$out/compare_autotune.textproto"
+if [[ -n ${SEED_FROM:-} && -f $SEED_FROM/compare_autotune.textproto ]]; then
+  compare_xla+=" --xla_gpu_load_autotune_results_from=$SEED_FROM/compare_autotune.textproto"
+fi
 for attempt in auto xla; do
   workdir=runs/gpu_run_compare_$attempt
   # (the records hold the default attention's settings: not the retry's)
@@ -83,7 +95,8 @@ for attempt in auto xla; do
   left=$((budget - ($(date +%s) - start) - 15))
   ((left > 60)) || break
   echo "compare (attention $attempt): $left s left; overrides: ${extra[*]}"
-  timeout "$left" "$py" -m dgpo_jax.launch --config=quickstart_gpu --config.workdir="$workdir" \
+  XLA_FLAGS="${XLA_FLAGS:-} $compare_xla" \
+    timeout "$left" "$py" -m dgpo_jax.launch --config=quickstart_gpu --config.workdir="$workdir" \
     --config.resume=True --config.model.attention=$attempt "${extra[@]}" 2>&1 |
     tee -a "$out/compare.log"
   rc=${PIPESTATUS[0]}

@@ -24,6 +24,7 @@ __all__ = [
     "MissingFileError",
     "ModelFormatError",
     "NothingToTrainError",
+    "NotReproducedError",
     "OutputExistsError",
     "InvalidArgumentError",
     "debug_requested",
@@ -71,6 +72,11 @@ class InvalidArgumentError(UserError, ValueError):
 
 class NothingToTrainError(UserError, RuntimeError):
     """A step (or a run) would train on no token: refused rather than logged as zeros."""
+
+
+class NotReproducedError(UserError, RuntimeError):
+    """A stage run again (on another machine, say) gave other weights than the recorded run:
+    results built on the two would not be comparable, so nothing is built on the new one."""
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

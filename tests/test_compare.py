@@ -5,15 +5,22 @@ import json
 import math
 import os
 import re
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
+from dgpo_jax.checkpoint.params import (
+    checkpoint_fingerprint,
+    params_fingerprint,
+    save_params_checkpoint,
+)
 from dgpo_jax.config import ConfigError, load_config, split_list, validate
-from dgpo_jax.errors import OutputExistsError
+from dgpo_jax.errors import NotReproducedError, OutputExistsError
 from dgpo_jax.launch import compare
 from dgpo_jax.launch.compare import run_compare, summarize_comparison
-from dgpo_jax.models import get_preset
+from dgpo_jax.models import get_preset, init_params
 
 T_975_1 = 12.706204736174698  # Student t, 97.5% quantile, 1 degree of freedom (tables)
 
@@ -105,7 +112,7 @@ def tiny_compare_config(workdir, **changes):
     return cfg
 
 
-def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
+def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "cmp"
     calls = []
     real = {n: getattr(compare, n) for n in ("teacher_stage", "coldstart_stage", "rl_stage")}
@@ -144,12 +151,27 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch):
     stored_settings = json.loads(settings.read_text())
     assert stored_settings.pop("sampler.decode_layers") == "auto"
     settings.write_text(json.dumps(stored_settings))
+    # The resume runs on "another machine": seed 1's teacher and cold start stayed behind (the
+    # records travel, the checkpoints do not), so both are trained again and must match the
+    # recorded fingerprints before opd starts from them.
+    for name in ("teacher", "coldstart"):
+        assert (
+            len(json.loads((workdir / "stages" / f"seed1_{name}.json").read_text())["fingerprint"])
+            == 64
+        )
+    shutil.rmtree(workdir / "seed1")
     calls.clear()
     monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage"))
     os.makedirs(tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path / "elsewhere")
     result = run_compare(tiny_compare_config(workdir, resume=True))
-    assert calls == [("rl_stage", "seed1/opd")]  # only the unfinished stage ran again
+    # only the unfinished stage ran again, after seed 1's teacher and cold start were rebuilt
+    assert calls == [
+        ("teacher_stage", 1),
+        ("coldstart_stage", "seed1/coldstart"),
+        ("rl_stage", "seed1/opd"),
+    ]
+    assert "reproduced bit for bit" in capsys.readouterr().out
 
     on_disk = json.loads((workdir / "compare.json").read_text())
     assert on_disk["seeds"] == [0, 1]
@@ -234,3 +256,85 @@ def test_gpu_quickstart_config_sizes():
         config = get_preset(preset, vocab_size=vocab)
         assert config.num_params() == vocab * 512 + layers * layer + 512
     assert 20e6 < get_preset(cfg.quickstart.teacher_preset, vocab_size=vocab).num_params() < 30e6
+
+
+def test_params_fingerprint_is_the_weights_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"a": {"w": rng.normal(size=(3, 4)).astype(np.float32)}, "b": np.arange(5)}
+    same = {"b": np.arange(5), "a": {"w": params["a"]["w"].copy()}}  # another insertion order
+    assert params_fingerprint(params) == params_fingerprint(same)
+    nudged = params["a"]["w"].copy()
+    nudged[1, 2] = np.nextafter(nudged[1, 2], np.float32(np.inf))  # one ulp
+    assert params_fingerprint({**params, "a": {"w": nudged}}) != params_fingerprint(params)
+    as_f64 = {**params, "a": {"w": params["a"]["w"].astype(np.float64)}}
+    assert params_fingerprint(as_f64) != params_fingerprint(params)
+    renamed = {"a": {"v": params["a"]["w"]}, "b": params["b"]}
+    assert params_fingerprint(renamed) != params_fingerprint(params)
+    # a checkpoint's weights read back: the same fingerprint as in memory
+    config = get_preset("tiny", vocab_size=64)
+    weights = init_params(config, jax.random.key(0))
+    save_params_checkpoint(config, weights, str(tmp_path / "ckpt"))
+    assert checkpoint_fingerprint(str(tmp_path / "ckpt")) == params_fingerprint(weights)
+
+
+def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, monkeypatch):
+    """`seed_checkpoints` on a machine without the seed's checkpoints: stages that give other
+    weights than the recorded run stop the compare by name; a record without a fingerprint
+    (written before fingerprints) cannot be checked and says so."""
+    config = get_preset("tiny", vocab_size=64)
+    workdir = tmp_path / "w"
+
+    def weights(seed):
+        return init_params(config, jax.random.key(seed))
+
+    def fake_teacher(prep, seed, teacher_dir, seed_workdir):
+        shutil.rmtree(teacher_dir, ignore_errors=True)  # as the stage does
+        save_params_checkpoint(config, weights(prep.teacher_seed), teacher_dir)
+
+    def fake_coldstart(base, name, teacher_dir, seed):
+        out = os.path.join(str(workdir), name, "student_coldstart")
+        save_params_checkpoint(config, weights(100), out)
+        return {"checkpoint": out}
+
+    monkeypatch.setattr(compare, "teacher_stage", fake_teacher)
+    monkeypatch.setattr(compare, "coldstart_stage", fake_coldstart)
+    store = compare.StageStore(str(workdir), tiny_compare_config(workdir))
+    records = {
+        "teacher": {"fingerprint": params_fingerprint(weights(7))},
+        "coldstart": {
+            "checkpoint": "/elsewhere/seed3/coldstart/student_coldstart",
+            "checkpoint_in_workdir": "seed3/coldstart/student_coldstart",
+            "fingerprint": params_fingerprint(weights(100)),
+        },
+    }
+    for name, record in records.items():
+        store.put(3, name, record)
+
+    class Prep:
+        base = None
+        teacher_seed = 8  # a teacher that comes out different this time
+
+    with pytest.raises(NotReproducedError, match="seed 3's teacher in .* differs from the rec"):
+        compare.seed_checkpoints(store, Prep, str(workdir), 3)
+    Prep.teacher_seed = 7  # the same weights: the cold start is found where the record says
+    got = compare.seed_checkpoints(store, Prep, str(workdir), 3)
+    assert got == str(workdir / "seed3/coldstart/student_coldstart")
+    # now on this machine: used as they are (checked), nothing trained
+    monkeypatch.setattr(compare, "teacher_stage", None)
+    monkeypatch.setattr(compare, "coldstart_stage", None)
+    assert compare.seed_checkpoints(store, Prep, str(workdir), 3) == got
+    # a checkpoint there that is not the recorded one (a stage killed before its check, an
+    # overwritten directory) is refused, not used
+    shutil.rmtree(workdir / "seed3/teacher")
+    save_params_checkpoint(config, weights(8), str(workdir / "seed3/teacher"))
+    with pytest.raises(NotReproducedError, match="seed 3's teacher in .* differs from the rec"):
+        compare.seed_checkpoints(store, Prep, str(workdir), 3)
+    shutil.rmtree(workdir / "seed3/teacher")
+    save_params_checkpoint(config, weights(7), str(workdir / "seed3/teacher"))
+    # a record from before fingerprints: used unchecked where the checkpoints are, refused
+    # where they are missing
+    store.put(3, "teacher", {})
+    assert compare.seed_checkpoints(store, Prep, str(workdir), 3) == got
+    shutil.rmtree(workdir / "seed3")
+    with pytest.raises(NotReproducedError, match="has no fingerprint to check"):
+        compare.seed_checkpoints(store, Prep, str(workdir), 3)

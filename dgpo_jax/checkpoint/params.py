@@ -7,10 +7,12 @@ carries the model config under ``model_config`` (HF format).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from dgpo_jax.checkpoint.checkpointer import Checkpointer
 from dgpo_jax.errors import MissingFileError, ModelFormatError
@@ -69,6 +71,24 @@ def load_params_checkpoint(
         dt = parse_dtype(dtype)
         params = jax.tree.map(lambda x: x.astype(dt), params)
     return config, params, metadata
+
+
+def params_fingerprint(params: Any) -> str:
+    """The sha256 of a parameter tree: each leaf's path, dtype, shape and bytes, in path order.
+    Equal fingerprints mean bit-for-bit the same weights (how a stage run again on another
+    machine is checked against the recorded run, `dgpo_jax.launch.compare`)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(directory: str) -> str:
+    """`params_fingerprint` of the weights in a checkpoint (`load_params_checkpoint`)."""
+    return params_fingerprint(load_params_checkpoint(directory)[1])
 
 
 def model_source_kind(source: str, role: str = "model") -> str:

@@ -18,6 +18,13 @@ Every finished stage writes its per-question results to ``WORKDIR/stages/``; wit
 ``--config.resume=True`` a killed run continues at the first unfinished stage, and seeds or
 methods added to the config are run on top of the finished ones (the other settings must not
 change: the run checks them against ``WORKDIR/compare_config.json``).
+
+The records travel without the checkpoints (``stages/`` and ``compare_config.json`` are small;
+a seed's teacher and cold start are not), so a run can continue on another machine: a seed
+whose methods are unfinished and whose teacher or cold start is missing there gets both trained
+again, and each must have the recorded fingerprint (the sha256 of its weights,
+`checkpoint_fingerprint`) before any method is built on it; otherwise `NotReproducedError`
+(the two machines' numerics differ: finish that seed where it started).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ import time
 import numpy as np
 
 from dgpo_jax.checkpoint.fileio import write_bytes_atomically, write_text_atomically
+from dgpo_jax.checkpoint.params import checkpoint_fingerprint
 from dgpo_jax.config import ConfigError, base_config, split_list
-from dgpo_jax.errors import OutputExistsError
+from dgpo_jax.errors import NotReproducedError, OutputExistsError
 from dgpo_jax.evaluation.stats import bootstrap_mean_ci, paired_difference, t_interval
 from dgpo_jax.launch.evaluate import run_eval
 from dgpo_jax.launch.quickstart import (
@@ -186,20 +194,27 @@ def run_compare(cfg) -> dict:
         if stage == TEACHER:
             info = teacher_stage(prep, seed, teacher_dir, os.path.join(cfg.workdir, sdir))
             ev = run_eval(_eval_cfg(base, f"{sdir}/eval_teacher", teacher_dir, seed))
-            record = _record(ev["final_eval"], time.time() - t, teacher=info)
+            record = _record(
+                ev["final_eval"],
+                time.time() - t,
+                teacher=info,
+                fingerprint=checkpoint_fingerprint(teacher_dir),
+            )
         elif stage == COLDSTART:
             cs = coldstart_stage(base, f"{sdir}/coldstart", teacher_dir, seed)
             record = _record(
                 cs["final_eval"],
                 time.time() - t,
                 # absolute: a resume may start from another directory than a relative
-                # --config.workdir was given from
+                # --config.workdir was given from; relative to the workdir: for another machine
                 checkpoint=os.path.abspath(cs["checkpoint"]),
+                checkpoint_in_workdir=os.path.relpath(cs["checkpoint"], cfg.workdir),
                 num_sequences=cs["num_sequences"],
                 coldstart=cs["rounds"],
+                fingerprint=checkpoint_fingerprint(cs["checkpoint"]),
             )
         else:
-            student = store.get(seed, COLDSTART)["checkpoint"]
+            student = seed_checkpoints(store, prep, cfg.workdir, seed)
             rl = rl_stage(base, f"{sdir}/{stage}", stage, student, teacher_dir, seed)
             record = _record(rl["final_eval"], time.time() - t)
         store.put(seed, stage, record)
@@ -223,6 +238,62 @@ def run_compare(cfg) -> dict:
     print("\n" + md)
     print(f"results: {os.path.join(cfg.workdir, 'compare.json')}, compare.md, compare.png")
     return result
+
+
+def seed_checkpoints(store: StageStore, prep, workdir: str, seed: int) -> str:
+    """The cold-start checkpoint a method of ``seed`` starts from, with the seed's teacher in
+    ``WORKDIR/seed<seed>/teacher``, each checked against its recorded fingerprint (records
+    from before fingerprints: not checked). When this machine lacks either (the run began
+    elsewhere: its records came without them) both are trained again first. Raises
+    `NotReproducedError` on a difference, or when a missing checkpoint's record has no
+    fingerprint to check a new one against."""
+    sdir = f"seed{seed}"
+    teacher_dir = os.path.join(workdir, sdir, "teacher")
+    records = {TEACHER: store.get(seed, TEACHER), COLDSTART: store.get(seed, COLDSTART)}
+    cold = records[COLDSTART]
+    student = (
+        os.path.join(workdir, cold["checkpoint_in_workdir"])
+        if "checkpoint_in_workdir" in cold
+        else cold["checkpoint"]
+    )
+
+    def check(name: str, path: str) -> None:
+        before = records[name].get("fingerprint")
+        now = checkpoint_fingerprint(path) if before else None
+        if now != before:
+            raise NotReproducedError(
+                f"compare: seed {seed}'s {name} in {path} differs from the recorded one "
+                f"(fingerprint {now[:12]} against {before[:12]}, {store.path(seed, name)}): "
+                "its methods would not start from the same weights",
+                hint=f"finish seed {seed} on the machine that started it (on GPUs, the same "
+                "XLA flags, --xla_gpu_deterministic_ops=true, and the same autotuning results "
+                "make a rerun repeat bit for bit: docs/gpu.md)",
+            )
+
+    if os.path.isdir(teacher_dir) and os.path.isdir(student):
+        check(TEACHER, teacher_dir)
+        check(COLDSTART, student)
+        return student
+    for name, record in records.items():
+        if "fingerprint" not in record:
+            raise NotReproducedError(
+                f"compare: seed {seed}'s {name} is not in {workdir} and its record "
+                f"({store.path(seed, name)}) has no fingerprint to check a new one against",
+                hint=f"finish seed {seed} on the machine that started it, or delete its "
+                f"records ({os.path.join(store.dir, f'seed{seed}_*.json')}) to start it afresh",
+            )
+    print(
+        f"seed {seed}: the teacher and cold start are not in {workdir} (the run began on "
+        "another machine): training them again, to be checked against the recorded "
+        "fingerprints",
+        flush=True,
+    )
+    teacher_stage(prep, seed, teacher_dir, os.path.join(workdir, sdir))
+    check(TEACHER, teacher_dir)
+    student = coldstart_stage(prep.base, f"{sdir}/coldstart", teacher_dir, seed)["checkpoint"]
+    check(COLDSTART, student)
+    print(f"seed {seed}: teacher and cold start reproduced bit for bit", flush=True)
+    return os.path.abspath(student)
 
 
 def _eval_cfg(base, name: str, model: str, seed: int):
