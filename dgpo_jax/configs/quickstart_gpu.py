@@ -11,7 +11,10 @@ the cold start and near the teacher) on one GPU. Measured on one H200 (docs/gpu.
 seed 0, 40 RL steps): teacher 150 s, cold start 74 s with 3 epochs (~65 ms a step; now 10 a
 round), an RL step 0.45-0.62 s after a ~15 s compile; so one seed's teacher, cold start and one
 method of 300 steps take about 8-12 minutes and the whole comparison (3 seeds x 5 methods)
-about an hour. ``--config.quickstart.answers=open`` runs it on the open-class world.
+about an hour: more than a lease of the development machines, so `benchmarks/gpu_run.sh`
+continues it across machines (``SEED_FROM``; a continued seed's teacher and cold start are
+trained again and checked bit for bit against their records, docs/gpu.md).
+``--config.quickstart.answers=open`` runs it on the open-class world.
 """
 
 from dgpo_jax.configs.compare import get_config as compare_config
@@ -48,8 +51,10 @@ def get_config():
     # (1.26 -> 1.17 nats/token over its last 140 steps; the teacher's own SFT loss was 0.16
     # by step 151). So 10 epochs a round, and further rounds until the student answers half
     # of the training questions (the teacher's check, at 0.5: a student of half the teacher's
-    # depth that has the copying skill, not the teacher's mastery), at most 3 rounds. Not run
-    # on a GPU with these settings yet.
+    # depth that has the copying skill, not the teacher's mastery), at most 3 rounds. On CPU at
+    # the CPU quickstart's sizes (docs/quickstart.md, 2026-12-05, training EM): batch 64 gave
+    # 0.02 after 60 steps, 0.56 after 200, 0.95 after 600; bfloat16 compute as float32; the
+    # 5000-entity world is learnt several times more slowly. Not run on a GPU with these yet.
     cfg.coldstart.epochs = 10
     cfg.quickstart.coldstart_min_train_em = 0.5
     cfg.quickstart.coldstart_max_rounds = 3
