@@ -77,7 +77,8 @@ if [[ $stages != none ]]; then
 fi
 
 # A compare that fails at once (a kernel this JAX or cuDNN refuses, say) is run again with
-# XLA's attention in a second workdir (the settings of a workdir cannot change on resume).
+# XLA's attention in a second workdir (the settings of a workdir cannot change on resume), and
+# then without deterministic kernels in a third (its seeds cannot continue on another machine).
 read -r -a extra <<<"${COMPARE_ARGS:---config.compare.seeds=0 --config.quickstart.rl_steps=40}"
 # Deterministic kernels, and the gemm choices kept (and reused from SEED_FROM's run): a seed's
 # teacher and cold start trained again on another machine must repeat bit for bit (above).
@@ -86,22 +87,26 @@ compare_xla+=" --xla_gpu_dump_autotune_results_to=$out/compare_autotune.textprot
 if [[ -n ${SEED_FROM:-} && -f $SEED_FROM/compare_autotune.textproto ]]; then
   compare_xla+=" --xla_gpu_load_autotune_results_from=$SEED_FROM/compare_autotune.textproto"
 fi
-for attempt in auto xla; do
+for attempt in auto xla auto_nondeterministic; do
   workdir=runs/gpu_run_compare_$attempt
+  attention=${attempt%%_*} xla_flags=$compare_xla
+  [[ $attempt == *_nondeterministic ]] && xla_flags=""
   # (the records hold the default attention's settings: not the retry's)
   if [[ -n ${SEED_FROM:-} && $attempt == auto && ! -d $workdir/stages ]]; then
     mkdir -p "$workdir" && cp -r "$SEED_FROM/stages" "$SEED_FROM/compare_config.json" "$workdir/"
   fi
   left=$((budget - ($(date +%s) - start) - 15))
   ((left > 60)) || break
-  echo "compare (attention $attempt): $left s left; overrides: ${extra[*]}"
-  XLA_FLAGS="${XLA_FLAGS:-} $compare_xla" \
+  echo "compare ($attempt): $left s left; XLA flags: ${xla_flags:-none}; overrides: ${extra[*]}"
+  XLA_FLAGS="${XLA_FLAGS:-} $xla_flags" \
     timeout "$left" "$py" -m dgpo_jax.launch --config=quickstart_gpu --config.workdir="$workdir" \
-    --config.resume=True --config.model.attention=$attempt "${extra[@]}" 2>&1 |
+    --config.resume=True --config.model.attention="$attention" "${extra[@]}" 2>&1 |
     tee -a "$out/compare.log"
   rc=${PIPESTATUS[0]}
   echo "compare exit: $rc after $(($(date +%s) - start)) s" | tee -a "$out/compare.log"
-  ((rc == 0 || rc == 124)) && break
+  # finished, out of time, or an error about the run itself (exit 2: NotReproducedError, a
+  # changed setting), which another attention or XLA flag would not mend
+  ((rc == 0 || rc == 124 || rc == 2)) && break
 done
 find runs -path "runs/gpu_run_compare_*" \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" \
   -o -name "*.png" -o -name "*.csv" \) -size -4M -print0 | tar czf "$out/compare.tgz" --null -T -
