@@ -15,8 +15,9 @@
 #   BENCH_ARGS    more benchmarks/gpu.py arguments (default: the decode variants that decide
 #                 the next default, "--decode-variants=unrolled_cache,unrolled_cache_fused,
 #                 unrolled_cache_pallas"; add --profile for device time per op)
-#   COMPARE_ARGS  --config overrides for the compare (default: seed 0, every method, 40 RL
-#                 steps: a timing run that sizes the full one)
+#   COMPARE_ARGS  --config overrides for the compare (default none: the full comparison, 3
+#                 seeds x 5 methods x 300 RL steps, about an hour: each lease continues it from
+#                 the last one's records, SEED_FROM)
 #   SEED_FROM     a folder of an earlier run's finished stage records (its stages/ and
 #                 compare_config.json, e.g. unpacked from compare.tgz and kept in the
 #                 repository, with that run's compare_autotune.textproto beside them):
@@ -79,7 +80,7 @@ fi
 # A compare that fails at once (a kernel this JAX or cuDNN refuses, say) is run again with
 # XLA's attention in a second workdir (the settings of a workdir cannot change on resume), and
 # then without deterministic kernels in a third (its seeds cannot continue on another machine).
-read -r -a extra <<<"${COMPARE_ARGS:---config.compare.seeds=0 --config.quickstart.rl_steps=40}"
+read -r -a extra <<<"${COMPARE_ARGS:-}"
 # Deterministic kernels, and the gemm choices kept (and reused from SEED_FROM's run): a seed's
 # teacher and cold start trained again on another machine must repeat bit for bit (above).
 compare_xla="--xla_gpu_deterministic_ops=true"
