@@ -316,6 +316,10 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
 
     with pytest.raises(NotReproducedError, match="seed 3's teacher in .* differs from the rec"):
         compare.seed_checkpoints(store, Prep, str(workdir), 3)
+    # the wrong teacher stays on disk, and the next try refuses it rather than use it
+    with pytest.raises(NotReproducedError, match="seed 3's teacher in .* differs from the rec"):
+        compare.seed_checkpoints(store, Prep, str(workdir), 3)
+    shutil.rmtree(workdir / "seed3")
     Prep.teacher_seed = 7  # the same weights: the cold start is found where the record says
     got = compare.seed_checkpoints(store, Prep, str(workdir), 3)
     assert got == str(workdir / "seed3/coldstart/student_coldstart")
@@ -338,3 +342,64 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
     shutil.rmtree(workdir / "seed3")
     with pytest.raises(NotReproducedError, match="has no fingerprint to check"):
         compare.seed_checkpoints(store, Prep, str(workdir), 3)
+
+
+def test_a_comparison_continued_elsewhere_rebuilds_what_each_stage_needs(tmp_path, monkeypatch):
+    """run_compare's wiring with stand-in stages (no training): a run stopped after seed 0's
+    teacher, continued where the checkpoints are missing, trains the teacher again (checked)
+    before the cold start and then goes on; a teacher that comes out different stops it."""
+    config = get_preset("tiny", vocab_size=64)
+    trained, teacher_seed = [], {"value": 0}
+
+    def final_eval(n=4):
+        preds = [
+            {"sample": 0, "index": i, "data_source": "synthetic_1hop", "em": float(i % 2)}
+            for i in range(n)
+        ]
+        return {"greedy": {"_predictions": preds}}
+
+    def fake_teacher(prep, seed, teacher_dir, seed_workdir):
+        trained.append("teacher")
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        save_params_checkpoint(
+            config, init_params(config, jax.random.key(teacher_seed["value"])), teacher_dir
+        )
+        return {"rounds": []}
+
+    def fake_coldstart(base, name, teacher_dir, seed):
+        assert os.path.isdir(teacher_dir)  # distilled from a teacher that is there
+        trained.append("coldstart")
+        out = os.path.join(base.workdir, name, "student_coldstart")
+        shutil.rmtree(out, ignore_errors=True)
+        save_params_checkpoint(config, init_params(config, jax.random.key(100)), out)
+        return {"final_eval": final_eval(), "checkpoint": out, "num_sequences": 4, "rounds": []}
+
+    def fake_rl(base, name, preset, student, teacher_dir, seed):
+        assert os.path.isdir(student) and os.path.isdir(teacher_dir)
+        trained.append(preset)
+        return {"final_eval": final_eval()}
+
+    def stop_at_coldstart(*args):
+        raise KeyboardInterrupt("killed before the cold start")
+
+    monkeypatch.setattr(compare, "teacher_stage", fake_teacher)
+    monkeypatch.setattr(compare, "coldstart_stage", stop_at_coldstart)
+    monkeypatch.setattr(compare, "rl_stage", fake_rl)
+    monkeypatch.setattr(compare, "run_eval", lambda cfg: {"final_eval": final_eval()})
+    workdir = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tiny_compare_config(workdir, **{"compare.seeds": "0"}))
+    assert trained == ["teacher"]
+    shutil.rmtree(workdir / "seed0")  # "another machine": the records only
+
+    teacher_seed["value"] = 1  # this machine's teacher comes out different: refused
+    monkeypatch.setattr(compare, "coldstart_stage", fake_coldstart)
+    cfg = tiny_compare_config(workdir, resume=True, **{"compare.seeds": "0"})
+    with pytest.raises(NotReproducedError, match="seed 0's teacher in .* differs"):
+        run_compare(cfg)
+    assert trained == ["teacher", "teacher"]
+    shutil.rmtree(workdir / "seed0")
+    teacher_seed["value"] = 0  # the same teacher: the run goes on
+    run_compare(cfg)
+    assert trained == ["teacher", "teacher", "teacher", "coldstart", "ppo", "opd"]
+    assert json.loads((workdir / "compare.json").read_text())["seeds"] == [0]

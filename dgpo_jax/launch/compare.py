@@ -21,10 +21,10 @@ change: the run checks them against ``WORKDIR/compare_config.json``).
 
 The records travel without the checkpoints (``stages/`` and ``compare_config.json`` are small;
 a seed's teacher and cold start are not), so a run can continue on another machine: a seed
-whose methods are unfinished and whose teacher or cold start is missing there gets both trained
-again, and each must have the recorded fingerprint (the sha256 of its weights,
-`checkpoint_fingerprint`) before any method is built on it; otherwise `NotReproducedError`
-(the two machines' numerics differ: finish that seed where it started).
+with stages left whose teacher or cold start is missing there gets it trained again, and each
+must have its record's fingerprint (the sha256 of its weights, `checkpoint_fingerprint`) before
+anything is built on it; otherwise `NotReproducedError` (the two machines' numerics differ:
+finish that seed where it started).
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ def run_compare(cfg) -> dict:
                 fingerprint=checkpoint_fingerprint(teacher_dir),
             )
         elif stage == COLDSTART:
+            seed_teacher(store, prep, cfg.workdir, seed)  # trained again if this machine lacks it
             cs = coldstart_stage(base, f"{sdir}/coldstart", teacher_dir, seed)
             record = _record(
                 cs["final_eval"],
@@ -240,60 +241,73 @@ def run_compare(cfg) -> dict:
     return result
 
 
+def _checked(store: StageStore, seed: int, stage: str, path: str, rebuild) -> str:
+    """``path``, the checkpoint of ``seed``'s finished ``stage``, after checking it against the
+    fingerprint its record holds; where this machine lacks it, ``rebuild()`` trains it again
+    (returning its path) first. Raises `NotReproducedError` on a difference, or when a missing
+    checkpoint's record has no fingerprint to check a new one against (a record from before
+    fingerprints is used unchecked where its checkpoint is)."""
+    record = store.get(seed, stage)
+    before = record.get("fingerprint")
+    if not os.path.isdir(path):
+        if before is None:
+            raise NotReproducedError(
+                f"compare: seed {seed}'s {stage} is not in {path} and its record "
+                f"({store.path(seed, stage)}) has no fingerprint to check a new one against",
+                hint=f"finish seed {seed} on the machine that started it, or delete its "
+                f"records ({os.path.join(store.dir, f'seed{seed}_*.json')}) to start it afresh",
+            )
+        print(
+            f"seed {seed}: the {stage} is not in {path} (the run began on another machine): "
+            "training it again, to be checked against its record's fingerprint",
+            flush=True,
+        )
+        path = rebuild()
+        print(f"seed {seed}: the {stage} reproduced bit for bit", flush=True)
+    now = checkpoint_fingerprint(path) if before else None
+    if now != before:
+        raise NotReproducedError(
+            f"compare: seed {seed}'s {stage} in {path} differs from the recorded one "
+            f"(fingerprint {now[:12]} against {before[:12]}, {store.path(seed, stage)}): "
+            "what starts from it would not start from the same weights",
+            hint=f"finish seed {seed} on the machine that started it (on GPUs, the same XLA "
+            "flags, --xla_gpu_deterministic_ops=true, and the same autotuning results make a "
+            "rerun repeat bit for bit: docs/gpu.md)",
+        )
+    return path
+
+
+def seed_teacher(store: StageStore, prep, workdir: str, seed: int) -> str:
+    """``WORKDIR/seed<seed>/teacher``, checked against its record (`_checked`); trained again
+    by the teacher stage where this machine lacks it."""
+    sdir = os.path.join(workdir, f"seed{seed}")
+    teacher_dir = os.path.join(sdir, "teacher")
+
+    def rebuild() -> str:
+        teacher_stage(prep, seed, teacher_dir, sdir)
+        return teacher_dir
+
+    return _checked(store, seed, TEACHER, teacher_dir, rebuild)
+
+
 def seed_checkpoints(store: StageStore, prep, workdir: str, seed: int) -> str:
-    """The cold-start checkpoint a method of ``seed`` starts from, with the seed's teacher in
-    ``WORKDIR/seed<seed>/teacher``, each checked against its recorded fingerprint (records
-    from before fingerprints: not checked). When this machine lacks either (the run began
-    elsewhere: its records came without them) both are trained again first. Raises
-    `NotReproducedError` on a difference, or when a missing checkpoint's record has no
-    fingerprint to check a new one against."""
-    sdir = f"seed{seed}"
-    teacher_dir = os.path.join(workdir, sdir, "teacher")
-    records = {TEACHER: store.get(seed, TEACHER), COLDSTART: store.get(seed, COLDSTART)}
-    cold = records[COLDSTART]
+    """The cold-start checkpoint a method of ``seed`` starts from, and the seed's teacher in
+    ``WORKDIR/seed<seed>/teacher``, each checked against its record (`_checked`); where this
+    machine lacks them (the run began elsewhere: the records came without them), trained again
+    by their stages first."""
+    teacher_dir = seed_teacher(store, prep, workdir, seed)
+    cold = store.get(seed, COLDSTART)
     student = (
         os.path.join(workdir, cold["checkpoint_in_workdir"])
         if "checkpoint_in_workdir" in cold
         else cold["checkpoint"]
     )
 
-    def check(name: str, path: str) -> None:
-        before = records[name].get("fingerprint")
-        now = checkpoint_fingerprint(path) if before else None
-        if now != before:
-            raise NotReproducedError(
-                f"compare: seed {seed}'s {name} in {path} differs from the recorded one "
-                f"(fingerprint {now[:12]} against {before[:12]}, {store.path(seed, name)}): "
-                "its methods would not start from the same weights",
-                hint=f"finish seed {seed} on the machine that started it (on GPUs, the same "
-                "XLA flags, --xla_gpu_deterministic_ops=true, and the same autotuning results "
-                "make a rerun repeat bit for bit: docs/gpu.md)",
-            )
+    def rebuild() -> str:
+        sdir = f"seed{seed}"
+        return coldstart_stage(prep.base, f"{sdir}/coldstart", teacher_dir, seed)["checkpoint"]
 
-    if os.path.isdir(teacher_dir) and os.path.isdir(student):
-        check(TEACHER, teacher_dir)
-        check(COLDSTART, student)
-        return student
-    for name, record in records.items():
-        if "fingerprint" not in record:
-            raise NotReproducedError(
-                f"compare: seed {seed}'s {name} is not in {workdir} and its record "
-                f"({store.path(seed, name)}) has no fingerprint to check a new one against",
-                hint=f"finish seed {seed} on the machine that started it, or delete its "
-                f"records ({os.path.join(store.dir, f'seed{seed}_*.json')}) to start it afresh",
-            )
-    print(
-        f"seed {seed}: the teacher and cold start are not in {workdir} (the run began on "
-        "another machine): training them again, to be checked against the recorded "
-        "fingerprints",
-        flush=True,
-    )
-    teacher_stage(prep, seed, teacher_dir, os.path.join(workdir, sdir))
-    check(TEACHER, teacher_dir)
-    student = coldstart_stage(prep.base, f"{sdir}/coldstart", teacher_dir, seed)["checkpoint"]
-    check(COLDSTART, student)
-    print(f"seed {seed}: teacher and cold start reproduced bit for bit", flush=True)
-    return os.path.abspath(student)
+    return os.path.abspath(_checked(store, seed, COLDSTART, student, rebuild))
 
 
 def _eval_cfg(base, name: str, model: str, seed: int):
