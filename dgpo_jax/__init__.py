@@ -35,6 +35,7 @@ _LAZY = {
     "MissingFileError": "dgpo_jax.errors",
     "ModelFormatError": "dgpo_jax.errors",
     "NothingToTrainError": "dgpo_jax.errors",
+    "NotReproducedError": "dgpo_jax.errors",
     "DataError": "dgpo_jax.data.search_r1",
     "ConfigError": "dgpo_jax.config",
     "RetrievalError": "dgpo_jax.retrieval.errors",
