@@ -277,7 +277,7 @@ def test_params_fingerprint_is_the_weights_bit_for_bit(tmp_path):
     assert checkpoint_fingerprint(str(tmp_path / "ckpt")) == params_fingerprint(weights)
 
 
-def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, monkeypatch):
+def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, monkeypatch, capsys):
     """`seed_checkpoints` on a machine without the seed's checkpoints: stages that give other
     weights than the recorded run stop the compare by name; a record without a fingerprint
     (written before fingerprints) cannot be checked and says so."""
@@ -316,6 +316,7 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
 
     with pytest.raises(NotReproducedError, match="seed 3's teacher in .* differs from the rec"):
         compare.seed_checkpoints(store, Prep, str(workdir), 3)
+    assert "reproduced" not in capsys.readouterr().out
     # the wrong teacher stays on disk, and the next try refuses it rather than use it
     with pytest.raises(NotReproducedError, match="seed 3's teacher in .* differs from the rec"):
         compare.seed_checkpoints(store, Prep, str(workdir), 3)
@@ -323,6 +324,9 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
     Prep.teacher_seed = 7  # the same weights: the cold start is found where the record says
     got = compare.seed_checkpoints(store, Prep, str(workdir), 3)
     assert got == str(workdir / "seed3/coldstart/student_coldstart")
+    out = capsys.readouterr().out
+    assert "the teacher reproduced bit for bit" in out
+    assert "the coldstart reproduced bit for bit" in out
     # now on this machine: used as they are (checked), nothing trained
     monkeypatch.setattr(compare, "teacher_stage", None)
     monkeypatch.setattr(compare, "coldstart_stage", None)

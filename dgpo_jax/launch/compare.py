@@ -249,7 +249,8 @@ def _checked(store: StageStore, seed: int, stage: str, path: str, rebuild) -> st
     fingerprints is used unchecked where its checkpoint is)."""
     record = store.get(seed, stage)
     before = record.get("fingerprint")
-    if not os.path.isdir(path):
+    rebuilt = not os.path.isdir(path)
+    if rebuilt:
         if before is None:
             raise NotReproducedError(
                 f"compare: seed {seed}'s {stage} is not in {path} and its record "
@@ -263,7 +264,6 @@ def _checked(store: StageStore, seed: int, stage: str, path: str, rebuild) -> st
             flush=True,
         )
         path = rebuild()
-        print(f"seed {seed}: the {stage} reproduced bit for bit", flush=True)
     now = checkpoint_fingerprint(path) if before else None
     if now != before:
         raise NotReproducedError(
@@ -274,6 +274,8 @@ def _checked(store: StageStore, seed: int, stage: str, path: str, rebuild) -> st
             "flags, --xla_gpu_deterministic_ops=true, and the same autotuning results make a "
             "rerun repeat bit for bit: docs/gpu.md)",
         )
+    if rebuilt:
+        print(f"seed {seed}: the {stage} reproduced bit for bit", flush=True)
     return path
 
 
