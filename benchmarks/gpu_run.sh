@@ -81,16 +81,21 @@ fi
 # XLA's attention in a second workdir (the settings of a workdir cannot change on resume), and
 # then without deterministic kernels in a third (its seeds cannot continue on another machine).
 read -r -a extra <<<"${COMPARE_ARGS:-}"
-# Deterministic kernels, and the gemm choices kept (and reused from SEED_FROM's run): a seed's
-# teacher and cold start trained again on another machine must repeat bit for bit (above).
-compare_xla="--xla_gpu_deterministic_ops=true"
-compare_xla+=" --xla_gpu_dump_autotune_results_to=$out/compare_autotune.textproto"
-if [[ -n ${SEED_FROM:-} && -f $SEED_FROM/compare_autotune.textproto ]]; then
-  compare_xla+=" --xla_gpu_load_autotune_results_from=$SEED_FROM/compare_autotune.textproto"
+# Deterministic kernels, and the gemm choices kept: a seed's teacher and cold start trained
+# again on another machine must repeat bit for bit (above). The choices so far live in
+# runs/ (kept between the calls on one machine; from SEED_FROM's run on a new one); each
+# compare loads them, and its dump (the autotuner's whole cache: the loaded ones and its own)
+# replaces them when it ends; OUT gets a copy.
+tuned=runs/gpu_run_compare_autotune.textproto
+mkdir -p runs
+if [[ ! -f $tuned && -n ${SEED_FROM:-} && -f $SEED_FROM/compare_autotune.textproto ]]; then
+  cp "$SEED_FROM/compare_autotune.textproto" "$tuned"
 fi
 for attempt in auto xla auto_nondeterministic; do
   workdir=runs/gpu_run_compare_$attempt
-  attention=${attempt%%_*} xla_flags=$compare_xla
+  attention=${attempt%%_*}
+  xla_flags="--xla_gpu_deterministic_ops=true --xla_gpu_dump_autotune_results_to=$tuned.new"
+  [[ -f $tuned ]] && xla_flags+=" --xla_gpu_load_autotune_results_from=$tuned"
   [[ $attempt == *_nondeterministic ]] && xla_flags=""
   # (the records hold the default attention's settings: not the retry's)
   if [[ -n ${SEED_FROM:-} && $attempt == auto && ! -d $workdir/stages ]]; then
@@ -104,11 +109,13 @@ for attempt in auto xla auto_nondeterministic; do
     --config.resume=True --config.model.attention="$attention" "${extra[@]}" 2>&1 |
     tee -a "$out/compare.log"
   rc=${PIPESTATUS[0]}
+  [[ -s $tuned.new ]] && mv "$tuned.new" "$tuned"
   echo "compare exit: $rc after $(($(date +%s) - start)) s" | tee -a "$out/compare.log"
   # finished, out of time, or an error about the run itself (exit 2: NotReproducedError, a
   # changed setting), which another attention or XLA flag would not mend
   ((rc == 0 || rc == 124 || rc == 2)) && break
 done
+[[ -f $tuned ]] && cp "$tuned" "$out/compare_autotune.textproto"
 find runs -path "runs/gpu_run_compare_*" \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" \
   -o -name "*.png" -o -name "*.csv" \) -size -4M -print0 | tar czf "$out/compare.tgz" --null -T -
 echo "gpu_run: done in $(($(date +%s) - start)) s"
