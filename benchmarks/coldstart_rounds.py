@@ -1,7 +1,7 @@
 """The KD cold start at several batch sizes and epoch counts: the student's greedy EM on training
 questions after each round (the cold-start stage's check), from one teacher per seed.
 
-    python benchmarks/coldstart_rounds.py --quick                     # tiny world, 2-3 minutes
+    python benchmarks/coldstart_rounds.py --quick                     # tiny world, < 1 minute
     python benchmarks/coldstart_rounds.py --entities 5000 --settings 64x3,64x10
     python benchmarks/coldstart_rounds.py --settings 64x3 --rounds 3 --dtype bfloat16
 
@@ -110,7 +110,9 @@ def one_setting(base, teacher_dir: str, seed: int, batch: int, epochs: int, roun
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny world and teacher, 2-3 minutes")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny world and teacher, under a minute on CPU"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--entities", type=int, default=None, help="world size (default 1000)")
     p.add_argument(
