@@ -128,10 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="compute dtype (model.dtype)")
     p.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = p.parse_args(argv)
-    settings = [
-        tuple(int(x) for x in s.split("x"))
-        for s in (args.settings or ("4x1,16x1" if args.quick else "8x6,64x3")).split(",")
-    ]
+    settings = []
+    for s in (args.settings or ("4x1,16x1" if args.quick else "8x6,64x3")).split(","):
+        batch, _, epochs = s.partition("x")
+        if not (batch.isdigit() and epochs.isdigit() and int(batch) and int(epochs)):
+            p.error(f"--settings: {s!r} is not BxE (batch x epochs a round, e.g. 64x10)")
+        settings.append((int(batch), int(epochs)))
     rounds = args.rounds or (1 if args.quick else 2)
     overrides = list(QUICK if args.quick else [])
     if args.entities:
