@@ -15,37 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hostinfo import cpu_machine  # benchmarks/hostinfo.py, beside this file
 
 from dgpo_jax.models import attention as attn
 
 
 def machine() -> str:
-    """The GPU/TPU name, or the CPU model and core count."""
+    """The GPU/TPU name, or the CPU model and core count (`hostinfo.cpu_machine`)."""
     device = jax.devices()[0]
     if device.platform != "cpu":
         return f"{jax.device_count()} x {device.device_kind}"
-    model = platform.processor() or platform.machine()
-    features = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-        flags = set(next(line for line in info if line.startswith("flags")).split())
-        # These 2-core boxes differ: an AVX-512/AMX Xeon is much faster at matmuls.
-        features = "/".join(
-            name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags
-        )
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    return f"{model}{f' ({features})' if features else ''}, {cores} cores"
+    return cpu_machine()
 
 
 def run(kernel, batch, length, heads, kv_heads, head_dim, dtype, block, repeats, max_temp):

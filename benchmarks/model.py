@@ -26,6 +26,9 @@ import numpy as np
 from dgpo_jax.models import Qwen2Config, get_preset, init_params
 from dgpo_jax.models.qwen2 import forward_hidden, lm_logits
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import machine  # noqa: E402 (benchmarks/attention.py, beside this file)
+
 SIZES = {
     # name: (vocab, hidden, ffn, layers, heads, kv_heads)
     "tiny": (2048, 128, 384, 2, 4, 2),
@@ -123,6 +126,7 @@ def main(argv=None):
     tokens = args.batch * args.seq
     result = {
         "benchmark": "model",
+        "machine": machine(),
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "size": args.size,

@@ -35,6 +35,9 @@ from dgpo_jax.retrieval import HttpRetriever, InProcessRetriever  # noqa: E402
 from retrieval_service.corpus import file_sha256  # noqa: E402
 from retrieval_service.index import IndexManifest, build_index  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostinfo import cpu_machine  # noqa: E402 (benchmarks/hostinfo.py, beside this file)
+
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kinds": kinds,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch_threads,
-        "machine": platform.machine(),
+        "machine": cpu_machine(),
         "python": platform.python_version(),
         "build_seconds": {},
         "server_ready_seconds": {},

@@ -45,6 +45,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import requests
+from hostinfo import cpu_machine  # benchmarks/hostinfo.py, beside this file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,24 +75,6 @@ EXPECTED = {
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def machine() -> str:
-    """The CPU model and core count (as ``machine()`` in benchmarks/attention.py, which names
-    the accelerator instead when there is one; the server here runs on the CPU)."""
-    model, features = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            info = handle.read().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-        flags = set(next(line for line in info if line.startswith("flags")).split())
-        features = "/".join(
-            name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags
-        )
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    return f"{model}{f' ({features})' if features else ''}, {cores} cores"
 
 
 def free_port() -> int:
@@ -522,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
             "duration_s": duration,
             "clients": args.clients,
             "num_documents": num_docs,
-            "machine": machine(),
+            "machine": cpu_machine(),
             "python": platform.python_version(),
             "versions": {
                 name: importlib.metadata.version(name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -33,6 +34,9 @@ from dgpo_jax.learner.optim import OptimConfig
 from dgpo_jax.learner.update_step import create_update_state, make_update_step
 from dgpo_jax.models import Qwen2Config, get_preset, init_params, save_hf
 from dgpo_jax.objectives import get_objective
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import machine  # noqa: E402 (benchmarks/attention.py, beside this file)
 
 # name: (vocab, hidden, ffn, layers, heads, kv_heads)
 SIZES = {
@@ -232,6 +236,7 @@ def main(argv=None):
 
     result = {
         "benchmark": "update_step",
+        "machine": machine(),
         "objective": "dgpo",
         "device": str(jax.devices()[0]),
         "dtype": dtype,
