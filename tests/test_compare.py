@@ -117,10 +117,14 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch, capsy
     calls = []
     real = {n: getattr(compare, n) for n in ("teacher_stage", "coldstart_stage", "rl_stage")}
 
+    replayed = []  # the rounds a rebuild was told to replay
+
     def recorder(name, fail_on=None):
         def stage(*args, **kwargs):
             out = real[name](*args, **kwargs)
             calls.append((name, args[1]))
+            if name == "coldstart_stage" and len(args) > 4:
+                replayed.append(args[4])
             if fail_on is not None and fail_on(args):
                 raise KeyboardInterrupt("killed after the stage's work, before its record")
             return out
@@ -160,7 +164,9 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch, capsy
         for name in ("teacher", "coldstart")
     }
     assert all(len(r["fingerprint"]) == 64 for r in records.values())
-    shutil.rmtree(workdir / os.path.dirname(records["coldstart"]["checkpoint_in_workdir"]))
+    assert os.path.dirname(records["coldstart"]["checkpoint_in_workdir"]).startswith("seed1/")
+    for d in (workdir / "seed1").glob("coldstart*"):  # its rounds, evaluations and checks
+        shutil.rmtree(d)
     calls.clear()
     monkeypatch.setattr(compare, "rl_stage", recorder("rl_stage"))
     os.makedirs(tmp_path / "elsewhere")
@@ -169,6 +175,12 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch, capsy
     # only the unfinished stage ran again, after seed 1's cold start was rebuilt
     assert calls == [("coldstart_stage", "seed1/coldstart"), ("rl_stage", "seed1/opd")]
     assert "the coldstart reproduced bit for bit" in capsys.readouterr().out
+    # the rebuild replayed the recorded rounds (the fingerprint matched, so all of them) and
+    # spent nothing on the checks and held-out evaluations already on record
+    assert replayed == [len(records["coldstart"]["coldstart"])]
+    rebuilt = sorted(d.name for d in (workdir / "seed1").glob("coldstart*"))
+    assert rebuilt == ["coldstart", "coldstart_1"][: replayed[0]]
+    assert not any((workdir / "seed1" / d / "eval").exists() for d in rebuilt)
 
     on_disk = json.loads((workdir / "compare.json").read_text())
     assert on_disk["seeds"] == [0, 1]
@@ -284,11 +296,15 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
     def weights(seed):
         return init_params(config, jax.random.key(seed))
 
-    def fake_teacher(prep, seed, teacher_dir, seed_workdir):
+    replays = []
+
+    def fake_teacher(prep, seed, teacher_dir, seed_workdir, cycles_done=None):
+        replays.append(("teacher", cycles_done))
         shutil.rmtree(teacher_dir, ignore_errors=True)  # as the stage does
         save_params_checkpoint(config, weights(prep.teacher_seed), teacher_dir)
 
-    def fake_coldstart(base, name, teacher_dir, seed):
+    def fake_coldstart(base, name, teacher_dir, seed, rounds_done=None):
+        replays.append(("coldstart", rounds_done))
         out = os.path.join(str(workdir), name, "student_coldstart")
         save_params_checkpoint(config, weights(100), out)
         return {"checkpoint": out}
@@ -297,11 +313,15 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
     monkeypatch.setattr(compare, "coldstart_stage", fake_coldstart)
     store = compare.StageStore(str(workdir), tiny_compare_config(workdir))
     records = {
-        "teacher": {"fingerprint": params_fingerprint(weights(7))},
+        "teacher": {
+            "fingerprint": params_fingerprint(weights(7)),
+            "teacher": {"rounds": [{"steps": 60, "train_em": 0.5}, {"steps": 120}]},
+        },
         "coldstart": {
             "checkpoint": "/elsewhere/seed3/coldstart/student_coldstart",
             "checkpoint_in_workdir": "seed3/coldstart/student_coldstart",
             "fingerprint": params_fingerprint(weights(100)),
+            "coldstart": [{"epochs": 1, "train_em": 0.2}, {"epochs": 2}, {"epochs": 3}],
         },
     }
     for name, record in records.items():
@@ -324,6 +344,8 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
     out = capsys.readouterr().out
     assert "the teacher reproduced bit for bit" in out
     assert "the coldstart reproduced bit for bit" in out
+    # each rebuild replays its record's rounds (the checks are not run again)
+    assert replays[-2:] == [("teacher", 2), ("coldstart", 3)]
     # now on this machine: used as they are (checked), nothing trained
     monkeypatch.setattr(compare, "teacher_stage", None)
     monkeypatch.setattr(compare, "coldstart_stage", None)
@@ -340,6 +362,7 @@ def test_seed_checkpoints_rebuilt_elsewhere_must_match_their_records(tmp_path, m
     # where they are missing
     store.put(3, "teacher", {})
     assert compare.seed_checkpoints(store, Prep, str(workdir), 3) == got
+    assert compare._rounds_done({}, "teacher") is None  # such a rebuild checks its cycles
     shutil.rmtree(workdir / "seed3")
     with pytest.raises(NotReproducedError, match="has no fingerprint to check"):
         compare.seed_checkpoints(store, Prep, str(workdir), 3)
@@ -359,15 +382,15 @@ def test_a_comparison_continued_elsewhere_rebuilds_what_each_stage_needs(tmp_pat
         ]
         return {"greedy": {"_predictions": preds}}
 
-    def fake_teacher(prep, seed, teacher_dir, seed_workdir):
-        trained.append("teacher")
+    def fake_teacher(prep, seed, teacher_dir, seed_workdir, cycles_done=None):
+        trained.append("teacher" if cycles_done is None else f"teacher x{cycles_done}")
         shutil.rmtree(teacher_dir, ignore_errors=True)
         save_params_checkpoint(
             config, init_params(config, jax.random.key(teacher_seed["value"])), teacher_dir
         )
-        return {"rounds": []}
+        return {"rounds": [{"steps": 60, "train_em": 0.5}, {"steps": 120, "train_em": 0.95}]}
 
-    def fake_coldstart(base, name, teacher_dir, seed):
+    def fake_coldstart(base, name, teacher_dir, seed, rounds_done=None):
         assert os.path.isdir(teacher_dir)  # distilled from a teacher that is there
         trained.append("coldstart")
         out = os.path.join(base.workdir, name, "student_coldstart")
@@ -398,9 +421,10 @@ def test_a_comparison_continued_elsewhere_rebuilds_what_each_stage_needs(tmp_pat
     cfg = tiny_compare_config(workdir, resume=True, **{"compare.seeds": "0"})
     with pytest.raises(NotReproducedError, match="seed 0's teacher in .* differs"):
         run_compare(cfg)
-    assert trained == ["teacher", "teacher"]
+    # (trained again for its two recorded cycles, without their checks)
+    assert trained == ["teacher", "teacher x2"]
     shutil.rmtree(workdir / "seed0")
     teacher_seed["value"] = 0  # the same teacher: the run goes on
     run_compare(cfg)
-    assert trained == ["teacher", "teacher", "teacher", "coldstart", "ppo", "opd"]
+    assert trained == ["teacher", "teacher x2", "teacher x2", "coldstart", "ppo", "opd"]
     assert json.loads((workdir / "compare.json").read_text())["seeds"] == [0]

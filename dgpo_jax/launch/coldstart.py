@@ -31,8 +31,12 @@ from dgpo_jax.objectives.config import ObjectiveConfig
 log = logging.getLogger(__name__)
 
 
-def run_coldstart(cfg) -> dict:
-    """Teacher rollouts on training questions -> keep the correct ones -> KD the student."""
+def run_coldstart(cfg, evaluate: bool = True) -> dict:
+    """Teacher rollouts on training questions -> keep the correct ones -> KD the student.
+
+    ``evaluate=False`` skips the held-out evaluation (``final_eval`` is then None): for a cold
+    start trained again only to reproduce recorded weights (``mode=compare`` on another
+    machine), whose evaluation is already on record."""
     objective = build_objective(cfg)
     records = read_question_files(split_list(cfg.data.train_files))  # bad rows: before the models
     run = RunContext(cfg, need_teacher=True)
@@ -63,7 +67,7 @@ def run_coldstart(cfg) -> dict:
     out = os.path.join(cfg.workdir, "student_coldstart")
     epath.Path(out).rmtree(missing_ok=True)
     save_params_checkpoint(run.student_config, state.params["policy"], out)
-    final = run.evaluate(state.params["policy"], "coldstart")
+    final = run.evaluate(state.params["policy"], "coldstart") if evaluate else None
     return {"final_eval": final, "checkpoint": out, "num_sequences": len(seqs["input_ids"])}
 
 

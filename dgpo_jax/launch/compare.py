@@ -279,14 +279,25 @@ def _checked(store: StageStore, seed: int, stage: str, path: str, rebuild) -> st
     return path
 
 
+def _rounds_done(record: dict, key: str) -> int | None:
+    """How many training rounds (cycles) a stage's record says it ran, for a rebuild to replay
+    without their checks; None for a record from before rounds were recorded (the rebuild then
+    checks again, which gives the same rounds)."""
+    info = record.get(key)
+    rounds = info.get("rounds") if isinstance(info, dict) else info
+    return len(rounds) if rounds else None
+
+
 def seed_teacher(store: StageStore, prep, workdir: str, seed: int) -> str:
     """``WORKDIR/seed<seed>/teacher``, checked against its record (`_checked`); trained again
-    by the teacher stage where this machine lacks it."""
+    by the teacher stage where this machine lacks it (the recorded number of cycles, without
+    their checks: only the weights are wanted, and the fingerprint checks them)."""
     sdir = os.path.join(workdir, f"seed{seed}")
     teacher_dir = os.path.join(sdir, "teacher")
 
     def rebuild() -> str:
-        teacher_stage(prep, seed, teacher_dir, sdir)
+        cycles = _rounds_done(store.get(seed, TEACHER), "teacher")
+        teacher_stage(prep, seed, teacher_dir, sdir, cycles_done=cycles)
         return teacher_dir
 
     return _checked(store, seed, TEACHER, teacher_dir, rebuild)
@@ -296,7 +307,7 @@ def seed_checkpoints(store: StageStore, prep, workdir: str, seed: int) -> str:
     """The cold-start checkpoint a method of ``seed`` starts from, and the seed's teacher in
     ``WORKDIR/seed<seed>/teacher``, each checked against its record (`_checked`); where this
     machine lacks them (the run began elsewhere: the records came without them), trained again
-    by their stages first."""
+    by their stages first (the recorded rounds, without their checks and evaluations)."""
     teacher_dir = seed_teacher(store, prep, workdir, seed)
     cold = store.get(seed, COLDSTART)
     student = (
@@ -305,9 +316,10 @@ def seed_checkpoints(store: StageStore, prep, workdir: str, seed: int) -> str:
         else cold["checkpoint"]
     )
 
-    def rebuild() -> str:
-        sdir = f"seed{seed}"
-        return coldstart_stage(prep.base, f"{sdir}/coldstart", teacher_dir, seed)["checkpoint"]
+    def rebuild() -> str:  # the recorded rounds, without their checks and evaluations
+        rounds = _rounds_done(cold, "coldstart")
+        name = f"seed{seed}/coldstart"
+        return coldstart_stage(prep.base, name, teacher_dir, seed, rounds)["checkpoint"]
 
     return os.path.abspath(_checked(store, seed, COLDSTART, student, rebuild))
 

@@ -309,13 +309,18 @@ def _round_passes(record: dict, em: float, threshold: float, what: str) -> bool:
     return em >= threshold
 
 
-def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> dict:
+def teacher_stage(
+    prep: Prepared, seed: int, teacher_dir: str, workdir: str, cycles_done: int | None = None
+) -> dict:
     """Trains the teacher on the expert trajectories and saves it to ``teacher_dir``.
 
     With ``quickstart.teacher_min_train_em`` > 0 the teacher trains in cosine cycles of
     ``teacher_steps`` until its greedy EM on training questions reaches that share, at most
     ``teacher_max_rounds`` cycles (a seed whose copying skill forms late gets more steps; the
     held-out questions are never consulted). Returns the steps and train EM per cycle.
+
+    ``cycles_done`` replays a recorded run: exactly that many cycles, without the checks (which
+    change no weight), for a teacher trained again only to reproduce its recorded weights.
     """
     cfg, q = prep.base, prep.base.quickstart
     if prep.expert is None:
@@ -333,8 +338,9 @@ def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> 
             f"{prep.teacher_config.num_params() / 1e6:.2f}M-parameter teacher"
         )
     params, rounds = None, []
-    check = q.teacher_min_train_em > 0
-    for r in range(q.teacher_max_rounds if check else 1):
+    replay = cycles_done is not None
+    check = q.teacher_min_train_em > 0 and not replay
+    for r in range(cycles_done if replay else (q.teacher_max_rounds if check else 1)):
         params = train_teacher(
             q,
             prep.teacher_config,
@@ -347,7 +353,7 @@ def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> 
         save_params_checkpoint(prep.teacher_config, params, teacher_dir)
         rounds.append({"steps": q.teacher_steps * (r + 1)})
         if not check:
-            break
+            continue  # one cycle, or the replayed ones
         check_dir = os.path.join(os.path.relpath(workdir, cfg.workdir), f"teacher_check_{r}")
         em = train_em(cfg, teacher_dir, check_dir, seed)
         if _round_passes(rounds[-1], em, q.teacher_min_train_em, "teacher after {steps} steps"):
@@ -355,18 +361,25 @@ def teacher_stage(prep: Prepared, seed: int, teacher_dir: str, workdir: str) -> 
     return {"rounds": rounds}
 
 
-def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
+def coldstart_stage(
+    base, name: str, teacher_dir: str, seed: int, rounds_done: int | None = None
+) -> dict:
     """``mode=coldstart``: KD of a fresh student on the teacher's correct trajectories.
 
     With ``quickstart.coldstart_min_train_em`` > 0, further rounds of ``coldstart.epochs``
     continue from the last round's student until its greedy EM on training questions reaches
     that share, at most ``coldstart_max_rounds`` rounds (the held-out questions are never
     consulted). Returns the last round's result with ``rounds`` (epochs and train EM each).
+
+    ``rounds_done`` replays a recorded run: exactly that many rounds, without the checks or the
+    held-out evaluations (``final_eval`` is None), for a cold start trained again only to
+    reproduce its recorded weights.
     """
     q = base.quickstart
-    check = q.coldstart_min_train_em > 0
+    replay = rounds_done is not None
+    check = q.coldstart_min_train_em > 0 and not replay
     student, rounds, result = f"preset:{q.student_preset}", [], None
-    for r in range(q.coldstart_max_rounds if check else 1):
+    for r in range(rounds_done if replay else (q.coldstart_max_rounds if check else 1)):
         result = run_coldstart(
             stage_config(
                 base,
@@ -378,12 +391,13 @@ def coldstart_stage(base, name: str, teacher_dir: str, seed: int) -> dict:
                     "model.teacher": teacher_dir,
                     "objective.preset": "dgpo_coldstart",
                 },
-            )
+            ),
+            evaluate=not replay,
         )
         student = os.path.abspath(result["checkpoint"])
         rounds.append({"epochs": base.coldstart.epochs * (r + 1)})
         if not check:
-            break
+            continue  # one round, or the replayed ones
         em = train_em(base, student, os.path.join(f"{name}_check", str(r)), seed)
         if _round_passes(
             rounds[-1], em, q.coldstart_min_train_em, "cold start after {epochs} epochs"
