@@ -59,6 +59,31 @@ def test_summary_against_hand_values():
     json.dumps(out)  # plain JSON
 
 
+def test_a_row_with_fewer_seeds_is_summarised_over_its_own():
+    """A comparison still running: dgpo has finished seed 0 only, the cold start seeds 0 and 1."""
+    cold = {0: [1, 0, 1, 0], 1: [1, 1, 0, 0]}
+    scores = {
+        "coldstart": {s: {"all": v} for s, v in cold.items()},
+        "dgpo": {0: {"all": [1, 1, 1, 0]}},
+    }
+    out = summarize_comparison(scores, "coldstart", resamples=2000)
+    assert out["seeds"] == [0, 1]
+    row = out["methods"]["dgpo"]["all"]
+    assert row["seeds"] == [0] and row["per_seed"] == [0.75]
+    assert "bootstrap" in row["ci_method"]  # one seed: the interval over questions
+    assert out["methods"]["coldstart"]["all"]["seeds"] == [0, 1]
+    # paired over seed 0 only: dgpo right where the cold start is wrong on question 1, never
+    # the reverse: diff 1/4, McNemar 2 * 0.5**1 = 1
+    d = out["paired_vs_coldstart"]["dgpo"]
+    assert d["seeds"] == [0] and d["n"] == 4
+    assert d["diff"] == pytest.approx(0.25)
+    assert d["discordant"] == [1, 0] and d["p_value"] == pytest.approx(1.0)
+    # no reference yet: rows without a paired entry
+    alone = summarize_comparison({"teacher": {0: {"all": [1, 0]}}}, "coldstart", resamples=200)
+    assert alone["paired_vs_coldstart"] == {}
+    assert "| dgpo (seeds 0) |" in compare.markdown(out)
+
+
 def test_one_seed_falls_back_to_the_question_bootstrap():
     scores = {
         "coldstart": {3: {"all": [0, 1] * 50}},
@@ -143,6 +168,14 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch, capsy
     assert [c[0] for c in first].count("rl_stage") == 4
     stored = sorted(os.listdir(workdir / "stages"))
     assert "seed1_opd.json" not in stored and "seed1_ppo.json" in stored and len(stored) == 7
+    # the stopped run left the table of what it had finished
+    partial = json.loads((workdir / "compare.json").read_text())
+    assert partial["complete"] is False and partial["missing"] == ["seed1_opd"]
+    assert partial["methods"]["opd"]["all"]["seeds"] == [0]
+    assert partial["methods"]["ppo"]["all"]["seeds"] == [0, 1]
+    # over seed 0: its 2 data sources x eval.max_examples questions
+    assert partial["paired_vs_coldstart"]["opd"]["n"] == 2 * 4
+    assert "| opd (seeds 0) |" in (workdir / "compare.md").read_text()
 
     # Without resume the finished stages are not overwritten; a changed setting is named.
     with pytest.raises(OutputExistsError, match="finished stages"):
@@ -184,6 +217,7 @@ def test_compare_end_to_end_interrupted_and_resumed(tmp_path, monkeypatch, capsy
 
     on_disk = json.loads((workdir / "compare.json").read_text())
     assert on_disk["seeds"] == [0, 1]
+    assert on_disk["complete"] is True and on_disk["missing"] == []
     assert set(on_disk["methods"]) == {"teacher", "coldstart", "ppo", "opd"}
     for row in on_disk["methods"].values():
         assert set(row) == {"synthetic_1hop", "synthetic_2hop", "all"}
@@ -414,6 +448,15 @@ def test_a_comparison_continued_elsewhere_rebuilds_what_each_stage_needs(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_compare(tiny_compare_config(workdir, **{"compare.seeds": "0"}))
     assert trained == ["teacher"]
+    # the records alone, summarised from the command line (trains nothing): the teacher row
+    (workdir / "compare.json").unlink()
+    assert compare.main([str(workdir), "--resamples", "100"]) == 0
+    alone = json.loads((workdir / "compare.json").read_text())
+    assert list(alone["methods"]) == ["teacher"] and alone["paired_vs_coldstart"] == {}
+    assert alone["complete"] is True  # of what the records name: the CLI knows no plan
+    assert compare.main([str(tmp_path / "nothing")]) == 2
+    with pytest.raises(SystemExit):
+        compare.main([str(workdir), "--level", "95"])
     shutil.rmtree(workdir / "seed0")  # "another machine": the records only
 
     teacher_seed["value"] = 1  # this machine's teacher comes out different: refused
