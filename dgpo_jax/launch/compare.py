@@ -205,7 +205,8 @@ def run_compare(cfg) -> dict:
     print(f"\n=== compare: world (seed {cfg.seed}), {len(seeds)} seeds, methods {methods}")
     prep = prepare_world(cfg)
     base = prep.base
-    plan = [(s, st) for s in seeds for st in (TEACHER, COLDSTART, *methods)]
+    rows = [TEACHER, COLDSTART, *methods]
+    plan = [(s, st) for s in seeds for st in rows]
     progress = Progress(len(plan))
     for i, (seed, stage) in enumerate(plan):
         kinds_left = [st for s, st in plan[i:] if store.get(s, st) is None]
@@ -247,18 +248,19 @@ def run_compare(cfg) -> dict:
         progress.finished(stage, record["seconds"])
         em = np.mean(record["scores"]["all"])
         print(f"seed {seed} {stage}: EM {em:.3f} ({record['seconds']:.0f} s)", flush=True)
-        if i + 1 < len(plan):  # what is finished so far, for a run stopped before the end
-            rows = [TEACHER, COLDSTART, *methods]
-            # (at most 2000 resamples: 7 rows x 3 seeds x 1000 questions took 1.2 s on a
-            # 2-core AMD EPYC, against 6.4 s at 10000; the end's table uses compare.resamples)
-            quick = argparse.Namespace(
-                level=cfg.compare.level, resamples=min(cfg.compare.resamples, 2000)
+        if any(store.get(s, st) is None for s, st in plan[i + 1 :]):
+            # what is finished so far, for a run stopped before the end (at most 2000
+            # resamples: 7 rows x 3 seeds x 1000 questions took 1.2 s on a 2-core AMD EPYC,
+            # against 6.4 s at 10000; the end's table uses compare.resamples)
+            resamples = min(cfg.compare.resamples, 2000)
+            partial = comparison_from_records(
+                store, rows, seeds, cfg.compare.level, resamples, cfg.seed
             )
-            partial = comparison_from_records(store, rows, seeds, quick, cfg.seed)
             write_comparison(cfg.workdir, partial)
 
-    rows = [TEACHER, COLDSTART, *methods]
-    result = comparison_from_records(store, rows, seeds, cfg.compare, cfg.seed)
+    result = comparison_from_records(
+        store, rows, seeds, cfg.compare.level, cfg.compare.resamples, cfg.seed
+    )
     md = write_comparison(cfg.workdir, result)
     print("\n" + md)
     print(f"results: {os.path.join(cfg.workdir, 'compare.json')}, compare.md, compare.png")
@@ -266,19 +268,24 @@ def run_compare(cfg) -> dict:
 
 
 def comparison_from_records(
-    store: StageStore, rows: list[str], seeds: list[int], settings, world_seed: int
+    store: StageStore,
+    rows: list[str],
+    seeds: list[int],
+    level: float,
+    resamples: int,
+    world_seed: int,
 ) -> dict | None:
     """`summarize_comparison` of whatever of ``rows`` x ``seeds`` the records in ``store``
     hold (each row over the seeds it has finished), with ``complete``, ``missing`` (the
     unfinished ``seed<S>_<row>``), each stage's ``seconds`` and the teacher's and cold start's
-    rounds; None while nothing is finished. ``settings``: ``level`` and ``resamples``."""
+    rounds; None while nothing is finished."""
     done = {r: {s: store.get(s, r) for s in seeds} for r in rows}
     done = {r: {s: rec for s, rec in v.items() if rec is not None} for r, v in done.items()}
     done = {r: v for r, v in done.items() if v}
     if not done:
         return None
     scores = {r: {s: rec["scores"] for s, rec in v.items()} for r, v in done.items()}
-    result = summarize_comparison(scores, COLDSTART, settings.level, settings.resamples, world_seed)
+    result = summarize_comparison(scores, COLDSTART, level, resamples, world_seed)
     missing = [f"seed{s}_{r}" for s in seeds for r in rows if s not in done.get(r, {})]
     result["complete"] = not missing
     result["missing"] = missing
@@ -589,13 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isfile(settings_file):
         with open(settings_file) as f:
             world_seed = int(json.load(f).get("seed", 0))
-    result = comparison_from_records(
-        store,
-        rows,
-        seeds,
-        argparse.Namespace(level=args.level, resamples=args.resamples),
-        world_seed,
-    )
+    result = comparison_from_records(store, rows, seeds, args.level, args.resamples, world_seed)
     print(write_comparison(args.workdir, result))
     print(f"results: {os.path.join(args.workdir, 'compare.json')}, compare.md, compare.png")
     return 0
